@@ -1,0 +1,209 @@
+"""The Aquila decoder (LLaMA architecture), single-device.
+
+Parameter names are FlagAI's, so its `pytorch_model.bin` loads as it is. Parallelism, activation
+checkpointing, compilation and quantization are applied to this model from outside.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aquila.attention import attention
+from aquila.config import ModelArgs
+from aquila.loss import fused_linear_cross_entropy
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32 whatever the activation dtype (FlagAI and HF agree on this).
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [b, s, 1, head_dim/2] for integer positions [b, s], in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (2j, 2j+1) of x [b, s, h, d], as FlagAI/Meta do, with real arithmetic."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static, preallocated cache [batch, kv_heads, max_seq_len, head_dim]; not part of the state dict."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        shape = (batch, heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, end = k.shape[0], start + k.shape[2]
+        self.k[:b, :, start:end] = k
+        self.v[:b, :, start:end] = v
+        return self.k[:b, :, :end], self.v[:b, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, causal: bool, start_pos: int) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = apply_rotary(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rotary(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start_pos, k, v)
+        out = attention(q, k, v, mask, causal)
+        return self.wo(out.reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, causal: bool = True, start_pos: int = 0) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, causal, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class AquilaModel(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.cache_batch = 0
+        self.cache_len = 0
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """FlagAI's init: every matrix N(0, initializer_range), norms at one."""
+        std = self.args.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+        """Allocate the static KV cache once; later calls with the same or smaller sizes keep it."""
+        max_seq_len = max_seq_len or self.args.max_seq_len
+        if max_seq_len > self.args.max_seq_len:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.args.max_seq_len}")
+        if max_batch_size <= self.cache_batch and max_seq_len <= self.cache_len:
+            return
+        ref = self.output.weight
+        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.float32)
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(
+                max_batch_size, self.args.kv_heads, max_seq_len, self.args.head_dim, dtype, ref.device
+            )
+        self.cache_batch, self.cache_len = max_batch_size, max_seq_len
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.cache_batch = self.cache_len = 0
+
+    def _positions_and_mask(self, b: int, s: int, start_pos: int, pad_lengths: torch.Tensor | None, device):
+        """Rotary positions [b, s] and the attention mask (bool [b, 1, s, L] or None) plus the causal flag."""
+        q_idx = torch.arange(start_pos, start_pos + s, device=device)
+        if pad_lengths is None:
+            positions = q_idx.unsqueeze(0).expand(b, s)
+            if start_pos == 0:
+                return positions, None, True  # plain causal over the s new tokens
+            if s == 1:
+                return positions, None, False  # one query attends to every cached key
+            k_idx = torch.arange(start_pos + s, device=device)
+            mask = (k_idx[None, :] <= q_idx[:, None])[None, None].expand(b, 1, s, -1)
+            return positions, mask, False
+        # Left padding: row r's first pad_lengths[r] slots are padding; its real tokens start at position 0.
+        pad = pad_lengths.to(device).view(b, 1)
+        positions = (q_idx.unsqueeze(0) - pad).clamp(min=0)
+        k_idx = torch.arange(start_pos + s, device=device)
+        causal = k_idx[None, :] <= q_idx[:, None]  # [s, L]
+        valid = k_idx[None, :] >= pad  # [b, L]
+        mask = causal[None] & valid[:, None, :]
+        mask = mask | (k_idx[None, None, :] == q_idx[None, :, None])  # pad queries see themselves: no empty rows
+        return positions, mask.unsqueeze(1), False
+
+    def hidden_states(self, input_ids: torch.Tensor, start_pos: int = 0, pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states [b, s, dim]."""
+        b, s = input_ids.shape
+        if self.cache_len and start_pos + s > self.cache_len:
+            raise ValueError(f"positions up to {start_pos + s} exceed the KV cache length {self.cache_len}")
+        if not self.cache_len and start_pos:
+            raise ValueError("start_pos > 0 needs a KV cache: call setup_caches() first")
+        positions, mask, causal = self._positions_and_mask(b, s, start_pos, pad_lengths, input_ids.device)
+        cos, sin = rotary_tables(positions, self.args.head_dim, self.args.rope_theta)
+        h = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, causal, start_pos)
+        return self.norm(h)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        start_pos: int = 0,
+        labels: torch.Tensor | None = None,
+        pad_lengths: torch.Tensor | None = None,
+        last_only: bool = False,
+        return_logits: bool | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Returns {'logits', 'loss'}.
+
+        With `labels` (same shape as input_ids; -100 = ignored) the loss is the mean next-token cross-entropy
+        (logits[:, :-1] against labels[:, 1:]), computed in chunks without materialising the full logits;
+        logits are then returned only if `return_logits=True`. Without labels, logits are fp32, for every
+        position or (`last_only`) the last one, shape [b, vocab].
+        """
+        h = self.hidden_states(input_ids, start_pos, pad_lengths)
+        if labels is not None:
+            shift_h = h[:, :-1].reshape(-1, h.shape[-1])
+            shift_labels = labels[:, 1:].reshape(-1)
+            loss = fused_linear_cross_entropy(shift_h, self.output.weight, shift_labels)
+            logits = self.output(h).float() if return_logits else None
+            return {"logits": logits, "loss": loss}
+        if last_only:
+            h = h[:, -1]
+        return {"logits": self.output(h).float(), "loss": None}

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="aquila",
+    version="0.1.0",
+    description="Pretrain, fine-tune and serve Aquila-style bilingual LLMs (FlagAI-compatible)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["aquila", "aquila.*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.5",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "tokenizers>=0.15",
+        "sentencepiece>=0.1.99",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "ruff>=0.5", "httpx>=0.24", "openai>=1.0"],
+        "serve": ["fastapi>=0.100", "uvicorn>=0.20"],
+        "logging": ["tensorboard>=2.10", "matplotlib>=3.5"],
+        "gpu": ["flash-attn>=2.0"],
+        "bmtrain": ["bmtrain>=0.2.3"],
+        "bminf": ["bminf>=2.0"],
+    },
+    entry_points={"console_scripts": ["aquila=aquila.cli:main"]},
+)
