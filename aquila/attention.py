@@ -21,7 +21,9 @@ def flash_available(device: torch.device) -> bool:
     return device.type == "cuda" and _flash_attn_func() is not None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+) -> torch.Tensor:
     """q: [b, hq, s, d]; k, v: [b, hkv, L, d]; mask: bool [b, 1, s, L] (True = attend) or None.
 
     `causal` (only with mask None) means the usual lower-triangular mask with s == L.

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aquila.errors import AquilaError
-from aquila.io_utils import write_text_atomic
+from aquila.io_utils import read_json, write_text_atomic
 from aquila.typed_config import from_dict
 
 # Keys FlagAI's AQUILAConfig knows that configure its runtime, not the weights' shape.
@@ -96,14 +96,11 @@ class ModelArgs:
     def load(cls, path: str | os.PathLike) -> ModelArgs:
         """Read FlagAI's config.json (or params.json)."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise AquilaError(f"{path}: file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AquilaError(f"{path}: not valid JSON ({e})") from None
+        data = read_json(path)
         if isinstance(data, dict) and data.get("flash_atten_aquila_style"):
-            raise AquilaError(f"{path}: flash_atten_aquila_style checkpoints use fused Wqkv keys, which are not supported")
+            raise AquilaError(
+                f"{path}: flash_atten_aquila_style checkpoints use fused Wqkv keys, which are not supported"
+            )
         if isinstance(data, dict):
             data = {k: v for k, v in data.items() if k != "flash_atten_aquila_style"}
         return cls.from_dict(data, str(path))
@@ -123,6 +120,10 @@ PRESETS: dict[str, ModelArgs] = {
     # ~1.1B for GPU checks.
     "aquila-1b": ModelArgs(dim=2048, n_layers=16, n_heads=16),
     # Demo and test sizes: vocab 16,008 = the demo tokenizer's 16,000 entries + 8 specials.
-    "aquila-tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, vocab_size=16008, multiple_of=32, max_seq_len=512, initializer_range=0.02),
-    "aquila-micro": ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=16, max_seq_len=128, initializer_range=0.02),
+    "aquila-tiny": ModelArgs(
+        dim=256, n_layers=4, n_heads=8, vocab_size=16008, multiple_of=32, max_seq_len=512, initializer_range=0.02
+    ),
+    "aquila-micro": ModelArgs(
+        dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=16, max_seq_len=128, initializer_range=0.02
+    ),
 }

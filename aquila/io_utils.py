@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from aquila.errors import AquilaError
 
 
 @contextlib.contextmanager
@@ -52,3 +55,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from `path`, or an AquilaError naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AquilaError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AquilaError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise AquilaError(f"{path}: expected a JSON object")
+    return data

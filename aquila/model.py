@@ -125,7 +125,9 @@ class AquilaModel(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+    def setup_caches(
+        self, max_batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         """Allocate the static KV cache once; later calls with the same or smaller sizes keep it."""
         max_seq_len = max_seq_len or self.args.max_seq_len
         if max_seq_len > self.args.max_seq_len:
@@ -167,7 +169,9 @@ class AquilaModel(nn.Module):
         mask = mask | (k_idx[None, None, :] == q_idx[None, :, None])  # pad queries see themselves: no empty rows
         return positions, mask.unsqueeze(1), False
 
-    def hidden_states(self, input_ids: torch.Tensor, start_pos: int = 0, pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, start_pos: int = 0, pad_lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Final-norm hidden states [b, s, dim]."""
         b, s = input_ids.shape
         if self.cache_len and start_pos + s > self.cache_len:

@@ -76,7 +76,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], source: str, base: T | None = None, ignore: frozenset = frozenset()) -> T:
+def from_dict(
+    cls: type[T], data: dict[str, Any], source: str, base: T | None = None, ignore: frozenset = frozenset()
+) -> T:
     """Build `cls` from `data` (over `base` if given). `ignore` names keys accepted but not stored."""
     if not isinstance(data, dict):
         raise AquilaError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}")
@@ -84,7 +86,9 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str, base: T | None = 
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(k for k in data if k not in names and k not in ignore)
     if unknown:
-        raise AquilaError(f"{source}: unknown key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+        raise AquilaError(
+            f"{source}: unknown key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+        )
     values = {k: coerce(v, hints[k], f"{source}: key {k!r}") for k, v in data.items() if k in names}
     if base is not None:
         return dataclasses.replace(base, **values)

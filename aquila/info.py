@@ -1,0 +1,40 @@
+"""`aquila info NAME_OR_DIR`: a model's config and parameter count, computed without allocating weights."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from aquila.config import ModelArgs
+from aquila.errors import AquilaError
+
+
+def resolve_args(name_or_dir: str) -> tuple[ModelArgs, str]:
+    """Model shape from a preset name, a FlagAI model directory, or an HF directory."""
+    path = Path(name_or_dir)
+    if path.is_dir():
+        from aquila.hf import args_from_hf_config, is_hf_dir
+        from aquila.io_utils import read_json
+
+        config = path / "config.json"
+        if not config.is_file():
+            raise AquilaError(f"{path}: no config.json")
+        if is_hf_dir(path):
+            return args_from_hf_config(read_json(config), str(config)), "Hugging Face directory"
+        return ModelArgs.load(config), "FlagAI directory"
+    return ModelArgs.from_name(name_or_dir), "preset"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="aquila info", description=__doc__)
+    parser.add_argument("model", help="preset name (e.g. aquila-7b) or model directory")
+    opts = parser.parse_args(argv)
+    args, kind = resolve_args(opts.model)
+    print(f"{opts.model} ({kind})")
+    for key, value in args.to_dict().items():
+        print(f"  {key:<18} {value}")
+    print(f"  {'head_dim':<18} {args.head_dim}")
+    print(f"  {'ffn_dim':<18} {args.ffn_dim}")
+    n = args.num_params()
+    print(f"parameters: {n:,} ({n / 1e9:.2f} B; {n * 2 / 2**30:.2f} GiB in bf16, {n / 2**30:.2f} GiB in int8)")
+    return 0

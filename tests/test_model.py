@@ -1,0 +1,113 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aquila.checkpoint import build_model
+from aquila.config import ModelArgs
+from aquila.errors import AquilaError
+from aquila.loss import fused_linear_cross_entropy
+from tests.conftest import tiny_args
+
+
+def test_7b_shape_and_parameter_count_without_allocating():
+    args = ModelArgs.from_name("aquila-7b")
+    assert (args.dim, args.n_layers, args.n_heads, args.ffn_dim, args.vocab_size) == (4096, 32, 32, 11008, 100008)
+    assert args.num_params() == 7_295_537_152
+    with torch.device("meta"):
+        from aquila.model import AquilaModel
+
+        model = AquilaModel(args)
+    assert sum(p.numel() for p in model.parameters()) == 7_295_537_152
+
+
+def test_parameter_names_are_flagai():
+    model = build_model(tiny_args(n_layers=1), seed=0)
+    assert sorted(model.state_dict()) == sorted(
+        [
+            "tok_embeddings.weight",
+            "norm.weight",
+            "output.weight",
+            *(f"layers.0.attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")),
+            *(f"layers.0.feed_forward.{w}.weight" for w in ("w1", "w2", "w3")),
+            "layers.0.attention_norm.weight",
+            "layers.0.ffn_norm.weight",
+        ]
+    )
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(n_kv_heads=2)])
+def test_kv_cache_decoding_matches_full_forward(overrides):
+    model = build_model(tiny_args(**overrides), seed=0).eval()
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)["logits"]
+        model.setup_caches(max_batch_size=1, max_seq_len=32)
+        steps = [model(ids[:, :5])["logits"]]
+        for t in range(5, 12):
+            steps.append(model(ids[:, t : t + 1], start_pos=t)["logits"])
+        # a chunk of several tokens after the prompt exercises the explicit causal mask
+        model.clear_caches()
+        model.setup_caches(1, 32)
+        model(ids[:, :4])
+        chunk = model(ids[:, 4:9], start_pos=4)["logits"]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunk, full[:, 4:9], atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_batch_decoding_matches_each_prompt_alone():
+    model = build_model(tiny_args(), seed=0).eval()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 300, (n,), generator=gen) for n in (7, 3, 5)]
+    continuation = torch.randint(1, 300, (3, 4), generator=gen)
+    width = max(len(p) for p in prompts)
+    pads = torch.tensor([width - len(p) for p in prompts])
+    batch = torch.stack([F.pad(p, (width - len(p), 0)) for p in prompts])
+    with torch.no_grad():
+        model.setup_caches(3, 32)
+        got = [model(batch, pad_lengths=pads)["logits"]]
+        for t in range(4):
+            got.append(model(continuation[:, t : t + 1], start_pos=width + t, pad_lengths=pads)["logits"])
+        model.clear_caches()
+        for row, prompt in enumerate(prompts):
+            alone = model(torch.cat([prompt, continuation[row]])[None])["logits"][0]
+            n = len(prompt)
+            torch.testing.assert_close(got[0][row, pads[row] :], alone[:n], atol=1e-5, rtol=1e-5)
+            for t in range(4):
+                torch.testing.assert_close(got[t + 1][row, 0], alone[n + t], atol=1e-5, rtol=1e-5)
+
+
+def test_loss_equals_cross_entropy_and_ignores_minus_100():
+    model = build_model(tiny_args(), seed=0)
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = model(ids, labels=labels, return_logits=True)
+    ref = F.cross_entropy(out["logits"][:, :-1].reshape(-1, 300), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out["loss"], ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_cross_entropy_gradients_match_autograd(reduction, monkeypatch):
+    import aquila.loss
+
+    monkeypatch.setattr(aquila.loss, "_CHUNK_ELEMENTS", 7 * 50)  # force several chunks
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(23, 16, generator=gen, requires_grad=True)
+    w = torch.randn(50, 16, generator=gen, requires_grad=True)
+    y = torch.randint(0, 50, (23,), generator=gen)
+    y[[0, 5, 9]] = -100
+    loss = fused_linear_cross_entropy(h, w, y, reduction)
+    (loss * 3).backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = F.cross_entropy(h2 @ w2.t(), y, ignore_index=-100, reduction=reduction)
+    (ref * 3).backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad, w2.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_model_config_values():
+    with pytest.raises(AquilaError, match="n_heads"):
+        ModelArgs(dim=64, n_heads=5)
+    with pytest.raises(AquilaError, match="unknown model name"):
+        ModelArgs.from_name("aquila-8b")
