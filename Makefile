@@ -1,0 +1,36 @@
+# Quick start:  make demo   (venv + install + tiny pretraining through the launcher + generation)
+#               make test   (venv + install with test extras + ruff + pytest)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is pinned here (not in setup.py) because an unpinned torch resolves to a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: venv install install-test demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+venv: $(BIN)/python
+
+install: venv
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[serve,logging]"
+
+install-test: venv
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test,serve,logging]"
+
+demo: install
+	PATH="$(abspath $(BIN)):$$PATH" bash examples/aquila/run_demo.sh
+
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info examples/aquila/checkpoints_out
