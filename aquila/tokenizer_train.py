@@ -1,0 +1,140 @@
+"""`aquila train-tokenizer`: train a byte-level BPE tokenizer and write FlagAI's file set.
+
+    aquila train-tokenizer --input a.jsonl b.txt --vocab-size 100000 --output tok/ [--json-key text]
+
+`--vocab-size` counts the base vocabulary (vocab.json entries: <|endoftext|> at id 0, the 256 byte symbols, merges);
+Aquila's 8 special tokens are appended after it, so the model's vocab_size is N + 8. Files ending in `.jsonl` or
+`.json` are read as one JSON object per line (the text under --json-key); any other file as plain text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from aquila.errors import AquilaError
+from aquila.tokenizer import ENDOFTEXT, Tokenizer
+
+MIN_VOCAB_SIZE = 256 + 1  # the byte alphabet + <|endoftext|>
+_PLAIN_CHUNK_CHARS = 1 << 16
+
+
+class _Counter:
+    """Wraps a text iterator and counts what went through (the trainer consumes it, we need the totals)."""
+
+    def __init__(self, texts: Iterable[str]) -> None:
+        self.texts, self.docs, self.chars = texts, 0, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            if text:
+                self.docs += 1
+                self.chars += len(text)
+                yield text
+
+
+def iter_corpus(files: Sequence[str | os.PathLike], json_key: str = "text", progress: bool = False) -> Iterator[str]:
+    """Texts of jsonl (`.jsonl`/`.json`: one object per line, text under `json_key`) and plain text files.
+
+    Plain text is cut at line ends into ~64k-character pieces (newlines kept), so paragraph structure survives.
+    """
+    paths = [Path(f) for f in files]
+    for p in paths:
+        if not p.is_file():
+            raise AquilaError(f"input file {p} does not exist")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc="reading")
+    try:
+        for p in paths:
+            jsonl = p.suffix in (".jsonl", ".json")
+            with open(p, "rb") as f:
+                chunk: list[str] = []
+                size = 0
+                for lineno, raw in enumerate(f, 1):
+                    if bar is not None:
+                        bar.update(len(raw))
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise AquilaError(f"{p}:{lineno}: not UTF-8 text") from None
+                    if not jsonl:
+                        chunk.append(line)
+                        size += len(line)
+                        if size >= _PLAIN_CHUNK_CHARS:
+                            yield "".join(chunk)
+                            chunk, size = [], 0
+                        continue
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise AquilaError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+                    if not isinstance(obj, dict) or json_key not in obj:
+                        raise AquilaError(f"{p}:{lineno}: no {json_key!r} key (set --json-key)")
+                    text = obj[json_key]
+                    if not isinstance(text, str):
+                        raise AquilaError(f"{p}:{lineno}: {json_key!r} must be a string, got {type(text).__name__}")
+                    yield text
+                if chunk:
+                    yield "".join(chunk)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE with `vocab_size` base entries (<|endoftext|> = id 0, then the 256 byte symbols).
+
+    A corpus too small to support that many merges gives a smaller base vocabulary; the specials follow it.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise AquilaError(
+            f"--vocab-size {vocab_size} is smaller than {MIN_VOCAB_SIZE} (256 byte symbols + {ENDOFTEXT}); "
+            "the 8 Aquila special tokens are appended after the base vocabulary"
+        )
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[ENDOFTEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    counter = _Counter(texts)
+    backend.train_from_iterator(counter, trainer=trainer)
+    if counter.chars == 0:
+        raise AquilaError("the training corpus is empty (no text found in the input)")
+    model = json.loads(backend.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return Tokenizer(model["vocab"], merges, source="trained vocabulary")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="aquila train-tokenizer", description=__doc__.splitlines()[0])
+    parser.add_argument("--input", nargs="+", required=True, help="jsonl (.jsonl/.json) or plain text files")
+    parser.add_argument("--vocab-size", type=int, required=True, help="base vocabulary size (specials go after it)")
+    parser.add_argument("--output", required=True, help="directory to write vocab.json, merges.txt, ...")
+    parser.add_argument("--json-key", default="text", help="key of the text in jsonl records (default: text)")
+    parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair count to merge (default 2)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.vocab_size < MIN_VOCAB_SIZE:  # fail before reading any input
+        train_bpe([], args.vocab_size)
+    texts = iter_corpus(args.input, json_key=args.json_key, progress=not args.no_progress)
+    tok = train_bpe(texts, args.vocab_size, min_frequency=args.min_frequency, show_progress=not args.no_progress)
+    tok.save_pretrained(args.output)
+    note = "" if tok.base_size == args.vocab_size else f" (corpus too small for {args.vocab_size})"
+    print(f"wrote {args.output}: {tok.base_size} base entries{note} + 8 specials = {len(tok)} ids")
+    return 0
