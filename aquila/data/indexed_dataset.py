@@ -1,0 +1,354 @@
+"""Megatron-LM "mmap" indexed dataset: a flat `.bin` of token ids plus an `.idx` index.
+
+`.idx` layout (little-endian), byte-compatible with Megatron-LM and FlagAI:
+
+    magic  b"MMIDIDX\\x00\\x00"  (9 bytes)
+    uint64 version = 1
+    uint8  dtype code (see DTYPE_CODES)
+    uint64 N  number of sequences
+    uint64 D  length of doc_idx (documents + 1)
+    int32[N]  sizes      tokens per sequence
+    int64[N]  pointers   byte offset of each sequence in `.bin`
+    int64[D]  doc_idx    sequence index where each document starts; first 0, last N
+
+`.bin` is the raw concatenation of the sequences, no header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from array import array
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from aquila.errors import AquilaError
+from aquila.io_utils import atomic_path
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER_SIZE = 9 + 8 + 1 + 8 + 8  # 34 bytes
+DTYPE_CODES: dict[int, type[np.generic]] = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+_CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
+
+
+def best_dtype(vocab_size: int) -> np.dtype:
+    """Megatron's rule: uint16 for vocabularies below 65,500 ids, else int32."""
+    return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
+
+
+def data_file_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.bin")
+
+
+def index_file_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.idx")
+
+
+def dataset_exists(prefix: str | os.PathLike) -> bool:
+    return data_file_path(prefix).is_file() and index_file_path(prefix).is_file()
+
+
+def dtype_code(dtype: np.dtype | type | str) -> int:
+    dt = np.dtype(dtype)
+    if dt not in _CODE_OF:
+        raise AquilaError(f"dtype {dt} is not storable in an indexed dataset (use one of {sorted(map(str, _CODE_OF))})")
+    return _CODE_OF[dt]
+
+
+def encode_index(sizes: np.ndarray, doc_idx: np.ndarray, dtype: np.dtype) -> bytes:
+    """The `.idx` bytes for `sizes` (tokens per sequence) and `doc_idx`."""
+    sizes = np.asarray(sizes, dtype=np.int32)
+    doc_idx = np.asarray(doc_idx, dtype=np.int64)
+    itemsize = np.dtype(dtype).itemsize
+    pointers = np.zeros(len(sizes), dtype=np.int64)
+    if len(sizes) > 1:
+        np.cumsum(sizes[:-1], dtype=np.int64, out=pointers[1:])
+    pointers *= itemsize
+    header = MAGIC + struct.pack("<QBQQ", VERSION, dtype_code(dtype), len(sizes), len(doc_idx))
+    return header + sizes.astype("<i4").tobytes() + pointers.astype("<i8").tobytes() + doc_idx.astype("<i8").tobytes()
+
+
+class _Aborted(Exception):
+    pass
+
+
+class MMapIndexedDatasetBuilder:
+    """Stream token sequences into `<prefix>.bin` and write `<prefix>.idx` on `finalize()`.
+
+    Both files are written under temporary names and renamed only by `finalize()`, so an interrupted
+    run never leaves a half-written file with a final name. Use as a context manager to discard the
+    temporaries on error:
+
+        with MMapIndexedDatasetBuilder(prefix, np.uint16) as b:
+            b.add_document(ids)
+            b.finalize()
+    """
+
+    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type | str = np.int32) -> None:
+        self.prefix = os.fspath(prefix)
+        self.dtype = np.dtype(dtype)
+        dtype_code(self.dtype)
+        self._stack = contextlib.ExitStack()
+        self._bin_tmp = self._stack.enter_context(atomic_path(data_file_path(prefix)))
+        self._idx_stack = contextlib.ExitStack()
+        self._idx_tmp = self._idx_stack.enter_context(atomic_path(index_file_path(prefix)))
+        self._bin = open(self._bin_tmp, "wb")  # noqa: SIM115 - closed by finalize/abort
+        self._sizes = array("i")
+        self._doc_idx = array("q", [0])
+        self._done = False
+
+    # -- writing ---------------------------------------------------------------------------------
+    def _check(self, arr: np.ndarray) -> np.ndarray:
+        if self._done:
+            raise AquilaError(f"indexed dataset {self.prefix}: builder already finalized")
+        arr = np.asarray(arr)
+        if arr.ndim != 1:
+            raise AquilaError(f"indexed dataset {self.prefix}: token arrays must be 1-D, got shape {arr.shape}")
+        if arr.size and arr.dtype != self.dtype and np.issubdtype(self.dtype, np.integer):
+            info = np.iinfo(self.dtype)
+            if arr.min() < info.min or arr.max() > info.max:
+                raise AquilaError(
+                    f"indexed dataset {self.prefix}: token id {int(arr.max())} does not fit dtype {self.dtype}"
+                )
+        return arr.astype(self.dtype, copy=False)
+
+    def add_item(self, tokens: Sequence[int] | np.ndarray) -> None:
+        """Append one sequence (part of the current document)."""
+        arr = self._check(tokens)
+        self._bin.write(arr.tobytes(order="C"))
+        self._sizes.append(arr.size)
+
+    def end_document(self) -> None:
+        """Close the current document: the next item starts a new one."""
+        self._doc_idx.append(len(self._sizes))
+
+    def add_document(self, tokens: Sequence[int] | np.ndarray) -> None:
+        """Append a one-sequence document."""
+        self.add_item(tokens)
+        self.end_document()
+
+    def add_documents(self, flat_tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append many one-sequence documents at once: `flat_tokens` split by `lengths`."""
+        arr = self._check(flat_tokens)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != arr.size:
+            raise AquilaError(f"indexed dataset {self.prefix}: lengths sum to {int(lengths.sum())}, not {arr.size}")
+        self._bin.write(arr.tobytes(order="C"))
+        start = len(self._sizes)
+        self._sizes.extend(lengths.astype(np.int32).tolist())
+        self._doc_idx.extend(range(start + 1, start + len(lengths) + 1))
+
+    def add_index(self, prefix: str | os.PathLike) -> None:
+        """Append every sequence and document of an existing dataset (same dtype)."""
+        other = MMapIndexedDataset(prefix)
+        if other.dtype != self.dtype:
+            raise AquilaError(f"{index_file_path(prefix)}: dtype {other.dtype} differs from the output's {self.dtype}")
+        if self._done:
+            raise AquilaError(f"indexed dataset {self.prefix}: builder already finalized")
+        offset = len(self._sizes)
+        self._sizes.extend(other.sizes.astype(np.int32).tolist())
+        self._doc_idx.extend((other.doc_idx[1:] + offset).tolist())
+        with open(data_file_path(prefix), "rb") as src:
+            while chunk := src.read(16 << 20):
+                self._bin.write(chunk)
+        other.close()
+
+    # -- finishing -------------------------------------------------------------------------------
+    def finalize(self) -> None:
+        """Write the index and give both files their final names (`.bin` first, `.idx` last)."""
+        if self._done:
+            return
+        if self._doc_idx[-1] != len(self._sizes):
+            self.end_document()  # a trailing add_item without end_document closes its document
+        self._bin.close()
+        with open(self._idx_tmp, "wb") as f:
+            f.write(
+                encode_index(np.frombuffer(self._sizes, np.int32), np.frombuffer(self._doc_idx, np.int64), self.dtype)
+            )
+        self._done = True
+        self._stack.close()
+        self._idx_stack.close()
+
+    def abort(self) -> None:
+        """Discard the temporary files; nothing with a final name is written."""
+        if self._done:
+            return
+        self._done = True
+        self._bin.close()
+        for stack in (self._idx_stack, self._stack):
+            stack.__exit__(_Aborted, _Aborted(), None)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self._sizes)
+
+    def __enter__(self) -> MMapIndexedDatasetBuilder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.finalize()
+
+
+class MMapIndexedDataset:
+    """Read-only view of `<prefix>.bin/.idx` through numpy memmaps; validated on open."""
+
+    def __init__(self, prefix: str | os.PathLike) -> None:
+        self.prefix = os.fspath(prefix)
+        idx_path, bin_path = index_file_path(prefix), data_file_path(prefix)
+        for p in (idx_path, bin_path):
+            if not p.is_file():
+                raise AquilaError(f"{p}: indexed dataset file not found (prefix {self.prefix!r})")
+        idx_len = idx_path.stat().st_size
+        with open(idx_path, "rb") as f:
+            header = f.read(HEADER_SIZE)
+        if header[:9] != MAGIC:
+            raise AquilaError(f"{idx_path}: bad magic {header[:9]!r}, expected {MAGIC!r} (not a Megatron mmap index)")
+        if len(header) < HEADER_SIZE:
+            raise AquilaError(f"{idx_path}: truncated header ({len(header)} of {HEADER_SIZE} bytes)")
+        version, code, n, d = struct.unpack("<QBQQ", header[9:])
+        if version != VERSION:
+            raise AquilaError(f"{idx_path}: unsupported index version {version}, expected {VERSION}")
+        if code not in DTYPE_CODES:
+            raise AquilaError(f"{idx_path}: unknown dtype code {code}, expected one of {sorted(DTYPE_CODES)}")
+        expected = HEADER_SIZE + 12 * n + 8 * d
+        if idx_len != expected:
+            raise AquilaError(
+                f"{idx_path}: {idx_len} bytes, expected {expected} for {n} sequences and {d} doc_idx entries"
+            )
+        self._dtype = np.dtype(DTYPE_CODES[code])
+        self._idx_mmap = np.memmap(idx_path, mode="r", dtype=np.uint8)
+        buf = self._idx_mmap
+        self._sizes = np.frombuffer(buf, dtype="<i4", count=n, offset=HEADER_SIZE)
+        self._pointers = np.frombuffer(buf, dtype="<i8", count=n, offset=HEADER_SIZE + 4 * n)
+        self._doc_idx = np.frombuffer(buf, dtype="<i8", count=d, offset=HEADER_SIZE + 12 * n)
+        self._validate(idx_path, bin_path)
+        bin_len = bin_path.stat().st_size
+        if bin_len:
+            self._bin_mmap = np.memmap(bin_path, mode="r", dtype=np.uint8)
+        else:
+            self._bin_mmap = np.zeros(0, dtype=np.uint8)
+
+    def _validate(self, idx_path: Path, bin_path: Path) -> None:
+        sizes, pointers, doc_idx = self._sizes, self._pointers, self._doc_idx
+        n = len(sizes)
+        itemsize = self._dtype.itemsize
+        if n and sizes.min() < 0:
+            raise AquilaError(f"{idx_path}: negative sequence size")
+        expected_ptr = np.zeros(n, dtype=np.int64)
+        if n > 1:
+            np.cumsum(sizes[:-1], dtype=np.int64, out=expected_ptr[1:])
+        expected_ptr *= itemsize
+        if not np.array_equal(expected_ptr, pointers):
+            raise AquilaError(f"{idx_path}: pointers do not match the sequence sizes (corrupt index)")
+        if len(doc_idx) == 0 or doc_idx[0] != 0 or doc_idx[-1] != n or (np.diff(doc_idx) < 0).any():
+            raise AquilaError(f"{idx_path}: doc_idx must start at 0, end at {n} and never decrease")
+        expected_bin = int(sizes.sum(dtype=np.int64)) * itemsize
+        bin_len = bin_path.stat().st_size
+        if bin_len != expected_bin:
+            what = "truncated" if bin_len < expected_bin else "longer than its index"
+            raise AquilaError(f"{bin_path}: {bin_len} bytes, expected {expected_bin} from {idx_path.name} ({what})")
+
+    # -- access ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens `offset : offset+length` of sequence `idx` (a read-only view)."""
+        n = len(self._sizes)
+        if idx < 0:
+            idx += n
+        if not 0 <= idx < n:
+            raise IndexError(f"sequence {idx} out of range for {n} sequences")
+        size = int(self._sizes[idx])
+        if length is None:
+            length = size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise IndexError(f"offset {offset} + length {length} outside sequence {idx} of {size} tokens")
+        start = int(self._pointers[idx]) + offset * self._dtype.itemsize
+        return np.frombuffer(self._bin_mmap, dtype=self._dtype, count=length, offset=start)
+
+    def __getitem__(self, idx: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(idx, slice):
+            return [self.get(i) for i in range(*idx.indices(len(self)))]
+        return self.get(int(idx))
+
+    def __iter__(self) -> Iterable[np.ndarray]:
+        for i in range(len(self)):
+            yield self.get(i)
+
+    def document(self, doc: int) -> np.ndarray:
+        """All tokens of document `doc` (its sequences concatenated)."""
+        a, b = int(self._doc_idx[doc]), int(self._doc_idx[doc + 1])
+        if a == b:
+            return np.zeros(0, dtype=self._dtype)
+        start = int(self._pointers[a])
+        count = int(self._sizes[a:b].sum(dtype=np.int64))
+        return np.frombuffer(self._bin_mmap, dtype=self._dtype, count=count, offset=start)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self._sizes
+
+    @property
+    def pointers(self) -> np.ndarray:
+        return self._pointers
+
+    @property
+    def doc_idx(self) -> np.ndarray:
+        return self._doc_idx
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def num_documents(self) -> int:
+        return len(self._doc_idx) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self._sizes.sum(dtype=np.int64))
+
+    def tokens(self) -> np.ndarray:
+        """Every token of the dataset as one flat read-only array."""
+        return np.frombuffer(self._bin_mmap, dtype=self._dtype, count=self.num_tokens)
+
+    def close(self) -> None:
+        """Drop the memmaps (they are also released when the object is garbage collected)."""
+        self._bin_mmap = np.zeros(0, dtype=np.uint8)
+
+    def __repr__(self) -> str:
+        return f"MMapIndexedDataset({self.prefix!r}, sequences={len(self)}, documents={self.num_documents}, dtype={self.dtype})"
+
+
+def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | os.PathLike) -> MMapIndexedDataset:
+    """Concatenate several datasets (same dtype) into `output_prefix`; returns the merged reader."""
+    if not prefixes:
+        raise AquilaError("merge: no input datasets given")
+    dtypes = {}
+    for p in prefixes:
+        ds = MMapIndexedDataset(p)
+        dtypes[os.fspath(p)] = ds.dtype
+        ds.close()
+    if len(set(dtypes.values())) > 1:
+        raise AquilaError(f"merge: inputs have different dtypes: {', '.join(f'{k}={v}' for k, v in dtypes.items())}")
+    with MMapIndexedDatasetBuilder(output_prefix, next(iter(dtypes.values()))) as builder:
+        for p in prefixes:
+            builder.add_index(p)
+    return MMapIndexedDataset(output_prefix)

@@ -1,0 +1,35 @@
+"""`aquila merge-datasets`: concatenate several .bin/.idx prefixes into one (FlagAI's merge_datasets.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from aquila.data.indexed_dataset import merge_datasets
+from aquila.errors import AquilaError
+
+
+def prefixes_in_dir(directory: str | Path) -> list[str]:
+    """Every `<prefix>` with both `.bin` and `.idx` in `directory`, sorted by name."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise AquilaError(f"{d}: not a directory")
+    found = sorted(str(p.with_suffix("")) for p in d.glob("*.idx") if p.with_suffix(".bin").is_file())
+    if not found:
+        raise AquilaError(f"{d}: no .bin/.idx pairs to merge")
+    return found
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="aquila merge-datasets", description=__doc__)
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="directory: merge every prefix in it (sorted by name)")
+    src.add_argument("--prefixes", nargs="+", help="explicit prefixes, merged in this order")
+    parser.add_argument("--output-prefix", required=True)
+    args = parser.parse_args(argv)
+    prefixes = args.prefixes or prefixes_in_dir(args.input)
+    out = str(Path(args.output_prefix))
+    prefixes = [p for p in prefixes if str(Path(p)) != out]
+    merged = merge_datasets(prefixes, out)
+    print(f"merged {len(prefixes)} datasets into {out}: {len(merged)} sequences, {merged.num_tokens} tokens")
+    return 0
