@@ -1,0 +1,296 @@
+"""`aquila preprocess`: tokenize a jsonl corpus into Megatron `.bin/.idx` files (FlagAI's preprocess_data_args.py).
+
+    aquila preprocess --input data.jsonl --json-keys text --tokenizer DIR --output-prefix out/corpus --workers 4
+
+writes `out/corpus_text_document.{bin,idx}`. Each document becomes one sequence wrapped as
+[BOS] + ids + [EOS], as FlagAI's `encode_plus` does (`--append-eod`: ids + [EOS] only).
+
+The input is streamed in chunks of `--chunk-size` lines; worker processes tokenize chunks while the main
+process writes them in input order, so any number of workers gives byte-identical output. Outputs are
+written under temporary names and renamed at the end: an interrupted run leaves no file with a final name.
+Blank lines are ignored and documents whose text is empty are skipped (both counted in the summary).
+A line that is not a JSON object is an error naming the file and line (`--skip-bad-lines`: skipped and
+counted); a line without one of `--json-keys`, or whose value is not a string, is always an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aquila.data.indexed_dataset import MMapIndexedDatasetBuilder, best_dtype
+from aquila.errors import AquilaError
+
+_TOKENIZER = None  # the tokenizer of this (worker) process
+
+
+@dataclass
+class ChunkResult:
+    """What a worker returns for one chunk of lines."""
+
+    tokens: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # key -> (flat ids, lengths)
+    docs: int = 0
+    bad_lines: int = 0
+    blank_lines: int = 0
+    empty_docs: int = 0
+    nbytes: int = 0
+    error: str | None = None
+
+
+@dataclass
+class PreprocessStats:
+    docs: int = 0
+    tokens: int = 0
+    bad_lines: int = 0
+    blank_lines: int = 0
+    empty_docs: int = 0
+    nbytes: int = 0
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    from aquila.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(directory)
+
+
+def _init_worker(tokenizer_dir: str | None) -> None:
+    global _TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if tokenizer_dir is not None:
+        _TOKENIZER = load_tokenizer(tokenizer_dir)
+
+
+def encode_chunk(
+    path: str, first_line: int, lines: Sequence[bytes], keys: Sequence[str], append_eod: bool, skip_bad: bool
+) -> ChunkResult:
+    """Parse and tokenize `lines` (line numbers start at `first_line`) with this process's tokenizer."""
+    res = ChunkResult(nbytes=sum(len(line) for line in lines))
+    texts: dict[str, list[str]] = {k: [] for k in keys}
+    for lineno, line in enumerate(lines, start=first_line):
+        if not line.strip():
+            res.blank_lines += 1
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+        except (ValueError, UnicodeDecodeError) as e:
+            if skip_bad:
+                res.bad_lines += 1
+                continue
+            res.error = f"{path}:{lineno}: not a JSON object ({str(e).splitlines()[0][:80]}); use --skip-bad-lines to skip such lines"
+            break
+        values = []
+        for k in keys:
+            if k not in obj:
+                res.error = (
+                    f"{path}:{lineno}: missing json key {k!r} (keys present: {', '.join(map(repr, list(obj)[:8]))})"
+                )
+                break
+            if not isinstance(obj[k], str):
+                res.error = f"{path}:{lineno}: json key {k!r} is {type(obj[k]).__name__}, expected a string"
+                break
+            values.append(obj[k])
+        if res.error:
+            break
+        if not any(values):
+            res.empty_docs += 1
+            continue
+        for k, v in zip(keys, values):
+            texts[k].append(v)
+        res.docs += 1
+    if res.error:
+        return res
+    tok = _TOKENIZER
+    bos, eos = tok.token_start_id, tok.token_end_id
+    for k in keys:
+        encoded = tok.encode_batch(texts[k]) if texts[k] else []
+        head = [] if append_eod else [bos]
+        lengths = np.fromiter((len(ids) + len(head) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+        flat = np.fromiter(
+            itertools.chain.from_iterable(itertools.chain(head, ids, (eos,)) for ids in encoded),
+            dtype=np.int64,
+            count=int(lengths.sum()),
+        )
+        res.tokens[k] = (flat, lengths)
+    return res
+
+
+def _encode_task(args: tuple) -> ChunkResult:
+    return encode_chunk(*args)
+
+
+def iter_chunks(path: Path, chunk_size: int) -> Iterator[tuple[int, list[bytes]]]:
+    """(number of the first line, lines) for consecutive chunks of `chunk_size` lines, streamed."""
+    with open(path, "rb") as f:
+        lineno = 1
+        while True:
+            lines = list(itertools.islice(f, chunk_size))
+            if not lines:
+                return
+            yield lineno, lines
+            lineno += len(lines)
+
+
+def _progress(total_bytes: int, quiet: bool):
+    if quiet:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", disable=None, file=sys.stderr)
+
+
+def preprocess(
+    input_path: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike,
+    output_prefix: str | os.PathLike,
+    json_keys: Sequence[str] = ("text",),
+    workers: int = 1,
+    chunk_size: int = 256,
+    append_eod: bool = False,
+    skip_bad_lines: bool = False,
+    dtype: str | np.dtype | None = None,
+    log_interval: int = 100,
+    quiet: bool = True,
+) -> PreprocessStats:
+    """Tokenize `input_path` (jsonl) into `{output_prefix}_{key}_document.{bin,idx}` for each key."""
+    global _TOKENIZER
+    path = Path(input_path)
+    if not path.is_file():
+        raise AquilaError(f"{path}: input file not found")
+    if workers < 1 or chunk_size < 1:
+        raise AquilaError(f"--workers and --chunk-size must be >= 1 (got {workers}, {chunk_size})")
+    if not json_keys:
+        raise AquilaError("--json-keys: give at least one key")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tokenizer = load_tokenizer(tokenizer_dir)
+    out_dtype = np.dtype(dtype) if dtype else best_dtype(max(len(tokenizer), len(tokenizer.get_vocab())))
+    stats = PreprocessStats()
+    start = time.perf_counter()
+    bar = _progress(path.stat().st_size, quiet)
+    last_log = 0
+
+    def tasks() -> Iterator[tuple]:
+        for first, lines in iter_chunks(path, chunk_size):
+            yield (str(path), first, lines, tuple(json_keys), append_eod, skip_bad_lines)
+
+    with contextlib.ExitStack() as stack:
+        builders = {}
+        for k in json_keys:
+            out = f"{os.fspath(output_prefix)}_{k}_document"
+            builders[k] = stack.enter_context(MMapIndexedDatasetBuilder(out, out_dtype))
+
+        def consume(res: ChunkResult) -> None:
+            nonlocal last_log
+            if res.error:
+                raise AquilaError(res.error)
+            for k, (flat, lengths) in res.tokens.items():
+                builders[k].add_documents(flat, lengths)
+                stats.tokens += int(flat.size)
+            stats.docs += res.docs
+            stats.bad_lines += res.bad_lines
+            stats.blank_lines += res.blank_lines
+            stats.empty_docs += res.empty_docs
+            stats.nbytes += res.nbytes
+            if bar is not None:
+                bar.update(res.nbytes)
+                if stats.docs - last_log >= log_interval:
+                    last_log = stats.docs
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix(docs=stats.docs, docs_s=f"{stats.docs / elapsed:.0f}", refresh=False)
+
+        try:
+            if workers == 1:
+                _TOKENIZER = tokenizer
+                for task in tasks():
+                    consume(encode_chunk(*task))
+            else:
+                methods = multiprocessing.get_all_start_methods()
+                ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+                _TOKENIZER = tokenizer  # inherited by forked workers; spawned ones load their own
+                initarg = None if ctx.get_start_method() == "fork" else os.fspath(tokenizer_dir)
+                with ctx.Pool(workers, initializer=_init_worker, initargs=(initarg,)) as pool:
+                    pending: deque = deque()
+                    for task in tasks():  # at most 2 chunks per worker in flight: memory stays bounded
+                        pending.append(pool.apply_async(_encode_task, (task,)))
+                        if len(pending) >= 2 * workers:
+                            consume(pending.popleft().get())
+                    while pending:
+                        consume(pending.popleft().get())
+        finally:
+            if bar is not None:
+                bar.close()
+        if stats.docs == 0:
+            raise AquilaError(f"{path}: no documents (empty input, or every line blank, bad or with empty text)")
+        stats.outputs = [b.prefix for b in builders.values()]
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="aquila preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--input", required=True, help="jsonl file, one document per line")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")
+    p.add_argument("--tokenizer", help="tokenizer directory (vocab.json + merges.txt or tokenizer.json)")
+    p.add_argument("--model-dir", help="FlagAI style: tokenizer at MODEL_DIR/MODEL_NAME")
+    p.add_argument("--model-name", help="FlagAI style: tokenizer at MODEL_DIR/MODEL_NAME")
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--chunk-size", type=int, default=256, help="lines per task given to a worker (default 256)")
+    p.add_argument("--append-eod", action="store_true", help="ids + [EOS] instead of [BOS] + ids + [EOS]")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip and count lines that are not JSON objects")
+    p.add_argument("--dtype", choices=["uint16", "int32", "int64"], help="token dtype (default: by vocabulary size)")
+    p.add_argument("--log-interval", type=int, default=100, help="documents between progress updates")
+    p.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="accepted for FlagAI compatibility")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def tokenizer_location(args: argparse.Namespace) -> str:
+    if args.tokenizer:
+        return args.tokenizer
+    if args.model_dir:
+        return os.path.join(args.model_dir, args.model_name) if args.model_name else args.model_dir
+    raise AquilaError("give the tokenizer with --tokenizer DIR (or FlagAI's --model-dir and --model-name)")
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    stats = preprocess(
+        args.input,
+        tokenizer_location(args),
+        args.output_prefix,
+        json_keys=args.json_keys,
+        workers=args.workers,
+        chunk_size=args.chunk_size,
+        append_eod=args.append_eod,
+        skip_bad_lines=args.skip_bad_lines,
+        dtype=args.dtype,
+        log_interval=args.log_interval,
+        quiet=args.quiet,
+    )
+    secs = max(stats.seconds, 1e-9)
+    print(
+        f"wrote {', '.join(stats.outputs)}: {stats.docs} documents, {stats.tokens} tokens "
+        f"in {stats.seconds:.1f}s ({stats.nbytes / secs / 1e6:.2f} MB/s, {stats.docs / secs:.0f} docs/s); "
+        f"skipped {stats.bad_lines} bad lines, {stats.blank_lines} blank lines, {stats.empty_docs} empty documents"
+    )
+    return 0
