@@ -1,0 +1,366 @@
+"""aquila.tokenizer: Aquila's special-id table, FlagAI's API, round trips, file formats and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aquila.errors import AquilaError
+from aquila.tokenizer import SPECIAL_TOKENS, Tokenizer, bytes_to_unicode, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "examples" / "aquila" / "demo_tokenizer"
+
+AQUILA_TABLE = {
+    "<|endoftext|>": 0,
+    "<|startofpiece|>": 100000,
+    "<|endofpiece|>": 100001,
+    "<|LDWANG|>": 100002,
+    "[MASK]": 100003,
+    "[gMASK]": 100004,
+    "[sMASK]": 100005,
+    "[CLS]": 100006,
+    "</s>": 100007,
+}
+COMMANDS = {
+    "pad": 0,
+    "eos": 0,
+    "unk": 0,
+    "sop": 100000,
+    "eop": 100001,
+    "MASK": 100003,
+    "gMASK": 100004,
+    "sMASK": 100005,
+    "cls": 100006,
+    "sep": 100007,
+}
+
+
+def write_flagai_files(d: Path, base: int, merges: list[str] | None = None, special_map: bool = False) -> Path:
+    """A FlagAI-layout directory: <|endoftext|> = 0, the 256 byte symbols, filler tokens up to `base` entries."""
+    d.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|endoftext|>": 0}
+    for ch in bytes_to_unicode().values():
+        vocab[ch] = len(vocab)
+    for m in merges or []:
+        a, b = m.split(" ")
+        vocab.setdefault(a + b, len(vocab))
+    i = 0
+    while len(vocab) < base:
+        vocab[f"filler{i}"] = len(vocab)
+        i += 1
+    (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (d / "merges.txt").write_text(
+        "\n".join(["#version: 0.2 - Trained by huggingface/tokenizers", *(merges or [])]) + "\n"
+    )
+    if special_map:
+        (d / "special_tokens_map.json").write_text(
+            json.dumps({"cls_token": {"content": "[CLS]"}, "sep_token": {"content": "</s>"}})
+        )
+    return d
+
+
+@pytest.fixture(scope="module")
+def demo() -> Tokenizer:
+    return Tokenizer.from_pretrained(DEMO)
+
+
+@pytest.fixture(scope="module")
+def demo_split() -> Tokenizer:
+    return Tokenizer.from_pretrained(DEMO, split_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def aquila_sized(tmp_path_factory) -> Tokenizer:
+    return Tokenizer.from_pretrained(write_flagai_files(tmp_path_factory.mktemp("aq"), 100000, ["Ġ t", "h e"]))
+
+
+# --- special ids ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("special_map", [False, True])
+def test_aquila_special_id_table_with_100000_base(tmp_path, special_map):
+    tok = Tokenizer.from_pretrained(write_flagai_files(tmp_path, 100000, special_map=special_map))
+    assert len(tok) == 100008
+    assert len(tok.get_vocab()) == 100000
+    for token, id_ in AQUILA_TABLE.items():
+        assert tok.token_to_id(token) == id_
+        assert tok.id_to_token(id_) == token
+    for name, id_ in COMMANDS.items():
+        assert tok.get_command_id(name) == id_
+    assert (tok.token_start_id, tok.token_end_id, tok.token_unk_id, tok.token_pad_id) == (100006, 100007, 0, 0)
+
+
+def test_specials_follow_any_base_size(tmp_path):
+    tok = Tokenizer.from_pretrained(write_flagai_files(tmp_path, 300))
+    assert len(tok) == 308
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(300, 308))
+    assert tok.token_start_id == 306 and tok.token_end_id == 307
+
+
+def test_unknown_command_name(aquila_sized):
+    with pytest.raises(AquilaError, match="unknown command token 'bos'"):
+        aquila_sized.get_command_id("bos")
+
+
+def test_demo_tokenizer_in_repo(demo):
+    assert len(demo) == 16008
+    assert len(demo.get_vocab()) == 16000
+    assert demo.token_start_id == 16006 and demo.token_end_id == 16007 and demo.token_pad_id == 0
+    text = "中华人民共和国国务院总理"
+    assert len(demo.encode(text)) < len(text)  # Chinese words are merged, not byte-split
+    size = sum(p.stat().st_size for p in DEMO.iterdir())
+    assert size < 1_500_000
+
+
+# --- FlagAI API -----------------------------------------------------------------------------------------------------
+
+
+def test_encode_plus_single_and_pair(aquila_sized):
+    tok = aquila_sized
+    a, b = tok.encode("the cat"), tok.encode("a dog")
+    out = tok.encode_plus("the cat")
+    assert out["input_ids"] == [100006, *a, 100007]
+    assert out["token_type_ids"] == [0] * len(out["input_ids"])
+    pair = tok.encode_plus("the cat", "a dog")
+    assert pair["input_ids"] == [100006, *a, 100007, *b, 100007]
+    assert pair["token_type_ids"] == [0] * len(pair["input_ids"])
+
+
+def test_encode_plus_truncation_keeps_bos_and_eos(aquila_sized):
+    tok = aquila_sized
+    ids = tok.encode_plus("abcdefghij", max_length=5)["input_ids"]
+    assert ids == [100006, *tok.encode("abcdefghij")[:3], 100007]
+    pair = tok.encode_plus("abcdefghij", "xy", max_length=7)["input_ids"]
+    assert len(pair) == 7 and pair[0] == 100006 and pair[-1] == 100007 and pair.count(100007) == 2
+    assert len(tok.encode_plus("abcdefghij", max_length=5, truncation=False)["input_ids"]) == 12
+    with pytest.raises(AquilaError, match="max_length=1"):
+        tok.encode_plus("abc", max_length=1)
+
+
+def test_encode_has_no_bos_eos(demo):
+    ids = demo.encode("hello world")
+    assert demo.token_start_id not in ids and demo.token_end_id not in ids
+
+
+def test_decode_specials_and_unknown_ids(demo):
+    ids = demo.encode_plus("Hello")["input_ids"]
+    assert demo.decode(ids) == "[CLS]Hello</s>"
+    assert demo.decode(ids, skip_special_tokens=True) == "Hello"
+    assert demo.decode([0]) == "<|endoftext|>"
+    assert demo.decode([*demo.encode("ab"), 10**6, *demo.encode("c")]) == "abc"  # unknown id dropped
+    assert demo.decode([]) == ""
+
+
+def test_decode_invalid_utf8_is_replaced(demo):
+    table = bytes_to_unicode()
+    lead = demo.token_to_id(table[0xE4])  # first byte of a 3-byte character, alone
+    assert demo.decode([*demo.encode("a"), lead, *demo.encode("b")]) == "a\ufffdb"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 16010), max_size=30))
+def test_decode_matches_python_bytes_decode(demo, ids):
+    """Byte semantics of decode: concatenated token bytes, decoded with errors='replace', specials as text."""
+    inverse = {c: b for b, c in bytes_to_unicode().items()}
+    vocab = {i: t for t, i in demo.get_vocab().items()}
+    specials = {demo.token_to_id(t): t for t in ("<|endoftext|>", *SPECIAL_TOKENS)}
+    raw = b""
+    for i in ids:
+        if i in specials:
+            raw += specials[i].encode()
+        elif i in vocab:
+            raw += bytes(inverse[c] for c in vocab[i])
+    assert demo.decode(ids) == raw.decode("utf-8", errors="replace")
+
+
+def test_batch_methods_match_single(demo):
+    texts = ["中文 text", "def f():\n    pass\n", "", "😀\r\n"] * 5
+    batch = demo.encode_batch(texts)
+    assert batch == [demo.encode(t) for t in texts]
+    assert demo.decode_batch(batch) == texts
+
+
+# --- round trips ----------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_round_trip_any_unicode(demo, text):
+    assert demo.decode(demo.encode(text)) == text
+
+
+PIECES = ["中", "文", "a", " ", "\r\n", "\n", "😀", "[CLS]", "</s>", "<|endoftext|>", "é", "[gMASK]"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=12).map("".join))
+def test_round_trip_both_special_modes(demo, demo_split, text):
+    for tok in (demo, demo_split):
+        assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize(
+    "text", ["中文和English混合，还有code: x = {'a': 1}\r\n", "👨‍👩‍👧 emoji", "\n\n\t  ", "a\x00b\x7f", "é\u0301"]
+)
+def test_round_trip_examples(demo, text):
+    assert demo.decode(demo.encode(text)) == text
+    assert demo.decode_batch(demo.encode_batch([text])) == [text]
+
+
+def test_lone_surrogates_become_replacement_characters(demo):
+    text = "a\ud800b\udfff"
+    assert demo.decode(demo.encode(text)) == "a\ufffdb\ufffd"
+    assert demo.encode_batch([text, "ok"]) == [demo.encode("a\ufffdb\ufffd"), demo.encode("ok")]
+    ids, spans = demo.encode_with_offsets(text)
+    assert ids == demo.encode(text) and spans[-1][1] == len(text)
+
+
+def test_newlines_are_separate_tokens_only_when_untrained(aquila_sized):
+    # With no merges for them, "\n\n" is two Ċ tokens, as in Aquila-7B (199, 199 there).
+    nl = aquila_sized.token_to_id("Ċ")
+    assert aquila_sized.encode("\n\n") == [nl, nl]
+
+
+# --- special strings in text ----------------------------------------------------------------------------------------
+
+
+def test_special_strings_are_literal_by_default(demo):
+    ids = demo.encode("a </s> b [CLS]<|endoftext|>")
+    assert not set(ids) & {0, *range(16000, 16008)}
+
+
+def test_split_special_tokens_option(demo):
+    tok = Tokenizer.from_pretrained(DEMO, split_special_tokens=True)
+    assert tok.split_special_tokens and not demo.split_special_tokens
+    ids = tok.encode("a </s> b<|endoftext|>[gMASK]")
+    assert ids == [*tok.encode("a "), 16007, *tok.encode(" b"), 0, 16004]
+    tok.split_special_tokens = False
+    assert tok.encode("a </s> b") == demo.encode("a </s> b")
+
+
+# --- offsets --------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=60))
+def test_offsets_cover_the_text(demo, text):
+    ids, spans = demo.encode_with_offsets(text)
+    assert ids == demo.encode(text)
+    assert len(spans) == len(ids)
+    # Spans are ordered and leave no gap; a character split over several tokens repeats (part of) its span.
+    pos, last_start = 0, 0
+    for start, end in spans:
+        assert last_start <= start <= pos and start < end
+        last_start, pos = start, max(pos, end)
+    assert pos == len(text)
+
+
+def test_offsets_map_conversation_spans(demo):
+    """What the SFT pipeline does: tokenize once, find the tokens of a character span."""
+    human, gpt = "### Human: 你好\n", "### Assistant: Hello!\n"
+    text = human + gpt
+    ids, spans = demo.encode_with_offsets(text)
+    in_gpt = [i for i, (s, e) in zip(ids, spans) if s >= len(human)]
+    assert demo.decode(in_gpt).strip() == gpt.strip()
+
+
+# --- files ----------------------------------------------------------------------------------------------------------
+
+
+def test_save_pretrained_writes_both_forms(demo, tmp_path):
+    demo.save_pretrained(tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["merges.txt", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+    assert (tmp_path / "merges.txt").read_text().startswith("#version: 0.2\n")
+    text = "中文 English </s> code()\n"
+    again = Tokenizer.from_pretrained(tmp_path)
+    assert again.encode(text) == demo.encode(text) and len(again) == 16008
+    (tmp_path / "vocab.json").unlink()
+    (tmp_path / "merges.txt").unlink()
+    from_json = Tokenizer.from_pretrained(tmp_path)  # tokenizer.json alone
+    assert from_json.encode(text) == demo.encode(text) and len(from_json) == 16008
+
+
+def test_flagai_layout_with_merges(tmp_path):
+    tok = Tokenizer.from_pretrained(write_flagai_files(tmp_path, 400, ["Ġ t", "h e", "Ġt he"]))
+    assert tok.encode(" the") == [tok.token_to_id("Ġthe")]
+    assert load_tokenizer(tmp_path).encode(" the") == tok.encode(" the")
+
+
+@pytest.mark.slow
+def test_transformers_loads_saved_files_with_same_ids(demo, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    demo.save_pretrained(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "Hello 世界 [CLS] x </s>\n  def f(): 😀"
+    split = Tokenizer.from_pretrained(tmp_path, split_special_tokens=True)
+    assert hf.encode(text, add_special_tokens=False) == split.encode(text)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, len(hf)) == (16006, 16007, 0, 16008)
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+
+def test_missing_merges_txt(tmp_path):
+    write_flagai_files(tmp_path, 300)
+    (tmp_path / "merges.txt").unlink()
+    with pytest.raises(AquilaError, match="vocab.json but no merges.txt"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_vocab_json_not_json(tmp_path):
+    write_flagai_files(tmp_path, 300)
+    (tmp_path / "vocab.json").write_text('{"a": 0,')
+    with pytest.raises(AquilaError, match=r"vocab\.json is not valid JSON"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_vocab_json_wrong_shape(tmp_path):
+    write_flagai_files(tmp_path, 300)
+    (tmp_path / "vocab.json").write_text('["a", "b"]')
+    with pytest.raises(AquilaError, match=r"vocab\.json must be a JSON object"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_merges_line_with_unknown_token(tmp_path):
+    write_flagai_files(tmp_path, 300, ["h e"])
+    with open(tmp_path / "merges.txt", "a") as f:
+        f.write("zz q\n")
+    with pytest.raises(AquilaError, match=r"merges\.txt:3: merge 'zz' 'q' uses 'zz'") as e:
+        Tokenizer.from_pretrained(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_merges_line_malformed(tmp_path):
+    write_flagai_files(tmp_path, 300)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nabc\n")
+    with pytest.raises(AquilaError, match=r"merges\.txt:2: expected two tokens"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_directory_without_tokenizer_files(tmp_path):
+    (tmp_path / "README").write_text("nothing here")
+    with pytest.raises(AquilaError, match="has no tokenizer files"):
+        Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(AquilaError, match="does not exist"):
+        Tokenizer.from_pretrained(tmp_path / "nope")
+
+
+def test_vocab_ids_with_gap(tmp_path):
+    write_flagai_files(tmp_path, 300)
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    vocab["filler0"] = 5000
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(AquilaError, match="ids must be exactly 0..299"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_tokenizer_json_not_bpe(tmp_path):
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece"}}))
+    with pytest.raises(AquilaError, match=r"tokenizer\.json: expected a byte-level BPE"):
+        Tokenizer.from_pretrained(tmp_path)

@@ -1,0 +1,153 @@
+"""`aquila train-tokenizer` end to end, its bad input, and the sentencepiece loading path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aquila.cli import main as cli
+from aquila.errors import AquilaError
+from aquila.tokenizer import Tokenizer
+from aquila.tokenizer_train import iter_corpus, train_bpe
+
+TEXTS = [
+    "中华人民共和国国务院总理今天在北京会见了来访的客人，双方就经济合作交换了意见。",
+    "The government said on Tuesday that it would review the plans for the new railway line.",
+    "def add(a, b):\n    return a + b\n\n\nclass Point:\n    def __init__(self, x):\n        self.x = x\n",
+]
+
+
+def write_corpus(d: Path) -> tuple[Path, Path]:
+    jsonl = d / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"content": t}, ensure_ascii=False) + "\n" for t in TEXTS * 30))
+    txt = d / "more.txt"
+    txt.write_text("\n".join(TEXTS) * 10, encoding="utf-8")
+    return jsonl, txt
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    jsonl, txt = write_corpus(tmp_path)
+    out = tmp_path / "tok"
+    rc = cli(["train-tokenizer", "--input", str(jsonl), str(txt), "--vocab-size", "400", "--output", str(out),
+              "--json-key", "content", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    assert "400 base entries + 8 specials = 408 ids" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "merges.txt", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"
+    ]  # fmt: skip
+    tok = Tokenizer.from_pretrained(out)
+    assert len(tok) == 408 and tok.token_to_id("<|endoftext|>") == 0 and tok.token_start_id == 406
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text)) == text
+        assert len(tok.encode(text)) < len(text.encode("utf-8")) / 2  # learned merges, not bytes
+
+
+def test_training_is_deterministic():
+    a, b = train_bpe(TEXTS * 10, 350), train_bpe(TEXTS * 10, 350)
+    assert a.vocab == b.vocab and a.merges == b.merges
+
+
+def test_small_corpus_gives_smaller_vocab_and_specials_follow():
+    tok = train_bpe(["ab ab ab"], 1000)
+    assert tok.base_size < 1000 and len(tok) == tok.base_size + 8
+    assert tok.token_end_id == tok.base_size + 7
+
+
+def test_plain_text_keeps_newlines(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("line one\n\nline two\n")
+    assert "".join(iter_corpus([p])) == "line one\n\nline two\n"
+
+
+def run_cli(tmp_path, inputs: list[str], vocab: int = 300) -> int:
+    return cli(["train-tokenizer", "--input", *inputs, "--vocab-size", str(vocab), "--output", str(tmp_path / "o"),
+                "--no-progress"])  # fmt: skip
+
+
+def test_vocab_size_too_small(tmp_path, capsys):
+    jsonl, _ = write_corpus(tmp_path)
+    assert run_cli(tmp_path, [str(jsonl)], vocab=256) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --vocab-size 256 is smaller than 257") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_corpus(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "empty.txt").write_text("")
+    assert run_cli(tmp_path, [str(tmp_path / "empty.jsonl"), str(tmp_path / "empty.txt")]) == 2
+    assert "training corpus is empty" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_jsonl_line_names_file_and_line(tmp_path, capsys):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "ok"}\n{"text": oops}\n')
+    assert run_cli(tmp_path, [str(p)]) == 2
+    assert f"error: {p}:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_missing_json_key(tmp_path, capsys):
+    p = tmp_path / "k.jsonl"
+    p.write_text('{"body": "ok"}\n')
+    assert run_cli(tmp_path, [str(p)]) == 2
+    assert f"{p}:1: no 'text' key" in capsys.readouterr().err
+
+
+def test_missing_input_file(tmp_path, capsys):
+    assert run_cli(tmp_path, [str(tmp_path / "nope.jsonl")]) == 2
+    assert "nope.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_train_bpe_rejects_small_vocab_directly():
+    with pytest.raises(AquilaError, match="256 byte symbols"):
+        train_bpe(["abc"], 100)
+
+
+# --- sentencepiece path ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sp_dir(tmp_path_factory) -> Path:
+    spm = pytest.importorskip("sentencepiece")
+    d = tmp_path_factory.mktemp("sp")
+    (d / "train.txt").write_text("\n".join(TEXTS * 20), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(d / "train.txt"), model_prefix=str(d / "m"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, minloglevel=2,
+    )  # fmt: skip
+    return d
+
+
+@pytest.mark.parametrize("name", ["tokenizer.model", "spiece.model"])
+def test_sentencepiece_directory(sp_dir, tmp_path, name):
+    from aquila.tokenizer_sp import SentencePieceTokenizer
+
+    (tmp_path / name).write_bytes((sp_dir / "m.model").read_bytes())
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")  # FlagAI checks the sentencepiece files first
+    tok = Tokenizer.from_pretrained(tmp_path)
+    assert isinstance(tok, SentencePieceTokenizer)
+    assert len(tok) == 400 and len(tok.get_vocab()) == 400
+    assert (tok.token_unk_id, tok.token_start_id, tok.token_end_id, tok.token_pad_id) == (0, 1, 2, 0)
+    assert tok.get_command_id("cls") == 1 and tok.get_command_id("sep") == 2
+    with pytest.raises(AquilaError, match="unknown command token 'gMASK'"):
+        tok.get_command_id("gMASK")
+    text = "The government said 你好"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.encode_plus(text)["input_ids"] == [1, *ids, 2]
+    assert tok.decode(tok.encode_plus(text)["input_ids"]) == f"<s>{text}</s>"
+    assert tok.decode(tok.encode_plus(text)["input_ids"], skip_special_tokens=True) == text
+    assert tok.encode_batch([text, "x"]) == [ids, tok.encode("x")]
+    assert tok.decode_batch([ids]) == [text]
+    got, spans = tok.encode_with_offsets(text)
+    assert got == ids and spans[-1][1] == len(text)
+    assert tok.decode(tok.encode("a\ud800b")) == tok.decode(tok.encode("a\ufffdb"))
+
+
+def test_bad_sentencepiece_file(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(AquilaError, match=r"tokenizer\.model is not a sentencepiece model"):
+        Tokenizer.from_pretrained(tmp_path)
