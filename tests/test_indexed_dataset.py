@@ -185,3 +185,14 @@ def test_check_and_merge_cli(tmp_path):
     prefix.with_suffix(".bin").write_bytes(b"\x00")
     r = run_cli("check-dataset", prefix)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+
+
+def test_shipped_demo_data_is_demo_tokenizer_ids():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ds = MMapIndexedDataset(os.path.join(root, "examples", "indexed_dataset", "data", "demo_text_document"))
+    assert ds.dtype == np.uint16 and 500 < len(ds) and ds.num_tokens * 2 < 4_000_000
+    tokens = ds.tokens()
+    starts = ds.pointers // 2
+    ends = starts + ds.sizes - 1
+    assert (tokens[starts] == 16006).all() and (tokens[ends] == 16007).all()  # [CLS] ... </s> of the demo tokenizer
+    assert int(tokens.max()) <= 16007
