@@ -10,16 +10,26 @@ from aquila.data.indexed_dataset import (
 __all__ = [
     "MMapIndexedDataset",
     "MMapIndexedDatasetBuilder",
+    "SFTDataset",
     "best_dtype",
     "build_pretrain_datasets",
     "merge_datasets",
+    "pack_sft",
+    "sft_collate",
 ]
+
+# Imported on first use, so that `aquila preprocess` and friends do not import torch.
+_LAZY = {
+    "build_pretrain_datasets": "aquila.data.gpt_dataset",
+    "SFTDataset": "aquila.data.sft",
+    "sft_collate": "aquila.data.sft",
+    "pack_sft": "aquila.data.sft",
+}
 
 
 def __getattr__(name: str):
-    # torch is imported only when the GPT dataset is used.
-    if name == "build_pretrain_datasets":
-        from aquila.data.gpt_dataset import build_pretrain_datasets
+    if name in _LAZY:
+        import importlib
 
-        return build_pretrain_datasets
-    raise AttributeError(name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'aquila.data' has no attribute {name!r}")

@@ -301,19 +301,25 @@ def _build_single(
 def build_pretrain_datasets(
     data_prefix: str | Sequence,
     splits_string: str,
-    num_samples: tuple[int, int, int],
+    num_samples: Sequence[int],
     seq_length: int,
     seed: int,
 ) -> tuple[torch.utils.data.Dataset | None, torch.utils.data.Dataset | None, torch.utils.data.Dataset | None]:
     """(train, valid, test) datasets of {"input_ids": int64[seq_length + 1]}; None for an empty split.
 
-    `data_prefix` is one prefix or a blend [w1, prefix1, w2, prefix2, ...]. A split holding documents
+    `data_prefix` is one prefix or a blend [w1, prefix1, w2, prefix2, ...]; `num_samples` is (train, valid,
+    test), missing trailing counts being 0 (FlagAI's [90, 10] works). A split holding documents
     has at least `num_samples[i]` samples (a whole number of epochs, like Megatron); blended splits
     have exactly `num_samples[i]` (None when 0), each dataset contributing about its weight's share.
     """
-    num_samples = tuple(int(n) for n in num_samples)
+    try:
+        num_samples = tuple(int(n) for n in num_samples) + (0,) * (3 - len(num_samples))
+    except (TypeError, ValueError):
+        num_samples = (-1,)
     if len(num_samples) != 3 or any(n < 0 for n in num_samples):
-        raise AquilaError(f"num_samples {num_samples!r}: expected three non-negative integers (train, valid, test)")
+        raise AquilaError(
+            f"num_samples {num_samples!r}: expected up to three non-negative integers (train, valid, test)"
+        )
     parse_splits(splits_string)  # validate before touching the data
     pairs = parse_data_prefix(data_prefix)
     for _, prefix in pairs:
