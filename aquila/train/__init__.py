@@ -1,0 +1,1 @@
+"""Training: pretraining and SFT with FlagAI's configuration keys (see aquila.train.config.TrainConfig)."""

@@ -1,0 +1,258 @@
+"""Training checkpoints in FlagAI's layout, written atomically, and exact resume.
+
+`<save_dir>/<step>/` holds a self-contained model directory (config.json, model.safetensors, FlagAI's
+pytorch_model.bin as a plain full state dict, tokenizer files; LoRA runs write adapter_config.json +
+adapter_model.{safetensors,bin} instead of the base weights) plus the training state: trainer_state.json
+(step, consumed samples, batch geometry), optim/ (a torch.distributed.checkpoint of the optimizer, which
+reshards across rank counts) when save_optim, and rng/rank<r>.pt when save_rng. `<save_dir>/latest_iteration.txt`
+holds FlagAI's "<step>\\t<best step>".
+
+Atomicity: every rank writes into `<save_dir>/.<step>.partial`; after a barrier rank 0 renames it to `<step>`
+and only then rewrites the tracker (atomically). A process killed mid-save leaves a `.partial` directory
+(removed by the next run) and the tracker pointing at the previous, complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from aquila.checkpoint import BIN_NAME, CONFIG_NAME
+from aquila.config import ModelArgs
+from aquila.errors import AquilaError
+from aquila.io_utils import read_json, write_text_atomic
+from aquila.train.distributed import DistEnv, barrier, unwrap
+
+TRACKER = "latest_iteration.txt"
+STATE_NAME = "trainer_state.json"
+OPTIM_DIR = "optim"
+RNG_DIR = "rng"
+
+
+# -- RNG ------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)},
+        "numpy_gauss": [int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    has_gauss, cached = state["numpy_gauss"]
+    np.random.set_state(
+        (np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"], has_gauss, cached)
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -- locating checkpoints -------------------------------------------------------------------------
+def read_tracker(save_dir: str | os.PathLike) -> tuple[int, int] | None:
+    path = Path(save_dir) / TRACKER
+    if not path.is_file():
+        return None
+    fields = path.read_text(encoding="utf-8").split()
+    try:
+        latest = int(fields[0])
+        best = int(fields[1]) if len(fields) > 1 else latest
+    except (ValueError, IndexError):
+        raise AquilaError(
+            f"{path}: expected '<step>' or '<step>\\t<best step>', got {path.read_text()[:40]!r}"
+        ) from None
+    return latest, best
+
+
+def resolve_checkpoint(load_dir: str | os.PathLike, load_type: str = "latest") -> Path:
+    """The step directory to resume from: via load_dir's tracker, or load_dir itself if it is a step dir."""
+    load_dir = Path(load_dir)
+    if not load_dir.is_dir():
+        raise AquilaError(f"load_dir {load_dir}: directory not found")
+    tracked = read_tracker(load_dir)
+    if tracked is not None:
+        step = tracked[1] if load_type == "best" else tracked[0]
+        path = load_dir / str(step)
+        if not path.is_dir():
+            raise AquilaError(f"{load_dir / TRACKER} points to step {step} but {path} does not exist")
+        return path
+    if (load_dir / STATE_NAME).is_file() or (load_dir / CONFIG_NAME).is_file():
+        return load_dir
+    raise AquilaError(f"load_dir {load_dir}: no checkpoint ({TRACKER} or {STATE_NAME} not found)")
+
+
+def read_train_state(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / STATE_NAME
+    if not path.is_file():
+        raise AquilaError(f"{ckpt}: not a training checkpoint ({STATE_NAME} missing)")
+    state = read_json(path)
+    for key in ("iteration", "consumed_samples", "global_batch_size"):
+        if not isinstance(state.get(key), int):
+            raise AquilaError(f"{path}: key {key!r} missing or not an integer (corrupt checkpoint?)")
+    return state
+
+
+def clean_partials(save_dir: str | os.PathLike) -> None:
+    """Remove `.<step>.partial` directories left by a save that was killed."""
+    save_dir = Path(save_dir)
+    if save_dir.is_dir():
+        for p in save_dir.glob(".*.partial"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def prune(save_dir: Path, keep: int, protect: set[int]) -> None:
+    steps = sorted(int(p.name) for p in save_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    for step in steps[: max(0, len(steps) - keep)]:
+        if step not in protect:
+            shutil.rmtree(save_dir / str(step), ignore_errors=True)
+
+
+# -- saving ---------------------------------------------------------------------------------------
+def full_model_state(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor] | None:
+    """The full CPU state dict on rank 0 (None elsewhere). Collective under FSDP: every rank must call it."""
+    if env.env_type == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if env.is_main else None
+    if env.env_type == "bmtrain":
+        from aquila.train.bmtrain_backend import gather_state_dict
+
+        return gather_state_dict(model, env)
+    if not env.is_main:
+        return None
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def write_weights(state: dict[str, torch.Tensor], directory: Path, stem: str = "model") -> None:
+    state = {k: v.contiguous() for k, v in state.items()}
+    save_file(state, str(directory / f"{stem}.safetensors"), metadata={"format": "pt"})
+    torch.save(state, directory / (BIN_NAME if stem == "model" else f"{stem}.bin"))
+
+
+@dataclass
+class Saver:
+    """Everything a checkpoint needs besides the live model, optimizer and counters."""
+
+    save_dir: Path
+    env: DistEnv
+    model_args: ModelArgs
+    tokenizer: Any | None  # has save_pretrained(dir)
+    save_optim: bool
+    save_rng: bool
+    num_checkpoints: int
+    lora_config: dict | None = None  # set for LoRA runs: adapters only
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+        env = self.env
+        final = self.save_dir / str(step)
+        tmp = self.save_dir / f".{step}.partial"
+        full = full_model_state(model, env)
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        if env.is_main:
+            self._write_model(full, tmp)
+            (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        del full
+        if self.save_optim:
+            save_optimizer(model, optimizer, tmp / OPTIM_DIR, env)
+        if self.save_rng:
+            (tmp / RNG_DIR).mkdir(exist_ok=True)
+            torch.save(rng_state(), tmp / RNG_DIR / f"rank{env.rank}.pt")
+        barrier()
+        if env.is_main:
+            _fsync_tree(tmp)
+            if final.exists():
+                old = self.save_dir / f".{step}.old.partial"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
+            best = state.get("best_iteration") or step
+            write_text_atomic(self.save_dir / TRACKER, f"{step}\t{best}\n")
+            prune(self.save_dir, self.num_checkpoints, protect={step, best})
+        barrier()
+        return final
+
+    def _write_model(self, full: dict[str, torch.Tensor], directory: Path) -> None:
+        self.model_args.save(directory / CONFIG_NAME)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+        if self.lora_config is not None:
+            from aquila.train.lora import adapter_state, write_adapter
+
+            write_adapter(adapter_state(full), self.lora_config, directory)
+        else:
+            write_weights(full, directory)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, env: DistEnv) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    if env.env_type == "bmtrain":
+        torch.save(optimizer.state_dict(), path.with_suffix(f".rank{env.rank}.pt"))
+        return
+    osd = get_optimizer_state_dict(model, optimizer)
+    dcp.save({"optim": osd}, checkpoint_id=str(path))
+
+
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path, env: DistEnv) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    path = ckpt / OPTIM_DIR
+    if env.env_type == "bmtrain":
+        optimizer.load_state_dict(torch.load(path.with_suffix(f".rank{env.rank}.pt"), weights_only=True))
+        return
+    if not path.is_dir():
+        raise AquilaError(f"{ckpt}: load_optim is set but the checkpoint has no optimizer state (save_optim was off)")
+    osd = get_optimizer_state_dict(model, optimizer)  # initialises empty Adam state as the load template
+    try:
+        state = {"optim": osd}
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # DCP raises CheckpointException and others for damaged files
+        raise AquilaError(f"{path}: cannot read optimizer state ({type(e).__name__}: {str(e)[:200]})") from None
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+def load_rng(ckpt: Path, env: DistEnv, saved_world: int) -> bool:
+    """Restore this rank's RNG states; False (nothing restored) when the rank count changed."""
+    path = ckpt / RNG_DIR / f"rank{env.rank}.pt"
+    if saved_world != env.world_size:
+        return False
+    if not path.is_file():
+        raise AquilaError(f"{ckpt}: load_rng is set but {path.name} is missing (save_rng was off)")
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise AquilaError(f"{path}: cannot read RNG state ({type(e).__name__})") from None
+    set_rng_state(state)
+    return True

@@ -1,0 +1,268 @@
+"""`TrainConfig`: FlagAI's EnvArgs keys (same names and defaults) plus ours, typed and checked.
+
+Order of precedence, as in FlagAI: dataclass defaults < script defaults < command-line flags < YAML
+(`--yaml_config`). Unlike FlagAI, unknown keys and wrong types are errors naming the key, and a YAML list
+replaces the default list instead of being appended to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from aquila.errors import AquilaError
+from aquila.typed_config import coerce, from_dict
+
+EnvType = Literal["auto", "pytorch", "pytorchDDP", "fsdp", "bmtrain"]
+
+
+@dataclass
+class TrainConfig:
+    # --- FlagAI EnvArgs (flagai/env_args.py), same names and defaults ---
+    env_type: EnvType = "auto"  # auto: pytorch for one process, fsdp for several (FlagAI: "pytorch")
+    experiment_name: str = "test_experiment"
+    model_name: str = "test_model"
+    epochs: int = 1
+    batch_size: int = 1  # micro-batch per process
+    lr: float = 1e-5
+    warmup_start_lr: float = 0.0
+    seed: int = 1234
+    fp16: bool = False
+    pytorch_device: str | None = None  # None: cuda:LOCAL_RANK when available, else cpu (FlagAI: "cpu")
+    clip_grad: float = 1.0
+    checkpoint_activations: bool = False
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 1e-5
+    eps: float = 1e-8
+    warm_up: float = 0.1  # warm-up as a fraction of all iterations
+    warm_up_iters: int = 0  # overrides warm_up when > 0
+    skip_iters: int = 0  # skip the first k global batches of the data (fresh runs only)
+    log_interval: int = 100
+    eval_interval: int = 1000
+    save_interval: int = 1000
+    save_dir: str | None = None
+    load_dir: str | None = None
+    save_optim: bool = False
+    save_rng: bool = False
+    load_type: Literal["latest", "best"] = "latest"
+    load_optim: bool = False
+    load_rng: bool = False
+    tensorboard_dir: str = "tensorboard_summary"
+    tensorboard: bool = False
+    wandb: bool = True  # accepted, unused: no wandb
+    wandb_dir: str = "./wandb"  # accepted, unused
+    already_fp16: bool = False  # accepted, unused
+    resume_dataset: bool = False
+    shuffle_dataset: bool = True
+    num_checkpoints: int = 1
+    master_ip: str = "localhost"  # launcher keys: accepted, torchrun's environment is used instead
+    master_port: int = 17750
+    num_nodes: int = 1
+    num_gpus: int = 1
+    hostfile: str = "./hostfile"
+    deepspeed_config: str = "./deepspeed.json"
+    model_parallel_size: int = 1
+    training_script: str = "train.py"
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["wq", "wv"])
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    yaml_config: str | None = None
+    bmt_cpu_offload: bool = False  # FlagAI: True (CPU-offloaded Adam); ours is opt-in
+    bmt_lr_decay_style: str = "cosine"  # "linear", anything else = cosine to 10% of peak (Cosine10PP)
+    bmt_loss_scale: float = 1024.0
+    bmt_loss_scale_steps: int = 1024
+    bmt_async_load: bool = False  # accepted, unused
+    bmt_pre_load: bool = False  # load pre_load_dir/model_name's weights
+    pre_load_dir: str | None = None
+    enable_sft_dataset_dir: str | None = None
+    enable_sft_dataset_file: str | None = None
+    enable_sft_dataset_val_file: str | None = None
+    enable_sft_dataset: bool = False  # FlagAI dataset-kind switches: accepted, the entry script decides
+    enable_sft_dataset_text: bool = False
+    enable_sft_dataset_jsonl: bool = False
+    enable_sft_conversations_dataset: bool = False
+    enable_sft_conversations_dataset_v2: bool = False
+    enable_sft_conversations_dataset_v3: bool = False
+    enable_weighted_dataset_v2: bool = False
+    enable_flash_attn_models: bool = False  # accepted: flash-attn is used whenever installed on CUDA
+    enable_flashattn: bool = False  # FlagAI SQL YAML spelling; accepted, unused
+    pretrain_data: bool = False  # FlagAI SQL YAML key; accepted, unused
+    enable_pretrain_dataset_prefix: str | None = None  # FlagAI SQL YAML key; used as data_prefix if that is unset
+    # --- ours ---
+    bf16: bool | None = None  # None: bf16 autocast on CUDA (unless fp16), fp32 on CPU
+    compile: bool = False  # torch.compile each transformer block
+    seq_length: int | None = None  # None: the model's max_seq_len
+    max_steps: int = 0  # optimizer steps; 0: epochs x steps per epoch
+    data_prefix: str | list[Any] | None = None  # "prefix" or [w1, prefix1, w2, prefix2, ...]
+    data_splits: str = "90,10"  # train,valid(,test) weights over documents
+    eval_iters: int = 10  # global validation batches per evaluation; 0: the whole split
+    tokenizer_dir: str | None = None  # None: pre_load_dir/model_name
+    peak_tflops: float | None = None  # per process, for MFU; None: measured at start with a matmul
+    nan_skip_limit: int = 10  # stop (with a checkpoint) after this many consecutive non-finite steps
+    sft_packing: bool = False  # pack several conversations into one row of seq_length
+    train_on_prompt: bool = False  # SFT: also train on user/system tokens
+    dist_timeout_s: int = 1800  # process-group timeout
+
+
+# Values FlagAI's Aquila example scripts set in their EnvArgs(...) call (examples/Aquila/*/aquila_*.py),
+# minus env_type/fp16, which we choose by hardware. Overridden by flags and YAML.
+SCRIPT_DEFAULTS: dict[str, Any] = {
+    "experiment_name": "aquila",
+    "batch_size": 1,
+    "lr": 2e-4,
+    "weight_decay": 1e-3,
+    "epochs": 100,
+    "log_interval": 10,
+    "eval_interval": 5000,
+    "save_dir": "checkpoints_aquila",
+    "save_interval": 5000,
+}
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _parse_bool(text: str, where: str) -> bool:
+    low = text.strip().lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise AquilaError(f"{where}: expected True or False, got {text!r}")
+
+
+def _members(tp: Any) -> tuple[tuple[Any, ...], bool]:
+    """The non-None members of a (possibly Optional) union, and whether None is allowed."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        return tuple(a for a in args if a is not type(None)), type(None) in args
+    return (tp,), False
+
+
+def parse_cli_value(name: str, text: str) -> Any:
+    """A command-line string converted to the type of field `name` (FlagAI's `[a,b]` lists included)."""
+    where = f"flag --{name}"
+    members, optional = _members(_HINTS[name])
+    tp = members[0]
+    if optional and text.strip().lower() in ("none", "null"):
+        return None
+    if bool in members:
+        return _parse_bool(text, where)
+    stripped = text.strip()
+    wants_list = any(typing.get_origin(m) is list for m in members)
+    if wants_list and stripped.startswith("[") and stripped.endswith("]"):
+        items = [s.strip().strip("'\"") for s in stripped[1:-1].split(",") if s.strip()]
+        return coerce(items, next(m for m in members if typing.get_origin(m) is list), where)
+    if tp is int and len(members) == 1:
+        try:
+            return int(stripped)
+        except ValueError:
+            raise AquilaError(f"{where}: expected an integer, got {text!r}") from None
+    if tp is float and len(members) == 1:
+        try:
+            return float(stripped)
+        except ValueError:
+            raise AquilaError(f"{where}: expected a number, got {text!r}") from None
+    if wants_list and str not in members:
+        return coerce([s.strip() for s in stripped.split(",")], members[0], where)
+    return coerce(text, str if str in members else tp, where)
+
+
+def build_arg_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Aquila training. Precedence: defaults < flags < --yaml_config. Every TrainConfig key is a flag.",
+        allow_abbrev=False,
+    )
+    for name in _FIELDS:
+        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="V")
+    # torch>=2 launchers pass --local-rank; older ones --local_rank. RANK/LOCAL_RANK come from the environment.
+    parser.add_argument("--local-rank", "--local_rank", dest="_local_rank", default=None, help=argparse.SUPPRESS)
+    # FlagAI's launcher flag: we never re-launch ourselves, so it is accepted and ignored.
+    parser.add_argument("--not_call_launch", dest="_not_call_launch", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AquilaError(f"{path}: YAML config not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise AquilaError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise AquilaError(f"{path}: expected a mapping of keys to values")
+    return data
+
+
+def parse_config(argv: list[str], prog: str, script_defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """TrainConfig from defaults < `script_defaults` < flags in `argv` < the YAML named by --yaml_config."""
+    parser = build_arg_parser(prog)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise AquilaError(f"unknown command-line argument {unknown[0]!r}")
+    cfg = from_dict(TrainConfig, dict(script_defaults or {}), f"{prog} defaults")
+    cli = {k: parse_cli_value(k, v) for k, v in vars(ns).items() if not k.startswith("_")}
+    cfg = dataclasses.replace(cfg, **cli)
+    if cfg.yaml_config:
+        data = load_yaml(cfg.yaml_config)
+        cfg = from_dict(TrainConfig, data, str(cfg.yaml_config), base=cfg)
+    if cfg.data_prefix is None and cfg.enable_pretrain_dataset_prefix:
+        cfg = dataclasses.replace(cfg, data_prefix=cfg.enable_pretrain_dataset_prefix)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Value checks that need no files; one error line each."""
+    positive = ("batch_size", "gradient_accumulation_steps", "log_interval", "eval_interval", "save_interval")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise AquilaError(f"{name} must be positive, got {getattr(cfg, name)}")
+    non_negative = ("epochs", "max_steps", "warm_up_iters", "skip_iters", "eval_iters", "nan_skip_limit")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise AquilaError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.epochs == 0 and cfg.max_steps == 0:
+        raise AquilaError("set epochs or max_steps to a positive number")
+    if cfg.num_checkpoints < 1:
+        raise AquilaError(f"num_checkpoints must be >= 1, got {cfg.num_checkpoints}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise AquilaError(f"lr must be a positive number, got {cfg.lr}")
+    if not 0 <= cfg.warm_up <= 1:
+        raise AquilaError(f"warm_up is a fraction of all iterations and must be in [0, 1], got {cfg.warm_up}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise AquilaError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.seq_length is not None and cfg.seq_length < 2:
+        raise AquilaError(f"seq_length must be >= 2, got {cfg.seq_length}")
+    if cfg.fp16 and cfg.bf16:
+        raise AquilaError("fp16 and bf16 are both True; choose one")
+    if cfg.lora and cfg.lora_r <= 0:
+        raise AquilaError(f"lora_r must be positive, got {cfg.lora_r}")
+    if cfg.env_type == "bmtrain" and cfg.lora:
+        raise AquilaError("lora is not supported with env_type bmtrain; use fsdp or pytorchDDP")
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,185 @@
+"""The training loop shared by pretraining and SFT (nanoGPT-like: one function per concern, no callbacks).
+
+Loss scaling: the loss of a global batch is the mean over all its target tokens, on every rank and across
+micro-steps. Each micro-step backpropagates mean_micro * n_micro * world / n_global, so the summed (DDP/FSDP
+average the gradients over ranks) gradient equals the big-batch gradient. FlagAI summed per-micro-step means,
+which made accumulation multiply the learning rate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from aquila.errors import AquilaError
+from aquila.train.batches import GlobalBatches, count_targets
+from aquila.train.config import TrainConfig
+from aquila.train.distributed import DistEnv, all_reduce_sum, gradient_sync
+from aquila.train.optim import LossScaler, lr_at, set_lr
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # iterations (global batches) done
+    consumed_samples: int = 0
+    nan_consecutive: int = 0
+    nan_total: int = 0
+    best_eval_loss: float | None = None
+    best_iteration: int | None = None
+    losses: list[float] = field(default_factory=list)  # global-batch loss of each iteration run in this process
+
+
+@dataclass
+class Trainer:
+    cfg: TrainConfig
+    env: DistEnv
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_batches: GlobalBatches
+    valid_batches: GlobalBatches | None
+    valid_steps: int
+    total_steps: int
+    scaler: LossScaler
+    amp_dtype: torch.dtype | None
+    saver: Any | None  # checkpointing.Saver
+    logger: Any  # metrics.MetricsLogger
+    state: TrainState
+    extra_state: dict = field(default_factory=dict)  # saved in trainer_state.json
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def train_step(self, step: int) -> tuple[float, float, str]:
+        """One global batch. Returns (loss, grad norm, status): status is "ok", "nan" or "overflow"."""
+        device, world = self.env.device, self.env.world_size
+        batches = self.train_batches.micro_batches(step)
+        counts = [count_targets(b["labels"]) for b in batches]
+        n_global = all_reduce_sum(torch.tensor(float(sum(counts)), dtype=torch.float64, device=device)).item()
+        if n_global == 0:
+            raise AquilaError(f"iteration {step + 1}: the global batch has no target tokens (all labels ignored)")
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        last = len(batches) - 1
+        for m, (batch, n) in enumerate(zip(batches, counts)):
+            ids = batch["input_ids"].to(device, non_blocking=True)
+            labels = batch["labels"].to(device, non_blocking=True)
+            with gradient_sync(self.model, self.env, sync=m == last):
+                with self.autocast():
+                    loss = self.model(ids, labels=labels)["loss"]
+                factor = n * world / n_global * self.scaler.scale
+                (loss * factor).backward()
+            loss_sum += loss.detach().double() * n
+        loss_value = all_reduce_sum(loss_sum).item() / n_global
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss_value, float("nan"), "nan"
+        params = self._params()
+        if self.scaler.enabled:
+            grads = [p.grad for p in params if p.grad is not None]
+            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+        max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        norm_value = float(norm)
+        if not math.isfinite(norm_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            status = "overflow" if self.scaler.enabled else "nan"
+            self.scaler.update(overflow=True)
+            return loss_value, norm_value, status
+        set_lr(self.optimizer, lr_at(step, self.cfg, self.total_steps))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.update(overflow=False)
+        return loss_value, norm_value, "ok"
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first `valid_steps` global validation batches (the same ones every time)."""
+        self.model.eval()
+        device = self.env.device
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        for step in range(self.valid_steps):
+            batch = self.valid_batches.micro_batch(step, 0)
+            labels = batch["labels"].to(device)
+            n = count_targets(labels)
+            with self.autocast():
+                loss = self.model(batch["input_ids"].to(device), labels=labels)["loss"]
+            total += torch.stack([loss.double() * n, torch.tensor(float(n), dtype=torch.float64, device=device)])
+        self.model.train()
+        loss_sum, count = all_reduce_sum(total).tolist()
+        return loss_sum / max(count, 1.0)
+
+    def checkpoint_state(self) -> dict:
+        s = self.state
+        return {
+            "iteration": s.step,
+            "consumed_samples": s.consumed_samples,
+            "global_batch_size": self.train_batches.global_batch_size,
+            "batch_size": self.cfg.batch_size,
+            "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
+            "world_size": self.env.world_size,
+            "env_type": self.env.env_type,
+            "total_iterations": self.total_steps,
+            "loss_scale": self.scaler.state_dict(),
+            "nan_skipped_total": s.nan_total,
+            "best_eval_loss": s.best_eval_loss,
+            "best_iteration": s.best_iteration,
+            **self.extra_state,
+        }
+
+    def save(self) -> None:
+        if self.saver is not None:
+            path = self.saver.save(self.state.step, self.model, self.optimizer, self.checkpoint_state())
+            self.logger.message(f" saved checkpoint {path}")
+
+    def fit(self) -> TrainState:
+        cfg, s = self.cfg, self.state
+        saved_at = s.step
+        while s.step < self.total_steps:
+            step = s.step
+            loss, norm, status = self.train_step(step)
+            s.step += 1
+            s.consumed_samples += self.train_batches.global_batch_size
+            if status == "nan":
+                s.nan_consecutive += 1
+                s.nan_total += 1
+                self.logger.message(
+                    f" iteration {s.step}: non-finite loss/gradients ({loss:.4g}, grad norm {norm:.4g}), step skipped"
+                    f" ({s.nan_consecutive} in a row, {s.nan_total} in all)"
+                )
+                if cfg.nan_skip_limit and s.nan_consecutive >= cfg.nan_skip_limit:
+                    self.save()
+                    raise AquilaError(
+                        f"stopping at iteration {s.step}: {s.nan_consecutive} consecutive non-finite steps"
+                        f" (nan_skip_limit {cfg.nan_skip_limit}); lower lr or check the data; checkpoint saved"
+                    )
+            else:
+                s.nan_consecutive = 0
+                if status == "ok":
+                    s.losses.append(loss)
+            self.logger.step(s.step, loss, norm, lr_at(step, cfg, self.total_steps), self.scaler.scale, status != "ok")
+            if self.valid_batches is not None and self.valid_steps and s.step % cfg.eval_interval == 0:
+                self._eval()
+            if s.step % cfg.save_interval == 0:
+                self.save()
+                saved_at = s.step
+        if saved_at != s.step:
+            self.save()
+        return s
+
+    def _eval(self) -> None:
+        s = self.state
+        loss = self.evaluate()
+        self.logger.eval(s.step, loss)
+        if s.best_eval_loss is None or loss < s.best_eval_loss:
+            s.best_eval_loss, s.best_iteration = loss, s.step

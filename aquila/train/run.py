@@ -1,0 +1,251 @@
+"""Shared setup for `aquila pretrain` and `aquila sft`: checks, model source, resume, parallelism, then the loop.
+
+Everything that can be wrong with the inputs is checked before the process group starts or the first step
+runs, each with one error line.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aquila.checkpoint import CONFIG_NAME, build_model, find_weights, load_into, read_state_dict
+from aquila.config import PRESETS, ModelArgs
+from aquila.errors import AquilaError
+from aquila.train import checkpointing as ckpt_io
+from aquila.train.batches import GlobalBatches
+from aquila.train.config import TrainConfig
+from aquila.train.distributed import DistEnv, init_distributed, parallelize, resolve_env, shutdown
+from aquila.train.loop import Trainer, TrainState
+from aquila.train.metrics import MetricsLogger, flops_per_token, measure_matmul_tflops
+from aquila.train.optim import LossScaler, build_optimizer
+
+
+@dataclass
+class DataBundle:
+    train: Any  # map-style dataset of dicts
+    valid: Any | None
+    order: Callable[[int], int]
+    valid_order: Callable[[int], int]
+    collate: Callable
+    samples_per_epoch: int
+
+
+@dataclass
+class RunContext:
+    cfg: TrainConfig
+    env: DistEnv
+    model_args: ModelArgs
+    seq_length: int
+    tokenizer: Any | None
+    global_batch_size: int
+
+
+def model_source(cfg: TrainConfig) -> tuple[ModelArgs, Path | None]:
+    """FlagAI's order: pre_load_dir/model_name/config.json (its weights only if bmt_pre_load), else a preset."""
+    model_dir = Path(cfg.pre_load_dir) / cfg.model_name if cfg.pre_load_dir else None
+    if model_dir is not None and (model_dir / CONFIG_NAME).is_file():
+        args = ModelArgs.load(model_dir / CONFIG_NAME)
+        return args, (find_weights(model_dir) if cfg.bmt_pre_load else None)
+    if cfg.bmt_pre_load:
+        where = model_dir / CONFIG_NAME if model_dir else "pre_load_dir (not set)"
+        raise AquilaError(f"bmt_pre_load is set but {where} does not exist")
+    if cfg.model_name.lower() in PRESETS:
+        return ModelArgs.from_name(cfg.model_name), None
+    where = f"no {model_dir / CONFIG_NAME} and " if model_dir else ""
+    raise AquilaError(f"model_name {cfg.model_name!r}: {where}no preset of that name ({', '.join(sorted(PRESETS))})")
+
+
+def tokenizer_dir(cfg: TrainConfig) -> Path | None:
+    if cfg.tokenizer_dir:
+        path = Path(cfg.tokenizer_dir)
+        if not path.is_dir():
+            raise AquilaError(f"tokenizer_dir {path}: directory not found")
+        return path
+    if cfg.pre_load_dir:
+        path = Path(cfg.pre_load_dir) / cfg.model_name
+        if (path / "vocab.json").is_file() or (path / "tokenizer.json").is_file():
+            return path
+    return None
+
+
+def load_tokenizer(path: Path | None, args: ModelArgs) -> Any | None:
+    if path is None:
+        return None
+    from aquila.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(path)
+    if len(tok) > args.vocab_size:
+        raise AquilaError(f"tokenizer {path} has {len(tok)} tokens but the model's vocab_size is {args.vocab_size}")
+    return tok
+
+
+def amp_dtype(cfg: TrainConfig, env: DistEnv) -> torch.dtype | None:
+    if cfg.fp16:
+        return torch.float16
+    if cfg.bf16 or (cfg.bf16 is None and env.device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run(
+    cfg: TrainConfig, build_data: Callable[[RunContext], DataBundle], precheck: Callable[[TrainConfig], None]
+) -> int:
+    env = resolve_env(cfg)
+    args, weights = model_source(cfg)
+    seq_length = cfg.seq_length or args.max_seq_len
+    if seq_length > args.max_seq_len:
+        raise AquilaError(f"seq_length {seq_length} is above the model's max_seq_len {args.max_seq_len}")
+    tok = load_tokenizer(tokenizer_dir(cfg), args)
+    precheck(cfg)
+    resume = ckpt_io.resolve_checkpoint(cfg.load_dir, cfg.load_type) if cfg.load_dir else None
+    resume_state = ckpt_io.read_train_state(resume) if resume else None
+    resume_weights = _check_resume_weights(resume, args, cfg) if resume else None
+
+    init_distributed(env, cfg)
+    try:
+        return _train(cfg, env, args, weights, seq_length, tok, resume, resume_state, resume_weights, build_data)
+    finally:
+        shutdown()
+
+
+def _check_resume_weights(ckpt: Path, args: ModelArgs, cfg: TrainConfig) -> dict | None:
+    """Read (memory-mapped) and strictly check the checkpoint's weights now, before training starts."""
+    saved = ModelArgs.load(ckpt / CONFIG_NAME)
+    if saved != args:
+        raise AquilaError(
+            f"{ckpt / CONFIG_NAME}: the checkpoint's model config differs from model_name {cfg.model_name!r}"
+        )
+    if cfg.lora:
+        from aquila.train.lora import read_adapter
+
+        return {"adapter": read_adapter(ckpt)[1]}
+    with torch.device("meta"):
+        from aquila.model import AquilaModel
+
+        probe = AquilaModel(args)
+    path = find_weights(ckpt)
+    state = read_state_dict(path)
+    from aquila.checkpoint import check_state_dict
+
+    check_state_dict(probe, state, str(path))
+    return {"path": path}
+
+
+def _train(cfg, env, args, weights, seq_length, tok, resume, resume_state, resume_weights, build_data) -> int:
+    seed_everything(cfg.seed)
+    gb = cfg.batch_size * env.world_size * cfg.gradient_accumulation_steps
+    ctx = RunContext(cfg, env, args, seq_length, tok, gb)
+    data = build_data(ctx)
+    total = cfg.max_steps or (cfg.epochs * data.samples_per_epoch) // gb
+    if total <= 0:
+        raise AquilaError(
+            f"the training split has {data.samples_per_epoch} samples, fewer than one global batch of {gb}"
+            f" (batch_size {cfg.batch_size} x {env.world_size} processes x {cfg.gradient_accumulation_steps} accumulation)"
+        )
+
+    # Model: FlagAI's init on every rank from the same seed, or pretrained / resumed weights.
+    model = build_model(args, env.device, torch.float32, seed=cfg.seed)
+    if weights is not None:
+        load_into(model, read_state_dict(weights), str(weights))
+    if resume_weights and "path" in resume_weights:
+        load_into(model, read_state_dict(resume_weights["path"]), str(resume_weights["path"]))
+    lora_cfg = None
+    if cfg.lora:
+        from aquila.train.lora import apply_lora, load_adapter, lora_config
+
+        base = str(Path(cfg.pre_load_dir) / cfg.model_name) if cfg.pre_load_dir else cfg.model_name
+        lora_cfg = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, base)
+        apply_lora(model, lora_cfg)
+        if resume is not None:
+            load_adapter(model, resume)
+    model.train()
+    wrapped = parallelize(model, cfg, env)
+    optimizer = build_optimizer(wrapped, cfg)
+    scaler = LossScaler(cfg.bmt_loss_scale, cfg.bmt_loss_scale_steps, enabled=cfg.fp16)
+    state = TrainState()
+    offset = cfg.skip_iters * gb
+    if resume is not None:
+        offset = _restore(cfg, env, wrapped, optimizer, scaler, state, resume, resume_state, gb)
+
+    save_dir = Path(cfg.save_dir) if cfg.save_dir else None
+    saver = None
+    if save_dir is not None:
+        if env.is_main:
+            ckpt_io.clean_partials(save_dir)
+        saver = ckpt_io.Saver(save_dir, env, args, tok, cfg.save_optim, cfg.save_rng, cfg.num_checkpoints, lora_cfg)
+    train_batches = GlobalBatches(
+        data.train, data.order, data.collate, cfg.batch_size, env.world_size, env.rank, cfg.gradient_accumulation_steps
+    )
+    train_batches.offset = offset
+    valid_batches, valid_steps = None, 0
+    if data.valid is not None:
+        valid_batches = GlobalBatches(
+            data.valid, data.valid_order, data.collate, cfg.batch_size, env.world_size, env.rank, 1
+        )
+        valid_steps = min(cfg.eval_iters or 10**12, len(data.valid) // (cfg.batch_size * env.world_size))
+
+    peak = cfg.peak_tflops or (measure_matmul_tflops(env.device) if env.is_main else 0.0)
+    tokens_per_step = gb * seq_length
+    flops = flops_per_token(args, seq_length) * tokens_per_step / env.world_size
+    tb_dir = os.path.join(cfg.tensorboard_dir, cfg.experiment_name) if cfg.tensorboard else None
+    logger = MetricsLogger(
+        env.is_main, save_dir, cfg.log_interval, total, state.step, tokens_per_step, flops, peak * 1e12,
+        cfg.gradient_accumulation_steps, env.device, tb_dir,
+    )  # fmt: skip
+    if env.is_main:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.message(
+            f" {env.env_type} on {env.world_size} x {env.device.type} | model {cfg.model_name}"
+            f" ({args.num_params() / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable) | seq {seq_length}"
+            f" | global batch {gb} | iterations {state.step}->{total} | peak {peak:.2f} TFLOP/s per process"
+        )
+    trainer = Trainer(
+        cfg, env, wrapped, optimizer, train_batches, valid_batches, valid_steps, total, scaler,
+        amp_dtype(cfg, env), saver, logger, state,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        trainer.fit()
+    finally:
+        logger.close()
+    if env.is_main and state.losses:
+        logger.message(
+            f" done: {state.step} iterations in {time.perf_counter() - t0:.1f}s | first loss {state.losses[0]:.4f}"
+            f" | last loss {state.losses[-1]:.4f}"
+        )
+    return 0
+
+
+def _restore(cfg, env, model, optimizer, scaler, state: TrainState, ckpt: Path, saved: dict, gb: int) -> int:
+    """Counters, optimizer, loss scale and RNG from a checkpoint. Returns the data offset (in samples)."""
+    state.step = saved["iteration"]
+    state.consumed_samples = saved["consumed_samples"] if cfg.resume_dataset else 0
+    state.best_eval_loss, state.best_iteration = saved.get("best_eval_loss"), saved.get("best_iteration")
+    if cfg.load_optim:
+        ckpt_io.load_optimizer(model, optimizer, ckpt, env)
+        scaler.load_state_dict(saved.get("loss_scale") or {"scale": scaler.scale, "good_steps": 0})
+    notes = [f"resumed from {ckpt} at iteration {state.step}"]
+    if saved["global_batch_size"] != gb:
+        notes.append(f"global batch size changed {saved['global_batch_size']} -> {gb}; data continues at sample"
+                     f" {state.consumed_samples}")  # fmt: skip
+    if cfg.load_rng and not ckpt_io.load_rng(ckpt, env, saved.get("world_size", env.world_size)):
+        notes.append(f"RNG states not restored (saved with {saved.get('world_size')} processes, now {env.world_size})")
+    if env.is_main:
+        print(" " + "; ".join(notes), flush=True)
+    # The global batch of iteration k starts at offset + k * gb; make iteration `step` start at consumed_samples.
+    return state.consumed_samples - state.step * gb
