@@ -1,0 +1,99 @@
+"""Perplexity over an indexed dataset with a sliding window.
+
+The dataset's sequences are read as one token stream (as pretraining reads them). Windows of `window` tokens
+advance by `stride` tokens; each window scores only the tokens after the previous window's end, so every token
+after the first is scored exactly once, with at least `window - stride` tokens of context carried over.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from aquila.errors import AquilaError
+from aquila.model import AquilaModel
+
+
+@dataclass(frozen=True)
+class Window:
+    begin: int
+    end: int
+    targets: int  # the last `targets` tokens of [begin, end) are scored (the very first token never is)
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int) -> list[Window]:
+    """Windows ending at window, window+stride, ... (the last at n_tokens), each `window` long where the stream
+    allows, scoring the tokens after the previous window's end."""
+    if window < 2 or not 1 <= stride < window:
+        raise AquilaError(
+            f"need window >= 2 and 1 <= stride < window (each window keeps some context), got {window} and {stride}"
+        )
+    windows, prev_end = [], 0
+    while prev_end < n_tokens:
+        end = min(prev_end + stride if prev_end else window, n_tokens)
+        windows.append(Window(max(0, end - window), end, end - prev_end))
+        prev_end = end
+    return windows
+
+
+def read_stream(prefix: str | os.PathLike, max_tokens: int | None = None) -> np.ndarray:
+    """The tokens of every sequence of `<prefix>.bin/.idx`, concatenated (at most `max_tokens`)."""
+    from aquila.data.indexed_dataset import MMapIndexedDataset
+
+    dataset = MMapIndexedDataset(prefix)
+    parts, total = [], 0
+    for i in range(len(dataset)):
+        if max_tokens is not None and total >= max_tokens:
+            break
+        seq = np.asarray(dataset[i], dtype=np.int64)
+        parts.append(seq)
+        total += len(seq)
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return tokens[:max_tokens] if max_tokens is not None else tokens
+
+
+@torch.no_grad()
+def perplexity(
+    model: AquilaModel, tokens: np.ndarray | list[int], window: int = 1024, stride: int = 512, batch_size: int = 1
+) -> dict[str, float]:
+    """{'perplexity', 'nll' (mean per token), 'tokens' (scored)} from the model's own loss over sliding windows."""
+    tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    if len(tokens) < 2:
+        raise AquilaError(f"perplexity needs at least 2 tokens, got {len(tokens)}")
+    vocab = model.args.vocab_size
+    if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
+        raise AquilaError(
+            f"token ids must lie in 0..{vocab - 1} (the model's vocabulary), got up to {int(tokens.max())}"
+        )
+    if window > model.args.max_seq_len:
+        raise AquilaError(f"window {window} exceeds the model's max_seq_len {model.args.max_seq_len}")
+    device = model.output.weight.device
+    windows = sliding_windows(len(tokens), window, stride)
+    nll, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        group = windows[start : start + batch_size]
+        # Rows of one forward need one length: the last, shorter window goes on its own.
+        for same in _same_length_runs(group):
+            ids = torch.stack([tokens[w.begin : w.end] for w in same]).to(device)
+            labels = ids.clone()
+            for row, w in enumerate(same):
+                labels[row, : w.end - w.begin - w.targets] = -100
+            n = int((labels[:, 1:] != -100).sum())
+            loss = model(ids, labels=labels)["loss"]
+            nll += float(loss) * n
+            count += n
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
+
+
+def _same_length_runs(windows: list[Window]) -> list[list[Window]]:
+    runs: list[list[Window]] = []
+    for w in windows:
+        if runs and runs[-1][0].end - runs[-1][0].begin == w.end - w.begin:
+            runs[-1].append(w)
+        else:
+            runs.append([w])
+    return runs

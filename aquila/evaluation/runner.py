@@ -1,0 +1,95 @@
+"""Run tasks: build each item's few-shot prompt, score it, and average accuracy (log-likelihood) and EM."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from statistics import mean
+from typing import Any, Protocol
+
+from aquila.evaluation.prompts import fit_context, select_shots
+from aquila.evaluation.scoring import ChoiceScorer, Request
+from aquila.evaluation.tasks import TASKS, Item, Subset
+
+ANSWER_PUNCTUATION = " \t\r\n.。:：)）、,，"
+
+
+class TokenizerLike(Protocol):
+    token_start_id: int
+    token_end_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def greedy_answer(decode: Callable[[list[int]], str], tokens: list[int], mode: str) -> str:
+    """What the greedy generation answered: in "letter" mode its first non-blank token, in "label" mode its first
+    non-blank line; stripped of surrounding blanks and trailing punctuation."""
+    if mode == "letter":
+        pieces = (decode([t]) for t in tokens)
+        text = next((p for p in pieces if p.strip()), "")
+    else:
+        text = next((line for line in decode(tokens).splitlines() if line.strip()), "")
+    return text.strip().rstrip(ANSWER_PUNCTUATION)
+
+
+def exact_match(item: Item, answer: str) -> bool:
+    return answer == item.answer.strip()
+
+
+def evaluate_subset(
+    scorer: ChoiceScorer, tokenizer: TokenizerLike, subset: Subset, shots: int, seed: int, limit: int | None = None
+) -> dict[str, Any]:
+    """{'n', 'acc', 'em', 'shots', 'truncated', 'pool'} for one subset."""
+    items = subset.items[:limit] if limit else subset.items
+    choice_ids = [[tokenizer.encode(c) for c in item.choices] for item in items]
+    max_new = max(len(c) for choices in choice_ids for c in choices) + 2
+    budget = scorer.model.args.max_seq_len - max_new
+    requests, used, truncated = [], [], 0
+    for i, choices in enumerate(choice_ids):
+        chosen = select_shots(subset, i, shots, seed)
+        context, k, cut = fit_context(tokenizer.encode, tokenizer.token_start_id, subset, i, chosen, budget)
+        requests.append(Request(context, choices, max_new))
+        used.append(k)
+        truncated += cut
+    scored = scorer.score(requests)
+    correct = [s.best == item.gold for s, item in zip(scored, items)]
+    answers = [greedy_answer(tokenizer.decode, s.generated, subset.em_mode) for s in scored]
+    matched = [exact_match(item, a) for item, a in zip(items, answers)]
+    return {
+        "n": len(items),
+        "acc": float(mean(correct)),
+        "em": float(mean(matched)),
+        "shots": float(mean(used)),
+        "truncated": truncated,
+        "pool": subset.pool_source,
+    }
+
+
+def evaluate_task(
+    scorer: ChoiceScorer,
+    tokenizer: TokenizerLike,
+    task: str,
+    subsets: list[Subset],
+    shots: int,
+    seed: int,
+    limit: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Per-subset results plus the task's acc/em: the mean over all items ("micro") or over subsets ("macro")."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    results = {}
+    for subset in subsets:
+        res = evaluate_subset(scorer, tokenizer, subset, shots, seed, limit)
+        results[subset.name] = res
+        log(f"{task}/{subset.name}: {res['n']} items, acc {res['acc']:.3f}, em {res['em']:.3f}")
+    aggregate = TASKS[task][2]
+    out: dict[str, Any] = {"aggregate": aggregate, "n": sum(r["n"] for r in results.values())}
+    for metric in ("acc", "em"):
+        if aggregate == "micro":
+            out[metric] = sum(r[metric] * r["n"] for r in results.values()) / out["n"]
+        else:
+            out[metric] = float(mean(r[metric] for r in results.values()))
+    out["subsets"] = results
+    return out
