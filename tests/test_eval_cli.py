@@ -107,3 +107,19 @@ def test_cli_errors_exit_2_with_one_line(model_root, tmp_path, capsys):
     )
     err = _run_error(base + ["--perplexity", str(tmp_path / "nothing")], capsys)
     assert "indexed dataset file not found" in err
+
+
+def test_model_loads_without_the_inference_package(model_root, monkeypatch):
+    import sys
+
+    from aquila.evaluation.cli import load_model, resolve_model_dir
+
+    path = resolve_model_dir(str(model_root), "tiny")
+    via_loader, get_tok = load_model(path, "cpu", torch.float32)
+    monkeypatch.setitem(sys.modules, "aquila.inference.loader", None)  # import now raises ImportError
+    plain, get_plain_tok = load_model(path, "cpu", torch.float32)
+    assert type(plain).__name__ == "AquilaModel" and not plain.training
+    for a, b in zip(via_loader.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b)
+    assert get_tok().encode("Answer: B") == get_plain_tok().encode("Answer: B")
+    assert resolve_model_dir(str(path), None) == path

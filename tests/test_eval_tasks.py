@@ -195,3 +195,15 @@ def test_bad_fields_name_file_and_line(tmp_path, task, file, old, new, expected)
 def test_unknown_clue_task_directory(tmp_path):
     (_copy(tmp_path, "clue") / "wsc").mkdir()
     assert "unknown CLUE task 'wsc' (known: tnews, iflytek, afqmc)" in _error(tmp_path, "clue")
+
+
+def test_line_numbers_count_quoted_newlines_and_only_real_line_ends(tmp_path):
+    (tmp_path / "mmlu" / "test").mkdir(parents=True)
+    path = tmp_path / "mmlu" / "test" / "x_test.csv"
+    path.write_text('"Two\nline question\u2028?",a,b,c,d,A\r\nq,a,b,c,d,B\nbad,a,b,c,d,Z\n', newline="")
+    with pytest.raises(AquilaError, match=rf"^{path}:4: answer 'Z' is not one of A, B, C, D$"):
+        load_task("mmlu", tmp_path)
+    path.write_text('"Two\nline question\u2028?",a,b,c,d,A\r\nq,a,b,c,d,B\n', newline="")
+    (subset,) = load_task("mmlu", tmp_path)
+    assert [i.where.rsplit(":", 1)[1] for i in subset.items] == ["1", "3"]
+    assert subset.items[0].query.startswith("Two\nline question\u2028?\nA. a")

@@ -16,7 +16,6 @@ import torch
 from aquila.errors import AquilaError
 from aquila.evaluation.tasks import CARD_COLUMNS, TASKS, check_task_names, load_task
 from aquila.io_utils import write_text_atomic
-from aquila.model import AquilaModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,13 +49,20 @@ def resolve_model_dir(model_dir: str, model_name: str | None) -> Path:
     return path
 
 
-def load_model(path: Path, device: str, dtype: torch.dtype) -> AquilaModel:
-    """The model (eval mode) of a FlagAI or Hugging Face model directory."""
-    from aquila.checkpoint import load_model_dir
-    from aquila.hf import is_hf_dir, load_hf_dir
+def load_model(path: Path, device: str, dtype: torch.dtype):
+    """(model in eval mode, tokenizer loader) for a FlagAI, Hugging Face or int8 model directory, through FlagAI's
+    AutoLoader (`<model-dir>/<model-name>`); the tokenizer is read only when asked for."""
+    try:
+        from aquila.inference.loader import AutoLoader
+    except ImportError:  # an install without the inference package: plain checkpoints only
+        from aquila.checkpoint import load_model_dir
+        from aquila.hf import is_hf_dir, load_hf_dir
+        from aquila.tokenizer import Tokenizer
 
-    model = load_hf_dir(path, device, dtype) if is_hf_dir(path) else load_model_dir(path, device, dtype)
-    return model.eval()
+        model = load_hf_dir(path, device, dtype) if is_hf_dir(path) else load_model_dir(path, device, dtype)
+        return model.eval(), lambda: Tokenizer.from_pretrained(path)
+    loader = AutoLoader("lm", model_dir=path.parent, model_name=path.name, device=device, torch_dtype=dtype)
+    return loader.get_model().eval(), loader.get_tokenizer
 
 
 def format_table(name: str, tasks: dict[str, Any]) -> str:
@@ -102,11 +108,9 @@ def main(argv: list[str]) -> int:
 
     from aquila.evaluation.runner import evaluate_task
     from aquila.evaluation.scoring import ChoiceScorer
-    from aquila.tokenizer import Tokenizer
 
-    path = resolve_model_dir(opts.model_dir, opts.model_name)
-    tokenizer = Tokenizer.from_pretrained(path)
-    model = load_model(path, device, dtype)
+    model, get_tokenizer = load_model(resolve_model_dir(opts.model_dir, opts.model_name), device, dtype)
+    tokenizer = get_tokenizer()
     stop_ids = {tokenizer.token_end_id, getattr(tokenizer, "token_pad_id", tokenizer.token_end_id)}
     scorer = ChoiceScorer(model, opts.batch_size, stop_ids)
     results = {
@@ -133,7 +137,7 @@ def _run_perplexity(opts: argparse.Namespace, name: str, device: str, dtype: tor
     from aquila.evaluation.perplexity import perplexity, read_stream
 
     tokens = read_stream(opts.perplexity, opts.max_tokens)
-    model = load_model(resolve_model_dir(opts.model_dir, opts.model_name), device, dtype)
+    model, _ = load_model(resolve_model_dir(opts.model_dir, opts.model_name), device, dtype)
     result = perplexity(model, tokens, opts.window, opts.stride, opts.batch_size)
     print(
         f"{name}: perplexity {result['perplexity']:.4f} (mean NLL {result['nll']:.4f}) over {result['tokens']} "

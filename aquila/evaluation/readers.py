@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ def _read_text(path: Path) -> str:
 def read_csv_rows(path: Path) -> list[tuple[int, list[str]]]:
     """(first line number, fields) of each non-blank csv record; quoted fields may span lines."""
     text = _read_text(path)
-    reader = csv.reader(text.splitlines(keepends=True))
+    reader = csv.reader(io.StringIO(text, newline=""))  # only \n, \r\n, \r end lines (not U+2028 etc.)
     rows, start = [], 1
     try:
         for fields in reader:
@@ -79,7 +80,7 @@ def read_json_records(path: Path) -> list[Row]:
         records = [(f"{path}: item {i}", obj) for i, obj in enumerate(data)]
     else:
         records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
+        for line_no, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028: split on \n only
             if not line.strip():
                 continue
             try:

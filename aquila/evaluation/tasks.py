@@ -241,9 +241,13 @@ def _load_raft(task: str, task_dir: Path, seed: int) -> list[Subset]:
         spec_path = sub / "labels.json"
         spec = read_json(spec_path)
         labels = spec.get("labels")
-        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
-            raise AquilaError(f"{spec_path}: 'labels' should be a list of at least two label names")
+        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x.strip() for x in labels):
+            raise AquilaError(f"{spec_path}: 'labels' should be a list of at least two non-empty label names")
         text_fields = spec.get("text_fields")
+        if text_fields is not None and (
+            not isinstance(text_fields, list) or not all(isinstance(x, str) for x in text_fields)
+        ):
+            raise AquilaError(f"{spec_path}: 'text_fields' should be a list of column names")
         header = str(spec.get("instructions", "")).strip()
         test, train = sub / "test.csv", _require(sub, ("train.csv",))
         if test.is_file():
