@@ -1,0 +1,277 @@
+"""`AutoLoader`: FlagAI's loading entry point, local directories only (no network, ever).
+
+`AutoLoader("lm", model_dir="./checkpoints_in", model_name="aquila-7b")` reads `<model_dir>/<model_name>/`:
+
+- an int8 directory written by `aquila quantize` (has `quantization.json`);
+- a Hugging Face `LlamaForCausalLM` directory (config.json with `model_type`);
+- FlagAI's or ours: `config.json` + `model.safetensors` or `pytorch_model.bin`.
+
+Weights are loaded strictly and without two copies (meta-device build, memory-mapped files). The tokenizer comes
+from the same directory, loaded on the first `get_tokenizer()`. The static KV cache is always used and sized at
+generation time, so `use_cache` and `max_batch_size` are accepted for compatibility only.
+
+On CPU, `model.half()` (as in the model card) works: fp16 matmuls run through oneDNN at about fp32 speed on
+AVX-512 machines, with half the memory; results then differ from fp32 by fp16 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from aquila.checkpoint import CONFIG_NAME, check_state_dict, find_weights, read_state_dict
+from aquila.config import ModelArgs
+from aquila.errors import AquilaError
+from aquila.io_utils import read_json
+from aquila.model import AquilaModel
+
+TASKS = ("lm",)
+QUANT_MODES = (None, "int8")
+# FlagAI keyword arguments that have no effect here but are accepted so that its scripts run unchanged.
+COMPAT_KWARGS = {"only_download_config", "low_cpu_mem_usage", "inference_mode", "all_devices"}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        if value not in (None, torch.float32, torch.float16, torch.bfloat16):
+            raise AquilaError(f"torch_dtype {value} is not supported (float32, float16 or bfloat16)")
+        return value
+    key = str(value).removeprefix("torch.").lower()
+    if key not in _DTYPES:
+        raise AquilaError(f"unknown torch_dtype {value!r}; use one of float32, float16, bfloat16")
+    return _DTYPES[key]
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AquilaError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AquilaError(f"device {device!r} requested but CUDA is not available (use device='cpu')")
+    return dev
+
+
+def model_kind(path: Path) -> str:
+    """'int8', 'hf' or 'aquila' for a model directory."""
+    from aquila.inference.quantize import QUANT_CONFIG
+
+    if (path / QUANT_CONFIG).is_file():
+        return "int8"
+    if not (path / CONFIG_NAME).is_file():
+        raise AquilaError(f"{path}: no {CONFIG_NAME} (expected a FlagAI, aquila or Hugging Face model directory)")
+    return "hf" if "model_type" in read_json(path / CONFIG_NAME) else "aquila"
+
+
+def read_model_state(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """(shape, state dict under FlagAI's names) of an unquantized model directory; tensors memory-mapped."""
+    path = Path(path)
+    kind = model_kind(path)
+    if kind == "int8":
+        raise AquilaError(f"{path}: already quantized")
+    if kind == "hf":
+        from aquila.hf import _hf_weight_files, args_from_hf_config, from_hf_state_dict
+
+        args = args_from_hf_config(read_json(path / CONFIG_NAME), str(path / CONFIG_NAME))
+        state: dict[str, torch.Tensor] = {}
+        for file in _hf_weight_files(path):
+            state.update(read_state_dict(file))
+        return args, from_hf_state_dict(state, args)
+    return ModelArgs.load(path / CONFIG_NAME), read_state_dict(find_weights(path))
+
+
+def _assign(model: AquilaModel, state: dict[str, torch.Tensor], source: str, dtype: torch.dtype) -> None:
+    """Strict load into a meta model; floating tensors other than int8 scales are cast to `dtype`."""
+    check_state_dict(model, state, source)
+    state = {k: v if (not v.is_floating_point() or k.endswith(".scales")) else v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def load_quantized_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AquilaModel:
+    from aquila.inference.quantize import QUANT_CONFIG, QUANT_FORMAT, quantize_model
+
+    path = Path(path)
+    qcfg = read_json(path / QUANT_CONFIG)
+    if qcfg.get("format") != QUANT_FORMAT:
+        raise AquilaError(f"{path / QUANT_CONFIG}: format {qcfg.get('format')!r} is not {QUANT_FORMAT!r}")
+    args = ModelArgs.load(path / CONFIG_NAME)
+    with torch.device("meta"):
+        model = quantize_model(AquilaModel(args), embeddings=bool(qcfg.get("embeddings", True)))
+    weights = path / "model.safetensors"
+    _assign(model, read_state_dict(weights), str(weights), dtype)
+    return model
+
+
+def quantize_on_load(path: Path, dtype: torch.dtype) -> AquilaModel:
+    """Read an unquantized directory and quantize it tensor by tensor (the fp32 model is never built)."""
+    from aquila.inference.quantize import quantizable_keys, quantize_model, quantize_state_dict
+
+    args, state = read_model_state(path)
+    with torch.device("meta"):
+        model = AquilaModel(args)
+    linear, embedding = quantizable_keys(model)
+    check_state_dict(model, state, str(path))
+    quantize_model(model)
+    _assign(model, quantize_state_dict(state, linear, embedding), str(path), dtype)
+    return model
+
+
+def load_dense(path: Path, dtype: torch.dtype) -> AquilaModel:
+    args, state = read_model_state(path)
+    with torch.device("meta"):
+        model = AquilaModel(args)
+    _assign(model, state, str(path), dtype)
+    return model
+
+
+def merge_adapter(model: AquilaModel, adapter_dir: str | os.PathLike) -> AquilaModel:
+    """Fold a LoRA adapter (PEFT files written by aquila.train.lora) into the weights; mismatches are errors."""
+    from aquila.train.lora import apply_lora, load_adapter, merge_lora, read_adapter
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AquilaError(f"{adapter_dir}: adapter directory not found")
+    config, _ = read_adapter(adapter_dir)
+    try:
+        apply_lora(model, config)
+    except KeyError as e:
+        raise AquilaError(f"{adapter_dir}/adapter_config.json: missing key {e.args[0]!r}") from None
+    try:
+        load_adapter(model, adapter_dir)
+    except RuntimeError as e:  # shape mismatches from load_state_dict
+        raise AquilaError(
+            f"{adapter_dir}: adapter does not fit the model ({str(e).splitlines()[-1].strip()})"
+        ) from None
+    merge_lora(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_model(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    adapter_dir: str | os.PathLike | None = None,
+    quantize: str | None = None,
+) -> AquilaModel:
+    """Load any supported model directory onto `device` (see the module docstring)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AquilaError(f"{path}: model directory not found")
+    if quantize not in QUANT_MODES:
+        raise AquilaError(f"quantize must be None or 'int8', got {quantize!r}")
+    dev = check_device(device)
+    dtype = dtype or torch.float32
+    kind = model_kind(path)
+    if kind == "int8":
+        if adapter_dir is not None:
+            raise AquilaError(f"{path} is quantized: merge the adapter into the full-precision model, then quantize")
+        model = load_quantized_dir(path, dtype)
+    elif adapter_dir is not None:
+        model = merge_adapter(load_dense(path, torch.float32), adapter_dir).to(dtype)
+        if quantize:
+            model = _quantize_loaded(model, dev)
+    elif quantize and _use_bminf(dev):
+        model = _quantize_loaded(load_dense(path, torch.float16), dev)
+    elif quantize:
+        model = quantize_on_load(path, dtype)
+    else:
+        model = load_dense(path, dtype)
+    return model.to(dev).eval()
+
+
+def _use_bminf(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import bminf  # noqa: F401  (optional: CUDA int8 kernels)
+    except ImportError:
+        return False
+    return True
+
+
+def _quantize_loaded(model: AquilaModel, device: torch.device) -> AquilaModel:
+    if _use_bminf(device):
+        import bminf
+
+        return bminf.wrapper(model.to(device).half(), quantization=True)
+    from aquila.inference.quantize import quantize_model
+
+    return quantize_model(model)
+
+
+class AutoLoader:
+    """FlagAI's AutoLoader for task "lm": `get_model()`, `get_tokenizer()`."""
+
+    def __init__(
+        self,
+        task_name: str = "lm",
+        model_dir: str | os.PathLike = "./checkpoints/",
+        model_name: str = "aquila-7b",
+        use_cache: bool = True,
+        device: str | torch.device = "cpu",
+        torch_dtype: torch.dtype | str | None = None,
+        fp16: bool = False,
+        adapter_dir: str | os.PathLike | None = None,
+        max_batch_size: int = 1,
+        quantize: str | None = None,
+        **kwargs,
+    ) -> None:
+        if task_name not in TASKS:
+            raise AquilaError(f"task_name {task_name!r} is not supported; aquila supports: {', '.join(TASKS)}")
+        unknown = sorted(set(kwargs) - COMPAT_KWARGS - {"lora_dir"})
+        if unknown:
+            raise AquilaError(
+                f"AutoLoader: unknown argument(s) {', '.join(unknown)}; accepted: model_dir, model_name, use_cache, "
+                "device, torch_dtype, fp16, adapter_dir (lora_dir), max_batch_size, quantize"
+            )
+        if kwargs.get("only_download_config"):
+            raise AquilaError("AutoLoader never downloads: only_download_config=True is not supported")
+        if kwargs.get("lora_dir") is not None:
+            if adapter_dir is not None:
+                raise AquilaError("give adapter_dir or lora_dir, not both")
+            adapter_dir = kwargs["lora_dir"]
+        dtype = parse_dtype(torch_dtype)
+        if fp16:
+            if dtype not in (None, torch.float16):
+                raise AquilaError(f"fp16=True conflicts with torch_dtype={torch_dtype}")
+            dtype = torch.float16
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise AquilaError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        self.model_dir = Path(model_dir) / model_name
+        if not self.model_dir.is_dir():
+            found = sorted(p.name for p in Path(model_dir).iterdir() if p.is_dir()) if Path(model_dir).is_dir() else []
+            raise AquilaError(
+                f"{self.model_dir}: model directory not found (nothing is downloaded; "
+                + (f"directories in {model_dir}: {', '.join(found)})" if found else f"{model_dir} has no models)")
+            )
+        self.model_name = model_name
+        self.use_cache = use_cache
+        self.max_batch_size = max_batch_size
+        self.model = load_model(self.model_dir, device, dtype, adapter_dir, quantize)
+        self._tokenizer = None
+
+    def get_model(self) -> AquilaModel:
+        return self.model
+
+    def get_tokenizer(self):
+        if self._tokenizer is None:
+            from aquila.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_pretrained(self.model_dir)
+        return self._tokenizer
+
+    def get_transform(self) -> None:
+        return None  # FlagAI returns a transform only for vision tasks
