@@ -260,6 +260,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["uint16", "int32", "int64"], help="token dtype (default: by vocabulary size)")
     p.add_argument("--log-interval", type=int, default=100, help="documents between progress updates")
     p.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="accepted for FlagAI compatibility")
+    p.add_argument("--split-sentences", action="store_true", help="FlagAI flag; not supported (documents stay whole)")
+    p.add_argument("--keep-newlines", action="store_true", help="accepted for FlagAI compatibility (always true)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -274,6 +276,8 @@ def tokenizer_location(args: argparse.Namespace) -> str:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    if args.split_sentences:
+        raise AquilaError("--split-sentences is not supported: documents are tokenized whole (FlagAI's Aquila data)")
     stats = preprocess(
         args.input,
         tokenizer_location(args),
