@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,7 +222,9 @@ def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pat
         torch.save(optimizer.state_dict(), path.with_suffix(f".rank{env.rank}.pt"))
         return
     osd = get_optimizer_state_dict(model, optimizer)
-    dcp.save({"optim": osd}, checkpoint_id=str(path))
+    with warnings.catch_warnings():  # single process: DCP warns that it saves without a process group
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+        dcp.save({"optim": osd}, checkpoint_id=str(path))
 
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path, env: DistEnv) -> None:
@@ -237,7 +240,9 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Pat
     osd = get_optimizer_state_dict(model, optimizer)  # initialises empty Adam state as the load template
     try:
         state = {"optim": osd}
-        dcp.load(state, checkpoint_id=str(path))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path))
     except Exception as e:  # DCP raises CheckpointException and others for damaged files
         raise AquilaError(f"{path}: cannot read optimizer state ({type(e).__name__}: {str(e)[:200]})") from None
     set_optimizer_state_dict(model, optimizer, state["optim"])

@@ -50,6 +50,7 @@ class Trainer:
     logger: Any  # metrics.MetricsLogger
     state: TrainState
     extra_state: dict = field(default_factory=dict)  # saved in trainer_state.json
+    last_tokens: float = 0.0  # tokens (padding included) in the last global batch, for tokens/s and MFU
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -64,7 +65,9 @@ class Trainer:
         device, world = self.env.device, self.env.world_size
         batches = self.train_batches.micro_batches(step)
         counts = [count_targets(b["labels"]) for b in batches]
-        n_global = all_reduce_sum(torch.tensor(float(sum(counts)), dtype=torch.float64, device=device)).item()
+        tokens = float(sum(b["input_ids"].numel() for b in batches))
+        sums = torch.tensor([float(sum(counts)), tokens], dtype=torch.float64, device=device)
+        n_global, self.last_tokens = all_reduce_sum(sums).tolist()
         if n_global == 0:
             raise AquilaError(f"iteration {step + 1}: the global batch has no target tokens (all labels ignored)")
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -167,7 +170,15 @@ class Trainer:
                 s.nan_consecutive = 0
                 if status == "ok":
                     s.losses.append(loss)
-            self.logger.step(s.step, loss, norm, lr_at(step, cfg, self.total_steps), self.scaler.scale, status != "ok")
+            self.logger.step(
+                s.step,
+                loss,
+                norm,
+                lr_at(step, cfg, self.total_steps),
+                self.scaler.scale,
+                status != "ok",
+                self.last_tokens,
+            )
             if self.valid_batches is not None and self.valid_steps and s.step % cfg.eval_interval == 0:
                 self._eval()
             if s.step % cfg.save_interval == 0:

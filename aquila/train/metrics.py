@@ -75,8 +75,7 @@ class MetricsLogger:
         log_interval: int,
         total_steps: int,
         start_step: int,
-        tokens_per_step: int,
-        flops_per_step: float,
+        flops_per_token: float,
         peak_flops: float,
         accum: int,
         device: torch.device,
@@ -84,7 +83,8 @@ class MetricsLogger:
     ) -> None:
         self.enabled = enabled
         self.log_interval, self.total, self.accum, self.device = log_interval, total_steps, accum, device
-        self.tokens_per_step, self.flops_per_step, self.peak_flops = tokens_per_step, flops_per_step, peak_flops
+        # flops_per_token: per process share (already divided by the number of processes)
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.path = save_dir / "metrics.jsonl" if (enabled and save_dir) else None
         self._reset(time.perf_counter())
         self.writer = None
@@ -104,12 +104,15 @@ class MetricsLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="it", dynamic_ncols=True, leave=False)
 
     def _reset(self, now: float) -> None:
-        self._t0, self._n, self._loss, self._norm, self._skipped = now, 0, 0.0, 0.0, 0
+        self._t0, self._n, self._loss, self._norm, self._skipped, self._tokens = now, 0, 0.0, 0.0, 0, 0.0
 
-    def step(self, step: int, loss: float, grad_norm: float, lr: float, loss_scale: float, skipped: bool) -> None:
-        """Record iteration `step` (1-based count of iterations done)."""
+    def step(
+        self, step: int, loss: float, grad_norm: float, lr: float, loss_scale: float, skipped: bool, tokens: float
+    ) -> None:
+        """Record iteration `step` (1-based count of iterations done) that processed `tokens` tokens in all."""
         if not self.enabled:
             return
+        self._tokens += tokens
         if skipped:
             self._skipped += 1
         else:
@@ -122,7 +125,8 @@ class MetricsLogger:
             return
         now = time.perf_counter()
         iters = self._n + self._skipped
-        dt = (now - self._t0) / max(1, iters)
+        elapsed = max(now - self._t0, 1e-9)
+        dt = elapsed / max(1, iters)
         mean_loss = self._loss / self._n if self._n else float("nan")
         rec = {
             "step": step,
@@ -132,8 +136,8 @@ class MetricsLogger:
             "grad_norm": self._norm / self._n if self._n else float("nan"),
             "loss_scale": loss_scale,
             "ms_per_iter": dt * 1000,
-            "tokens_per_s": self.tokens_per_step / dt,
-            "mfu": self.flops_per_step / dt / self.peak_flops if self.peak_flops > 0 else 0.0,
+            "tokens_per_s": self._tokens / elapsed,
+            "mfu": self._tokens * self.flops_per_token / elapsed / self.peak_flops if self.peak_flops > 0 else 0.0,
             "peak_mem_mb": peak_memory_mb(self.device),
             "nan_skipped": self._skipped,
             "time": time.time(),

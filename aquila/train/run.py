@@ -200,11 +200,10 @@ def _train(cfg, env, args, weights, seq_length, tok, resume, resume_state, resum
         valid_steps = min(cfg.eval_iters or 10**12, len(data.valid) // (cfg.batch_size * env.world_size))
 
     peak = cfg.peak_tflops or (measure_matmul_tflops(env.device) if env.is_main else 0.0)
-    tokens_per_step = gb * seq_length
-    flops = flops_per_token(args, seq_length) * tokens_per_step / env.world_size
+    flops = flops_per_token(args, seq_length) / env.world_size
     tb_dir = os.path.join(cfg.tensorboard_dir, cfg.experiment_name) if cfg.tensorboard else None
     logger = MetricsLogger(
-        env.is_main, save_dir, cfg.log_interval, total, state.step, tokens_per_step, flops, peak * 1e12,
+        env.is_main, save_dir, cfg.log_interval, total, state.step, flops, peak * 1e12,
         cfg.gradient_accumulation_steps, env.device, tb_dir,
     )  # fmt: skip
     if env.is_main:
