@@ -1,0 +1,214 @@
+"""`python -m aquila.launch <subcommand>`: the launchers' Python half. Plans are printed as shell assignments
+(values quoted with shlex) for the bash scripts to `eval`; errors are one line `error: ...`, exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from aquila.errors import AquilaError
+from aquila.launch import hostfile as hf
+from aquila.launch import jobs
+
+
+def _emit(**values) -> None:
+    for key, value in values.items():
+        if isinstance(value, list | tuple):
+            print(f"{key}=({' '.join(shlex.quote(str(v)) for v in value)})")
+        else:
+            print(f"{key}={shlex.quote(str(value))}")
+
+
+def _check_inputs(args) -> tuple[list[hf.Node], Path]:
+    """Everything both plans validate: hostfile, YAML, model, experiment name, training script."""
+    nodes = hf.parse_hostfile(args.hostfile)
+    data = hf.load_yaml(args.config)
+    hf.check_model(args.model, args.proj_home)
+    hf.check_name("experiment name", args.exp)
+    return nodes, hf.choose_script(args.config, data, args.script_dir)
+
+
+def cmd_trigger_plan(args) -> int:
+    nodes, script = _check_inputs(args)
+    local = [hf.is_local_address(n.address) for n in nodes]
+    master = nodes[0]
+    port = hf.master_port()
+    if args.single_node:
+        if len(nodes) != 1:
+            raise AquilaError(
+                f"hostfile {args.hostfile}: local_trigger_docker.sh needs exactly 1 node, found {len(nodes)} "
+                f"(use dist_trigger_docker.sh)"
+            )
+        if not local[0]:
+            raise AquilaError(
+                f"hostfile {args.hostfile} line {master.line}: {master.address} is not this machine "
+                f"(use 127.0.0.1, or dist_trigger_docker.sh)"
+            )
+    if not all(local) and hf.is_loopback_name(master.address):
+        raise AquilaError(
+            f"hostfile {args.hostfile} line {master.line}: master {master.address} is a loopback address but "
+            f"other nodes are remote; put the master's network address first"
+        )
+    if not local[0] and not hf.resolves(master.address):
+        raise AquilaError(
+            f"hostfile {args.hostfile} line {master.line}: master {master.address!r} does not resolve; use an IP "
+            f"address or a name every node can resolve (ssh aliases are not enough)"
+        )
+    if local[0]:
+        hf.check_port_free(master.address, port)
+    _emit(
+        NODES_NUM=len(nodes),
+        NODE_ADDRS=[n.address for n in nodes],
+        NODE_SLOTS=[n.slots for n in nodes],
+        NODE_LOCAL=[int(x) for x in local],
+        MASTER_ADDR=master.address,
+        MASTER_PORT=port,
+        SCRIPT_FILE=script,
+    )
+    return 0
+
+
+def cmd_node_plan(args) -> int:
+    nodes, script = _check_inputs(args)
+    if args.rank is None:
+        mine = [n for n in nodes if hf.is_local_address(n.address)]
+        if len(mine) != 1:
+            what = "none" if not mine else "lines " + ", ".join(str(n.line) for n in mine)
+            raise AquilaError(
+                f"hostfile {args.hostfile}: cannot tell which node this is ({what} match this machine); "
+                f"pass the node rank as the 6th argument"
+            )
+        node = mine[0]
+    else:
+        if not args.rank.isdigit() or int(args.rank) >= len(nodes):
+            raise AquilaError(f"node rank {args.rank!r} must be an integer from 0 to {len(nodes) - 1}")
+        node = nodes[int(args.rank)]
+    port = hf.master_port()
+    if node.rank == 0 and args.check_port:
+        hf.check_port_free(node.address, port)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    jobs.record_node(args.save_dir, node.rank, args.pid, args.job_id)
+    _emit(
+        NODES_NUM=len(nodes),
+        NODE_RANK=node.rank,
+        NPROC_PER_NODE=node.slots,
+        MASTER_ADDR=nodes[0].address,
+        MASTER_PORT=port,
+        SCRIPT_FILE=script,
+        DEFAULT_OMP_THREADS=max(1, cpus // node.slots),
+    )
+    return 0
+
+
+def cmd_hosts(args) -> int:
+    nodes = hf.parse_hostfile(args.hostfile)
+    _emit(NODE_ADDRS=[n.address for n in nodes], NODE_LOCAL=[int(hf.is_local_address(n.address)) for n in nodes])
+    return 0
+
+
+def cmd_start_job(args) -> int:
+    fields = dict(f.split("=", 1) for f in args.field)
+    jobs.start_job(args.save_dir, args.proj_home, args.job_id, fields)
+    return 0
+
+
+def _save_dir(args) -> Path:
+    if args.version is not None and args.exp is None:
+        raise AquilaError("an experiment version needs an experiment name")
+    return jobs.find_save_dir(args.proj_home, args.exp, args.version)
+
+
+def cmd_job(args) -> int:
+    save_dir = _save_dir(args)
+    _emit(JOB_ID=jobs.job_id_for(save_dir), SAVE_DIR=save_dir)
+    return 0
+
+
+def cmd_stop(args) -> int:
+    job_id = args.job_id
+    if job_id is None:
+        job_id = jobs.job_id_for(_save_dir(args))
+    import socket
+
+    stopped = jobs.stop_job(job_id, timeout=args.timeout)
+    where = socket.gethostname()
+    if stopped:
+        print(f"{where}: stopped job {job_id} ({len(stopped)} processes: {' '.join(map(str, stopped))})")
+    else:
+        print(f"{where}: no running process of job {job_id}")
+    return 0
+
+
+def cmd_follow(args) -> int:
+    return jobs.follow(args.save_dir, args.log, start_timeout=args.start_timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m aquila.launch", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def inputs(sp: argparse.ArgumentParser) -> None:
+        for name in ("--hostfile", "--config", "--model", "--exp", "--proj-home", "--script-dir"):
+            sp.add_argument(name, required=True)
+
+    sp = sub.add_parser("trigger-plan", help="validate a launch and print the node list")
+    inputs(sp)
+    sp.add_argument("--single-node", action="store_true")
+    sp.set_defaults(func=cmd_trigger_plan)
+
+    sp = sub.add_parser("node-plan", help="validate, record this node's pid and print its torchrun settings")
+    inputs(sp)
+    for name in ("--save-dir", "--job-id"):
+        sp.add_argument(name, required=True)
+    sp.add_argument("--pid", type=int, required=True)
+    sp.add_argument("--rank")
+    sp.add_argument("--check-port", action="store_true")
+    sp.set_defaults(func=cmd_node_plan)
+
+    sp = sub.add_parser("hosts", help="print a hostfile's addresses and which are this machine")
+    sp.add_argument("--hostfile", required=True)
+    sp.set_defaults(func=cmd_hosts)
+
+    sp = sub.add_parser("start-job", help="record a new job in its save dir")
+    for name in ("--save-dir", "--proj-home", "--job-id"):
+        sp.add_argument(name, required=True)
+    sp.add_argument("--field", action="append", default=[])
+    sp.set_defaults(func=cmd_start_job)
+
+    for name, func, help_ in (
+        ("job", cmd_job, "print JOB_ID and SAVE_DIR of the latest job or of an experiment"),
+        ("stop", cmd_stop, "stop one job's processes on this machine"),
+    ):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--proj-home", default=".")
+        sp.add_argument("--exp")
+        sp.add_argument("--version")
+        if name == "stop":
+            sp.add_argument("--job-id")
+            sp.add_argument("--timeout", type=float, default=float(os.environ.get("AQUILA_STOP_TIMEOUT", "15")))
+        sp.set_defaults(func=func)
+
+    sp = sub.add_parser("follow", help="stream a job's log until it ends; exit with its status")
+    sp.add_argument("--save-dir", required=True)
+    sp.add_argument("--log", required=True)
+    sp.add_argument("--start-timeout", type=float, default=float(os.environ.get("AQUILA_START_TIMEOUT", "300")))
+    sp.set_defaults(func=cmd_follow)
+
+    args = p.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except AquilaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""One launched job: its record files, finding exactly its processes, stopping them, following its log.
+
+Every process of a job carries `AQUILA_JOB_ID=<id>` in its environment (the launchers set it for each node's
+bmtrain_mgpu.sh; torchrun and the workers inherit it), so a stop ends that job and nothing else, even after
+PIDs are reused. Record files live in `<save_dir>/launch/`:
+
+- `job.env`          JOB_ID, HOSTFILE, CONFIG, MODEL_NAME, NODES_NUM, LOGFILE (written by the trigger)
+- `node<r>.pid`      `pid=<p> pgid=<g> host=<hostname> job=<id>` of node r's bmtrain_mgpu.sh
+- `node<r>.exit`     that script's exit status, written when it ends
+
+and `<proj_home>/checkpoints_out/latest_job.txt` holds the save dir of the most recent trigger.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from aquila.errors import AquilaError
+from aquila.io_utils import write_text_atomic
+
+LATEST = "latest_job.txt"
+
+
+def launch_dir(save_dir: str | os.PathLike) -> Path:
+    return Path(save_dir) / "launch"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AquilaError(f"{path}: file not found (no job was started there)") from None
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def job_id_for(save_dir: str | os.PathLike) -> str:
+    """The job recorded in a save dir: job.env's JOB_ID, else (bmtrain_mgpu.sh run by hand) a node pid file's."""
+    ldir = launch_dir(save_dir)
+    if (ldir / "job.env").is_file():
+        return read_env_file(ldir / "job.env")["JOB_ID"]
+    for pidfile in sorted(ldir.glob("node*.pid")):
+        for field in pidfile.read_text().split():
+            if field.startswith("job="):
+                return field[len("job=") :]
+    raise AquilaError(f"no job recorded in {ldir}")
+
+
+def record_node(save_dir: str | os.PathLike, rank: int, pid: int, job_id: str) -> None:
+    line = f"pid={pid} pgid={os.getpgid(pid)} host={socket.gethostname()} job={job_id}\n"
+    write_text_atomic(launch_dir(save_dir) / f"node{rank}.pid", line)
+
+
+def _ancestors() -> set[int]:
+    out, pid = set(), os.getpid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return out
+
+
+def job_processes(job_id: str) -> list[int]:
+    """PIDs on this machine (not zombies, not us or our parents) whose environment has AQUILA_JOB_ID=job_id."""
+    marker = f"AQUILA_JOB_ID={job_id}".encode()
+    skip = _ancestors()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in skip:
+            continue
+        try:
+            if marker not in Path(entry.path, "environ").read_bytes().split(b"\0"):
+                continue
+            state = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def stop_job(job_id: str, timeout: float = 15.0) -> list[int]:
+    """SIGTERM every process of the job on this machine; SIGKILL what is left after `timeout` s."""
+    first = job_processes(job_id)
+    if not first:
+        return []
+    _signal_all(first, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = job_processes(job_id)
+        if not left:
+            return first
+        _signal_all([p for p in left if p not in first], signal.SIGTERM)  # started meanwhile
+        first = sorted(set(first) | set(left))
+    _signal_all(job_processes(job_id), signal.SIGKILL)
+    return first
+
+
+def start_job(save_dir: str | os.PathLike, proj_home: str | os.PathLike, job_id: str, fields: dict[str, str]) -> None:
+    """Refuse if this save dir's previous job still runs here; clear its stale node files; record the new job."""
+    ldir = launch_dir(save_dir)
+    old = ldir / "job.env"
+    if old.is_file():
+        old_id = read_env_file(old).get("JOB_ID", "")
+        if old_id and job_processes(old_id):
+            raise AquilaError(
+                f"{save_dir} already has a running job ({old_id}); stop it with local_stop_docker.sh or "
+                f"dist_stop_docker.sh, or use another experiment name"
+            )
+    ldir.mkdir(parents=True, exist_ok=True)
+    for stale in list(ldir.glob("node*.pid")) + list(ldir.glob("node*.exit")):
+        stale.unlink(missing_ok=True)
+    body = "".join(f"{k}={v}\n" for k, v in {"JOB_ID": job_id, **fields}.items())
+    write_text_atomic(old, body)
+    write_text_atomic(Path(proj_home) / "checkpoints_out" / LATEST, f"{Path(save_dir).resolve()}\n")
+
+
+def find_save_dir(proj_home: str | os.PathLike, exp_name: str | None, version: str | None) -> Path:
+    """The save dir of exp/version, the newest version of exp, or the latest triggered job."""
+    out = Path(proj_home) / "checkpoints_out"
+    if exp_name is None:
+        latest = out / LATEST
+        if not latest.is_file():
+            raise AquilaError(f"no job recorded in {latest}; pass <exp_name> [<exp_version>]")
+        return Path(latest.read_text(encoding="utf-8").strip())
+    if version is not None:
+        return out / exp_name / version
+    versions = sorted(p.parent.parent for p in (out / exp_name).glob("*/launch/job.env"))
+    if not versions:
+        raise AquilaError(f"no launched job under {out / exp_name}")
+    return versions[-1]
+
+
+def _read_exit(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def follow(save_dir: str | os.PathLike, log: str | os.PathLike, start_timeout: float = 300.0) -> int:
+    """Stream `log` until every node has an exit status; return 0, or the first failing node's status."""
+    ldir = launch_dir(save_dir)
+    env = read_env_file(ldir / "job.env")
+    job_id, nodes = env["JOB_ID"], int(env["NODES_NUM"])
+    here = socket.gethostname()
+    started = time.monotonic()
+    pos = 0
+    out = sys.stdout.buffer
+
+    def pump() -> None:
+        nonlocal pos
+        try:
+            with open(log, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        if chunk:
+            pos += len(chunk)
+            out.write(chunk)
+            out.flush()
+
+    def fail(rank: int, code: int, why: str) -> int:
+        pump()
+        node_log = env.get("LOGFILE", "") if rank == 0 else f"{ldir}/node{rank}.log.txt"
+        print(f"error: node {rank} {why} (exit status {code}); log: {node_log}", file=sys.stderr)
+        return code or 1
+
+    while True:
+        pump()
+        codes = {r: _read_exit(ldir / f"node{r}.exit") for r in range(nodes)}
+        for r, code in codes.items():
+            if code:
+                return fail(r, code, "failed")
+        if all(code == 0 for code in codes.values()):
+            pump()
+            return 0
+        running = None
+        for r, code in codes.items():
+            if code is not None:
+                continue
+            pidfile = ldir / f"node{r}.pid"
+            if not pidfile.is_file():
+                if time.monotonic() - started > start_timeout:
+                    return fail(r, 1, f"did not start within {start_timeout:.0f} s")
+                continue
+            fields = dict(kv.split("=", 1) for kv in pidfile.read_text().split() if "=" in kv)
+            if fields.get("host") != here:
+                continue  # a remote node: its exit file arrives through the shared filesystem
+            if running is None:
+                running = set(job_processes(job_id))
+            if int(fields.get("pid", "0")) not in running:
+                time.sleep(0.5)  # it may be writing its exit file right now
+                code = _read_exit(ldir / f"node{r}.exit")
+                if code is None:
+                    return fail(r, 1, "died without recording an exit status")
+                if code:
+                    return fail(r, code, "failed")
+        time.sleep(0.5)

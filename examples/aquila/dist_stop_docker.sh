@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Stop one job on every node of a hostfile (FlagAI's dist_stop_docker.sh, without `killall python`).
+# usage: bash dist_stop_docker.sh <hostfile> [<exp_name> [<exp_version>] | --job-id <id>]
+# Default: the job most recently started from this directory. Local addresses are handled here (once),
+# the others over $AQUILA_SSH (default "ssh -o BatchMode=yes") running local_stop_docker.sh there.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PROJ_HOME="$PWD"
+die() { echo "error: $(basename "$0"): $*" >&2; exit 2; }
+
+# The Python environment: $AQUILA_PYTHON, else the active venv, the repo's .venv, python3 on PATH.
+find_python() {
+  local c d
+  if [[ -n "${AQUILA_PYTHON:-}" ]]; then
+    c="$AQUILA_PYTHON"
+  else
+    for c in "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}" "$SCRIPT_DIR/../../.venv/bin/python" "$(command -v python3 || true)"; do
+      [[ -n "$c" && -x "$c" ]] && break
+    done
+  fi
+  d="$(cd "$(dirname "$c")" 2>/dev/null && pwd)" && c="$d/$(basename "$c")"
+  [[ -n "$c" && -f "$c" && -x "$c" ]] || die "no Python found (set AQUILA_PYTHON to the environment's python)"
+  PY="$c"
+  "$PY" -c 'import aquila.launch' 2>/dev/null || die "$PY cannot import aquila (pip install -e . there, or set AQUILA_PYTHON)"
+}
+find_python
+
+[[ $# -ge 1 && $# -le 3 ]] || die "usage: dist_stop_docker.sh <hostfile> [<exp_name> [<exp_version>] | --job-id <id>]"
+HOSTFILE="$1"
+shift
+if [[ "${1:-}" == --job-id ]]; then
+  [[ $# -eq 2 ]] || die "usage: dist_stop_docker.sh <hostfile> --job-id <id>"
+  JOB_ID="$2"
+else
+  eval "$("$PY" -m aquila.launch job --proj-home "$PROJ_HOME" ${1:+--exp "$1"} ${2:+--version "$2"})" || exit 2
+fi
+eval "$("$PY" -m aquila.launch hosts --hostfile "$HOSTFILE")" || exit 2  # NODE_ADDRS NODE_LOCAL
+read -r -a SSH <<<"${AQUILA_SSH:-ssh -o BatchMode=yes}"
+
+rc=0
+done_local=0
+for i in "${!NODE_ADDRS[@]}"; do
+  if [[ "${NODE_LOCAL[$i]}" == 1 ]]; then
+    [[ "$done_local" == 1 ]] && continue
+    done_local=1
+    "$PY" -m aquila.launch stop --job-id "$JOB_ID" || rc=1
+  else
+    remote="cd $(printf '%q' "$PROJ_HOME") && AQUILA_PYTHON=$(printf '%q' "$PY") bash $(printf '%q' "$SCRIPT_DIR/local_stop_docker.sh") --job-id $(printf '%q' "$JOB_ID")"
+    "${SSH[@]}" "${NODE_ADDRS[$i]}" "$remote" </dev/null || { echo "error: could not reach ${NODE_ADDRS[$i]}" >&2; rc=1; }
+  fi
+done
+exit "$rc"

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Start a training job on every node of a hostfile (FlagAI's dist_trigger_docker.sh).
+# usage: bash dist_trigger_docker.sh [--follow] <hostfile> <config.yaml> <model_name> <exp_name>
+# Run it from examples/aquila: PROJ_HOME is the current directory and must be the same path on every node.
+# Each node gets its rank explicitly (hostfile line order); local addresses start directly, others over
+# $AQUILA_SSH (default "ssh -o BatchMode=yes"). Returns at once; --follow (or AQUILA_FOLLOW=1) streams the
+# master's log and exits with the job's status. Stop with dist_stop_docker.sh <hostfile>. See docs/launching.md.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PROJ_HOME="$PWD"
+ME="$(basename "$0")"
+die() { echo "error: $ME: $*" >&2; exit 2; }
+abspath() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$PWD" "$1" ;; esac; }
+
+# The Python environment: $AQUILA_PYTHON, else the active venv, the repo's .venv, python3 on PATH.
+find_python() {
+  local c d
+  if [[ -n "${AQUILA_PYTHON:-}" ]]; then
+    c="$AQUILA_PYTHON"
+  else
+    for c in "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}" "$SCRIPT_DIR/../../.venv/bin/python" "$(command -v python3 || true)"; do
+      [[ -n "$c" && -x "$c" ]] && break
+    done
+  fi
+  d="$(cd "$(dirname "$c")" 2>/dev/null && pwd)" && c="$d/$(basename "$c")"
+  [[ -n "$c" && -f "$c" && -x "$c" ]] || die "no Python found (set AQUILA_PYTHON to the environment's python)"
+  PY="$c"
+  "$PY" -c 'import aquila.launch' 2>/dev/null || die "$PY cannot import aquila (pip install -e . there, or set AQUILA_PYTHON)"
+}
+
+FOLLOW="${AQUILA_FOLLOW:-0}"
+args=()
+for a in "$@"; do
+  if [[ "$a" == --follow ]]; then FOLLOW=1; else args+=("$a"); fi
+done
+[[ ${#args[@]} -eq 4 ]] || die "usage: $ME [--follow] <hostfile> <config.yaml> <model_name> <exp_name>"
+HOSTFILE="$(abspath "${args[0]}")"
+CONFIG="$(abspath "${args[1]}")"
+MODEL_NAME="${args[2]}"
+EXP_NAME="${args[3]}"
+read -r -a SSH <<<"${AQUILA_SSH:-ssh -o BatchMode=yes}"
+
+find_python
+# Validate everything before starting anything; sets NODES_NUM NODE_ADDRS NODE_SLOTS NODE_LOCAL MASTER_ADDR
+# MASTER_PORT SCRIPT_FILE (and checks the master port is free when the master is this machine).
+plan="$("$PY" -m aquila.launch trigger-plan --hostfile "$HOSTFILE" --config "$CONFIG" --model "$MODEL_NAME" \
+  --exp "$EXP_NAME" --proj-home "$PROJ_HOME" --script-dir "$SCRIPT_DIR" ${AQUILA_LOCAL_ONLY:+--single-node})" || exit 2
+eval "$plan"
+
+EXP_VERSION="$(date +%Y%m%d%H)"
+SAVE_DIR="$PROJ_HOME/checkpoints_out/$EXP_NAME/$EXP_VERSION"
+LOGFILE="$SAVE_DIR/$(basename "$CONFIG").log.txt"
+JOB_ID="$EXP_NAME/$EXP_VERSION/$(date +%s).$$"
+echo "NODES_NUM: $NODES_NUM"
+echo "LOGFILE: $LOGFILE"
+"$PY" -m aquila.launch start-job --save-dir "$SAVE_DIR" --proj-home "$PROJ_HOME" --job-id "$JOB_ID" \
+  --field "NODES_NUM=$NODES_NUM" --field "LOGFILE=$LOGFILE" --field "HOSTFILE=$HOSTFILE" \
+  --field "CONFIG=$CONFIG" --field "MODEL_NAME=$MODEL_NAME" --field "SCRIPT_FILE=$SCRIPT_FILE" || exit 2
+
+# What every node's bmtrain_mgpu.sh gets in its environment (remote shells do not inherit ours).
+node_env=("AQUILA_JOB_ID=$JOB_ID" "AQUILA_PYTHON=$PY" "MASTER_PORT=$MASTER_PORT" "SCRIPT_FILE=$SCRIPT_FILE")
+while IFS= read -r name; do
+  case "$name" in NCCL_* | GLOO_* | WANDB_* | TORCH_* | OMP_NUM_THREADS | PYTHONPATH) node_env+=("$name=${!name}") ;; esac
+done < <(compgen -e)
+
+stop_started() {
+  echo "error: $ME: node $1 (${NODE_ADDRS[$1]}) could not be started; stopping the nodes already started" >&2
+  bash "$SCRIPT_DIR/dist_stop_docker.sh" "$HOSTFILE" --job-id "$JOB_ID" >&2 || true
+  exit 1
+}
+
+for i in "${!NODE_ADDRS[@]}"; do
+  log="$LOGFILE"
+  [[ "$i" -eq 0 ]] || log="$SAVE_DIR/launch/node$i.log.txt"
+  # setsid: each node runs in its own session, detached from this terminal.
+  cmd=(env "${node_env[@]}" setsid bash "$SCRIPT_DIR/bmtrain_mgpu.sh" "$HOSTFILE" "$CONFIG" "$MODEL_NAME" \
+    "$EXP_NAME" "$EXP_VERSION" "$i")
+  if [[ "${NODE_LOCAL[$i]}" == 1 ]]; then
+    # (the '&' must cover only the command: a backgrounded 'cd && cmd' would keep our stdout open)
+    (cd "$PROJ_HOME" || exit 1; "${cmd[@]}" >"$log" 2>&1 </dev/null &) || stop_started "$i"
+  else
+    remote="cd $(printf '%q' "$PROJ_HOME") || exit 1; $(printf '%q ' "${cmd[@]}") >$(printf '%q' "$log") 2>&1 </dev/null &"
+    "${SSH[@]}" "${NODE_ADDRS[$i]}" "$remote" </dev/null || stop_started "$i"
+  fi
+  echo "node $i: ${NODE_ADDRS[$i]} slots=${NODE_SLOTS[$i]} started"
+done
+[[ "$NODES_NUM" -eq 1 ]] || echo "other nodes' logs: $SAVE_DIR/launch/node<rank>.log.txt"
+
+if [[ "$FOLLOW" != 1 ]]; then
+  echo "follow: tail -f $LOGFILE    stop: bash dist_stop_docker.sh $(printf '%q' "${args[0]}")"
+  exit 0
+fi
+rc=0
+"$PY" -m aquila.launch follow --save-dir "$SAVE_DIR" --log "$LOGFILE" || rc=$?
+if [[ "$rc" -eq 130 ]]; then
+  echo "stopped following; the job keeps running (stop: bash dist_stop_docker.sh $(printf '%q' "${args[0]}"))" >&2
+elif [[ "$rc" -ne 0 ]]; then
+  bash "$SCRIPT_DIR/dist_stop_docker.sh" "$HOSTFILE" --job-id "$JOB_ID" >&2 || true
+fi
+exit "$rc"

@@ -1,0 +1,390 @@
+"""Launchers in examples/aquila: hostfile validation, node ranks, ssh commands, stop, with a stand-in script.
+
+The end-to-end runs with the real training script are in test_launcher_train.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aquila.errors import AquilaError
+from aquila.launch import hostfile as hf
+from aquila.launch import jobs
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "aquila"
+STUB = Path(__file__).resolve().parent / "launcher_stub.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def proj(tmp_path: Path) -> Path:
+    """A PROJ_HOME with a one-node hostfile and a small YAML; the launchers run from here."""
+    (tmp_path / "hostfile").write_text("# test\n127.0.0.1 slots=2\n")
+    (tmp_path / "cfg.yaml").write_text("batch_size: 2\n")
+    return tmp_path
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STUB_", "AQUILA_", "MASTER_"))}
+    env.pop("SCRIPT_FILE", None)
+    env.update(AQUILA_PYTHON=sys.executable, SCRIPT_FILE=str(STUB), MASTER_PORT=str(free_port()))
+    env.update(extra)
+    return env
+
+
+def run(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 120):
+    return subprocess.run(
+        ["bash", str(EXAMPLES / script), *args],
+        cwd=cwd,
+        env=env or launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def save_dir_of(out: str) -> Path:
+    logfile = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("LOGFILE: "))
+    return Path(logfile).parent
+
+
+def records(save_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((save_dir / "stub").glob("rank*.json"))]
+
+
+def wait_for(cond, timeout: float = 90.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- hostfile parsing and checks (in-process) -----------------------------------------------------------------
+
+
+def test_parse_hostfile_comments_blank_lines_and_order(tmp_path):
+    p = tmp_path / "hostfile"
+    p.write_text("# cluster\n\n10.0.0.2 slots=8  # master\n   \nnode-b slots=4\n")
+    nodes = hf.parse_hostfile(p)
+    assert [(n.rank, n.address, n.slots, n.line) for n in nodes] == [(0, "10.0.0.2", 8, 3), (1, "node-b", 4, 5)]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("10.0.0.1\n", "line 1: expected '<address> slots=<n>'"),
+        ("10.0.0.1 gpus=2\n", "line 1: expected '<address> slots=<n>'"),
+        ("10.0.0.1 slots=1 slots=2\n", "expected '<address> slots=<n>'"),
+        ("10.0.0.1 slots=0\n", "slots must be a positive integer, got 0"),
+        ("10.0.0.1 slots=two\n", "slots must be a positive integer, got 'two'"),
+        ("10.0.0.1 slots=-1\n", "slots must be a positive integer"),
+        ("10.0.0.1 slots=1\n# x\n10.0.0.1 slots=1\n", "line 3: duplicate host '10.0.0.1' (already on line 1)"),
+        ("# only comments\n\n", "no '<address> slots=<n>' lines"),
+        ("user@host slots=1\n", "is not a host name or IP address"),
+    ],
+)
+def test_parse_hostfile_errors(tmp_path, text, message):
+    p = tmp_path / "hostfile"
+    p.write_text(text)
+    with pytest.raises(AquilaError, match=None) as e:
+        hf.parse_hostfile(p)
+    assert message in str(e.value) and str(p) in str(e.value)
+
+
+def test_local_address_detection():
+    for addr in ("127.0.0.1", "127.0.0.2", "localhost", "::1", socket.gethostname()):
+        assert hf.is_local_address(addr), addr
+    for addr in ("10.255.255.1", "192.0.2.254", "no-such-host.invalid"):
+        assert not hf.is_local_address(addr), addr
+
+
+def test_sft_rule_and_script_override(tmp_path, monkeypatch):
+    monkeypatch.delenv("SCRIPT_FILE", raising=False)
+    assert hf.is_sft_config("Aquila-sft-lora.yaml", {})
+    assert hf.is_sft_config("Aquila-chat.yaml", {})
+    assert hf.is_sft_config("my.yaml", {"enable_sft_dataset_file": "x.jsonl"})
+    assert not hf.is_sft_config("Aquila-pretrain-tiny.yaml", {"data_prefix": "x"})
+    (tmp_path / "aquila_pretrain.py").write_text("")
+    (tmp_path / "aquila_sft.py").write_text("")
+    assert hf.choose_script("a-sft.yaml", {}, tmp_path).name == "aquila_sft.py"
+    assert hf.choose_script("a.yaml", {}, tmp_path).name == "aquila_pretrain.py"
+    monkeypatch.setenv("SCRIPT_FILE", str(STUB))
+    assert hf.choose_script("a-sft.yaml", {}, tmp_path) == STUB
+    monkeypatch.setenv("SCRIPT_FILE", "missing.py")
+    with pytest.raises(AquilaError, match="SCRIPT_FILE 'missing.py': file not found"):
+        hf.choose_script("a.yaml", {}, tmp_path)
+
+
+def test_model_name_preset_or_checkpoints_in(tmp_path):
+    assert hf.check_model("Aquila-7B", tmp_path) == "preset aquila-7b"
+    (tmp_path / "checkpoints_in" / "mine").mkdir(parents=True)
+    with pytest.raises(AquilaError, match="has no config.json"):
+        hf.check_model("mine", tmp_path)
+    (tmp_path / "checkpoints_in" / "mine" / "config.json").write_text("{}")
+    assert hf.check_model("mine", tmp_path).endswith("checkpoints_in/mine/config.json")
+    with pytest.raises(AquilaError, match="no preset of that name"):
+        hf.check_model("aquila-8b", tmp_path)
+
+
+# --- bad inputs through the trigger: one-line error, exit 2, nothing started ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hostfile, config, model, exp, message",
+    [
+        (None, "cfg.yaml", "aquila-tiny", "e", "hostfile {proj}/nohostfile: file not found"),
+        ("127.0.0.1\n", "cfg.yaml", "aquila-tiny", "e", "line 1: expected '<address> slots=<n>'"),
+        ("127.0.0.1 slots=1\n127.0.0.1 slots=1\n", "cfg.yaml", "aquila-tiny", "e", "duplicate host '127.0.0.1'"),
+        ("127.0.0.1 slots=0\n", "cfg.yaml", "aquila-tiny", "e", "slots must be a positive integer, got 0"),
+        ("127.0.0.1 slots=2.5\n", "cfg.yaml", "aquila-tiny", "e", "slots must be a positive integer, got '2.5'"),
+        ("127.0.0.1 slots=1\n", "missing.yaml", "aquila-tiny", "e", "config {proj}/missing.yaml: file not found"),
+        ("127.0.0.1 slots=1\n", "bad.yaml", "aquila-tiny", "e", "not valid YAML"),
+        ("127.0.0.1 slots=1\n", "cfg.yaml", "aquila-8b", "e", "model 'aquila-8b': no preset of that name"),
+        ("127.0.0.1 slots=1\n", "cfg.yaml", "aquila-tiny", "a/b", "experiment name 'a/b' may only contain"),
+        (
+            "127.0.0.1 slots=1\n10.255.255.1 slots=1\n",
+            "cfg.yaml",
+            "aquila-tiny",
+            "e",
+            "master 127.0.0.1 is a loopback address but other nodes are remote",
+        ),
+    ],
+)
+def test_trigger_rejects_bad_input(proj, hostfile, config, model, exp, message):
+    (proj / "bad.yaml").write_text("batch_size: [1\n")
+    hostname = "nohostfile"
+    if hostfile is not None:
+        hostname = "hf"
+        (proj / hostname).write_text(hostfile)
+    r = run("dist_trigger_docker.sh", hostname, config, model, exp, cwd=proj)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert message.format(proj=proj) in lines[0]
+    assert not (proj / "checkpoints_out").exists()
+
+
+def test_trigger_rejects_busy_master_port(proj):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run("dist_trigger_docker.sh", "hostfile", "cfg.yaml", "aquila-tiny", "e", cwd=proj,
+                env=launcher_env(MASTER_PORT=str(port)))  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        f"error: master port {port} on 127.0.0.1 is already in use (another job, or a stale one: see "
+        f"local_stop_docker.sh); set MASTER_PORT to a free port"
+    )
+    assert not (proj / "checkpoints_out").exists()
+
+
+def test_trigger_usage_and_missing_script(proj):
+    r = run("dist_trigger_docker.sh", "hostfile", "cfg.yaml", cwd=proj)
+    assert r.returncode == 2 and "usage: dist_trigger_docker.sh [--follow] <hostfile>" in r.stderr
+    r = run("dist_trigger_docker.sh", "hostfile", "cfg.yaml", "aquila-tiny", "e", cwd=proj,
+            env=launcher_env(SCRIPT_FILE="nope.py"))  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip() == "error: SCRIPT_FILE 'nope.py': file not found"
+
+
+def test_local_trigger_needs_exactly_one_local_node(proj):
+    (proj / "two").write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    r = run("local_trigger_docker.sh", "two", "cfg.yaml", "aquila-tiny", "e", cwd=proj)
+    assert r.returncode == 2 and "needs exactly 1 node, found 2" in r.stderr
+    (proj / "remote").write_text("10.255.255.1 slots=1\n")
+    r = run("local_trigger_docker.sh", "remote", "cfg.yaml", "aquila-tiny", "e", cwd=proj)
+    assert r.returncode == 2 and "10.255.255.1 is not this machine" in r.stderr
+    assert not (proj / "checkpoints_out").exists()
+
+
+def test_node_script_needs_rank_when_several_lines_are_this_machine(proj):
+    (proj / "two").write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    r = run("bmtrain_mgpu.sh", "two", "cfg.yaml", "aquila-tiny", "e", "v1", cwd=proj)
+    assert r.returncode == 2
+    assert "cannot tell which node this is (lines 1, 2 match this machine); pass the node rank" in r.stderr
+    r = run("bmtrain_mgpu.sh", "two", "cfg.yaml", "aquila-tiny", "e", "v1", "2", cwd=proj)
+    assert r.returncode == 2 and "node rank '2' must be an integer from 0 to 1" in r.stderr
+
+
+def test_torchrun_missing_is_a_clear_error(proj):
+    """A Python environment without torch: the node fails with a one-line error and --follow reports it."""
+    fake = proj / "notorch"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text("raise ImportError('no torch here')\n")
+    py = proj / "bin" / "python"
+    py.parent.mkdir()
+    py.write_text(f'#!/bin/sh\nPYTHONPATH={fake}:{REPO} exec {sys.executable} "$@"\n')
+    py.chmod(0o755)
+    (proj / "one").write_text("127.0.0.1 slots=1\n")
+    r = run("local_trigger_docker.sh", "--follow", "one", "cfg.yaml", "aquila-tiny", "e", cwd=proj,
+            env=launcher_env(AQUILA_PYTHON=str(py)))  # fmt: skip
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "torchrun not found: " in r.stdout and "has no torch" in r.stdout
+    assert "error: node 0 failed (exit status 2)" in r.stderr
+
+
+# --- remote nodes through a stand-in ssh ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_ssh(tmp_path: Path):
+    """An ssh stand-in that records `<host> <command>` per call (one JSON line) and exits $FAKE_SSH_RC_<n>."""
+    log = tmp_path / "ssh_calls.jsonl"
+    script = tmp_path / "fake_ssh.py"
+    script.write_text(
+        "import json, os, sys\n"
+        f"log = {str(log)!r}\n"
+        "n = sum(1 for _ in open(log)) if os.path.exists(log) else 0\n"
+        "open(log, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        "sys.exit(int(os.environ.get(f'FAKE_SSH_RC_{n}', '0')))\n"
+    )
+
+    def calls() -> list[list[str]]:
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    return f"{sys.executable} {script} -o BatchMode=yes", calls
+
+
+def test_remote_nodes_are_started_over_ssh_with_their_rank(proj, fake_ssh):
+    ssh, calls = fake_ssh
+    (proj / "remote").write_text("10.255.255.1 slots=1\n# second node\n10.255.255.2 slots=2\n")
+    env = launcher_env(AQUILA_SSH=ssh, NCCL_SOCKET_IFNAME="eth7")
+    r = run("dist_trigger_docker.sh", "remote", "cfg.yaml", "aquila-tiny", "exp", cwd=proj, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "NODES_NUM: 2" in r.stdout
+    save_dir = save_dir_of(r.stdout)
+    assert save_dir.parent == proj / "checkpoints_out" / "exp"
+    job = jobs.read_env_file(save_dir / "launch" / "job.env")
+    made = calls()
+    assert [c[:3] for c in made] == [["-o", "BatchMode=yes", "10.255.255.1"], ["-o", "BatchMode=yes", "10.255.255.2"]]
+    for rank, call in enumerate(made):
+        assert len(call) == 4
+        words = shlex.split(call[3])
+        assert words[:5] == ["cd", str(proj), "||", "exit", "1;"]
+        assert words[5] == "env"
+        assert f"AQUILA_JOB_ID={job['JOB_ID']}" in words and f"MASTER_PORT={env['MASTER_PORT']}" in words
+        assert f"SCRIPT_FILE={STUB}" in words and f"AQUILA_PYTHON={sys.executable}" in words
+        assert "NCCL_SOCKET_IFNAME=eth7" in words
+        i = words.index("setsid")
+        assert words[i + 1 : i + 3] == ["bash", str(EXAMPLES / "bmtrain_mgpu.sh")]
+        assert words[i + 3 : i + 9] == [str(proj / "remote"), str(proj / "cfg.yaml"), "aquila-tiny", "exp",
+                                        save_dir.name, str(rank)]  # fmt: skip
+        log = job["LOGFILE"] if rank == 0 else str(save_dir / "launch" / f"node{rank}.log.txt")
+        assert call[3].endswith(f">{log} 2>&1 </dev/null &")
+
+    # dist_stop reaches the same hosts with this job's id (default: the latest job).
+    r = run("dist_stop_docker.sh", "remote", cwd=proj, env=env)
+    assert r.returncode == 0, r.stderr
+    stops = calls()[2:]
+    assert [c[2] for c in stops] == ["10.255.255.1", "10.255.255.2"]
+    assert shlex.split(stops[0][3])[-3:] == [str(EXAMPLES / "local_stop_docker.sh"), "--job-id", job["JOB_ID"]]
+
+
+def test_failed_ssh_start_is_reported_and_started_nodes_stopped(proj, fake_ssh):
+    ssh, calls = fake_ssh
+    (proj / "remote").write_text("10.255.255.1 slots=1\n10.255.255.2 slots=1\n")
+    r = run("dist_trigger_docker.sh", "remote", "cfg.yaml", "aquila-tiny", "exp", cwd=proj,
+            env=launcher_env(AQUILA_SSH=ssh, FAKE_SSH_RC_1="255"))  # fmt: skip
+    assert r.returncode == 1
+    assert "node 1 (10.255.255.2) could not be started; stopping the nodes already started" in r.stderr
+    assert [c[2] for c in calls()] == ["10.255.255.1", "10.255.255.2", "10.255.255.1", "10.255.255.2"]
+    assert "local_stop_docker.sh" in calls()[2][3]
+
+
+# --- real processes with the stand-in training script --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_single_node_two_processes(proj):
+    r = run("dist_trigger_docker.sh", "--follow", "hostfile", "cfg.yaml", "aquila-tiny", "exp", cwd=proj)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "NODES_NUM: 1" in r.stdout
+    save_dir = save_dir_of(r.stdout)
+    assert len(save_dir.name) == 10 and save_dir.name.isdigit()  # YYYYMMDDHH
+    recs = records(save_dir)
+    assert [(x["rank"], x["world_size"], x["node_rank"], x["sum"]) for x in recs] == [(0, 2, 0, 3.0), (1, 2, 0, 3.0)]
+    a = recs[0]["args"]
+    assert a["not_call_launch"] and a["save_dir"] == str(save_dir) and a["yaml_config"] == str(proj / "cfg.yaml")
+    assert a["pre_load_dir"] == str(proj / "checkpoints_in") and a["model_name"] == "aquila-tiny"
+    assert a["experiment_name"] == "exp" and a["wandb_dir"] == str(proj / "wandb" / "exp" / save_dir.name)
+    assert (a["adam_beta1"], a["adam_beta2"], a["weight_decay"]) == (0.9, 0.95, 0.1)
+    assert recs[0]["job_id"].startswith(f"exp/{save_dir.name}/")
+    assert (save_dir / "cfg.yaml").read_text() == "batch_size: 2\n"
+    assert (save_dir / "hostfile").is_file()
+    assert "stub: rank 0 of 2 sum 3.0" in r.stdout  # --follow streamed the log
+    assert (save_dir / "launch" / "node0.exit").read_text().strip() == "0"
+
+
+@pytest.mark.slow
+def test_two_local_nodes_rendezvous(proj):
+    (proj / "two").write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    r = run("dist_trigger_docker.sh", "--follow", "two", "cfg.yaml", "aquila-tiny", "exp", cwd=proj)
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = records(save_dir_of(r.stdout))
+    assert [(x["rank"], x["world_size"], x["node_rank"], x["local_rank"], x["sum"]) for x in recs] == [
+        (0, 2, 0, 0, 3.0),
+        (1, 2, 1, 0, 3.0),
+    ]
+
+
+@pytest.mark.slow
+def test_follow_fails_when_a_node_fails_and_stops_the_rest(proj):
+    (proj / "two").write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    env = launcher_env(STUB_FAIL_RANK="1", AQUILA_FOLLOW="1")
+    t0 = time.monotonic()
+    r = run("dist_trigger_docker.sh", "two", "cfg.yaml", "aquila-tiny", "exp", cwd=proj, env=env)
+    assert r.returncode != 0
+    assert "error: node 1 failed" in r.stderr
+    assert time.monotonic() - t0 < 100
+    job_id = jobs.job_id_for(save_dir_of(r.stdout))
+    wait_for(lambda: not jobs.job_processes(job_id), 30, "node 0 to be stopped")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["local_stop", "dist_stop"])
+def test_stop_ends_only_this_job(proj, how):
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        hostfile = "hostfile" if how == "local_stop" else "two"
+        (proj / "two").write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+        r = run("dist_trigger_docker.sh", hostfile, "cfg.yaml", "aquila-tiny", "exp", cwd=proj,
+                env=launcher_env(STUB_SLEEP="300"))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        save_dir = save_dir_of(r.stdout)
+        wait_for(lambda: len(records(save_dir)) == 2, 120, "both ranks to start")
+        job_id = jobs.job_id_for(save_dir)
+        before = jobs.job_processes(job_id)
+        assert {x["pid"] for x in records(save_dir)} <= set(before)
+        if how == "local_stop":
+            r = run("local_stop_docker.sh", "exp", cwd=proj)
+        else:
+            r = run("dist_stop_docker.sh", "two", cwd=proj)
+        assert r.returncode == 0, r.stderr
+        assert f"stopped job {job_id} ({len(before)} processes" in r.stdout
+        wait_for(lambda: not jobs.job_processes(job_id), 20, "the job to end")
+        assert (save_dir / "launch" / "node0.exit").read_text().strip() == "143"
+        assert bystander.poll() is None  # the unrelated python process survives
+        r = run("local_stop_docker.sh", cwd=proj)
+        assert r.returncode == 0 and "no running process of job" in r.stdout
+    finally:
+        bystander.kill()
+        bystander.wait()
+        latest = proj / "checkpoints_out" / jobs.LATEST
+        if latest.is_file():  # never leave a sleeping job behind when an assertion failed
+            jobs.stop_job(jobs.job_id_for(latest.read_text().strip()), timeout=5)
