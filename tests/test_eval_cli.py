@@ -107,6 +107,8 @@ def test_cli_errors_exit_2_with_one_line(model_root, tmp_path, capsys):
     )
     err = _run_error(base + ["--perplexity", str(tmp_path / "nothing")], capsys)
     assert "indexed dataset file not found" in err
+    err = _run_error(base + ["--perplexity", str(tmp_path / "nothing"), "--window", "8", "--stride", "8"], capsys)
+    assert "1 <= stride < window" in err
 
 
 def test_model_loads_without_the_inference_package(model_root, monkeypatch):

@@ -90,6 +90,10 @@ def test_greedy_stops_at_stop_tokens():
     (res,) = ChoiceScorer(model, stop_ids={0}).score([Request(ctx, [tok.encode(" Y")], max_new_tokens=6)])
     assert tok.decode(res.generated) == " Y"
     assert res.generated == full_forward_greedy(model, ctx, 6, {0})
+    scorer = ChoiceScorer(model, stop_ids={0})
+    (early,) = scorer.score([Request(ctx, [[5]], max_new_tokens=6)], done=lambda toks: len(toks) == 1)
+    (none,) = scorer.score([Request(ctx, [[5]], max_new_tokens=0)])
+    assert tok.decode(early.generated) == " " and none.generated == []
 
 
 def _subset(items: list[Item], mode: str) -> Subset:

@@ -134,8 +134,9 @@ def main(argv: list[str]) -> int:
 
 
 def _run_perplexity(opts: argparse.Namespace, name: str, device: str, dtype: torch.dtype) -> int:
-    from aquila.evaluation.perplexity import perplexity, read_stream
+    from aquila.evaluation.perplexity import perplexity, read_stream, sliding_windows
 
+    sliding_windows(0, opts.window, opts.stride)  # check window/stride before reading anything
     tokens = read_stream(opts.perplexity, opts.max_tokens)
     model, _ = load_model(resolve_model_dir(opts.model_dir, opts.model_name), device, dtype)
     result = perplexity(model, tokens, opts.window, opts.stride, opts.batch_size)

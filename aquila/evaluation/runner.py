@@ -53,7 +53,9 @@ def evaluate_subset(
         requests.append(Request(context, choices, max_new))
         used.append(k)
         truncated += cut
-    scored = scorer.score(requests)
+    # A letter answer is complete at the first non-blank token: no need to decode further.
+    done = (lambda toks: bool(tokenizer.decode(toks[-1:]).strip())) if subset.em_mode == "letter" else None
+    scored = scorer.score(requests, done)
     correct = [s.best == item.gold for s, item in zip(scored, items)]
     answers = [greedy_answer(tokenizer.decode, s.generated, subset.em_mode) for s in scored]
     matched = [exact_match(item, a) for item, a in zip(items, answers)]

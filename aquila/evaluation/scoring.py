@@ -8,7 +8,7 @@ shared prompt. Greedy decoding for exact match continues from the same cached pr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +53,8 @@ class ChoiceScorer:
         self.device = model.output.weight.device
 
     @torch.no_grad()
-    def score(self, requests: Sequence[Request]) -> list[Scored]:
+    def score(self, requests: Sequence[Request], done: Callable[[list[int]], bool] | None = None) -> list[Scored]:
+        """Score every request; greedy decoding also ends early once `done(tokens so far)` is true."""
         if not requests:
             return []
         for r in requests:
@@ -66,14 +67,14 @@ class ChoiceScorer:
         self.model.clear_caches()
         self.model.setup_caches(rows, need)
         try:
-            return [self._score_one(r, rows) for r in requests]
+            return [self._score_one(r, rows, done) for r in requests]
         finally:
             self.model.clear_caches()
 
     def _tensor(self, ids: list[list[int]]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
-    def _score_one(self, r: Request, rows: int) -> Scored:
+    def _score_one(self, r: Request, rows: int, done: Callable[[list[int]], bool] | None) -> Scored:
         n = len(r.context)
         first = self.model(self._tensor([r.context]), last_only=True)["logits"][0].log_softmax(-1)
         logprobs = [float(first[c[0]]) for c in r.continuations]
@@ -88,7 +89,7 @@ class ChoiceScorer:
                 targets = self._tensor([r.continuations[i][1:]])[0]
                 picked = logp[row, torch.arange(len(targets), device=self.device), targets]
                 logprobs[i] += float(picked.double().sum())
-        return Scored(logprobs, self._greedy(first, n, r.max_new_tokens))
+        return Scored(logprobs, self._greedy(first, n, r.max_new_tokens, done))
 
     def _copy_prompt_rows(self, n: int, rows: int) -> None:
         """Copy the prompt's cached keys/values from row 0 to rows 1..rows-1."""
@@ -97,14 +98,13 @@ class ChoiceScorer:
             cache.k[1:rows, :, :n] = cache.k[:1, :, :n]
             cache.v[1:rows, :, :n] = cache.v[:1, :, :n]
 
-    def _greedy(self, first: torch.Tensor, n: int, max_new: int) -> list[int]:
+    def _greedy(self, first: torch.Tensor, n: int, max_new: int, done: Callable[[list[int]], bool] | None) -> list[int]:
         out: list[int] = []
         token = int(first.argmax())
-        for step in range(max_new):
-            if token in self.stop_ids:
-                break
+        while len(out) < max_new and token not in self.stop_ids:
             out.append(token)
-            if step + 1 < max_new:
-                logits = self.model(self._tensor([[token]]), start_pos=n + step, last_only=True)["logits"][0]
-                token = int(logits.argmax())
+            if len(out) == max_new or (done is not None and done(out)):
+                break
+            logits = self.model(self._tensor([[token]]), start_pos=n + len(out) - 1, last_only=True)["logits"][0]
+            token = int(logits.argmax())
         return out
