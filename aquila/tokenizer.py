@@ -282,11 +282,18 @@ class Tokenizer(BaseTokenizer):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`: special ids render as their strings; ids outside the vocabulary are dropped; byte
         sequences that are not valid UTF-8 decode to U+FFFD (errors='replace')."""
-        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._backend.decode(self._known_ids(ids), skip_special_tokens=skip_special_tokens)
 
     def decode_batch(self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
         """decode() of many id lists on all cores."""
-        return self._backend.decode_batch([list(ids) for ids in batch], skip_special_tokens=skip_special_tokens)
+        return self._backend.decode_batch(
+            [self._known_ids(ids) for ids in batch], skip_special_tokens=skip_special_tokens
+        )
+
+    def _known_ids(self, ids: Sequence[int]) -> list[int]:
+        """Plain ints (numpy/torch integers and tensors accepted) inside the vocabulary; others dropped like FlagAI."""
+        size = len(self)
+        return [i for i in map(int, ids) if 0 <= i < size]
 
     def id_to_token(self, id_: int) -> str | None:
         return self._backend.id_to_token(id_)

@@ -92,7 +92,7 @@ class SentencePieceTokenizer(BaseTokenizer):
         """Control pieces (BOS/EOS/...) render as their piece strings unless skipped; unknown ids are dropped."""
         out: list[str] = []
         run: list[int] = []
-        for i in ids:
+        for i in map(int, ids):  # numpy/torch integers accepted
             if not 0 <= i < self._size:
                 continue
             if i in self._control:

@@ -152,8 +152,16 @@ def test_decode_specials_and_unknown_ids(demo):
     assert demo.decode(ids) == "[CLS]Hello</s>"
     assert demo.decode(ids, skip_special_tokens=True) == "Hello"
     assert demo.decode([0]) == "<|endoftext|>"
-    assert demo.decode([*demo.encode("ab"), 10**6, *demo.encode("c")]) == "abc"  # unknown id dropped
+    assert demo.decode([*demo.encode("ab"), 10**6, -1, 2**40, *demo.encode("c")]) == "abc"  # unknown ids dropped
+    assert demo.decode_batch([[-1, *demo.encode("ab")]]) == ["ab"]
     assert demo.decode([]) == ""
+
+
+def test_decode_accepts_numpy_and_torch(demo):
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    ids = demo.encode("你好 world")
+    assert demo.decode(np.array(ids)) == demo.decode(torch.tensor(ids)) == "你好 world"
 
 
 def test_decode_invalid_utf8_is_replaced(demo):

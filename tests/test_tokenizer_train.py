@@ -142,6 +142,7 @@ def test_sentencepiece_directory(sp_dir, tmp_path, name):
     assert tok.decode(tok.encode_plus(text)["input_ids"], skip_special_tokens=True) == text
     assert tok.encode_batch([text, "x"]) == [ids, tok.encode("x")]
     assert tok.decode_batch([ids]) == [text]
+    assert tok.decode([-1, *ids, 10**6]) == text
     got, spans = tok.encode_with_offsets(text)
     assert got == ids and spans[-1][1] == len(text)
     assert tok.decode(tok.encode("a\ud800b")) == tok.decode(tok.encode("a\ufffdb"))
