@@ -207,3 +207,15 @@ def test_line_numbers_count_quoted_newlines_and_only_real_line_ends(tmp_path):
     (subset,) = load_task("mmlu", tmp_path)
     assert [i.where.rsplit(":", 1)[1] for i in subset.items] == ["1", "3"]
     assert subset.items[0].query.startswith("Two\nline question\u2028?\nA. a")
+
+
+def test_clue_labels_from_the_data_files_and_mmlu_without_dev(tmp_path):
+    tnews = _copy(tmp_path, "clue") / "tnews"
+    (tnews / "labels.json").unlink()
+    shutil.rmtree(tmp_path / "clue" / "afqmc")
+    shutil.rmtree(tmp_path / "clue" / "iflytek")
+    (subset,) = load_task("clue", tmp_path)
+    assert subset.items[0].choices == ("故事", "体育", "财经", "汽车")  # ordered by label id: 100, 103, 104, 107
+    (_copy(tmp_path, "mmlu") / "dev" / "world_geography_dev.csv").unlink()
+    geo = {s.name: s for s in load_task("mmlu", tmp_path)}["world_geography"]
+    assert geo.leave_one_out and geo.pool is geo.items and geo.pool_source == "leave-one-out"
