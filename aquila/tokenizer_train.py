@@ -92,16 +92,20 @@ def iter_corpus(files: Sequence[str | os.PathLike], json_key: str = "text", prog
             bar.close()
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False) -> Tokenizer:
-    """Train a byte-level BPE with `vocab_size` base entries (<|endoftext|> = id 0, then the 256 byte symbols).
-
-    A corpus too small to support that many merges gives a smaller base vocabulary; the specials follow it.
-    """
+def check_vocab_size(vocab_size: int) -> None:
     if vocab_size < MIN_VOCAB_SIZE:
         raise AquilaError(
             f"--vocab-size {vocab_size} is smaller than {MIN_VOCAB_SIZE} (256 byte symbols + {ENDOFTEXT}); "
             "the 8 Aquila special tokens are appended after the base vocabulary"
         )
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE with `vocab_size` base entries (<|endoftext|> = id 0, then the 256 byte symbols).
+
+    A corpus too small to support that many merges gives a smaller base vocabulary; the specials follow it.
+    """
+    check_vocab_size(vocab_size)
     backend = HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
@@ -130,8 +134,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair count to merge (default 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.vocab_size < MIN_VOCAB_SIZE:  # fail before reading any input
-        train_bpe([], args.vocab_size)
+    check_vocab_size(args.vocab_size)  # fail before reading any input
     texts = iter_corpus(args.input, json_key=args.json_key, progress=not args.no_progress)
     tok = train_bpe(texts, args.vocab_size, min_frequency=args.min_frequency, show_progress=not args.no_progress)
     tok.save_pretrained(args.output)
