@@ -1,5 +1,6 @@
 """AutoLoader + Predictor on tiny random checkpoints with the demo tokenizer."""
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -21,13 +22,21 @@ ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=16008, multiple_of=16
 EOS, BOS = 16007, 16006
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
+@contextlib.contextmanager
+def single_thread():
     # Tiny matmuls on a shared machine: one thread avoids OpenMP spin-waiting against other processes.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with single_thread():
+        yield
 
 
 def write_checkpoint(root: Path, name: str = "aquila-7b", seed: int = 0, formats=("bin",)) -> Path:
@@ -43,10 +52,14 @@ def ckpt(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
-@pytest.fixture(scope="module")
-def predictor(ckpt):
+def load_predictor(ckpt: Path) -> aquila.Predictor:
     loader = aquila.AutoLoader("lm", model_dir=ckpt.parent, model_name=ckpt.name)
     return aquila.Predictor(loader.get_model(), loader.get_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def predictor(ckpt):
+    return load_predictor(ckpt)
 
 
 def test_model_card_snippet_runs(ckpt):

@@ -65,6 +65,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
+            if self.weight.data_ptr() % 64:
+                # The CPU kernel reads the weight with aligned vector loads; tensors taken straight from a
+                # safetensors file can sit at any offset, so move such a weight once into a fresh allocation.
+                self.weight = self.weight.clone()
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
             out = torch._weight_int8pack_mm(flat, self.weight, self.scales.to(torch.bfloat16))
             return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
