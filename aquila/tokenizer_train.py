@@ -39,57 +39,70 @@ class _Counter:
                 yield text
 
 
-def iter_corpus(files: Sequence[str | os.PathLike], json_key: str = "text", progress: bool = False) -> Iterator[str]:
+def iter_corpus(files: Sequence[str | os.PathLike], json_key: str = "text") -> Iterator[str]:
     """Texts of jsonl (`.jsonl`/`.json`: one object per line, text under `json_key`) and plain text files.
 
     Plain text is cut at line ends into ~64k-character pieces (newlines kept), so paragraph structure survives.
     """
+    paths = _existing(files)
+    for p in paths:
+        jsonl = _is_jsonl(p)
+        with open(p, "rb") as f:
+            chunk: list[str] = []
+            size = 0
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise AquilaError(f"{p}:{lineno}: not UTF-8 text") from None
+                if not jsonl:
+                    chunk.append(line)
+                    size += len(line)
+                    if size >= _PLAIN_CHUNK_CHARS:
+                        yield "".join(chunk)
+                        chunk, size = [], 0
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise AquilaError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or json_key not in obj:
+                    raise AquilaError(f"{p}:{lineno}: no {json_key!r} key (set --json-key)")
+                text = obj[json_key]
+                if not isinstance(text, str):
+                    raise AquilaError(f"{p}:{lineno}: {json_key!r} must be a string, got {type(text).__name__}")
+                yield text
+            if chunk:
+                yield "".join(chunk)
+
+
+def estimate_documents(files: Sequence[str | os.PathLike]) -> int:
+    """About how many texts iter_corpus will yield (jsonl lines + plain-text pieces), for the progress bar.
+
+    Counting newlines runs at disk speed, a small fraction of the training time.
+    """
+    total = 0
+    for p in _existing(files):
+        if _is_jsonl(p):
+            with open(p, "rb") as f:
+                total += sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 24), b""))
+        else:
+            total += max(1, p.stat().st_size // _PLAIN_CHUNK_CHARS)
+    return total
+
+
+def _existing(files: Sequence[str | os.PathLike]) -> list[Path]:
     paths = [Path(f) for f in files]
     for p in paths:
         if not p.is_file():
             raise AquilaError(f"input file {p} does not exist")
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    return paths
 
-        bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc="reading")
-    try:
-        for p in paths:
-            jsonl = p.suffix in (".jsonl", ".json")
-            with open(p, "rb") as f:
-                chunk: list[str] = []
-                size = 0
-                for lineno, raw in enumerate(f, 1):
-                    if bar is not None:
-                        bar.update(len(raw))
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError:
-                        raise AquilaError(f"{p}:{lineno}: not UTF-8 text") from None
-                    if not jsonl:
-                        chunk.append(line)
-                        size += len(line)
-                        if size >= _PLAIN_CHUNK_CHARS:
-                            yield "".join(chunk)
-                            chunk, size = [], 0
-                        continue
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise AquilaError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-                    if not isinstance(obj, dict) or json_key not in obj:
-                        raise AquilaError(f"{p}:{lineno}: no {json_key!r} key (set --json-key)")
-                    text = obj[json_key]
-                    if not isinstance(text, str):
-                        raise AquilaError(f"{p}:{lineno}: {json_key!r} must be a string, got {type(text).__name__}")
-                    yield text
-                if chunk:
-                    yield "".join(chunk)
-    finally:
-        if bar is not None:
-            bar.close()
+
+def _is_jsonl(path: Path) -> bool:
+    return path.suffix in (".jsonl", ".json")
 
 
 def check_vocab_size(vocab_size: int) -> None:
@@ -100,10 +113,17 @@ def check_vocab_size(vocab_size: int) -> None:
         )
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False) -> Tokenizer:
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    min_frequency: int = 2,
+    show_progress: bool = False,
+    length: int | None = None,
+) -> Tokenizer:
     """Train a byte-level BPE with `vocab_size` base entries (<|endoftext|> = id 0, then the 256 byte symbols).
 
     A corpus too small to support that many merges gives a smaller base vocabulary; the specials follow it.
+    `length` (number of texts, may be approximate) only sizes the progress bar.
     """
     check_vocab_size(vocab_size)
     backend = HFTokenizer(models.BPE())
@@ -117,7 +137,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, sho
         show_progress=show_progress,
     )
     counter = _Counter(texts)
-    backend.train_from_iterator(counter, trainer=trainer)
+    backend.train_from_iterator(counter, trainer=trainer, length=length)
     if counter.chars == 0:
         raise AquilaError("the training corpus is empty (no text found in the input)")
     model = json.loads(backend.to_str())["model"]
@@ -135,8 +155,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     check_vocab_size(args.vocab_size)  # fail before reading any input
-    texts = iter_corpus(args.input, json_key=args.json_key, progress=not args.no_progress)
-    tok = train_bpe(texts, args.vocab_size, min_frequency=args.min_frequency, show_progress=not args.no_progress)
+    progress = not args.no_progress
+    length = estimate_documents(args.input) if progress else None
+    texts = iter_corpus(args.input, json_key=args.json_key)
+    tok = train_bpe(texts, args.vocab_size, min_frequency=args.min_frequency, show_progress=progress, length=length)
     tok.save_pretrained(args.output)
     note = "" if tok.base_size == args.vocab_size else f" (corpus too small for {args.vocab_size})"
     print(f"wrote {args.output}: {tok.base_size} base entries{note} + 8 specials = {len(tok)} ids")

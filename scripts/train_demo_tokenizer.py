@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import build_demo_corpus  # noqa: E402
 
 from aquila.errors import AquilaError  # noqa: E402
-from aquila.tokenizer_train import iter_corpus, train_bpe  # noqa: E402
+from aquila.tokenizer_train import estimate_documents, iter_corpus, train_bpe  # noqa: E402
 
 DEMO_VOCAB = 16000
 DEFAULT_OUT = ROOT / "examples" / "aquila" / "demo_tokenizer"
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.corpus / "train.jsonl").is_file():
             build_demo_corpus.build(args.corpus)
         start = time.perf_counter()
-        tok = train_bpe(iter_corpus([args.corpus / "train.jsonl"], progress=True), args.vocab_size, show_progress=True)
+        files = [args.corpus / "train.jsonl"]
+        tok = train_bpe(iter_corpus(files), args.vocab_size, show_progress=True, length=estimate_documents(files))
         seconds = time.perf_counter() - start
         if tok.base_size != args.vocab_size:
             raise AquilaError(f"corpus too small: got {tok.base_size} base entries, wanted {args.vocab_size}")

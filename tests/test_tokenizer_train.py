@@ -10,7 +10,7 @@ import pytest
 from aquila.cli import main as cli
 from aquila.errors import AquilaError
 from aquila.tokenizer import Tokenizer
-from aquila.tokenizer_train import iter_corpus, train_bpe
+from aquila.tokenizer_train import estimate_documents, iter_corpus, train_bpe
 
 TEXTS = [
     "中华人民共和国国务院总理今天在北京会见了来访的客人，双方就经济合作交换了意见。",
@@ -53,6 +53,12 @@ def test_small_corpus_gives_smaller_vocab_and_specials_follow():
     tok = train_bpe(["ab ab ab"], 1000)
     assert tok.base_size < 1000 and len(tok) == tok.base_size + 8
     assert tok.token_end_id == tok.base_size + 7
+
+
+def test_estimate_documents_for_the_progress_bar(tmp_path):
+    jsonl, txt = write_corpus(tmp_path)
+    assert estimate_documents([jsonl]) == len(TEXTS) * 30
+    assert estimate_documents([jsonl, txt]) == len(TEXTS) * 30 + 1
 
 
 def test_plain_text_keeps_newlines(tmp_path):
