@@ -16,10 +16,12 @@ from pathlib import Path
 import sentencepiece as spm
 
 from aquila.errors import AquilaError
-from aquila.tokenizer import COMMAND_TOKENS, BaseTokenizer, _replace_surrogates
+from aquila.tokenizer import COMMAND_TOKENS, BaseTokenizer, _as_str, _replace_surrogates
 
 
 class SentencePieceTokenizer(BaseTokenizer):
+    """A `.model` file behind FlagAI's tokenizer API (see the module docstring for how ids are chosen)."""
+
     def __init__(self, model_file: str | os.PathLike) -> None:
         self.model_file = Path(model_file)
         self._sp = spm.SentencePieceProcessor()
@@ -62,8 +64,8 @@ class SentencePieceTokenizer(BaseTokenizer):
             return self._sp.encode(text, **kwargs)
         except (UnicodeEncodeError, TypeError, RuntimeError):  # lone surrogates
             if isinstance(text, list):
-                return self._sp.encode([_replace_surrogates(t) for t in text], **kwargs)
-            return self._sp.encode(_replace_surrogates(text), **kwargs)
+                return self._sp.encode([_replace_surrogates(_as_str(t)) for t in text], **kwargs)
+            return self._sp.encode(_replace_surrogates(_as_str(text)), **kwargs)
 
     def encode(self, text: str) -> list[int]:
         return self._encode(text, out_type=int)
