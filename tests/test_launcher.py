@@ -32,7 +32,9 @@ def free_port() -> int:
 
 @pytest.fixture
 def proj(tmp_path: Path) -> Path:
-    """A PROJ_HOME with a one-node hostfile and a small YAML; the launchers run from here."""
+    """A PROJ_HOME (with a space in its path) holding a one-node hostfile and a small YAML; launchers run here."""
+    tmp_path = tmp_path / "proj dir"
+    tmp_path.mkdir()
     (tmp_path / "hostfile").write_text("# test\n127.0.0.1 slots=2\n")
     (tmp_path / "cfg.yaml").write_text("batch_size: 2\n")
     return tmp_path
@@ -229,7 +231,7 @@ def test_torchrun_missing_is_a_clear_error(proj):
     (fake / "torch" / "__init__.py").write_text("raise ImportError('no torch here')\n")
     py = proj / "bin" / "python"
     py.parent.mkdir()
-    py.write_text(f'#!/bin/sh\nPYTHONPATH={fake}:{REPO} exec {sys.executable} "$@"\n')
+    py.write_text(f'#!/bin/sh\nPYTHONPATH="{fake}:{REPO}" exec "{sys.executable}" "$@"\n')
     py.chmod(0o755)
     (proj / "one").write_text("127.0.0.1 slots=1\n")
     r = run("local_trigger_docker.sh", "--follow", "one", "cfg.yaml", "aquila-tiny", "e", cwd=proj,
@@ -286,7 +288,7 @@ def test_remote_nodes_are_started_over_ssh_with_their_rank(proj, fake_ssh):
         assert words[i + 3 : i + 9] == [str(proj / "remote"), str(proj / "cfg.yaml"), "aquila-tiny", "exp",
                                         save_dir.name, str(rank)]  # fmt: skip
         log = job["LOGFILE"] if rank == 0 else str(save_dir / "launch" / f"node{rank}.log.txt")
-        assert call[3].endswith(f">{log} 2>&1 </dev/null &")
+        assert words[-4:] == [f">{log}", "2>&1", "</dev/null", "&"]
 
     # dist_stop reaches the same hosts with this job's id (default: the latest job).
     r = run("dist_stop_docker.sh", "remote", cwd=proj, env=env)

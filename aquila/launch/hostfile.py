@@ -221,10 +221,10 @@ def check_model(model_name: str, proj_home: str | os.PathLike) -> str:
 
 
 def is_sft_config(config_path: str | os.PathLike, data: dict) -> bool:
-    """SFT when the YAML's file name says so (sft/chat) or it sets any SFT data key (FlagAI's enable_sft_*)."""
+    """SFT when the YAML's file name says so (sft/chat) or it has an SFT key (enable_sft_*, sft_*)."""
     if re.search(r"sft|chat", Path(config_path).name, re.IGNORECASE):
         return True
-    return any("sft" in str(key).lower() for key in data)
+    return any(str(key).startswith(("enable_sft", "sft_")) for key in data)
 
 
 def choose_script(config_path: str | os.PathLike, data: dict, script_dir: str | os.PathLike) -> Path:
