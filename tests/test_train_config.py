@@ -1,0 +1,107 @@
+"""TrainConfig precedence and checks; every bad input fails with one line and status 2 before training."""
+
+from __future__ import annotations
+
+import pytest
+
+from aquila.errors import AquilaError
+from aquila.train.config import SCRIPT_DEFAULTS, TrainConfig, parse_config
+from aquila.train.pretrain import main as pretrain_main
+from tests.test_train_helpers import micro_model_dir, pretrain_config, write_yaml
+
+
+def test_precedence_defaults_flags_yaml(tmp_path):
+    y = write_yaml(tmp_path / "c.yaml", {"lr": 3.0e-4, "batch_size": 10})
+    cfg = parse_config(["--lr", "6.0e-5", "--epochs", "3", "--yaml_config", str(y)], "t", SCRIPT_DEFAULTS)
+    assert cfg.lr == 3.0e-4 and cfg.batch_size == 10  # YAML beats flags
+    assert cfg.epochs == 3  # flag beats script default (100)
+    assert cfg.log_interval == 10  # script default beats EnvArgs default (100)
+    assert TrainConfig().log_interval == 100
+
+
+def test_flagai_launcher_flags_accepted():
+    argv = "--not_call_launch --local-rank 0 --batch_size 6 --epochs 1 --gradient_accumulation_steps 1 --lr 6.0e-5"
+    argv += " --warm_up 0.2 --weight_decay 0.1 --adam_beta1 0.9 --adam_beta2 0.95 --save_dir s --pre_load_dir p"
+    argv += " --experiment_name e --model_name aquila-7b --wandb_dir w --fp16 True --bmt_cpu_offload false"
+    cfg = parse_config(argv.split() + ["--local_rank=1"], "t")
+    assert (cfg.batch_size, cfg.lr, cfg.adam_beta2, cfg.fp16, cfg.bmt_cpu_offload) == (6, 6.0e-5, 0.95, True, False)
+
+
+def test_cli_lists_and_none():
+    cfg = parse_config(["--lora_target_modules", "[wq,wk,wv]", "--load_dir", "None", "--data_prefix", "a"], "t")
+    assert cfg.lora_target_modules == ["wq", "wk", "wv"] and cfg.load_dir is None and cfg.data_prefix == "a"
+
+
+@pytest.mark.parametrize(
+    "yaml_data, argv, needle",
+    [
+        ({"lr": "3e-4"}, [], "YAML 1.1"),
+        ({"learning_rate": 0.1}, [], "unknown key 'learning_rate'"),
+        ({"batch_size": "ten"}, [], "key 'batch_size'"),
+        ({}, ["--batch_size", "x"], "--batch_size"),
+        ({}, ["--bogus", "1"], "--bogus"),
+        ({}, ["--fp16", "maybe"], "--fp16"),
+        ({"batch_size": 0}, [], "batch_size must be positive"),
+        ({"env_type": "deepspeed"}, [], "env_type"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, yaml_data, argv, needle):
+    y = write_yaml(tmp_path / "c.yaml", yaml_data)
+    with pytest.raises(AquilaError, match=needle.replace("(", r"\(")):
+        parse_config(argv + ["--yaml_config", str(y)], "t")
+
+
+def _run_bad(tmp_path, capsys, **overrides):
+    cfg = pretrain_config(tmp_path, **overrides)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    y = write_yaml(tmp_path / "bad.yaml", cfg)
+    rc = pretrain_main(["--yaml_config", str(y)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"data_prefix": None}, "data_prefix is not set"),
+        ({"data_prefix": "/nonexistent/prefix"}, "not found"),
+        ({"seq_length": 4096}, "above the model's max_seq_len 128"),
+        ({"batch_size": 0}, "batch_size must be positive"),
+        ({"model_name": "nope"}, "model_name 'nope'"),
+        ({"lr": "3e-4"}, "YAML 1.1"),
+        ({"max_steps": 0, "epochs": 1, "batch_size": 4096}, "fewer than one global batch"),
+    ],
+)
+def test_bad_inputs_one_line_before_training(tmp_path, capsys, overrides, needle):
+    rc, out, err = _run_bad(tmp_path, capsys, **overrides)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert "iteration" not in out
+
+
+def test_load_dir_without_checkpoint(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc, out, err = _run_bad(tmp_path, capsys, load_dir=str(tmp_path / "empty"))
+    assert rc == 2 and err.count("\n") == 1 and "no checkpoint" in err
+    assert "iteration" not in out
+
+
+def test_corrupt_checkpoint_detected_before_training(tmp_path, capsys):
+    rc, _, _ = _run_bad(tmp_path, capsys, max_steps=2, save_interval=2)
+    assert rc == 0
+    step_dir = tmp_path / "out" / "2"
+    data = (step_dir / "model.safetensors").read_bytes()
+    (step_dir / "model.safetensors").write_bytes(data[: len(data) // 2])
+    rc, out, err = _run_bad(
+        tmp_path, capsys, load_dir=str(tmp_path / "out"), max_steps=4, save_dir=str(tmp_path / "o2")
+    )
+    assert rc == 2 and err.count("\n") == 1 and "model.safetensors" in err, err
+    assert "iteration" not in out
+
+
+def test_pre_load_dir_config_takes_precedence_over_preset(tmp_path, capsys):
+    micro_model_dir(tmp_path / "pre" / "aquila-micro", dim=48, n_heads=4)
+    rc, out, _ = _run_bad(tmp_path, capsys, pre_load_dir=str(tmp_path / "pre"), max_steps=1)
+    assert rc == 0
+    assert '"dim": 48' in (tmp_path / "out" / "1" / "config.json").read_text()

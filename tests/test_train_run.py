@@ -1,0 +1,158 @@
+"""Single-process training runs in-process: learning, exact resume, SFT masking, LoRA checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from aquila.checkpoint import load_model_dir
+from aquila.train.pretrain import main as pretrain_main
+from aquila.train.sft import main as sft_main
+from tests.test_train_helpers import (
+    CONVOS,
+    DEMO_DATA,
+    DEMO_TOKENIZER,
+    losses,
+    micro_model_dir,
+    pretrain_config,
+    write_yaml,
+)
+
+
+def _pretrain(tmp_path, name="c.yaml", **overrides) -> int:
+    return pretrain_main(["--yaml_config", str(write_yaml(tmp_path / name, pretrain_config(tmp_path, **overrides)))])
+
+
+def test_checkpoint_layout_and_flagai_loadable(tmp_path):
+    assert _pretrain(tmp_path, max_steps=3, save_interval=2, num_checkpoints=1) == 0
+    out = tmp_path / "out"
+    assert (out / "latest_iteration.txt").read_text() == "3\t3\n"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["3"]  # num_checkpoints 1 pruned step 2
+    step = out / "3"
+    for name in ("config.json", "model.safetensors", "pytorch_model.bin", "trainer_state.json", "optim", "rng"):
+        assert (step / name).exists(), name
+    bin_state = torch.load(step / "pytorch_model.bin", weights_only=True)
+    assert "module" not in bin_state and "tok_embeddings.weight" in bin_state  # FlagAI's plain full state dict
+    model = load_model_dir(step)
+    assert torch.equal(model.state_dict()["output.weight"], bin_state["output.weight"])
+    state = json.loads((step / "trainer_state.json").read_text())
+    assert state["iteration"] == 3 and state["consumed_samples"] == 12
+
+
+def test_exact_resume_bitwise(tmp_path):
+    assert _pretrain(tmp_path, max_steps=6, save_interval=3, gradient_accumulation_steps=2, batch_size=2) == 0
+    full = losses(tmp_path / "out")
+    assert sorted(full) == [1, 2, 3, 4, 5, 6]
+    rc = _pretrain(
+        tmp_path, "r.yaml", max_steps=6, save_interval=3, gradient_accumulation_steps=2, batch_size=2,
+        load_dir=str(tmp_path / "out" / "3"), save_dir=str(tmp_path / "resumed"),
+    )  # fmt: skip
+    assert rc == 0
+    resumed = losses(tmp_path / "resumed")
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == full[step], (step, resumed[step], full[step])  # bitwise (fp32 CPU)
+    a = load_model_dir(tmp_path / "out" / "6").state_dict()
+    b = load_model_dir(tmp_path / "resumed" / "6").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_from_save_dir_tracker_continues(tmp_path):
+    assert _pretrain(tmp_path, max_steps=2, save_interval=2) == 0
+    assert _pretrain(tmp_path, "r.yaml", max_steps=4, load_dir=str(tmp_path / "out")) == 0
+    assert sorted(losses(tmp_path / "out")) == [1, 2, 3, 4]
+    assert (tmp_path / "out" / "latest_iteration.txt").read_text().split()[0] == "4"
+
+
+@pytest.mark.slow
+def test_tiny_model_loss_falls_on_demo_data(tmp_path, capsys):
+    rc = _pretrain(
+        tmp_path, model_name="aquila-tiny", data_prefix=str(DEMO_DATA), tokenizer_dir=str(DEMO_TOKENIZER),
+        seq_length=64, batch_size=4, max_steps=25, lr=3.0e-3, warm_up=0.1, log_interval=5, save_interval=1000,
+    )  # fmt: skip
+    assert rc == 0
+    curve = losses(tmp_path / "out")
+    assert curve[25] < curve[5] - 1.0, curve
+    assert (tmp_path / "out" / "25" / "tokenizer.json").is_file()  # self-contained model directory
+    assert "first loss" in capsys.readouterr().out
+
+
+def _tiny_vocab_model(tmp_path):
+    return micro_model_dir(tmp_path / "pre" / "m", vocab=16008, dim=32, n_heads=2, n_layers=1, max_seq_len=256)
+
+
+def _sft_cfg(tmp_path, **overrides):
+    cfg = {
+        "pre_load_dir": str(tmp_path / "pre"), "model_name": "m", "tokenizer_dir": str(DEMO_TOKENIZER),
+        "enable_sft_dataset_dir": str(CONVOS.parent), "enable_sft_dataset_file": CONVOS.name,
+        "seq_length": 256, "batch_size": 4, "max_steps": 2, "lr": 1.0e-3, "env_type": "pytorch",
+        "log_interval": 1, "save_dir": str(tmp_path / "sft"), "peak_tflops": 1.0, "shuffle_dataset": False,
+    }  # fmt: skip
+    cfg.update(overrides)
+    return write_yaml(tmp_path / "sft.yaml", cfg)
+
+
+def test_sft_loss_is_on_assistant_tokens_only(tmp_path):
+    """The trainer's loss equals cross-entropy over assistant positions only, computed from full logits."""
+    from aquila.data.sft import SFTDataset, sft_collate
+    from aquila.tokenizer import Tokenizer
+    from aquila.train.batches import count_targets
+
+    tok = Tokenizer.from_pretrained(DEMO_TOKENIZER)
+    ds = SFTDataset(CONVOS, tok, max_length=256)
+    batch = sft_collate([ds[i] for i in range(4)], pad_id=tok.token_pad_id)
+    ids, labels = batch["input_ids"], batch["labels"]
+    trained_text = tok.decode([int(t) for t in labels[1][labels[1] != -100]])
+    assert "Paris" in trained_text and "capital of France?" not in trained_text
+    from aquila.checkpoint import build_model
+    from aquila.config import ModelArgs
+
+    m = build_model(ModelArgs.load(_tiny_vocab_model(tmp_path) / "config.json"), seed=0)
+    loss = m(ids, labels=labels)["loss"]
+    logits = m(ids)["logits"][:, :-1]
+    target = labels[:, 1:]
+    mask = target != -100
+    manual = torch.nn.functional.cross_entropy(logits[mask], target[mask])
+    torch.testing.assert_close(loss, manual, rtol=1e-5, atol=1e-5)
+    assert count_targets(labels) == int(mask.sum()) < int((ids != tok.token_pad_id).sum()) // 2
+    # Training on every next token (what a prompt-inclusive loss would do) gives a different value.
+    assert not torch.allclose(m(ids, labels=ids)["loss"], loss)
+
+
+def test_sft_lora_run_saves_adapters_and_merge(tmp_path):
+    from aquila.train.lora import apply_lora, load_adapter, merge_adapter_dir, read_adapter
+
+    base_dir = _tiny_vocab_model(tmp_path)
+    from aquila.checkpoint import build_model, save_model_dir
+    from aquila.config import ModelArgs
+
+    save_model_dir(build_model(ModelArgs.load(base_dir / "config.json"), seed=5), base_dir)
+    y = _sft_cfg(tmp_path, lora=True, bmt_pre_load=True, lr=5.0e-2, max_steps=3)
+    assert sft_main(["--yaml_config", str(y)]) == 0
+    step = tmp_path / "sft" / "3"
+    assert (step / "adapter_model.safetensors").is_file() and (step / "adapter_model.bin").is_file()
+    assert not (step / "model.safetensors").exists()  # LoRA checkpoints hold adapters only (FlagAI)
+    config, state = read_adapter(step)
+    assert config["r"] == 8 and config["target_modules"] == ["wq", "wv"]
+    assert all(k.startswith("base_model.model.layers.") for k in state)
+    merge_adapter_dir(base_dir, step, tmp_path / "merged")
+    merged = load_model_dir(tmp_path / "merged").eval()
+    adapted = load_model_dir(base_dir)
+    apply_lora(adapted, config)
+    load_adapter(adapted, step)
+    adapted.eval()
+    ids = torch.randint(0, 16008, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids)["logits"], adapted(ids)["logits"], rtol=1e-4, atol=1e-4)
+        base = load_model_dir(base_dir).eval()
+        assert not torch.allclose(base(ids)["logits"], adapted(ids)["logits"])
+
+
+def test_sft_needs_data_file(tmp_path, capsys):
+    _tiny_vocab_model(tmp_path)
+    y = _sft_cfg(tmp_path, enable_sft_dataset_file="missing.jsonl")
+    assert sft_main(["--yaml_config", str(y)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.jsonl" in err
