@@ -373,6 +373,11 @@ def test_stop_ends_only_this_job(proj, how):
         job_id = jobs.job_id_for(save_dir)
         before = jobs.job_processes(job_id)
         assert {x["pid"] for x in records(save_dir)} <= set(before)
+        again = run("dist_trigger_docker.sh", hostfile, "cfg.yaml", "aquila-tiny", "exp", cwd=proj)
+        if again.returncode == 0:  # the hour changed between the triggers: a new save dir, so it may start
+            assert save_dir_of(again.stdout) != save_dir
+        else:
+            assert again.returncode == 2 and f"already has a running job ({job_id})" in again.stderr
         if how == "local_stop":
             r = run("local_stop_docker.sh", "exp", cwd=proj)
         else:
@@ -387,6 +392,5 @@ def test_stop_ends_only_this_job(proj, how):
     finally:
         bystander.kill()
         bystander.wait()
-        latest = proj / "checkpoints_out" / jobs.LATEST
-        if latest.is_file():  # never leave a sleeping job behind when an assertion failed
-            jobs.stop_job(jobs.job_id_for(latest.read_text().strip()), timeout=5)
+        for env_file in proj.glob("checkpoints_out/*/*/launch/job.env"):  # never leave a sleeping job behind
+            jobs.stop_job(jobs.read_env_file(env_file)["JOB_ID"], timeout=5)
