@@ -99,9 +99,14 @@ class TextStream:
         self.completion = completion
 
     def __iter__(self) -> Iterator[str]:
+        for piece in self.steps():
+            if piece:
+                yield piece
+
+    def steps(self) -> Iterator[str]:
+        """One piece per generated token (often ""), so a consumer can stop between any two tokens."""
         for step in self._pieces:
-            if step[0]:
-                yield step[0]
+            yield step[0]
 
     def close(self) -> None:
         self._pieces.close()
@@ -215,10 +220,11 @@ class Predictor:
                     break
         finally:
             steps.close()
-        final = []
+            for done, text in zip(completions, texts):  # also when the consumer stops early
+                done.finish_reason = done.finish_reason or "length"
+                done.text = text.text.rstrip() if strip else text.text
+        final = [text.finish() for text in texts]
         for done, text in zip(completions, texts):
-            final.append(text.finish())
-            done.finish_reason = done.finish_reason or "length"
             done.text = text.text
         yield final
 
@@ -250,9 +256,10 @@ class Predictor:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         strip: bool = False,
+        logprobs: bool = False,
     ) -> TextStream:
         """Like `complete`, as text pieces (never splitting a character)."""
-        pieces, completions = self._start([prompt_ids], max_new_tokens, params, seed, stop, strip)
+        pieces, completions = self._start([prompt_ids], max_new_tokens, params, seed, stop, strip, logprobs)
         return TextStream(pieces, completions[0])
 
     def complete_batch(
