@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from aquila.config import PRESETS
 from aquila.errors import AquilaError
 from aquila.launch import hostfile as hf
 from aquila.launch import jobs
@@ -195,6 +196,18 @@ def test_trigger_rejects_busy_master_port(proj):
         f"local_stop_docker.sh); set MASTER_PORT to a free port"
     )
     assert not (proj / "checkpoints_out").exists()
+
+
+def test_yaml_model_name_wins_and_is_checked(proj):
+    (proj / "m.yaml").write_text("model_name: aquila-9b\nsave_dir: elsewhere\n")
+    r = run("dist_trigger_docker.sh", "hostfile", "m.yaml", "aquila-tiny", "e", cwd=proj)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        f"warning: {proj}/m.yaml sets model_name: aquila-9b, which overrides 'aquila-tiny'",
+        f"warning: {proj}/m.yaml sets save_dir: elsewhere, which overrides the launcher's",
+        f"error: model 'aquila-9b': no preset of that name ({', '.join(sorted(PRESETS))}) and no "
+        f"{proj}/checkpoints_in/aquila-9b/config.json",
+    ]
 
 
 def test_trigger_usage_and_missing_script(proj):
@@ -378,7 +391,16 @@ def test_stop_ends_only_this_job(proj, how):
             assert save_dir_of(again.stdout) != save_dir
         else:
             assert again.returncode == 2 and f"already has a running job ({job_id})" in again.stderr
+        other_id = None
         if how == "local_stop":
+            # A second job of another experiment, started later (so it is the latest), must survive too.
+            (proj / "one").write_text("127.0.0.1 slots=1\n")
+            r = run("dist_trigger_docker.sh", "one", "cfg.yaml", "aquila-tiny", "other", cwd=proj,
+                    env=launcher_env(STUB_SLEEP="300"))  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            other_dir = save_dir_of(r.stdout)
+            wait_for(lambda: len(records(other_dir)) == 1, 120, "the other job to start")
+            other_id = jobs.job_id_for(other_dir)
             r = run("local_stop_docker.sh", "exp", cwd=proj)
         else:
             r = run("dist_stop_docker.sh", "two", cwd=proj)
@@ -387,8 +409,12 @@ def test_stop_ends_only_this_job(proj, how):
         wait_for(lambda: not jobs.job_processes(job_id), 20, "the job to end")
         assert (save_dir / "launch" / "node0.exit").read_text().strip() == "143"
         assert bystander.poll() is None  # the unrelated python process survives
-        r = run("local_stop_docker.sh", cwd=proj)
-        assert r.returncode == 0 and "no running process of job" in r.stdout
+        if other_id is not None:
+            assert jobs.job_processes(other_id)  # and so does the other job, until it is stopped by name
+            r = run("local_stop_docker.sh", cwd=proj)
+            assert r.returncode == 0 and f"stopped job {other_id}" in r.stdout
+        r = run("local_stop_docker.sh", "exp", cwd=proj)
+        assert r.returncode == 0 and f"no running process of job {job_id}" in r.stdout
     finally:
         bystander.kill()
         bystander.wait()

@@ -26,7 +26,14 @@ def _check_inputs(args) -> tuple[list[hf.Node], Path]:
     """Everything both plans validate: hostfile, YAML, model, experiment name, training script."""
     nodes = hf.parse_hostfile(args.hostfile)
     data = hf.load_yaml(args.config)
-    hf.check_model(args.model, args.proj_home)
+    # The YAML wins over the launcher's flags (FlagAI's precedence): say so when it overrides them.
+    for key, ours in (("model_name", args.model), ("experiment_name", args.exp)):
+        if key in data and str(data[key]) != ours:
+            print(f"warning: {args.config} sets {key}: {data[key]}, which overrides {ours!r}", file=sys.stderr)
+    for key in ("save_dir", "pre_load_dir", "wandb_dir"):
+        if data.get(key) is not None:
+            print(f"warning: {args.config} sets {key}: {data[key]}, which overrides the launcher's", file=sys.stderr)
+    hf.check_model(str(data.get("model_name") or args.model), args.proj_home)
     hf.check_name("experiment name", args.exp)
     return nodes, hf.choose_script(args.config, data, args.script_dir)
 
