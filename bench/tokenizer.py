@@ -197,4 +197,10 @@ def update_readme(path: Path, body: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from aquila.errors import AquilaError
+
+    try:
+        sys.exit(main())
+    except AquilaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
