@@ -83,7 +83,12 @@ def init_distributed(env: DistEnv, cfg: TrainConfig) -> None:
     """Start the process group (also for one process under DDP/FSDP, which need one)."""
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
-    if env.env_type in ("pytorch", "bmtrain") or dist.is_initialized():
+    if env.env_type == "bmtrain":
+        from aquila.train.bmtrain_backend import init
+
+        init(cfg.seed)
+        return
+    if env.env_type == "pytorch" or dist.is_initialized():
         return
     backend = "nccl" if env.device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)

@@ -90,7 +90,12 @@ class Trainer:
             grads = [p.grad for p in params if p.grad is not None]
             torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
         max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.env.env_type == "bmtrain":
+            from aquila.train.bmtrain_backend import clip_grad_norm
+
+            norm = clip_grad_norm(self.optimizer, max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
             norm = norm.full_tensor()
         norm_value = float(norm)

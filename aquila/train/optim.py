@@ -37,8 +37,17 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         from aquila.errors import AquilaError
 
         raise AquilaError("no trainable parameters")
+    params = [p for g in groups for p in g["params"]]
+    # The fused kernel (one pass per tensor instead of ~10 foreach passes) where torch has it for these tensors;
+    # sharded DTensor parameters (FSDP2) keep the foreach implementation.
+    fused = all(p.device.type in ("cpu", "cuda") and not hasattr(p, "device_mesh") for p in params)
     return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=fused or None,
     )
 
 
