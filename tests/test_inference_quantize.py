@@ -88,3 +88,14 @@ def test_quantize_from_hf_dir_and_errors(tmp_path):
     assert cli_main(["quantize", str(tmp_path / "q"), str(tmp_path / "x")]) == 2  # already quantized
     with pytest.raises(AquilaError, match="quantized"):
         aquila.AutoLoader(model_dir=tmp_path, model_name="q", adapter_dir=tmp_path / "hf")
+
+
+@pytest.mark.slow
+def test_compiled_int8_decode_matches_eager():
+    from aquila.inference.generate import generate
+    from aquila.inference.sampling import SamplingParams
+
+    model = quantize_model(build_model(ARGS, seed=0).eval())
+    prompt = [[16006, *range(1, 20)]]
+    eager = generate(model, prompt, 8, SamplingParams(temperature=0), stop_ids=()).tokens
+    assert generate(model, prompt, 8, SamplingParams(temperature=0), stop_ids=(), compile=True).tokens == eager

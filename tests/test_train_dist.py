@@ -31,10 +31,11 @@ def _run(tmp_path, name, nproc, **overrides):
 
 
 def test_ddp_and_fsdp_match_single_process(tmp_path):
-    """Same global batch (8) on 1 process, DDP (2 x 2 x accumulation 2) and FSDP2 (2 x 4): same parameters."""
+    """Same global batch (8) on 1 process, DDP (2 x 2 x accumulation 2) and FSDP2 (2 x 4, activation
+    checkpointing): same parameters."""
     _run(tmp_path, "single", 1, batch_size=8, env_type="pytorch")
     _run(tmp_path, "ddp", 2, batch_size=2, gradient_accumulation_steps=2, env_type="pytorchDDP")
-    _run(tmp_path, "fsdp", 2, batch_size=4, env_type="fsdp")
+    _run(tmp_path, "fsdp", 2, batch_size=4, env_type="fsdp", checkpoint_activations=True)
     ref = load_file(tmp_path / "single" / "3" / "model.safetensors")
     ref_losses = losses(tmp_path / "single")
     for name in ("ddp", "fsdp"):

@@ -156,3 +156,53 @@ def test_sft_needs_data_file(tmp_path, capsys):
     assert sft_main(["--yaml_config", str(y)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.jsonl" in err
+
+
+def test_tensorboard_metrics_and_plot(tmp_path):
+    from aquila.train.plot import main as plot_main
+
+    tb = tmp_path / "tb"
+    assert _pretrain(tmp_path, max_steps=2, tensorboard=True, tensorboard_dir=str(tb), eval_interval=2) == 0
+    assert list((tb / "test_experiment").glob("events.out.tfevents.*")) or list(tb.rglob("events.out.tfevents.*"))
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert kinds == ["train", "train", "valid"]
+    assert plot_main([str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "metrics.png").stat().st_size > 1000
+
+
+def _nan_on(monkeypatch, bad_calls):
+    """Make the model's loss NaN on the given (0-based) forward calls in training mode."""
+    from aquila.model import AquilaModel
+
+    orig = AquilaModel.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        if self.training and out["loss"] is not None:
+            if bad_calls(calls["n"]):
+                out["loss"] = out["loss"] * float("nan")
+            calls["n"] += 1
+        return out
+
+    monkeypatch.setattr(AquilaModel, "forward", forward)
+
+
+def test_nan_step_is_skipped_and_counted(tmp_path, monkeypatch, capsys):
+    _nan_on(monkeypatch, lambda n: n == 1)
+    assert _pretrain(tmp_path, max_steps=4) == 0
+    out = capsys.readouterr().out
+    assert "iteration 2: non-finite loss" in out and "step skipped" in out
+    recs = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nan_skipped"] for r in recs] == [0, 1, 0, 0]
+    state = json.loads((tmp_path / "out" / "4" / "trainer_state.json").read_text())
+    assert state["nan_skipped_total"] == 1 and state["iteration"] == 4
+
+
+def test_consecutive_nans_stop_with_checkpoint(tmp_path, monkeypatch, capsys):
+    _nan_on(monkeypatch, lambda n: n >= 1)
+    assert _pretrain(tmp_path, max_steps=10, nan_skip_limit=3) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "3 consecutive non-finite steps" in err and "checkpoint saved" in err
+    assert (tmp_path / "out" / "latest_iteration.txt").read_text().split()[0] == "4"
+    load_model_dir(tmp_path / "out" / "4")

@@ -190,6 +190,8 @@ class Saver:
                 shutil.rmtree(old, ignore_errors=True)
             os.replace(tmp, final)
             best = state.get("best_iteration") or step
+            if best != step and not (self.save_dir / str(best)).is_dir():
+                best = step  # the best evaluation fell between checkpoints: "best" is the newest one then
             write_text_atomic(self.save_dir / TRACKER, f"{step}\t{best}\n")
             prune(self.save_dir, self.num_checkpoints, protect={step, best})
         barrier()

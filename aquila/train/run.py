@@ -211,8 +211,10 @@ def _train(cfg, env, args, weights, seq_length, tok, resume, resume_state, resum
         logger.message(
             f" {env.env_type} on {env.world_size} x {env.device.type} | model {cfg.model_name}"
             f" ({args.num_params() / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable) | seq {seq_length}"
-            f" | global batch {gb} | iterations {state.step}->{total} | peak {peak:.2f} TFLOP/s per process"
+            f" | global batch {gb} | iterations {state.step}->{total} | peak {peak:.3g} TFLOP/s per process"
         )
+        if tok is None and saver is not None:
+            logger.message(" note: no tokenizer (set tokenizer_dir): checkpoints will hold no tokenizer files")
     trainer = Trainer(
         cfg, env, wrapped, optimizer, train_batches, valid_batches, valid_steps, total, scaler,
         amp_dtype(cfg, env), saver, logger, state,
