@@ -99,7 +99,7 @@ def _assign(model: AquilaModel, state: dict[str, torch.Tensor], source: str, dty
 
 
 def load_quantized_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AquilaModel:
-    from aquila.inference.quantize import QUANT_CONFIG, QUANT_FORMAT, quantize_model
+    from aquila.inference.quantize import QUANT_CONFIG, QUANT_FORMAT, align_weights, quantize_model
 
     path = Path(path)
     qcfg = read_json(path / QUANT_CONFIG)
@@ -110,7 +110,7 @@ def load_quantized_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float
         model = quantize_model(AquilaModel(args), embeddings=bool(qcfg.get("embeddings", True)))
     weights = path / "model.safetensors"
     _assign(model, read_state_dict(weights), str(weights), dtype)
-    return model
+    return align_weights(model)
 
 
 def quantize_on_load(path: Path, dtype: torch.dtype) -> AquilaModel:

@@ -41,12 +41,37 @@ TOKENIZER_FILES = (
 )
 
 
-def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: (q int8 [out, in], scales fp32 [out]) with w ~= q * scales[:, None]."""
-    w = w.float()
-    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+def quantize_weight(w: torch.Tensor, block_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q int8 [out, in], scales fp32 [out]) with w ~= q * scales[:, None].
+
+    Rows are processed in blocks so the fp32 temporaries stay small whatever the size of `w`.
+    """
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for start in range(0, w.shape[0], block_rows):
+        block = w[start : start + block_rows].float()
+        low, high = torch.aminmax(block, dim=1)
+        s = (torch.maximum(-low, high) / 127.0).clamp_(min=1e-10)
+        q[start : start + block_rows] = torch.div(block, s[:, None]).round_().clamp_(-127, 127)
+        scales[start : start + block_rows] = s
     return q, scales
+
+
+def _int8_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [m, k] (any float) @ int8 w [n, k] with per-row scales -> [m, n] in x's dtype (CPU kernel, bf16 inputs)."""
+    return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), w, scales.to(torch.bfloat16)).to(x.dtype)
+
+
+# Under torch.compile the kernel is called as an opaque op: inductor's own lowering of _weight_int8pack_mm fails
+# when its input is a fused pointwise result (LoweringException in torch 2.13).
+@torch.library.custom_op("aquila::int8_mm", mutates_args=())
+def int8_mm_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return _int8_mm(x, w, scales)
+
+
+@int8_mm_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
 
 
 class Int8Linear(nn.Module):
@@ -65,13 +90,16 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            if self.weight.data_ptr() % 64:
-                # The CPU kernel reads the weight with aligned vector loads; tensors taken straight from a
-                # safetensors file can sit at any offset, so move such a weight once into a fresh allocation.
-                self.weight = self.weight.clone()
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-            out = torch._weight_int8pack_mm(flat, self.weight, self.scales.to(torch.bfloat16))
-            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            flat = x.reshape(-1, self.in_features)
+            if torch.compiler.is_compiling():
+                out = int8_mm_op(flat, self.weight, self.scales)
+            else:
+                if self.weight.data_ptr() % 64:
+                    # The kernel reads the weight with aligned vector loads; a tensor taken straight from a
+                    # safetensors file can sit at any offset, so move such a weight once into a fresh allocation.
+                    self.weight = self.weight.clone()
+                out = _int8_mm(flat, self.weight, self.scales)
+            return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -106,19 +134,28 @@ def quantize_model(
     On a meta-device model the int8 modules stay on meta (to be filled by a strict load) unless `init(shape)` is
     given: it then makes each fp32 weight just before it is quantized, so the full-precision model never exists.
     """
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                make = Int8Linear.from_weight
-            elif embeddings and type(child) is nn.Embedding:
-                make = Int8Embedding.from_weight
-            else:
-                continue
-            w = child.weight
-            if w.is_meta and init is not None:
-                w = init(tuple(w.shape))
-            setattr(parent, name, make(w.detach()))
-            del child, w
+    todo = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear or (embeddings and type(child) is nn.Embedding):
+                todo.append((parent, name, child.weight.numel()))
+    # Largest first: with `init`, the big fp32 temporaries (embedding, output) exist while little else does.
+    for parent, name, _ in sorted(todo, key=lambda t: -t[2]):
+        child = getattr(parent, name)
+        make = Int8Linear.from_weight if type(child) is nn.Linear else Int8Embedding.from_weight
+        w = child.weight
+        if w.is_meta and init is not None:
+            w = init(tuple(w.shape))
+        setattr(parent, name, make(w.detach()))
+        del child, w
+    return model
+
+
+def align_weights(model: nn.Module) -> nn.Module:
+    """Copy int8 weights that are not 64-byte aligned (e.g. taken straight from a safetensors file)."""
+    for module in model.modules():
+        if isinstance(module, Int8Linear) and module.weight.data_ptr() % 64:
+            module.weight = module.weight.clone()
     return model
 
 
