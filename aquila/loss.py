@@ -32,15 +32,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             y = labels[start : start + step]
             ok = valid[start : start + step]
             logits = (h @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
-            total += ((lse - target) * ok).sum()
+            target = logits.gather(1, y.clamp(min=0).unsqueeze(1))
+            row_max = logits.amax(dim=1, keepdim=True)
+            exp = logits.sub_(row_max).exp_()  # in place: one exp serves both the loss and its gradient
+            denom = exp.sum(dim=1, keepdim=True)
+            total += ((denom.log() + row_max - target).squeeze(1) * ok).sum()
             if need_grad:
                 # d loss / d logits = softmax - onehot, zero on ignored rows, times the reduction scale.
-                probs = logits.sub_(lse.unsqueeze(1)).exp_()
+                weight_rows = (ok.to(exp.dtype) * scale).unsqueeze(1)
+                probs = exp.mul_(weight_rows / denom)
                 rows = torch.arange(h.shape[0], device=h.device)
-                probs[rows, y.clamp(min=0)] -= 1.0
-                probs.mul_((ok.to(probs.dtype) * scale).unsqueeze(1))
+                probs[rows, y.clamp(min=0)] -= weight_rows.squeeze(1)
                 grad_hidden[start : start + step] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
                 grad_weight.addmm_(probs.t(), h.float())
         if need_grad:
