@@ -39,6 +39,10 @@ def test_checkpoint_layout_and_flagai_loadable(tmp_path):
     assert torch.equal(model.state_dict()["output.weight"], bin_state["output.weight"])
     state = json.loads((step / "trainer_state.json").read_text())
     assert state["iteration"] == 3 and state["consumed_samples"] == 12
+    from aquila.inference.loader import AutoLoader
+
+    loaded = AutoLoader(model_dir=str(out), model_name="3").get_model()  # FlagAI's way to load a step directory
+    assert torch.equal(loaded.state_dict()["output.weight"].float(), bin_state["output.weight"])
 
 
 def test_exact_resume_bitwise(tmp_path):
@@ -148,6 +152,10 @@ def test_sft_lora_run_saves_adapters_and_merge(tmp_path):
         torch.testing.assert_close(merged(ids)["logits"], adapted(ids)["logits"], rtol=1e-4, atol=1e-4)
         base = load_model_dir(base_dir).eval()
         assert not torch.allclose(base(ids)["logits"], adapted(ids)["logits"])
+        from aquila.inference.loader import AutoLoader
+
+        auto = AutoLoader(model_dir=str(base_dir.parent), model_name=base_dir.name, adapter_dir=str(step)).get_model()
+        torch.testing.assert_close(auto.eval()(ids)["logits"], adapted(ids)["logits"], rtol=1e-4, atol=1e-4)
 
 
 def test_sft_needs_data_file(tmp_path, capsys):
