@@ -134,6 +134,64 @@ def train_step(args) -> None:
     row("peak memory", f"{peak_memory_mb(device):,.0f} MiB")
 
 
+def trainer_smoke(args) -> None:
+    """The real entry point (`aquila pretrain`) for 3 iterations on a synthetic indexed dataset: bf16 (or fp32 on
+    CPU) single process, FSDP2 in one process, and fp16 with the dynamic loss scaler (CUDA only)."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from aquila.config import ModelArgs
+    from aquila.data.indexed_dataset import MMapIndexedDatasetBuilder
+    from aquila.train.pretrain import main as pretrain_main
+
+    model = "aquila-tiny" if args.model == "aquila-1b" else args.model
+    vocab = ModelArgs.from_name(model).vocab_size
+    cuda = torch.cuda.is_available() and args.device.startswith("cuda")
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "synth")
+        rng = np.random.default_rng(0)
+        with MMapIndexedDatasetBuilder(prefix, np.int32) as b:
+            for _ in range(200):
+                start = int(rng.integers(0, vocab))
+                b.add_document((start + np.arange(int(rng.integers(100, 400)))) % vocab)
+            b.finalize()
+        runs = [("pytorch", "bf16" if cuda else "fp32"), ("fsdp", "bf16" if cuda else "fp32"), ("pytorch", "fp16")]
+        for env_type, precision in runs:
+            name = f"trainer 3 steps {model} {env_type} {precision}"
+            if precision == "fp16" and not cuda:
+                row(name, "skipped (fp16 needs CUDA)")
+                continue
+            out = os.path.join(tmp, f"{env_type}-{precision}")
+            flags = ["--model_name", model, "--data_prefix", prefix, "--seq_length", "64", "--batch_size", "4"]
+            flags += [
+                "--max_steps",
+                "3",
+                "--log_interval",
+                "1",
+                "--save_interval",
+                "3",
+                "--lr",
+                "1e-3",
+                "--env_type",
+                env_type,
+            ]
+            flags += ["--save_dir", out, "--peak_tflops", "1", "--pytorch_device", args.device]
+            flags += ["--fp16", str(precision == "fp16"), "--bf16", str(precision == "bf16")]
+            t0 = time.perf_counter()
+            rc = pretrain_main(flags)
+            recs = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()] if rc == 0 else []
+            if rc != 0 or not recs:
+                row(name, f"error: exit status {rc}")
+            else:
+                last = recs[-1]
+                row(
+                    name,
+                    f"ok in {time.perf_counter() - t0:.1f} s, loss {recs[0]['loss']:.3f} -> {last['loss']:.3f}, loss scale {last['loss_scale']:.0f}",
+                )
+
+
 def bmtrain_step(args) -> None:
     """env_type bmtrain on one process (torchrun) with the trainer's own code path, if bmtrain imports."""
     try:
@@ -218,6 +276,7 @@ def main() -> int:
     t0 = time.time()
     guarded("versions", lambda: versions(device))
     guarded("training step", lambda: train_step(args))
+    guarded("trainer", lambda: trainer_smoke(args))
     guarded("BMTrain step", lambda: bmtrain_step(args))
     row("check time", f"{time.time() - t0:.0f} s")
     width = max(len(k) for k, _ in ROWS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -24,3 +25,4 @@ def test_gpu_check_report_on_cpu_never_crashes():
     for needle in ("| torch ", "| flash-attn ", "| attention path ", "| tokens/s ", "| MFU vs measured matmul peak "):
         assert needle in table, table
     assert "| BMTrain step " in table and "error:" not in table, table
+    assert re.search(r"\| trainer 3 steps aquila-micro fsdp fp32 +\| ok in", table), table

@@ -61,6 +61,8 @@ def resolve_env(cfg: TrainConfig) -> DistEnv:
         raise AquilaError(f"env_type pytorch runs one process but WORLD_SIZE is {world}; use pytorchDDP or fsdp")
     if cfg.pytorch_device:
         device = torch.device(cfg.pytorch_device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
     elif torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
     else:

@@ -49,7 +49,8 @@ class LoRALinear(nn.Linear):
         return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
     def merged(self) -> nn.Linear:
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.device("meta"):  # no throw-away random init of a full-size weight
+            out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         with torch.no_grad():
             delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
             out.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype), requires_grad=False)
