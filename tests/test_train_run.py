@@ -214,3 +214,20 @@ def test_consecutive_nans_stop_with_checkpoint(tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 1 and "3 consecutive non-finite steps" in err and "checkpoint saved" in err
     assert (tmp_path / "out" / "latest_iteration.txt").read_text().split()[0] == "4"
     load_model_dir(tmp_path / "out" / "4")
+
+
+def test_epochs_mode_runs_one_pass_over_the_train_split(tmp_path):
+    from aquila.train.config import TrainConfig
+    from aquila.train.pretrain import samples_per_epoch
+
+    cfg = pretrain_config(tmp_path, max_steps=0, epochs=1, batch_size=8, log_interval=100)
+    per_epoch = samples_per_epoch(TrainConfig(data_prefix=cfg["data_prefix"], data_splits="90,10"), 32)
+    assert per_epoch > 8
+    assert (
+        _pretrain(
+            tmp_path, **{k: v for k, v in cfg.items() if k in ("max_steps", "epochs", "batch_size", "log_interval")}
+        )
+        == 0
+    )
+    state = json.loads((tmp_path / "out" / str(per_epoch // 8) / "trainer_state.json").read_text())
+    assert state["total_iterations"] == per_epoch // 8 and state["consumed_samples"] == per_epoch // 8 * 8
