@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from aquila.checkpoint import CONFIG_NAME, build_model, find_weights, load_into, read_state_dict
+from aquila.checkpoint import CONFIG_NAME, build_model, check_state_dict, find_weights, load_into, read_state_dict
 from aquila.config import PRESETS, ModelArgs
 from aquila.errors import AquilaError
+from aquila.model import AquilaModel
 from aquila.train import checkpointing as ckpt_io
 from aquila.train.batches import GlobalBatches
 from aquila.train.config import TrainConfig
@@ -135,14 +136,9 @@ def _check_resume_weights(ckpt: Path, args: ModelArgs, cfg: TrainConfig) -> dict
 
         return {"adapter": read_adapter(ckpt)[1]}
     with torch.device("meta"):
-        from aquila.model import AquilaModel
-
         probe = AquilaModel(args)
     path = find_weights(ckpt)
-    state = read_state_dict(path)
-    from aquila.checkpoint import check_state_dict
-
-    check_state_dict(probe, state, str(path))
+    check_state_dict(probe, read_state_dict(path), str(path))
     return {"path": path}
 
 
