@@ -10,8 +10,9 @@ Weights are loaded strictly and without two copies (meta-device build, memory-ma
 from the same directory, loaded on the first `get_tokenizer()`. The static KV cache is always used and sized at
 generation time, so `use_cache` and `max_batch_size` are accepted for compatibility only.
 
-On CPU, `model.half()` (as in the model card) works: fp16 matmuls run through oneDNN at about fp32 speed on
-AVX-512 machines, with half the memory; results then differ from fp32 by fp16 rounding.
+On CPU, `model.half()` (as in the model card) is left to do what it says: on AVX-512 CPUs fp16 decoding measured
+no slower than fp32 (bench/README.md, "Generation"), with half the memory; results can differ from fp32 by fp16
+rounding. The KV cache follows the model's dtype.
 """
 
 from __future__ import annotations
