@@ -227,3 +227,37 @@ def test_official_openai_client(live_server, predictor):
     assert streamed == plain.choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="top_p"):
         client.completions.create(model="aquila-test", prompt="Hello", max_tokens=8, top_p=0)
+
+
+def test_serve_verb_rejects_bad_limits(tmp_path, capsys):
+    from aquila.cli import main as cli_main
+
+    assert cli_main(["serve", "--model-dir", str(tmp_path), "--max-pending", "0"]) == 2
+    assert "--max-pending must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_verb_starts_uvicorn_on_loopback(predictor, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    ckpt = write_checkpoint(tmp_path)
+    port = free_port()
+    cmd = [sys.executable, "-m", "aquila", "serve", "--model-dir", str(ckpt.parent), "--model-name", ckpt.name]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline, health = time.time() + 120, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert health == {**health, "status": "ok", "model": ckpt.name}, proc.poll()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
