@@ -307,3 +307,19 @@ def test_compiled_decode_matches_eager(predictor):
     eager = generate(predictor.model, [ids], 12, SamplingParams(temperature=0)).tokens
     compiled = generate(predictor.model, [ids], 12, SamplingParams(temperature=0), compile=True).tokens
     assert compiled == eager
+
+
+def test_import_aquila_is_light_and_exports_are_lazy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, aquila; assert 'torch' not in sys.modules, 'torch imported'; "
+        "from aquila import AutoLoader, Predictor, Tokenizer; assert 'torch' in sys.modules; "
+        "print(AutoLoader.__module__, Predictor.__module__, Tokenizer.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["aquila.inference.loader", "aquila.inference.predictor", "aquila.tokenizer"]
+    with pytest.raises(ImportError):
+        from aquila import NoSuchThing  # noqa: F401
