@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from aquila.inference.sampling import SamplingParams
@@ -98,6 +99,13 @@ def test_flagai_func_and_stream_func(client):
     assert client.post("/func", json=payload).json()["completions"][0]["text"] == c["text"]  # plain object too
     chat = client.post("/func", json=json.dumps({**payload, "sft": True, "history": [["HUMAN", "hi"], ["ASSISTANT", "hello"]]}))  # fmt: skip
     assert chat.status_code == 200
+    scored = client.post("/func", json=json.dumps({"prompt": "北京是中国", "max_new_tokens": 0})).json()
+    ids = client.app.state.engine.predictor.encode_prompt("北京是中国")
+    assert scored["completions"][0]["text"] == "" and len(scored["completions"][0]["logprobs"]) == len(ids) - 1
+    with torch.no_grad():
+        logits = client.app.state.engine.predictor.model(torch.tensor([ids]))["logits"][0]
+    expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.tensor(scored["completions"][0]["logprobs"]), expected, atol=1e-5, rtol=0)
     r = client.post("/stream_func", json=json.dumps(payload))
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert r.text == c["text"]  # same sampling, same seed

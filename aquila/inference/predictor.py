@@ -17,7 +17,7 @@ import torch
 
 from aquila.chat_template import DEFAULT_SYSTEM, STOP_STRINGS, render_prompt
 from aquila.errors import AquilaError
-from aquila.inference.generate import beam_search, generate_tokens, model_device
+from aquila.inference.generate import beam_search, cache_length, check_prompts, generate_tokens, model_device
 from aquila.inference.sampling import SamplingParams
 
 REPLACEMENT = "\ufffd"
@@ -276,6 +276,17 @@ class Predictor:
         for _ in pieces:
             pass
         return completions
+
+    @torch.no_grad()
+    def score(self, prompt_ids: Sequence[int]) -> list[float]:
+        """Log-probability of each prompt token after the ones before it (len(prompt_ids) - 1 values)."""
+        ids = [int(t) for t in prompt_ids]
+        check_prompts(self.model, [ids], 1)
+        args = self.model.args
+        self.model.setup_caches(1, cache_length(len(ids), args.max_seq_len))
+        x = torch.tensor([ids], device=model_device(self.model))
+        logits = self.model(x)["logits"][0, :-1]
+        return torch.log_softmax(logits, -1).gather(1, x[0, 1:, None]).squeeze(1).tolist()
 
     # --- FlagAI's API ------------------------------------------------------------------------------------------------
     def predict_generate_randomsample(

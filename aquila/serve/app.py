@@ -4,7 +4,8 @@ Endpoints:
 - `POST /v1/completions`, `POST /v1/chat/completions`: OpenAI-compatible (`max_tokens`, `temperature`, `top_p`,
   `stop`, `seed`, `stream` as server-sent events; extensions `top_k`, `repetition_penalty`); `GET /v1/models`.
 - `POST /func`, `POST /stream_func`: FlagAI's Aquila server. The body is a JSON *string* holding the JSON object
-  (FlagAI's client sends `json=json.dumps(d)`); a plain object is accepted too.
+  (FlagAI's client sends `json=json.dumps(d)`); a plain object is accepted too. `/func` with `max_new_tokens` 0
+  scores the prompt (log-probabilities of its tokens), as FlagAI's did.
 - `GET /health`.
 
 One generation runs at a time (a lock); up to `max_pending` requests may be admitted (running or waiting), more
@@ -90,9 +91,13 @@ class Engine:
 
     def run(self, make_stream: Callable[[], TextStream]) -> Completion:
         """Blocking: wait for the model, generate, release."""
+        return self.call(lambda: self.produce(make_stream(), lambda piece: None, threading.Event()))
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Blocking: wait for the model, run fn, release."""
         self.acquire()
         try:
-            return self.produce(make_stream(), lambda piece: None, threading.Event())
+            return fn()
         finally:
             self.lock.release()
 
@@ -386,6 +391,8 @@ def create_app(predictor: Predictor, limits: ServerLimits | None = None, model_n
     @app.post("/func")
     async def func(request: Request):
         body = await read(request, json_string_ok=True)
+        if body.get("max_new_tokens") == 0:
+            return await score(body)
         ids, params, max_new, seed, stops, prompt = flagai_request(body, stream=False)
 
         def make() -> TextStream:
@@ -397,6 +404,28 @@ def create_app(predictor: Predictor, limits: ServerLimits | None = None, model_n
         lps = [round(x, 6) for x in (c.logprobs or [])]
         completion = {
             "text": text,
+            "tokens": tokens,
+            "logprobs": lps,
+            "top_logprobs_dicts": [{t: lp} for t, lp in zip(tokens, lps)],
+            "model_in": prompt,
+        }
+        return {"completions": [completion], "input_length": len(ids), "model_info": model_name}
+
+    async def score(body: dict) -> dict:
+        """FlagAI's scoring mode (max_new_tokens 0): log-probabilities of the prompt's own tokens."""
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "prompt must be a non-empty string")
+        ids = engine.check_prompt(predictor.encode_prompt(prompt))
+        engine.admit()
+        try:
+            lps = await run_in_threadpool(engine.call, lambda: predictor.score(ids))
+        finally:
+            engine.leave()
+        tokens = [tokenizer.decode([t]) for t in ids[1:]]
+        lps = [round(x, 6) for x in lps]
+        completion = {
+            "text": "",
             "tokens": tokens,
             "logprobs": lps,
             "top_logprobs_dicts": [{t: lp} for t, lp in zip(tokens, lps)],
