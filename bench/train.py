@@ -192,6 +192,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=2, help="interleaved runs per eager row; the best is kept")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: CPU time is compute time)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (both implementations)")
     p.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
@@ -219,7 +220,7 @@ def main() -> int:
         f" torch {torch.__version__}, transformers {transformers.__version__}; {a.threads} torch thread(s) per run.",
         f"Model: dim {SHAPES['dim']}, {SHAPES['n_layers']} layers, {SHAPES['n_heads']} heads; batch {a.batch} x seq"
         f" {a.seq}; AdamW lr 1e-4 betas (0.9, 0.95) wd 0.1, clip 1.0; best of {a.steps} steps after {a.warmup}"
-        f" warm-up. Measured fp32 matmul peak ({a.threads} thread(s), per CPU-second): {peak * 1000:.0f} GFLOP/s.",
+        f" warm-up, best of {a.repeats} interleaved runs (compiled rows: 1). Measured fp32 matmul peak ({a.threads} thread(s), per CPU-second): {peak * 1000:.0f} GFLOP/s.",
         "",
         "| vocab | implementation | tokens/s (wall) | tokens per CPU-s | MFU vs matmul peak | peak RSS (MiB) | speed-up (CPU-s) |",
         "|---:|---|---:|---:|---:|---:|---:|",
@@ -231,9 +232,18 @@ def main() -> int:
         impls.append(("ours", "aquila + torch.compile per block", ["--compile"]))
     for vocab in (16008, 100008):
         fpt = flops_per_token(_args(vocab), a.seq)
+        best: dict[str, dict] = {}
+        # Interleaved repeats, best kept: a neighbour's burst on this shared machine hits one run, not the pair.
+        for rep in range(a.repeats):
+            for impl, name, extra in impls:
+                if extra and rep:
+                    continue  # compiled rows once (compilation dominates their run time)
+                r = _sub(["--worker", impl, "--vocab", str(vocab), *common, *extra])
+                if name not in best or r["tokens_per_cpu_s"] > best[name]["tokens_per_cpu_s"]:
+                    best[name] = r
         ref = None
-        for impl, name, extra in impls:
-            r = _sub(["--worker", impl, "--vocab", str(vocab), *common, *extra])
+        for _impl, name, _extra in impls:
+            r = best[name]
             ref = ref or r
             mfu = r["tokens_per_cpu_s"] * fpt / (peak * 1e12)
             speed = r["tokens_per_cpu_s"] / ref["tokens_per_cpu_s"]
