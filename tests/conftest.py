@@ -1,3 +1,9 @@
+import os
+
+# OpenMP workers that spin-wait slow small matmuls 10-50x when other processes share the cores (subprocesses
+# started by tests inherit this too). Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 
