@@ -7,23 +7,8 @@ set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PROJ_HOME="$PWD"
-die() { echo "error: $(basename "$0"): $*" >&2; exit 2; }
-
-# The Python environment: $AQUILA_PYTHON, else the active venv, the repo's .venv, python3 on PATH.
-find_python() {
-  local c d
-  if [[ -n "${AQUILA_PYTHON:-}" ]]; then
-    c="$AQUILA_PYTHON"
-  else
-    for c in "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}" "$SCRIPT_DIR/../../.venv/bin/python" "$(command -v python3 || true)"; do
-      [[ -n "$c" && -x "$c" ]] && break
-    done
-  fi
-  d="$(cd "$(dirname "$c")" 2>/dev/null && pwd)" && c="$d/$(basename "$c")"
-  [[ -n "$c" && -f "$c" && -x "$c" ]] || die "no Python found (set AQUILA_PYTHON to the environment's python)"
-  PY="$c"
-  "$PY" -c 'import aquila.launch' 2>/dev/null || die "$PY cannot import aquila (pip install -e . there, or set AQUILA_PYTHON)"
-}
+# shellcheck source=launch_common.sh
+source "$SCRIPT_DIR/launch_common.sh"
 find_python
 
 [[ $# -ge 1 && $# -le 3 ]] || die "usage: dist_stop_docker.sh <hostfile> [<exp_name> [<exp_version>] | --job-id <id>]"

@@ -8,6 +8,6 @@ EXP="${AQUILA_DEMO_EXP:-demo}"
 echo "== pretraining aquila-tiny: bash dist_trigger_docker.sh --follow hostfile Aquila-pretrain-tiny.yaml aquila-tiny $EXP"
 bash dist_trigger_docker.sh --follow hostfile Aquila-pretrain-tiny.yaml aquila-tiny "$EXP"
 
-RUN_DIR=$(ls -d "checkpoints_out/$EXP"/*/ | sort | tail -n 1)
+RUN_DIR=$(find "checkpoints_out/$EXP" -mindepth 1 -maxdepth 1 -type d -name "[0-9]*" | sort | tail -n 1)
 echo "== generating from the latest checkpoint in $RUN_DIR"
 python generate_demo.py "$RUN_DIR"
