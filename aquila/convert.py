@@ -7,24 +7,16 @@ directories hold a LlamaConfig config.json and (possibly sharded) weights. The s
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import torch
 
 from aquila.checkpoint import load_model_dir, save_model_dir
 from aquila.errors import AquilaError
-from aquila.hf import is_hf_dir, load_hf_dir, save_hf_dir
+from aquila.hf import is_hf_dir, load_hf_dir, write_hf_files
 from aquila.io_utils import atomic_dir
+from aquila.tokenizer import copy_tokenizer_files
 
-TOKENIZER_FILES = (
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -34,14 +26,12 @@ def convert(src: Path, dst: Path, to: str, dtype: torch.dtype | None = None) -> 
     model = load_hf_dir(src) if is_hf_dir(src) else load_model_dir(src)
     if dtype is not None:
         model = model.to(dtype)
-    if to == "hf":
-        save_hf_dir(model, dst)
-    else:
-        with atomic_dir(dst) as tmp:
+    with atomic_dir(dst) as tmp:
+        if to == "hf":
+            write_hf_files(model, tmp)
+        else:
             save_model_dir(model, tmp)
-    for name in TOKENIZER_FILES:  # tokenizer files are the same in both layouts
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+        copy_tokenizer_files(src, tmp)  # the same files in both layouts
 
 
 def main(argv: list[str]) -> int:

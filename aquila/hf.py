@@ -179,13 +179,18 @@ def load_hf_dir(model_dir: str | os.PathLike, device="cpu", dtype: torch.dtype =
     return model.to(device)
 
 
-def save_hf_dir(model: AquilaModel, out_dir: str | os.PathLike) -> None:
-    """Write a `LlamaForCausalLM` directory (config.json, generation_config.json, model.safetensors) atomically."""
+def write_hf_files(model: AquilaModel, directory: Path) -> None:
+    """config.json, generation_config.json and model.safetensors of a `LlamaForCausalLM` directory."""
     args = model.args
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     dtype = next(iter(state.values())).dtype
+    save_file(to_hf_state_dict(state, args), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n")
+    gen = {"bos_token_id": args.vocab_size - 2, "eos_token_id": args.vocab_size - 1, "pad_token_id": 0}
+    (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def save_hf_dir(model: AquilaModel, out_dir: str | os.PathLike) -> None:
+    """Write a `LlamaForCausalLM` directory atomically."""
     with atomic_dir(out_dir) as tmp:
-        save_file(to_hf_state_dict(state, args), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n")
-        gen = {"bos_token_id": args.vocab_size - 2, "eos_token_id": args.vocab_size - 1, "pad_token_id": 0}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        write_hf_files(model, tmp)

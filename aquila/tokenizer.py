@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,7 +60,23 @@ COMMAND_TOKENS: dict[str, str] = {
 }
 MERGES_HEADER = "#version: 0.2"
 SP_MODEL_FILES = ("spiece.model", "tokenizer.model")
+# Every file a tokenizer directory may hold; model directories carry them beside the weights.
+TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    *SP_MODEL_FILES,
+)
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy whichever tokenizer files `src` has into `dst` (model conversions keep the tokenizer beside weights)."""
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -132,7 +132,10 @@ def test_cli_info_7b_and_errors(model_dir, tmp_path):
 
 
 def test_cli_convert_round_trip(model_dir, tmp_path):
+    (model_dir / "vocab.json").write_text('{"a": 0}')  # tokenizer files travel with the weights
     assert main(["convert", str(model_dir), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert (tmp_path / "hf" / "vocab.json").read_text() == '{"a": 0}'
+
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "flagai"]) == 0
     a, b = load_model_dir(model_dir), load_model_dir(tmp_path / "back")
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -27,18 +26,10 @@ from torch import nn
 
 from aquila.errors import AquilaError
 from aquila.io_utils import atomic_dir
+from aquila.tokenizer import copy_tokenizer_files
 
 QUANT_CONFIG = "quantization.json"
 QUANT_FORMAT = "aquila-int8"
-TOKENIZER_FILES = (
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "spiece.model",
-)
 
 
 def quantize_weight(w: torch.Tensor, block_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,9 +203,7 @@ def save_quantized_dir(
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / QUANT_CONFIG).write_text(json.dumps(quant_config(embeddings), indent=2) + "\n")
         if tokenizer_from is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_from) / name).is_file():
-                    shutil.copyfile(Path(tokenizer_from) / name, tmp / name)
+            copy_tokenizer_files(tokenizer_from, tmp)
 
 
 def quantize_dir(src: str | os.PathLike, dst: str | os.PathLike, embeddings: bool = True) -> None:
