@@ -32,6 +32,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import cpu_name  # noqa: E402
+
 from aquila.checkpoint import build_model  # noqa: E402
 from aquila.config import ModelArgs  # noqa: E402
 from aquila.inference.generate import generate  # noqa: E402
@@ -48,14 +50,7 @@ MODELS = {
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
         f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()}; torch {torch.__version__} "

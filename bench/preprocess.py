@@ -28,6 +28,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import cores as n_cores  # noqa: E402  (bench/ is on sys.path when run as a script)
+from machine import cpu_name, load_average  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from aquila.data.gpt_dataset import build_pretrain_datasets  # noqa: E402
 from aquila.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder, best_dtype  # noqa: E402
 from aquila.data.preprocess import preprocess  # noqa: E402
@@ -43,16 +46,9 @@ NOTE = (
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = f", load average {os.getloadavg()[0]:.1f} at start (shared machine)" if hasattr(os, "getloadavg") else ""
+    model = cpu_name()
+    cores = n_cores()
+    load = f", {load_average()} at start (shared machine)"
     return f"{cores} cores, {model}; Python {platform.python_version()}, numpy {np.__version__}{load}"
 
 

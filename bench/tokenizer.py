@@ -24,6 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import cores as n_cores  # noqa: E402  (bench/ is on sys.path when run as a script)
+from machine import cpu_name, load_average  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from aquila.io_utils import write_text_atomic  # noqa: E402
 from aquila.tokenizer import Tokenizer  # noqa: E402
 
@@ -40,18 +43,11 @@ def _load_module(name: str, path: Path):
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    model = cpu_name()
+    cores = n_cores()
     import tokenizers
 
-    load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
+    load = f", {load_average()} at start"
     return f"{cores} cores, {model}{load}; Python {platform.python_version()}, tokenizers {tokenizers.__version__}"
 
 

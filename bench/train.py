@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -216,7 +216,7 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     peak = matmul_peak_tflops()
     lines = [
-        f"Machine: {os.cpu_count()} cores, {_cpu_name()}, load average {load:.1f} at start (shared machine);"
+        f"Machine: {os.cpu_count()} cores, {cpu_name()}, load average {load:.1f} at start (shared machine);"
         f" torch {torch.__version__}, transformers {transformers.__version__}; {a.threads} torch thread(s) per run.",
         f"Model: dim {SHAPES['dim']}, {SHAPES['n_layers']} layers, {SHAPES['n_heads']} heads; batch {a.batch} x seq"
         f" {a.seq}; AdamW lr 1e-4 betas (0.9, 0.95) wd 0.1, clip 1.0; best of {a.steps} steps after {a.warmup}"
@@ -261,15 +261,6 @@ def main() -> int:
     dist_lines.append(f"\nTotal bench time {time.time() - t_start:.0f} s.")
     print("\n".join(dist_lines))
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        m = re.search(r"model name\s*:\s*(.+)", text)
-        return m.group(1).strip() if m else platform.processor()
-    except OSError:
-        return platform.processor()
 
 
 if __name__ == "__main__":
