@@ -5,7 +5,7 @@ from aquila.errors import AquilaError
 
 __version__ = "0.1.0"
 
-__all__ = ["AquilaError", "ModelArgs", "__version__"]
+__all__ = ["AquilaError", "AutoLoader", "ModelArgs", "Predictor", "Tokenizer", "__version__"]
 
 
 # --- lazy exports (inference); keep `import aquila` free of torch-heavy imports ---------------------------------
