@@ -40,11 +40,17 @@ def main(run_dir: str) -> None:
     print(f"checkpoint: {run / step}")
     with torch.no_grad():
         for text in PROMPTS:
-            greedy = predictor.predict_generate_randomsample(text, out_max_length=40, temperature=0)
+            # A model this small and this briefly trained repeats its most frequent token under plain greedy
+            # decoding, so the greedy line uses a repetition penalty (FlagAI's argument, applied here).
+            greedy = predictor.predict_generate_randomsample(
+                text, out_max_length=40, temperature=0, repetition_penalty=1.3
+            )
             sampled = predictor.predict_generate_randomsample(
                 text, out_max_length=40, temperature=0.8, top_p=0.95, seed=0
             )
-            print(f"\nprompt : {text}\ngreedy : {greedy}\nsampled: {sampled}")
+            print(f"\nprompt : {text}")
+            print(f"greedy (repetition_penalty 1.3): {greedy!r}")
+            print(f"sampled (temperature 0.8, top_p 0.95): {sampled!r}")
 
 
 if __name__ == "__main__":
