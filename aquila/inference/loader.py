@@ -253,10 +253,12 @@ class AutoLoader:
             raise AquilaError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         self.model_dir = Path(model_dir) / model_name
         if not self.model_dir.is_dir():
-            found = sorted(p.name for p in Path(model_dir).iterdir() if p.is_dir()) if Path(model_dir).is_dir() else []
+            base = Path(model_dir)
+            found = sorted(p.name for p in base.iterdir() if (p / CONFIG_NAME).is_file()) if base.is_dir() else []
+            shown = ", ".join(found[:10]) + (f", ... ({len(found)} in all)" if len(found) > 10 else "")
             raise AquilaError(
                 f"{self.model_dir}: model directory not found (nothing is downloaded; "
-                + (f"directories in {model_dir}: {', '.join(found)})" if found else f"{model_dir} has no models)")
+                + (f"models in {model_dir}: {shown})" if found else f"{model_dir} has no model directories)")
             )
         self.model_name = model_name
         self.use_cache = use_cache
