@@ -1,7 +1,7 @@
 """Build the demo pretraining data `examples/indexed_dataset/data/demo_text_document.{bin,idx}`.
 
 Runs the demo corpus builder (scripts/build_demo_corpus.py), takes a deterministic subsample of its
-train.jsonl (every --stride-th document, up to --max-chars characters: about 1-2 MB of uint16 tokens)
+train.jsonl (every --stride-th document, shuffled with a fixed seed, up to --max-chars characters: about 1-2 MB of uint16 tokens)
 and tokenizes it with `aquila preprocess` and the demo tokenizer (examples/aquila/demo_tokenizer).
 Documents are wrapped [BOS] ... [EOS] like FlagAI's; the ids are demo-tokenizer ids (FlagAI shipped
 GPT-2 ids here by mistake).
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import random
 import subprocess
 import sys
 import tempfile
@@ -28,11 +29,18 @@ DEFAULT_OUTPUT = ROOT / "examples" / "indexed_dataset" / "data" / "demo"
 TOKENIZER = ROOT / "examples" / "aquila" / "demo_tokenizer"
 
 
-def subsample(src: Path, dst: Path, stride: int, max_chars: int) -> tuple[int, int]:
-    """Every `stride`-th document of `src` (a stride prime to 3 keeps the zh/en/code round-robin mix)."""
+def subsample(src: Path, dst: Path, stride: int, max_chars: int, seed: int = 1234) -> tuple[int, int]:
+    """Every `stride`-th document of `src`, in a seeded shuffled order, up to `max_chars` characters.
+
+    The corpus interleaves zh/en/code only until its smaller sources run out, so without the shuffle the last
+    documents (which become the valid split) would all be Chinese.
+    """
+    with open(src, encoding="utf-8") as fin:
+        lines = list(itertools.islice(fin, 0, None, stride))
+    random.Random(seed).shuffle(lines)
     docs = chars = 0
-    with open(src, encoding="utf-8") as fin, atomic_path(dst) as tmp, open(tmp, "w", encoding="utf-8") as fout:
-        for line in itertools.islice(fin, 0, None, stride):
+    with atomic_path(dst) as tmp, open(tmp, "w", encoding="utf-8") as fout:
+        for line in lines:
             n = len(json.loads(line)["text"])
             if chars + n > max_chars:
                 break
