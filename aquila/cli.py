@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from aquila.errors import AquilaError
+from aquila.errors import run_command
 
 # verb -> (module, help). Each module has `main(argv: list[str]) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -42,13 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[verb][0])
-    try:
-        return int(module.main(rest) or 0)
-    except AquilaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(lambda: module.main(rest))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """The one exception type users see: a single line that names the file, key or line at fault."""
 
+import sys
+from collections.abc import Callable
+
 
 class AquilaError(Exception):
     """Bad input or state. The CLI prints `error: <message>` and exits with status 2."""
@@ -7,3 +10,14 @@ class AquilaError(Exception):
     def __init__(self, message: str) -> None:
         # Keep messages to one line so logs and terminals show them whole.
         super().__init__(" ".join(str(message).split()))
+
+
+def run_command(body: Callable[[], int | None]) -> int:
+    """Run a command's body: an AquilaError becomes `error: <message>` on stderr and status 2; Ctrl-C is 130."""
+    try:
+        return int(body() or 0)
+    except AquilaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

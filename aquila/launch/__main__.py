@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from aquila.errors import AquilaError
+from aquila.errors import AquilaError, run_command
 from aquila.launch import hostfile as hf
 from aquila.launch import jobs
 
@@ -208,13 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.set_defaults(func=cmd_follow)
 
     args = p.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except AquilaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":
