@@ -77,3 +77,27 @@ def read_json(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise AquilaError(f"{path}: expected a JSON object")
     return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML config as a dict (empty file: {}), or an AquilaError naming the file and, for syntax, the line."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AquilaError(f"config {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise AquilaError(f"config {path}: cannot read ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise AquilaError(f"config {where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise AquilaError(f"config {path}: expected a mapping of keys to values")
+    return data

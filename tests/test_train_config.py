@@ -105,3 +105,12 @@ def test_pre_load_dir_config_takes_precedence_over_preset(tmp_path, capsys):
     rc, out, _ = _run_bad(tmp_path, capsys, pre_load_dir=str(tmp_path / "pre"), max_steps=1)
     assert rc == 0
     assert '"dim": 48' in (tmp_path / "out" / "1" / "config.json").read_text()
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch_size: 2\nlr: [1\n")
+    with pytest.raises(AquilaError, match=rf"config {bad}:\d+: not valid YAML"):
+        parse_config(["--yaml_config", str(bad)], "t")
+    with pytest.raises(AquilaError, match=rf"config {tmp_path / 'missing.yaml'}: file not found"):
+        parse_config(["--yaml_config", str(tmp_path / "missing.yaml")], "t")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from aquila.errors import AquilaError, run_command
+from aquila.io_utils import read_yaml
 from aquila.launch import hostfile as hf
 from aquila.launch import jobs
 
@@ -25,7 +26,7 @@ def _emit(**values) -> None:
 def _check_inputs(args) -> tuple[list[hf.Node], Path]:
     """Everything both plans validate: hostfile, YAML, model, experiment name, training script."""
     nodes = hf.parse_hostfile(args.hostfile)
-    data = hf.load_yaml(args.config)
+    data = read_yaml(args.config)
     # The YAML wins over the launcher's flags (FlagAI's precedence): say so when it overrides them.
     for key, ours in (("model_name", args.model), ("experiment_name", args.exp)):
         if key in data and str(data[key]) != ours:

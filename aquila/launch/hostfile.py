@@ -182,27 +182,6 @@ def check_name(kind: str, value: str) -> None:
         raise AquilaError(f"{kind} {value!r} may only contain letters, digits, '.', '_' and '-'")
 
 
-def load_yaml(path: str | os.PathLike) -> dict:
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AquilaError(f"config {path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise AquilaError(f"config {path}: cannot read ({e})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise AquilaError(f"config {path}: not valid YAML ({e})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise AquilaError(f"config {path}: expected a mapping of keys to values")
-    return data
-
-
 def check_model(model_name: str, proj_home: str | os.PathLike) -> str:
     """The model is a preset in aquila.config.PRESETS or a checkpoints_in/<name>/ dir with config.json."""
     from aquila.config import PRESETS

@@ -10,16 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from aquila.errors import AquilaError
+from aquila.io_utils import read_yaml
 from aquila.typed_config import coerce, from_dict
 
 EnvType = Literal["auto", "pytorch", "pytorchDDP", "fsdp", "bmtrain"]
@@ -196,25 +193,6 @@ def build_arg_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AquilaError(f"{path}: YAML config not found") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise AquilaError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise AquilaError(f"{path}: expected a mapping of keys to values")
-    return data
-
-
 def parse_config(argv: list[str], prog: str, script_defaults: dict[str, Any] | None = None) -> TrainConfig:
     """TrainConfig from defaults < `script_defaults` < flags in `argv` < the YAML named by --yaml_config."""
     parser = build_arg_parser(prog)
@@ -225,7 +203,7 @@ def parse_config(argv: list[str], prog: str, script_defaults: dict[str, Any] | N
     cli = {k: parse_cli_value(k, v) for k, v in vars(ns).items() if not k.startswith("_")}
     cfg = dataclasses.replace(cfg, **cli)
     if cfg.yaml_config:
-        data = load_yaml(cfg.yaml_config)
+        data = read_yaml(cfg.yaml_config)
         cfg = from_dict(TrainConfig, data, str(cfg.yaml_config), base=cfg)
     if cfg.data_prefix is None and cfg.enable_pretrain_dataset_prefix:
         cfg = dataclasses.replace(cfg, data_prefix=cfg.enable_pretrain_dataset_prefix)
