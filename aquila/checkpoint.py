@@ -122,17 +122,24 @@ def load_model_dir(
     return model.to(device)
 
 
-def save_model_dir(
-    model: AquilaModel, model_dir: str | os.PathLike, formats: tuple[str, ...] = ("safetensors", "bin")
+def save_weights(
+    state: Mapping[str, torch.Tensor], model_dir: str | os.PathLike, formats: tuple[str, ...] = ("safetensors", "bin")
 ) -> None:
-    """Write config.json and weights (each file atomically). "bin" is FlagAI's plain-state-dict pickle."""
+    """Write a state dict as model.safetensors and/or FlagAI's plain-state-dict pytorch_model.bin, each atomically."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if "safetensors" in formats:
         with atomic_path(model_dir / SAFETENSORS_NAME) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
     if "bin" in formats:
         with atomic_path(model_dir / BIN_NAME) as tmp:
             torch.save(state, tmp)
-    model.args.save(model_dir / CONFIG_NAME)
+
+
+def save_model_dir(
+    model: AquilaModel, model_dir: str | os.PathLike, formats: tuple[str, ...] = ("safetensors", "bin")
+) -> None:
+    """Write config.json and weights (each file atomically)."""
+    save_weights(model.state_dict(), model_dir, formats)
+    model.args.save(Path(model_dir) / CONFIG_NAME)

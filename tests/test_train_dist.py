@@ -77,8 +77,8 @@ KILLER = textwrap.dedent(
     from pathlib import Path
     import aquila.train.checkpointing as ck
     orig = ck.write_weights
-    def slow(state, directory, stem="model"):
-        orig(state, directory, stem)
+    def slow(state, directory):
+        orig(state, directory)
         if Path(directory).name == ".4.partial":
             Path(sys.argv[1]).write_text("in save")
             time.sleep(120)

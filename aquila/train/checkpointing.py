@@ -25,10 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from aquila.checkpoint import BIN_NAME, CONFIG_NAME
+from aquila.checkpoint import CONFIG_NAME, save_weights
 from aquila.config import ModelArgs
 from aquila.errors import AquilaError
 from aquila.io_utils import read_json, write_text_atomic
@@ -143,10 +142,8 @@ def full_model_state(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor] 
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
-def write_weights(state: dict[str, torch.Tensor], directory: Path, stem: str = "model") -> None:
-    state = {k: v.contiguous() for k, v in state.items()}
-    save_file(state, str(directory / f"{stem}.safetensors"), metadata={"format": "pt"})
-    torch.save(state, directory / (BIN_NAME if stem == "model" else f"{stem}.bin"))
+def write_weights(state: dict[str, torch.Tensor], directory: Path) -> None:
+    save_weights(state, directory)
 
 
 @dataclass
