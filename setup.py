@@ -20,8 +20,16 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "ruff>=0.5", "httpx>=0.24", "openai>=1.0"],
-        "serve": ["fastapi>=0.100", "uvicorn>=0.20"],
+        "test": [
+            "pytest>=7",
+            "hypothesis>=6",
+            "transformers>=4.40",
+            "ruff>=0.5",
+            "httpx>=0.24",
+            "openai>=1.0",
+            "selenium>=4.10",
+        ],
+        "serve": ["fastapi>=0.100", "uvicorn>=0.20", "prometheus-client>=0.17"],
         "logging": ["tensorboard>=2.10", "matplotlib>=3.5"],
         "gpu": ["flash-attn>=2.0"],
         "bmtrain": ["bmtrain>=0.2.3"],
