@@ -1,0 +1,1 @@
+"""FlagAI's import path `flagai.model.predictor`: `from aquila.model.predictor.predictor import Predictor`."""
