@@ -11,7 +11,7 @@ from aquila.errors import run_command
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("aquila.info", "print a model's config and parameter count"),
     "convert": ("aquila.convert", "convert checkpoints between FlagAI and Hugging Face formats"),
-    "train-tokenizer": ("aquila.tokenizer_train", "train a byte-level BPE tokenizer"),
+    "train-tokenizer": ("aquila.tokenizer.train", "train a byte-level BPE tokenizer"),
     "preprocess": ("aquila.data.preprocess", "tokenize jsonl into Megatron .bin/.idx"),
     "merge-datasets": ("aquila.data.merge", "merge several .bin/.idx prefixes into one"),
     "check-dataset": ("aquila.data.check", "validate a .bin/.idx prefix and print its counts"),

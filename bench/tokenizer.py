@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         _load_module("build_demo_corpus", ROOT / "scripts" / "build_demo_corpus.py").build(args.corpus)
     held = {lang: read_jsonl(args.corpus / f"heldout.{lang}.jsonl") for lang in LANGS}
 
-    from aquila.tokenizer_sp import SentencePieceTokenizer
+    from aquila.tokenizer.sp import SentencePieceTokenizer
 
     ours = Tokenizer.from_pretrained(DEMO)
     sp = SentencePieceTokenizer(train_sentencepiece(args.corpus))

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import build_demo_corpus  # noqa: E402
 
 from aquila.errors import AquilaError  # noqa: E402
-from aquila.tokenizer_train import estimate_documents, iter_corpus, train_bpe  # noqa: E402
+from aquila.tokenizer.train import estimate_documents, iter_corpus, train_bpe  # noqa: E402
 
 DEMO_VOCAB = 16000
 DEFAULT_OUT = ROOT / "examples" / "aquila" / "demo_tokenizer"

@@ -320,6 +320,6 @@ def test_import_aquila_is_light_and_exports_are_lazy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["aquila.inference.loader", "aquila.inference.predictor", "aquila.tokenizer"]
+    assert out.stdout.split() == ["aquila.inference.loader", "aquila.inference.predictor", "aquila.tokenizer.bpe"]
     with pytest.raises(ImportError):
         from aquila import NoSuchThing  # noqa: F401

@@ -104,7 +104,7 @@ def demo():
 def small(tmp_path_factory):
     """A small FlagAI-layout tokenizer trained in the test on mixed text."""
     from aquila.tokenizer import Tokenizer
-    from aquila.tokenizer_train import train_bpe
+    from aquila.tokenizer.train import train_bpe
 
     d = tmp_path_factory.mktemp("small_tok")
     train_bpe(MIXED * 20, vocab_size=400, min_frequency=1).save_pretrained(d)

@@ -10,7 +10,7 @@ import pytest
 from aquila.cli import main as cli
 from aquila.errors import AquilaError
 from aquila.tokenizer import Tokenizer
-from aquila.tokenizer_train import estimate_documents, iter_corpus, train_bpe
+from aquila.tokenizer.train import estimate_documents, iter_corpus, train_bpe
 
 TEXTS = [
     "中华人民共和国国务院总理今天在北京会见了来访的客人，双方就经济合作交换了意见。",
@@ -129,7 +129,7 @@ def sp_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name", ["tokenizer.model", "spiece.model"])
 def test_sentencepiece_directory(sp_dir, tmp_path, name):
-    from aquila.tokenizer_sp import SentencePieceTokenizer
+    from aquila.tokenizer.sp import SentencePieceTokenizer
 
     (tmp_path / name).write_bytes((sp_dir / "m.model").read_bytes())
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")  # FlagAI checks the sentencepiece files first

@@ -16,7 +16,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from aquila.errors import AquilaError
-from aquila.tokenizer import COMMAND_TOKENS, BaseTokenizer, _as_str, _replace_surrogates
+from aquila.tokenizer.bpe import COMMAND_TOKENS, BaseTokenizer, _as_str, _replace_surrogates
 
 
 class SentencePieceTokenizer(BaseTokenizer):

@@ -120,7 +120,7 @@ class BaseTokenizer:
             raise AquilaError(f"tokenizer directory {d} does not exist")
         for name in SP_MODEL_FILES:
             if (d / name).is_file():
-                from aquila.tokenizer_sp import SentencePieceTokenizer
+                from aquila.tokenizer.sp import SentencePieceTokenizer
 
                 return SentencePieceTokenizer(d / name)
         vocab_path, merges_path, json_path = d / "vocab.json", d / "merges.txt", d / "tokenizer.json"

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from aquila.errors import AquilaError
-from aquila.tokenizer import ENDOFTEXT, Tokenizer
+from aquila.tokenizer.bpe import ENDOFTEXT, Tokenizer
 
 MIN_VOCAB_SIZE = 256 + 1  # the byte alphabet + <|endoftext|>
 _PLAIN_CHUNK_CHARS = 1 << 16
