@@ -137,7 +137,7 @@ def test_sft_rule_and_script_override(tmp_path, monkeypatch):
 def test_model_name_preset_or_checkpoints_in(tmp_path):
     assert hf.check_model("Aquila-7B", tmp_path) == "preset aquila-7b"
     (tmp_path / "checkpoints_in" / "mine").mkdir(parents=True)
-    with pytest.raises(AquilaError, match="has no config.json"):
+    with pytest.raises(AquilaError, match="no .*checkpoints_in/mine/config.json and no preset"):
         hf.check_model("mine", tmp_path)
     (tmp_path / "checkpoints_in" / "mine" / "config.json").write_text("{}")
     assert hf.check_model("mine", tmp_path).endswith("checkpoints_in/mine/config.json")
@@ -158,7 +158,7 @@ def test_model_name_preset_or_checkpoints_in(tmp_path):
         ("127.0.0.1 slots=2.5\n", "cfg.yaml", "aquila-tiny", "e", "slots must be a positive integer, got '2.5'"),
         ("127.0.0.1 slots=1\n", "missing.yaml", "aquila-tiny", "e", "config {proj}/missing.yaml: file not found"),
         ("127.0.0.1 slots=1\n", "bad.yaml", "aquila-tiny", "e", "not valid YAML"),
-        ("127.0.0.1 slots=1\n", "cfg.yaml", "aquila-8b", "e", "model 'aquila-8b': no preset of that name"),
+        ("127.0.0.1 slots=1\n", "cfg.yaml", "aquila-8b", "e", "model_name 'aquila-8b': no "),
         ("127.0.0.1 slots=1\n", "cfg.yaml", "aquila-tiny", "a/b", "experiment name 'a/b' may only contain"),
         (
             "127.0.0.1 slots=1\n10.255.255.1 slots=1\n",
@@ -205,8 +205,8 @@ def test_yaml_model_name_wins_and_is_checked(proj):
     assert r.stderr.splitlines() == [
         f"warning: {proj}/m.yaml sets model_name: aquila-9b, which overrides 'aquila-tiny'",
         f"warning: {proj}/m.yaml sets save_dir: elsewhere, which overrides the launcher's",
-        f"error: model 'aquila-9b': no preset of that name ({', '.join(sorted(PRESETS))}) and no "
-        f"{proj}/checkpoints_in/aquila-9b/config.json",
+        f"error: model_name 'aquila-9b': no {proj}/checkpoints_in/aquila-9b/config.json and no preset of that "
+        f"name ({', '.join(sorted(PRESETS))})",
     ]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from aquila.errors import AquilaError, run_command
 from aquila.io_utils import read_yaml
 from aquila.launch import hostfile as hf
+from aquila.launch import interfaces
 from aquila.launch import jobs
 
 
@@ -34,7 +35,7 @@ def _check_inputs(args) -> tuple[list[hf.Node], Path]:
     for key in ("save_dir", "pre_load_dir", "wandb_dir"):
         if data.get(key) is not None:
             print(f"warning: {args.config} sets {key}: {data[key]}, which overrides the launcher's", file=sys.stderr)
-    hf.check_model(str(data.get("model_name") or args.model), args.proj_home)
+    hf.check_model(str(data.get("model_name") or args.model), args.proj_home, data)
     hf.check_name("experiment name", args.exp)
     return nodes, hf.choose_script(args.config, data, args.script_dir)
 
@@ -67,6 +68,9 @@ def cmd_trigger_plan(args) -> int:
         )
     if local[0]:
         hf.check_port_free(master.address, port)
+    for node, is_local in zip(nodes, local):
+        if is_local:  # remote nodes are checked there, over ssh, before anything starts (check-node)
+            interfaces.node_interface(args.hostfile, node, multi_host=not all(local))
     _emit(
         NODES_NUM=len(nodes),
         NODE_ADDRS=[n.address for n in nodes],
@@ -101,6 +105,7 @@ def cmd_node_plan(args) -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
+    ifname = _interface(args.hostfile, nodes, node)
     jobs.record_node(args.save_dir, node.rank, args.pid, args.job_id)
     _emit(
         NODES_NUM=len(nodes),
@@ -110,7 +115,20 @@ def cmd_node_plan(args) -> int:
         MASTER_PORT=port,
         SCRIPT_FILE=script,
         DEFAULT_OMP_THREADS=max(1, cpus // node.slots),
+        SOCKET_IFNAME=ifname,
     )
+    return 0
+
+
+def _interface(hostfile: str, nodes: list[hf.Node], node: hf.Node) -> str:
+    return interfaces.node_interface(hostfile, node, multi_host=not all(hf.is_local_address(n.address) for n in nodes))
+
+
+def cmd_check_node(args) -> int:
+    nodes = hf.parse_hostfile(args.hostfile)
+    if not 0 <= args.rank < len(nodes):
+        raise AquilaError(f"hostfile {args.hostfile}: no node {args.rank}")
+    _interface(args.hostfile, nodes, nodes[args.rank])
     return 0
 
 
@@ -182,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("hosts", help="print a hostfile's addresses and which are this machine")
     sp.add_argument("--hostfile", required=True)
     sp.set_defaults(func=cmd_hosts)
+
+    sp = sub.add_parser("check-node", help="check that this machine holds node <rank>'s hostfile address")
+    sp.add_argument("--hostfile", required=True)
+    sp.add_argument("--rank", type=int, required=True)
+    sp.set_defaults(func=cmd_check_node)
 
     sp = sub.add_parser("start-job", help="record a new job in its save dir")
     for name in ("--save-dir", "--proj-home", "--job-id"):

@@ -182,21 +182,15 @@ def check_name(kind: str, value: str) -> None:
         raise AquilaError(f"{kind} {value!r} may only contain letters, digits, '.', '_' and '-'")
 
 
-def check_model(model_name: str, proj_home: str | os.PathLike) -> str:
-    """The model is a preset in aquila.config.PRESETS or a checkpoints_in/<name>/ dir with config.json."""
-    from aquila.config import PRESETS
+def check_model(model_name: str, proj_home: str | os.PathLike, yaml_data: dict | None = None) -> str:
+    """The trainer's rule (aquila.train.model_source): the YAML's pre_load_dir (default checkpoints_in/)/model_name
+    with config.json (and weights if bmt_pre_load), else a preset. Returns what will be loaded."""
+    from aquila.train.model_source import locate_model
 
     check_name("model name", model_name)
-    model_dir = Path(proj_home) / "checkpoints_in" / model_name
-    if (model_dir / "config.json").is_file():
-        return f"{model_dir}/config.json"
-    if model_name.lower() in PRESETS:
-        return f"preset {model_name.lower()}"
-    if model_dir.is_dir():
-        raise AquilaError(f"model {model_name!r}: {model_dir} has no config.json and {model_name!r} is not a preset")
-    raise AquilaError(
-        f"model {model_name!r}: no preset of that name ({', '.join(sorted(PRESETS))}) and no {model_dir}/config.json"
-    )
+    data = yaml_data or {}
+    pre_load_dir = Path(proj_home) / str(data.get("pre_load_dir") or "checkpoints_in")
+    return locate_model(model_name, pre_load_dir, data.get("bmt_pre_load") is True).describe()
 
 
 def is_sft_config(config_path: str | os.PathLike, data: dict) -> bool:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from aquila.checkpoint import CONFIG_NAME, build_model, check_state_dict, find_weights, load_into, read_state_dict
-from aquila.config import PRESETS, ModelArgs
+from aquila.config import ModelArgs
 from aquila.errors import AquilaError
 from aquila.model import AquilaModel
 from aquila.train import checkpointing as ckpt_io
@@ -27,6 +27,7 @@ from aquila.train.config import TrainConfig
 from aquila.train.distributed import DistEnv, init_distributed, parallelize, resolve_env, shutdown
 from aquila.train.loop import Trainer, TrainState
 from aquila.train.metrics import MetricsLogger, flops_per_token, measure_matmul_tflops
+from aquila.train.model_source import ModelSource, locate_model
 from aquila.train.optim import LossScaler, build_optimizer
 
 
@@ -50,19 +51,10 @@ class RunContext:
     global_batch_size: int
 
 
-def model_source(cfg: TrainConfig) -> tuple[ModelArgs, Path | None]:
-    """FlagAI's order: pre_load_dir/model_name/config.json (its weights only if bmt_pre_load), else a preset."""
-    model_dir = Path(cfg.pre_load_dir) / cfg.model_name if cfg.pre_load_dir else None
-    if model_dir is not None and (model_dir / CONFIG_NAME).is_file():
-        args = ModelArgs.load(model_dir / CONFIG_NAME)
-        return args, (find_weights(model_dir) if cfg.bmt_pre_load else None)
-    if cfg.bmt_pre_load:
-        where = model_dir / CONFIG_NAME if model_dir else "pre_load_dir (not set)"
-        raise AquilaError(f"bmt_pre_load is set but {where} does not exist")
-    if cfg.model_name.lower() in PRESETS:
-        return ModelArgs.from_name(cfg.model_name), None
-    where = f"no {model_dir / CONFIG_NAME} and " if model_dir else ""
-    raise AquilaError(f"model_name {cfg.model_name!r}: {where}no preset of that name ({', '.join(sorted(PRESETS))})")
+def model_source(cfg: TrainConfig) -> tuple[ModelArgs, ModelSource]:
+    src = locate_model(cfg.model_name, cfg.pre_load_dir, cfg.bmt_pre_load)
+    args = ModelArgs.load(src.model_dir / CONFIG_NAME) if src.model_dir else ModelArgs.from_name(cfg.model_name)
+    return args, src
 
 
 def tokenizer_dir(cfg: TrainConfig) -> Path | None:
@@ -107,7 +99,7 @@ def run(
     cfg: TrainConfig, build_data: Callable[[RunContext], DataBundle], precheck: Callable[[TrainConfig], None]
 ) -> int:
     env = resolve_env(cfg)
-    args, weights = model_source(cfg)
+    args, source = model_source(cfg)
     seq_length = cfg.seq_length or args.max_seq_len
     if seq_length > args.max_seq_len:
         raise AquilaError(f"seq_length {seq_length} is above the model's max_seq_len {args.max_seq_len}")
@@ -119,7 +111,7 @@ def run(
 
     init_distributed(env, cfg)
     try:
-        return _train(cfg, env, args, weights, seq_length, tok, resume, resume_state, resume_weights, build_data)
+        return _train(cfg, env, args, source, seq_length, tok, resume, resume_state, resume_weights, build_data)
     finally:
         shutdown()
 
@@ -142,7 +134,7 @@ def _check_resume_weights(ckpt: Path, args: ModelArgs, cfg: TrainConfig) -> dict
     return {"path": path}
 
 
-def _train(cfg, env, args, weights, seq_length, tok, resume, resume_state, resume_weights, build_data) -> int:
+def _train(cfg, env, args, source, seq_length, tok, resume, resume_state, resume_weights, build_data) -> int:
     seed_everything(cfg.seed)
     gb = cfg.batch_size * env.world_size * cfg.gradient_accumulation_steps
     ctx = RunContext(cfg, env, args, seq_length, tok, gb)
@@ -156,8 +148,8 @@ def _train(cfg, env, args, weights, seq_length, tok, resume, resume_state, resum
 
     # Model: FlagAI's init on every rank from the same seed, or pretrained / resumed weights.
     model = build_model(args, env.device, torch.float32, seed=cfg.seed)
-    if weights is not None:
-        load_into(model, read_state_dict(weights), str(weights))
+    if source.weights is not None:
+        load_into(model, read_state_dict(source.weights), str(source.weights))
     if resume_weights and "path" in resume_weights:
         load_into(model, read_state_dict(resume_weights["path"]), str(resume_weights["path"]))
     lora_cfg = None
@@ -205,7 +197,7 @@ def _train(cfg, env, args, weights, seq_length, tok, resume, resume_state, resum
     if env.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.message(
-            f" {env.env_type} on {env.world_size} x {env.device.type} | model {cfg.model_name}"
+            f" {env.env_type} on {env.world_size} x {env.device.type} | model {cfg.model_name} from {source.describe()}"
             f" ({args.num_params() / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable) | seq {seq_length}"
             f" | global batch {gb} | iterations {state.step}->{total} | peak {peak:.3g} TFLOP/s per process"
         )
