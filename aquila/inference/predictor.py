@@ -5,98 +5,50 @@ text prompt is encoded as `[BOS] + tokenizer.encode(text)` (FlagAI omitted the B
 `[BOS] + encode(render_prompt(messages))`, the same template and BOS rule as SFT training. `prompts_tokens` are
 used exactly as given. Generation ends at EOS (`</s>`) or unk/pad (id 0), like FlagAI, or at a stop string.
 
-A Predictor holds the model's KV cache: use one thread at a time (the server serialises requests).
+Every method builds `Request`s and decodes them with the core (`aquila.inference.generate`). A Predictor uses the
+model's KV cache: one thread at a time (the server's scheduler owns the model instead).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from aquila.chat_template import DEFAULT_SYSTEM, STOP_STRINGS, render_prompt
 from aquila.errors import AquilaError
-from aquila.inference.generate import beam_search, cache_length, check_prompts, generate_tokens, model_device
+from aquila.inference.generate import (
+    Completion,
+    DecodeBatch,
+    Request,
+    beam_search,
+    cache_length,
+    check_request,
+    model_device,
+    run,
+)
+from aquila.inference.generate import Sequence as DecodingSequence
 from aquila.inference.sampling import SamplingParams
+from aquila.inference.text import TextAssembler
 
-REPLACEMENT = "\ufffd"
-
-
-class TextAssembler:
-    """Generated ids -> text, with stop strings; hands out pieces that are safe to show.
-
-    A piece never ends inside a multi-byte character (while the decode of the ids so far ends in U+FFFD that
-    tail is held back) nor in a prefix of a stop string, so `"".join(pieces)` equals the final text.
-    `strip` drops leading and trailing whitespace (trailing whitespace is held back until more text follows).
-    """
-
-    def __init__(self, tokenizer, stop: Sequence[str] = (), strip: bool = False) -> None:
-        self.tokenizer = tokenizer
-        self.stop = tuple(s for s in stop if s)
-        self.strip = strip
-        self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0  # characters of `text` already handed out
-        self.stopped = False  # a stop string was found: the text is final
-
-    def push(self, token_ids: Sequence[int]) -> str:
-        """Add generated ids; returns the newly safe text (maybe "")."""
-        if self.stopped:
-            return ""
-        self.ids.extend(int(t) for t in token_ids)
-        text = self.tokenizer.decode(self.ids)
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            text, self.stopped = text[: min(hits)], True
-        self.text = text.lstrip() if self.strip else text
-        if self.stopped:
-            return self.finish()
-        safe = len(self.text)
-        while safe and self.text[safe - 1] == REPLACEMENT:
-            safe -= 1
-        safe -= self._stop_prefix_len(self.text[:safe])
-        if self.strip:
-            safe = len(self.text[:safe].rstrip())
-        return self._emit(max(safe, self.emitted))
-
-    def finish(self) -> str:
-        """The rest of the text, once generation has ended."""
-        if self.strip:
-            self.text = self.text.rstrip()
-        return self._emit(max(len(self.text), self.emitted))
-
-    def _stop_prefix_len(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
-
-    def _emit(self, upto: int) -> str:
-        piece = self.text[self.emitted : upto]
-        self.emitted = upto
-        return piece
-
-
-@dataclass
-class Completion:
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)  # generated ids (a final stop id excluded)
-    finish_reason: str | None = None  # "stop" (EOS/unk or a stop string) or "length"
-    prompt_tokens: int = 0
-    logprobs: list[float] | None = None  # per generated id, from the model's distribution
+__all__ = ["Completion", "Predictor", "Request", "TextAssembler", "TextStream", "chat_messages"]
 
 
 class TextStream:
     """Iterate for text pieces; afterwards `completion` holds the finish reason, ids and full text."""
 
-    def __init__(self, pieces: Iterator[list[str]], completion: Completion) -> None:
-        self._pieces = pieces
-        self.completion = completion
+    def __init__(self, batch: DecodeBatch, seq: DecodingSequence) -> None:
+        self._batch, self._seq = batch, seq
+        self._steps = self._run()
+
+    @property
+    def completion(self) -> Completion:
+        return self._seq.completion
+
+    def _run(self) -> Iterator[str]:
+        while not self._seq.finished:
+            for _, piece in self._batch.step():
+                yield piece
 
     def __iter__(self) -> Iterator[str]:
         for piece in self.steps():
@@ -105,11 +57,12 @@ class TextStream:
 
     def steps(self) -> Iterator[str]:
         """One piece per generated token (often ""), so a consumer can stop between any two tokens."""
-        for step in self._pieces:
-            yield step[0]
+        yield from self._steps
 
     def close(self) -> None:
-        self._pieces.close()
+        """Stop early: the completion ends with finish_reason "length"."""
+        self._steps.close()
+        self._batch.cancel(self._seq, "length")
 
 
 def _as_stop_list(stop: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -177,115 +130,58 @@ class Predictor:
             raise AquilaError("prompts_tokens is empty")
         return ids
 
-    # --- the core: a batch of id prompts -> text pieces per step ------------------------------------------------------
-    def _pieces(
+    # --- the one request type and the core -------------------------------------------------------------------
+    def request(
         self,
-        prompts: Sequence[Sequence[int]],
+        prompt_ids: Sequence[int],
         max_new_tokens: int,
-        params: SamplingParams,
-        seed: int | None,
-        stop: Sequence[str],
-        strip: bool,
-        completions: list[Completion],
-    ) -> Iterator[list[str]]:
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=model_device(self.model)).manual_seed(int(seed))
-        texts = [TextAssembler(self.tokenizer, stop, strip) for _ in prompts]
-        logprobs: list[torch.Tensor] | None = [] if completions[0].logprobs is not None else None
-        stop_ids = set(self.stop_ids)
-        steps = generate_tokens(
-            self.model, prompts, max_new_tokens, params, self.stop_ids, generator, self.compile, logprobs
+        params: SamplingParams | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        strip: bool = False,
+        logprobs: bool = False,
+    ) -> Request:
+        """A checked `Request` that ends at this tokenizer's EOS/unk ids or a stop string."""
+        r = Request(
+            tuple(int(t) for t in prompt_ids),
+            _check_max_new(max_new_tokens),
+            params or SamplingParams(),
+            seed,
+            _as_stop_list(stop),
+            self.stop_ids,
+            strip,
+            logprobs,
         )
-        try:
-            for tokens in steps:
-                pieces = []
-                for row, token in enumerate(tokens.tolist()):
-                    done, text = completions[row], texts[row]
-                    if done.finish_reason is not None:
-                        pieces.append("")
-                        continue
-                    if token in stop_ids:
-                        done.finish_reason = "stop"
-                        pieces.append("")
-                        continue
-                    done.token_ids.append(token)
-                    if done.logprobs is not None:
-                        done.logprobs.append(float(logprobs[-1][row]))
-                    pieces.append(text.push([token]))
-                    if text.stopped:
-                        done.finish_reason = "stop"
-                yield pieces
-                if all(c.finish_reason is not None for c in completions):
-                    break
-        finally:
-            steps.close()
-            for done, text in zip(completions, texts):  # also when the consumer stops early
-                done.finish_reason = done.finish_reason or "length"
-                done.text = text.text.rstrip() if strip else text.text
-        final = [text.finish() for text in texts]
-        for done, text in zip(completions, texts):
-            done.text = text.text
-        yield final
+        check_request(self.model, r)
+        return r
 
-    def _start(self, prompts, max_new_tokens, params, seed, stop, strip, logprobs=False):
-        completions = [Completion(prompt_tokens=len(p), logprobs=[] if logprobs else None) for p in prompts]
-        return self._pieces(prompts, max_new_tokens, params, seed, _as_stop_list(stop), strip, completions), completions
+    def _batch(self, requests: Sequence[Request]) -> DecodeBatch:
+        need = max(len(r.prompt) + r.max_new_tokens for r in requests)
+        max_len = cache_length(need, self.model.args.max_seq_len)
+        return DecodeBatch(self.model, len(requests), max_len, self.tokenizer, compile=self.compile)
 
-    def complete(
-        self,
-        prompt_ids: Sequence[int],
-        max_new_tokens: int,
-        params: SamplingParams,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        strip: bool = False,
-        logprobs: bool = False,
-    ) -> Completion:
-        """Generate for one id prompt: text, ids, finish reason and (optionally) per-token log-probabilities."""
-        pieces, completions = self._start([prompt_ids], max_new_tokens, params, seed, stop, strip, logprobs)
-        for _ in pieces:
-            pass
-        return completions[0]
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        """Decode requests together (one row each); each result is what the request gives alone."""
+        if not requests:
+            raise AquilaError("no prompts given")
+        return run(self._batch(requests), requests)
 
-    def stream(
-        self,
-        prompt_ids: Sequence[int],
-        max_new_tokens: int,
-        params: SamplingParams,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        strip: bool = False,
-        logprobs: bool = False,
-    ) -> TextStream:
-        """Like `complete`, as text pieces (never splitting a character)."""
-        pieces, completions = self._start([prompt_ids], max_new_tokens, params, seed, stop, strip, logprobs)
-        return TextStream(pieces, completions[0])
+    def stream(self, request: Request) -> TextStream:
+        """One request as text pieces (never splitting a character)."""
+        batch = self._batch([request])
+        return TextStream(batch, batch.add(request))
 
-    def complete_batch(
-        self,
-        prompts: Sequence[Sequence[int]],
-        max_new_tokens: int,
-        params: SamplingParams,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        strip: bool = False,
-    ) -> list[Completion]:
-        """Several id prompts at once (left-padded into one batch)."""
-        pieces, completions = self._start(prompts, max_new_tokens, params, seed, stop, strip)
-        for _ in pieces:
-            pass
-        return completions
+    def complete(self, prompt_ids: Sequence[int], max_new_tokens: int, params: SamplingParams, **kwargs) -> Completion:
+        """One id prompt: text, ids, finish reason and (`logprobs=True`) per-token log-probabilities."""
+        return self.generate([self.request(prompt_ids, max_new_tokens, params, **kwargs)])[0]
 
     @torch.no_grad()
     def score(self, prompt_ids: Sequence[int]) -> list[float]:
         """Log-probability of each prompt token after the ones before it (len(prompt_ids) - 1 values)."""
         ids = [int(t) for t in prompt_ids]
-        check_prompts(self.model, [ids], 1)
-        args = self.model.args
-        self.model.setup_caches(1, cache_length(len(ids), args.max_seq_len))
+        check_request(self.model, Request(tuple(ids), 1))
         x = torch.tensor([ids], device=model_device(self.model))
-        logits = self.model(x)["logits"][0, :-1]
+        logits = self.model(x)["logits"][0, :-1]  # a plain forward: the KV cache is not touched
         return torch.log_softmax(logits, -1).gather(1, x[0, 1:, None]).squeeze(1).tolist()
 
     # --- FlagAI's API ------------------------------------------------------------------------------------------------
@@ -305,7 +201,7 @@ class Predictor:
         """Sample a continuation of `text` (temperature 0 = greedy). Returns the generated text only."""
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         ids = self._prompt_ids(text, prompts_tokens, input_max_length)
-        return self.complete(ids, _check_max_new(out_max_length), params, seed, stop).text
+        return self.complete(ids, out_max_length, params, seed=seed, stop=stop).text
 
     def predict_generate_batch(
         self,
@@ -323,8 +219,10 @@ class Predictor:
         if isinstance(texts, str) or not texts:
             raise AquilaError("texts must be a non-empty list of prompts")
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        prompts = [self.encode_prompt(t, input_max_length) for t in texts]
-        return [c.text for c in self.complete_batch(prompts, _check_max_new(out_max_length), params, seed, stop)]
+        requests = [
+            self.request(self.encode_prompt(t, input_max_length), out_max_length, params, seed, stop) for t in texts
+        ]
+        return [c.text for c in self.generate(requests)]
 
     def predict_generate_stream(
         self,
@@ -342,7 +240,7 @@ class Predictor:
         """predict_generate_randomsample as a generator of text pieces; they join to the same text."""
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         ids = self._prompt_ids(text, prompts_tokens, input_max_length)
-        return iter(self.stream(ids, _check_max_new(out_max_length), params, seed, stop))
+        return iter(self.stream(self.request(ids, out_max_length, params, seed, stop)))
 
     def predict_generate_beamsearch(
         self, text: str, input_max_length: int = 256, out_max_length: int = 100, beam_size: int = 1
@@ -352,7 +250,7 @@ class Predictor:
         if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
             raise AquilaError(f"beam_size must be an integer >= 1, got {beam_size!r}")
         out = beam_search(self.model, ids, _check_max_new(out_max_length), beam_size, self.stop_ids)
-        return self.tokenizer.decode(out)
+        return self.tokenizer.decode(out, skip_special_tokens=True)
 
     # --- chat ------------------------------------------------------------------------------------------------------
     def predict_chat(
@@ -391,7 +289,7 @@ class Predictor:
     ) -> Iterator[str]:
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         ids = self.encode_chat(messages, history, instruction, system)
-        return iter(self.stream(ids, _check_max_new(out_max_length), params, seed, STOP_STRINGS, strip=True))
+        return iter(self.stream(self.request(ids, out_max_length, params, seed, STOP_STRINGS, strip=True)))
 
 
 def chat_messages(messages: str | Sequence[dict], history: Sequence | None = None) -> list[dict]:
