@@ -7,7 +7,7 @@ import pytest
 from aquila.errors import AquilaError
 from aquila.train.config import SCRIPT_DEFAULTS, TrainConfig, parse_config
 from aquila.train.pretrain import main as pretrain_main
-from tests.test_train_helpers import micro_model_dir, pretrain_config, write_yaml
+from tests.train_helpers import micro_model_dir, pretrain_config, write_yaml
 
 
 def test_precedence_defaults_flags_yaml(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from aquila.checkpoint import load_model_dir
-from tests.test_train_helpers import REPO, losses, pretrain_config, torchrun, write_yaml
+from tests.train_helpers import REPO, losses, pretrain_config, torchrun, write_yaml
 
 pytestmark = pytest.mark.slow
 

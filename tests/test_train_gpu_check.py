@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.test_train_helpers import REPO
+from tests.train_helpers import REPO
 
 
 def test_gpu_check_shell_syntax():

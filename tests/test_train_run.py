@@ -10,7 +10,7 @@ import torch
 from aquila.checkpoint import load_model_dir
 from aquila.train.pretrain import main as pretrain_main
 from aquila.train.sft import main as sft_main
-from tests.test_train_helpers import (
+from tests.train_helpers import (
     CONVOS,
     DEMO_DATA,
     DEMO_TOKENIZER,
