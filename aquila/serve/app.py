@@ -33,6 +33,7 @@ from aquila.chat_template import DEFAULT_SYSTEM, STOP_STRINGS
 from aquila.errors import AquilaError
 from aquila.inference.predictor import Completion, Predictor, TextStream
 from aquila.inference.sampling import SamplingParams
+from aquila.serve.page import add_chat_page
 
 FLAGAI_STOPS = ("###", "[UNK]", "</s>")
 
@@ -190,6 +191,7 @@ def create_app(predictor: Predictor, limits: ServerLimits | None = None, model_n
     engine = Engine(predictor, limits or ServerLimits(), model_name)
     app = FastAPI(title="aquila", version="1")
     app.state.engine = engine
+    add_chat_page(app)
     tokenizer = predictor.tokenizer
 
     @app.exception_handler(ApiError)
