@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["aquila", "aquila.*"]),
     include_package_data=True,
-    package_data={"aquila.serve": ["static/*"]},
+    package_data={"aquila.serve": ["chat.html"]},
     install_requires=[
         "torch>=2.5",
         "numpy>=1.24",

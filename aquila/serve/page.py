@@ -15,7 +15,7 @@ CONTENT_SECURITY_POLICY = (
 
 
 def chat_page_html() -> str:
-    return resources.files("aquila.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
+    return resources.files("aquila.serve").joinpath("chat.html").read_text(encoding="utf-8")
 
 
 def add_chat_page(app: FastAPI) -> None:
