@@ -372,3 +372,52 @@ def test_tokenizer_json_not_bpe(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece"}}))
     with pytest.raises(AquilaError, match=r"tokenizer\.json: expected a byte-level BPE"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+# --- package structure ----------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_package_has_no_import_cycle():
+    """Every import between aquila.tokenizer's modules, at module or function level, points one way."""
+    import ast
+
+    package = ROOT / "aquila" / "tokenizer"
+    graph: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        names = {n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)}
+        assert "aquila.tokenizer" not in names, f"{path.name} imports the package root, which imports it back"
+        graph[path.stem] = {m.rsplit(".", 1)[1] for m in names if m and m.startswith("aquila.tokenizer.")}
+    done: set[str] = set()
+
+    def visit(module: str, stack: tuple[str, ...]) -> None:
+        assert module not in stack, f"import cycle: {' -> '.join((*stack, module))}"
+        if module not in done:
+            for dep in graph[module]:
+                visit(dep, (*stack, module))
+            done.add(module)
+
+    for module in graph:
+        visit(module, ())
+    assert graph["bpe"] >= {"base", "files"} and "bpe" not in graph["sp"]
+
+
+def test_base_tokenizer_is_the_protocol_evaluation_uses():
+    from typing import Protocol, get_type_hints
+
+    from aquila.evaluation.runner import evaluate_subset
+    from aquila.tokenizer import BaseTokenizer
+    from aquila.tokenizer.sp import SentencePieceTokenizer
+
+    assert Protocol in BaseTokenizer.__mro__
+    assert BaseTokenizer in Tokenizer.__mro__ and BaseTokenizer in SentencePieceTokenizer.__mro__
+    assert get_type_hints(evaluate_subset)["tokenizer"] is BaseTokenizer
+
+
+def test_encodable_text_is_the_shared_cleanup():
+    from aquila.tokenizer import encodable_text
+
+    assert encodable_text("a\ud800b\udfff") == "a\ufffdb\ufffd"
+    with pytest.raises(AquilaError, match="tokenizer input must be str, got bytes"):
+        encodable_text(b"abc")

@@ -154,6 +154,23 @@ def test_sentencepiece_directory(sp_dir, tmp_path, name):
     assert tok.decode(tok.encode("a\ud800b")) == tok.decode(tok.encode("a\ufffdb"))
 
 
+def test_trainer_finds_a_sentencepiece_tokenizer_beside_the_model(tmp_path):
+    """train/run.py uses the same detection rule as load_tokenizer (it used to miss sentencepiece directories)."""
+    from types import SimpleNamespace
+
+    from aquila.train.run import tokenizer_dir
+
+    (tmp_path / "m").mkdir()
+    cfg = SimpleNamespace(tokenizer_dir=None, pre_load_dir=str(tmp_path), model_name="m")
+    assert tokenizer_dir(cfg) is None
+    (tmp_path / "m" / "tokenizer.model").write_bytes(b"")
+    assert tokenizer_dir(cfg) == tmp_path / "m"
+    (tmp_path / "m" / "tokenizer.model").unlink()
+    (tmp_path / "m" / "vocab.json").write_text("{}")
+    with pytest.raises(AquilaError, match="vocab.json but no merges.txt"):
+        tokenizer_dir(cfg)
+
+
 def test_bad_sentencepiece_file(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"not a model")
     with pytest.raises(AquilaError, match=r"tokenizer\.model is not a sentencepiece model"):

@@ -5,22 +5,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from statistics import mean
-from typing import Any, Protocol
+from typing import Any
 
 from aquila.evaluation.prompts import fit_context, select_shots
 from aquila.evaluation.scoring import ChoiceScorer, Request
 from aquila.evaluation.tasks import TASKS, Item, Subset
+from aquila.tokenizer.base import BaseTokenizer
 
 ANSWER_PUNCTUATION = " \t\r\n.。:：)）、,，"
-
-
-class TokenizerLike(Protocol):
-    token_start_id: int
-    token_end_id: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
 
 
 def greedy_answer(decode: Callable[[list[int]], str], tokens: list[int], mode: str) -> str:
@@ -39,7 +31,7 @@ def exact_match(item: Item, answer: str) -> bool:
 
 
 def evaluate_subset(
-    scorer: ChoiceScorer, tokenizer: TokenizerLike, subset: Subset, shots: int, seed: int, limit: int | None = None
+    scorer: ChoiceScorer, tokenizer: BaseTokenizer, subset: Subset, shots: int, seed: int, limit: int | None = None
 ) -> dict[str, Any]:
     """{'n', 'acc', 'em', 'shots', 'truncated', 'pool'} for one subset."""
     items = subset.items[:limit] if limit else subset.items
@@ -71,7 +63,7 @@ def evaluate_subset(
 
 def evaluate_task(
     scorer: ChoiceScorer,
-    tokenizer: TokenizerLike,
+    tokenizer: BaseTokenizer,
     task: str,
     subsets: list[Subset],
     shots: int,

@@ -1,40 +1,20 @@
-"""Aquila's tokenizers: byte-level BPE (`bpe`), sentencepiece (`sp`) and BPE training (`train`).
+"""Aquila's tokenizers (docs/tokenizer.md).
 
-See docs/tokenizer.md.
+`base`: FlagAI's tokenizer API as a Protocol and the special tokens; `files`: which files a tokenizer directory
+holds and their readers/writers; `bpe`: the byte-level BPE and `load_tokenizer`; `sp`: sentencepiece models;
+`train`: `aquila train-tokenizer`. Nothing here imports upward: base <- files <- bpe, base <- sp, bpe <- train.
 """
 
-from aquila.tokenizer.bpe import (
-    COMMAND_TOKENS,
-    ENDOFTEXT,
+from aquila.tokenizer.base import COMMAND_TOKENS, ENDOFTEXT, SPECIAL_TOKENS, BaseTokenizer, encodable_text  # noqa: F401
+from aquila.tokenizer.bpe import Tokenizer, bytes_to_unicode, load_tokenizer  # noqa: F401
+from aquila.tokenizer.files import (  # noqa: F401 (re-exports, as are the lines above)
     MERGES_HEADER,
     SP_MODEL_FILES,
-    SPECIAL_TOKENS,
     TOKENIZER_FILES,
-    BaseTokenizer,
-    Tokenizer,
-    bytes_to_unicode,
     check_merges,
     copy_tokenizer_files,
-    load_tokenizer,
     read_merges_txt,
     read_tokenizer_json,
     read_vocab_json,
+    tokenizer_file,
 )
-
-__all__ = [
-    "COMMAND_TOKENS",
-    "ENDOFTEXT",
-    "MERGES_HEADER",
-    "SP_MODEL_FILES",
-    "SPECIAL_TOKENS",
-    "TOKENIZER_FILES",
-    "BaseTokenizer",
-    "Tokenizer",
-    "bytes_to_unicode",
-    "check_merges",
-    "copy_tokenizer_files",
-    "load_tokenizer",
-    "read_merges_txt",
-    "read_tokenizer_json",
-    "read_vocab_json",
-]

@@ -16,7 +16,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from aquila.errors import AquilaError
-from aquila.tokenizer.bpe import COMMAND_TOKENS, BaseTokenizer, _as_str, _replace_surrogates
+from aquila.tokenizer.base import COMMAND_TOKENS, BaseTokenizer, encodable_text
 
 
 class SentencePieceTokenizer(BaseTokenizer):
@@ -64,8 +64,8 @@ class SentencePieceTokenizer(BaseTokenizer):
             return self._sp.encode(text, **kwargs)
         except (UnicodeEncodeError, TypeError, RuntimeError):  # lone surrogates
             if isinstance(text, list):
-                return self._sp.encode([_replace_surrogates(_as_str(t)) for t in text], **kwargs)
-            return self._sp.encode(_replace_surrogates(_as_str(text)), **kwargs)
+                return self._sp.encode([encodable_text(t) for t in text], **kwargs)
+            return self._sp.encode(encodable_text(text), **kwargs)
 
     def encode(self, text: str) -> list[int]:
         return self._encode(text, out_type=int)
@@ -76,7 +76,7 @@ class SentencePieceTokenizer(BaseTokenizer):
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and character spans (sentencepiece reports byte spans of the input; converted here)."""
         proto = self._encode(text, return_type="proto")
-        text = _replace_surrogates(text)
+        text = encodable_text(text)
         char_of_byte: list[int] = []  # byte offset -> index of the character that byte belongs to
         for i, ch in enumerate(text):
             char_of_byte += [i] * len(ch.encode("utf-8"))

@@ -19,24 +19,11 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from aquila.errors import AquilaError
-from aquila.tokenizer.bpe import ENDOFTEXT, Tokenizer
+from aquila.tokenizer.base import ENDOFTEXT
+from aquila.tokenizer.bpe import Tokenizer
 
 MIN_VOCAB_SIZE = 256 + 1  # the byte alphabet + <|endoftext|>
 _PLAIN_CHUNK_CHARS = 1 << 16
-
-
-class _Counter:
-    """Wraps a text iterator and counts what went through (the trainer consumes it, we need the totals)."""
-
-    def __init__(self, texts: Iterable[str]) -> None:
-        self.texts, self.docs, self.chars = texts, 0, 0
-
-    def __iter__(self) -> Iterator[str]:
-        for text in self.texts:
-            if text:
-                self.docs += 1
-                self.chars += len(text)
-                yield text
 
 
 def iter_corpus(files: Sequence[str | os.PathLike], json_key: str = "text") -> Iterator[str]:
@@ -136,9 +123,16 @@ def train_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    counter = _Counter(texts)
-    backend.train_from_iterator(counter, trainer=trainer, length=length)
-    if counter.chars == 0:
+    chars = 0
+
+    def counted() -> Iterator[str]:  # the trainer consumes the texts; we need to know whether there were any
+        nonlocal chars
+        for text in texts:
+            chars += len(text)
+            yield text
+
+    backend.train_from_iterator(counted(), trainer=trainer, length=length)
+    if chars == 0:
         raise AquilaError("the training corpus is empty (no text found in the input)")
     model = json.loads(backend.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]

@@ -21,6 +21,7 @@ from aquila.checkpoint import CONFIG_NAME, build_model, check_state_dict, find_w
 from aquila.config import ModelArgs
 from aquila.errors import AquilaError
 from aquila.model import AquilaModel
+from aquila.tokenizer.files import tokenizer_file
 from aquila.train import checkpointing as ckpt_io
 from aquila.train.batches import GlobalBatches
 from aquila.train.config import TrainConfig
@@ -65,7 +66,7 @@ def tokenizer_dir(cfg: TrainConfig) -> Path | None:
         return path
     if cfg.pre_load_dir:
         path = Path(cfg.pre_load_dir) / cfg.model_name
-        if (path / "vocab.json").is_file() or (path / "tokenizer.json").is_file():
+        if path.is_dir() and tokenizer_file(path) is not None:
             return path
     return None
 
