@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in COMMANDS:
         print(f"error: unknown command {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[verb][0])
-    return run_command(lambda: module.main(rest))
+    # Imported inside run_command: a verb whose optional extra is missing fails with one error line.
+    return run_command(lambda: importlib.import_module(COMMANDS[verb][0]).main(rest))
 
 
 if __name__ == "__main__":

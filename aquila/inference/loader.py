@@ -18,6 +18,7 @@ rounding. The KV cache follows the model's dtype.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from aquila.config import ModelArgs
 from aquila.errors import AquilaError
 from aquila.io_utils import read_json
 from aquila.model import AquilaModel
+from aquila.optional import require
 
 TASKS = ("lm",)
 QUANT_MODES = (None, "int8")
@@ -194,11 +196,13 @@ def load_model(
 
 
 def _use_bminf(device: torch.device) -> bool:
+    """BMInf's CUDA int8 kernels when installed; without them, a one-line note and aquila's own int8."""
     if device.type != "cuda":
         return False
     try:
-        import bminf  # noqa: F401  (optional: CUDA int8 kernels)
-    except ImportError:
+        require("bminf", "int8 with BMInf's CUDA kernels")
+    except AquilaError as e:
+        print(f"note: {e}; using aquila's own int8 instead", file=sys.stderr)
         return False
     return True
 

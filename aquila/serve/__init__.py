@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from aquila.optional import require
+
+for _module in ("fastapi", "uvicorn", "prometheus_client"):
+    require(_module, "aquila serve")
+
 
 def __getattr__(name: str):
     if name in ("create_app", "ServerLimits"):

@@ -12,14 +12,11 @@ import torch.distributed as dist
 from torch import nn
 
 from aquila.errors import AquilaError
+from aquila.optional import require
 
 
 def _bmt():
-    try:
-        import bmtrain
-    except ImportError:
-        raise AquilaError("env_type bmtrain: the bmtrain package is not installed (pip install bmtrain)") from None
-    return bmtrain
+    return require("bmtrain", "env_type bmtrain")
 
 
 def init(seed: int) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from aquila.errors import AquilaError
+from aquila.optional import require
 from aquila.train.config import TrainConfig
 
 
@@ -72,10 +73,9 @@ def resolve_env(cfg: TrainConfig) -> DistEnv:
     if env_type == "bmtrain":
         if device.type != "cuda":
             raise AquilaError("env_type bmtrain needs CUDA; on CPU use env_type fsdp or pytorchDDP")
-        try:
-            import bmtrain  # noqa: F401
-        except ImportError:
-            raise AquilaError("env_type bmtrain: the bmtrain package is not installed (pip install bmtrain)") from None
+        require("bmtrain", "env_type bmtrain")
+    if cfg.enable_flash_attn_models and device.type == "cuda":
+        require("flash_attn", "enable_flash_attn_models: True")
     if cfg.fp16 and device.type != "cuda":
         raise AquilaError("fp16 needs CUDA; on CPU train in fp32 (fp16: False) or bf16: True")
     return DistEnv(rank, world, local_rank, device, env_type)

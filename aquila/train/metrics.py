@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from aquila.config import ModelArgs
+from aquila.optional import require
 
 
 def flops_per_token(args: ModelArgs, seq_length: int, trainable_fraction: float = 1.0) -> float:
@@ -95,6 +96,7 @@ class MetricsLogger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _truncate_after(self.path, start_step)
         if tensorboard_dir:
+            require("tensorboard", "tensorboard: True")
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir)

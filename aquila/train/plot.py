@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from aquila.errors import AquilaError
+from aquila.optional import require
 from aquila.train.entry import guarded
 
 
@@ -30,8 +31,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "aquila plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
