@@ -12,9 +12,8 @@ import aquila
 from aquila.checkpoint import build_model, save_model_dir
 from aquila.config import ModelArgs
 from aquila.errors import AquilaError
-from aquila.hf import save_hf_dir
-from aquila.inference.generate import beam_search, generate
-from aquila.inference.predictor import TextAssembler
+from aquila.inference.generate import beam_search
+from aquila.inference.predictor import Predictor, TextAssembler
 from aquila.inference.sampling import SamplingParams
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "examples" / "aquila" / "demo_tokenizer"
@@ -86,7 +85,7 @@ def test_prompt_starts_with_bos_and_truncates_from_the_left(predictor):
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_greedy_matches_transformers_generate(tmp_path, predictor, penalty):
-    save_hf_dir(predictor.model, tmp_path / "hf")
+    save_model_dir(predictor.model, tmp_path / "hf", fmt="hf")
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, attn_implementation="eager").eval()
     for text in ("The capital of France", "北京是中国的首都", "the the the the"):
         ids = predictor.encode_prompt(text)
@@ -113,8 +112,12 @@ def test_batch_equals_one_by_one(predictor):
     assert batch == alone
     prompts = [predictor.encode_prompt(t) for t in texts]
     rep = SamplingParams(temperature=0, repetition_penalty=1.5)
-    together = generate(predictor.model, prompts, 10, rep, predictor.stop_ids).tokens
-    assert together == [generate(predictor.model, [p], 10, rep, predictor.stop_ids).tokens[0] for p in prompts]
+    together = generated_ids(predictor, prompts, 10, rep)
+    assert together == [generated_ids(predictor, [p], 10, rep)[0] for p in prompts]
+
+
+def generated_ids(predictor: Predictor, prompts, max_new: int, params: SamplingParams) -> list[list[int]]:
+    return [c.token_ids for c in predictor.generate([predictor.request(p, max_new, params) for p in prompts])]
 
 
 def test_streaming_pieces_join_to_the_text(predictor):
@@ -140,7 +143,7 @@ def test_stream_never_splits_a_character(predictor):
 
 def test_stop_string_prefix_is_held_back():
     class CharTokenizer:
-        def decode(self, ids):
+        def decode(self, ids, skip_special_tokens=False):
             return "".join(chr(i) for i in ids)
 
     asm = TextAssembler(CharTokenizer(), stop=["###"])
@@ -160,7 +163,7 @@ def test_seed_makes_sampling_reproducible(predictor):
 
 def test_strong_repetition_penalty_never_repeats(predictor):
     ids = predictor.encode_prompt("the the the the")
-    strong = generate(predictor.model, [ids], 30, SamplingParams(temperature=0, repetition_penalty=1e4)).tokens[0]
+    strong = generated_ids(predictor, [ids], 30, SamplingParams(temperature=0, repetition_penalty=1e4))[0]
     assert len(set(strong)) == len(strong) and not set(strong) & set(ids)
 
 
@@ -177,7 +180,7 @@ def test_beam_search(predictor):
         return torch.log_softmax(logits, -1).gather(1, torch.tensor(out)[:, None]).sum().item()
 
     model.clear_caches()
-    greedy_ids = generate(model, [ids], 8, SamplingParams(temperature=0), predictor.stop_ids).tokens[0]
+    greedy_ids = generated_ids(predictor, [ids], 8, SamplingParams(temperature=0))[0]
     beam_ids = beam_search(model, ids, 8, 4, predictor.stop_ids)
     assert beam_ids == beam_search(model, ids, 8, 4, predictor.stop_ids)
     assert len(beam_ids) == len(greedy_ids) == 8
@@ -231,7 +234,7 @@ def test_autoloader_reads_safetensors_and_hf_dirs(tmp_path, predictor):
     with torch.no_grad():
         expected = ref(ids)["logits"]
     save_model_dir(ref, tmp_path / "ours", formats=("safetensors",))
-    save_hf_dir(ref, tmp_path / "hf")
+    save_model_dir(ref, tmp_path / "hf", fmt="hf")
     for name in ("ours", "hf"):
         model = aquila.AutoLoader("lm", model_dir=tmp_path, model_name=name).get_model()
         with torch.no_grad():
@@ -304,8 +307,10 @@ def test_lora_adapter_is_merged_strictly(tmp_path, ckpt):
 @pytest.mark.slow
 def test_compiled_decode_matches_eager(predictor):
     ids = predictor.encode_prompt("compile me")
-    eager = generate(predictor.model, [ids], 12, SamplingParams(temperature=0)).tokens
-    compiled = generate(predictor.model, [ids], 12, SamplingParams(temperature=0), compile=True).tokens
+    eager = generated_ids(predictor, [ids], 12, SamplingParams(temperature=0))
+    compiled = generated_ids(
+        Predictor(predictor.model, predictor.tokenizer, compile=True), [ids], 12, SamplingParams(temperature=0)
+    )
     assert compiled == eager
 
 

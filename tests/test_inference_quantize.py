@@ -11,7 +11,6 @@ from aquila.checkpoint import build_model, save_model_dir
 from aquila.cli import main as cli_main
 from aquila.config import ModelArgs
 from aquila.errors import AquilaError
-from aquila.hf import save_hf_dir
 from aquila.inference.quantize import Int8Embedding, Int8Linear, quantize_model, quantize_weight, weight_bytes
 from tests.test_inference import ARGS, DEMO_TOKENIZER, single_thread
 
@@ -78,7 +77,7 @@ def test_quantize_verb_and_autoloader_agree(tmp_path):
 
 def test_quantize_from_hf_dir_and_errors(tmp_path):
     model = build_model(ARGS, seed=1).eval()
-    save_hf_dir(model, tmp_path / "hf")
+    save_model_dir(model, tmp_path / "hf", fmt="hf")
     assert cli_main(["quantize", str(tmp_path / "hf"), str(tmp_path / "q")]) == 0
     ids = torch.tensor([[16006, 9, 10]])
     with torch.no_grad():
@@ -92,10 +91,9 @@ def test_quantize_from_hf_dir_and_errors(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_int8_decode_matches_eager():
-    from aquila.inference.generate import generate
-    from aquila.inference.sampling import SamplingParams
+    from aquila.inference.generate import DecodeBatch, Request, run
 
     model = quantize_model(build_model(ARGS, seed=0).eval())
-    prompt = [[16006, *range(1, 20)]]
-    eager = generate(model, prompt, 8, SamplingParams(temperature=0), stop_ids=()).tokens
-    assert generate(model, prompt, 8, SamplingParams(temperature=0), stop_ids=(), compile=True).tokens == eager
+    request = Request((16006, *range(1, 20)), 8)
+    eager = run(DecodeBatch(model, 1, 32), [request])[0].token_ids
+    assert run(DecodeBatch(model, 1, 32, compile=True), [request])[0].token_ids == eager

@@ -35,45 +35,64 @@ def test_parameter_names_are_flagai():
     )
 
 
+def positions(start: int, n: int, rows: int = 1) -> torch.Tensor:
+    return torch.arange(start, start + n).expand(rows, n)
+
+
 @pytest.mark.parametrize("overrides", [dict(), dict(n_kv_heads=2)])
 def test_kv_cache_decoding_matches_full_forward(overrides):
     model = build_model(tiny_args(**overrides), seed=0).eval()
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(ids)["logits"]
-        model.setup_caches(max_batch_size=1, max_seq_len=32)
-        steps = [model(ids[:, :5])["logits"]]
+        model.setup_caches(max_batch_size=2, max_seq_len=32)
+        steps = [model(ids[:, :5], input_pos=positions(0, 5))["logits"]]
         for t in range(5, 12):
-            steps.append(model(ids[:, t : t + 1], start_pos=t)["logits"])
-        # a chunk of several tokens after the prompt exercises the explicit causal mask
-        model.clear_caches()
-        model.setup_caches(1, 32)
-        model(ids[:, :4])
-        chunk = model(ids[:, 4:9], start_pos=4)["logits"]
+            steps.append(model(ids[:, t : t + 1], input_pos=positions(t, 1))["logits"])
+        # a chunk of several tokens after the prompt, in the second cache row
+        model(ids[:, :4], input_pos=positions(0, 4), first_row=1)
+        chunk = model(ids[:, 4:9], input_pos=positions(4, 5), first_row=1)["logits"]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunk, full[:, 4:9], atol=1e-5, rtol=1e-5)
 
 
-def test_left_padded_batch_decoding_matches_each_prompt_alone():
+def test_rows_at_their_own_positions_match_each_prompt_alone():
+    """Ragged prompts prefilled right-padded, then decoded together at per-row positions; row operations move them."""
     model = build_model(tiny_args(), seed=0).eval()
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 300, (n,), generator=gen) for n in (7, 3, 5)]
     continuation = torch.randint(1, 300, (3, 4), generator=gen)
     width = max(len(p) for p in prompts)
-    pads = torch.tensor([width - len(p) for p in prompts])
-    batch = torch.stack([F.pad(p, (width - len(p), 0)) for p in prompts])
+    model.setup_caches(4, 32)
+    pad = model.cache_len  # padding tokens write the scratch slot
+    batch = torch.stack([F.pad(p, (0, width - len(p))) for p in prompts])
+    pos = torch.stack([torch.cat([torch.arange(len(p)), torch.full((width - len(p),), pad)]) for p in prompts])
+    lengths = torch.tensor([len(p) for p in prompts])
     with torch.no_grad():
-        model.setup_caches(3, 32)
-        got = [model(batch, pad_lengths=pads)["logits"]]
+        got = [model(batch, input_pos=pos, kv_len=width)["logits"]]
         for t in range(4):
-            got.append(model(continuation[:, t : t + 1], start_pos=width + t, pad_lengths=pads)["logits"])
-        model.clear_caches()
+            got.append(model(continuation[:, t : t + 1], input_pos=(lengths + t)[:, None])["logits"])
+        model.copy_cache_rows([0], [3], 32)  # row 3 becomes row 0's copy: decoding it continues row 0
+        moved = model(continuation[:1, :1], input_pos=(lengths[:1] + 4)[:, None], first_row=3)["logits"][0, 0]
         for row, prompt in enumerate(prompts):
             alone = model(torch.cat([prompt, continuation[row]])[None])["logits"][0]
             n = len(prompt)
-            torch.testing.assert_close(got[0][row, pads[row] :], alone[:n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[0][row, :n], alone[:n], atol=1e-5, rtol=1e-5)
             for t in range(4):
                 torch.testing.assert_close(got[t + 1][row, 0], alone[n + t], atol=1e-5, rtol=1e-5)
+        again = model(torch.cat([prompts[0], continuation[0], continuation[0, :1]])[None])["logits"][0, -1]
+    torch.testing.assert_close(moved, again, atol=1e-5, rtol=1e-5)
+
+
+def test_positions_beyond_the_cache_are_errors():
+    model = build_model(tiny_args(), seed=0).eval()
+    with pytest.raises(ValueError, match="setup_caches"):
+        model(torch.ones(1, 1, dtype=torch.long), input_pos=positions(0, 1))
+    model.setup_caches(1, 8)
+    with pytest.raises(ValueError, match="rows"):
+        model(torch.ones(2, 1, dtype=torch.long), input_pos=positions(0, 1, rows=2))
+    with pytest.raises(ValueError, match="exceed the KV cache length"):
+        model(torch.ones(1, 1, dtype=torch.long), input_pos=positions(9, 1))
 
 
 def test_loss_equals_cross_entropy_and_ignores_minus_100():

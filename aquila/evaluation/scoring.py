@@ -3,7 +3,8 @@
 For one request (a prompt and its choices) the prompt runs once through the model into its KV cache; its last
 logits give every choice's first token (so single-token choices such as " A".." D" need nothing more). The
 cache rows are then copied, and the remaining tokens of up to `batch_size` choices run as one batch on top of the
-shared prompt. Greedy decoding for exact match continues from the same cached prompt.
+shared prompt. Greedy decoding for exact match continues from the same cached prompt, through the decoding core
+(`aquila.inference.generate`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from aquila.errors import AquilaError
+from aquila.inference.generate import DecodeBatch
+from aquila.inference.generate import Request as GenerationRequest
+from aquila.inference.generate import Sequence as DecodingSequence
+from aquila.inference.sampling import SamplingParams
 from aquila.model import AquilaModel
 
 
@@ -65,46 +70,57 @@ class ChoiceScorer:
             raise AquilaError(f"a prompt needs {need} positions, more than the model's {self.model.args.max_seq_len}")
         rows = min(self.batch_size, max(len(r.continuations) for r in requests))
         self.model.clear_caches()
-        self.model.setup_caches(rows, need)
+        batch = DecodeBatch(self.model, rows, need)
         try:
-            return [self._score_one(r, rows, done) for r in requests]
+            return [self._score_one(r, rows, batch, done) for r in requests]
         finally:
             self.model.clear_caches()
 
     def _tensor(self, ids: list[list[int]]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
-    def _score_one(self, r: Request, rows: int, done: Callable[[list[int]], bool] | None) -> Scored:
+    def _positions(self, start: int, rows: int, n: int) -> torch.Tensor:
+        return torch.arange(start, start + n, device=self.device).expand(rows, n)
+
+    def _score_one(self, r: Request, rows: int, batch: DecodeBatch, done: Callable[[list[int]], bool] | None) -> Scored:
         n = len(r.context)
-        first = self.model(self._tensor([r.context]), last_only=True)["logits"][0].log_softmax(-1)
-        logprobs = [float(first[c[0]]) for c in r.continuations]
+        first = self.model(
+            self._tensor([r.context]), input_pos=self._positions(0, 1, n), logits_at=self._tensor([n - 1])[0]
+        )
+        first = first["logits"][0]
+        logprobs_first = first.log_softmax(-1)
+        logprobs = [float(logprobs_first[c[0]]) for c in r.continuations]
         longer = [i for i, c in enumerate(r.continuations) if len(c) > 1]
         if longer:
-            self._copy_prompt_rows(n, min(rows, len(longer)))
+            copies = min(rows, len(longer))
+            self.model.copy_cache_rows([0] * (copies - 1), list(range(1, copies)), n)
         for chunk in _chunks(longer, rows):
             width = max(len(r.continuations[i]) - 1 for i in chunk)
             inputs = [r.continuations[i][:-1] + [0] * (width + 1 - len(r.continuations[i])) for i in chunk]
-            logp = self.model(self._tensor(inputs), start_pos=n)["logits"].log_softmax(-1)
+            logp = self.model(self._tensor(inputs), input_pos=self._positions(n, len(chunk), width))["logits"]
+            logp = logp.log_softmax(-1)
             for row, i in enumerate(chunk):
                 targets = self._tensor([r.continuations[i][1:]])[0]
                 picked = logp[row, torch.arange(len(targets), device=self.device), targets]
                 logprobs[i] += float(picked.double().sum())
-        return Scored(logprobs, self._greedy(first, n, r.max_new_tokens, done))
+        return Scored(logprobs, self._greedy(r, first, batch, done))
 
-    def _copy_prompt_rows(self, n: int, rows: int) -> None:
-        """Copy the prompt's cached keys/values from row 0 to rows 1..rows-1."""
-        for layer in self.model.layers:
-            cache = layer.attention.kv_cache
-            cache.k[1:rows, :, :n] = cache.k[:1, :, :n]
-            cache.v[1:rows, :, :n] = cache.v[:1, :, :n]
-
-    def _greedy(self, first: torch.Tensor, n: int, max_new: int, done: Callable[[list[int]], bool] | None) -> list[int]:
-        out: list[int] = []
-        token = int(first.argmax())
-        while len(out) < max_new and token not in self.stop_ids:
-            out.append(token)
-            if len(out) == max_new or (done is not None and done(out)):
-                break
-            logits = self.model(self._tensor([[token]]), start_pos=n + len(out) - 1, last_only=True)["logits"][0]
-            token = int(logits.argmax())
-        return out
+    def _greedy(
+        self, r: Request, first: torch.Tensor, batch: DecodeBatch, done: Callable[[list[int]], bool] | None
+    ) -> list[int]:
+        """Greedy continuation of the prompt already in cache row 0, decoded by the core."""
+        if r.max_new_tokens < 1:
+            return []
+        request = GenerationRequest(
+            tuple(r.context),
+            r.max_new_tokens,
+            SamplingParams(temperature=0),
+            stop_ids=tuple(self.stop_ids),
+            stop_when=done,
+        )
+        seq = DecodingSequence(request, self.model)
+        seq.cached, seq.logits = len(r.context), first
+        batch.adopt(seq)
+        while not seq.finished:
+            batch.step()
+        return seq.completion.token_ids

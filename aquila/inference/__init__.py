@@ -12,7 +12,7 @@ _EXPORTS = {
     "load_model": "aquila.inference.loader",
     "Predictor": "aquila.inference.predictor",
     "SamplingParams": "aquila.inference.sampling",
-    "generate": "aquila.inference.generate",
+    "Request": "aquila.inference.generate",
     "quantize_model": "aquila.inference.quantize",
 }
 

@@ -1,126 +1,72 @@
-"""Autoregressive decoding over the model's static KV cache, as small functions.
+"""The decoding core: requests decoded in rows of the model's static KV cache, as small functions.
 
-`prefill` runs the (left-padded) prompts once; `decode_one_token` feeds one token per row at a fixed position;
-`decode_n_tokens` yields the sampled tokens step by step; `generate` drives them for a batch and returns the
-generated ids. `beam_search` is a real beam search over the same cache (rows = beams, reordered each step).
+- `Request` is one generation request (prompt ids, length, sampling, seed, stops); `Sequence` is its decoding
+  state in one cache row: the row's length, its sampler, its ids and text, and the stop check (`accept`: stop
+  ids, stop strings, length and an optional predicate, all in one place).
+- `prefill` runs prompt chunks of several rows as one right-padded forward at per-row positions; `decode_step`
+  feeds one token per row at each row's own position (`input_pos`, as gpt-fast); `pick` samples per row.
+- `DecodeBatch` holds the running rows: `add` a sequence to a free row, `step` (prefill chunks of new rows under a
+  token budget, then sample, stop-check and decode every running row), and finished rows are freed by moving the
+  last row into the hole (`model.copy_cache_rows`). Predictor (single, batch, stream, chat), evaluation scoring and
+  the server's scheduler all decode through it; `beam_search` uses the same prefill/decode steps and row copies.
 
-Left padding: every row of the batch is right-aligned; `pad_lengths[r]` slots of row r are padding that the
-model masks and that do not shift its rotary positions, so a row's result does not depend on its neighbours.
+A row's result does not depend on its neighbours: every row has its own positions and attends only to its own
+slots, so an offline batch, a request joining a running batch and a request alone give the same tokens.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
 
 from aquila.errors import AquilaError
 from aquila.inference.sampling import SamplingParams, sample
+from aquila.inference.text import TextAssembler
 from aquila.model import AquilaModel
 
-# callback(step, tokens [b]) -> True to stop early.
-Callback = Callable[[int, torch.Tensor], "bool | None"]
 
+@dataclass(frozen=True)
+class Request:
+    """One generation request: the type behind every Predictor method, the server and evaluation."""
 
-@torch.no_grad()
-def prefill(model: AquilaModel, ids: torch.Tensor, pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Run prompts [b, s] from position 0 into the cache; logits of each row's last position [b, V] (fp32)."""
-    return model(ids, start_pos=0, pad_lengths=pad_lengths, last_only=True)["logits"]
-
-
-@torch.no_grad()
-def decode_one_token(
-    model: AquilaModel, tokens: torch.Tensor, pos: int, pad_lengths: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Feed tokens [b, 1] at cache position `pos`; logits [b, V] (fp32)."""
-    return model(tokens, start_pos=pos, pad_lengths=pad_lengths, last_only=True)["logits"]
-
-
-_COMPILED: dict[str, Callable] = {}
-
-
-def compiled_decode_one_token() -> Callable:
-    """`decode_one_token` under torch.compile (dynamic position; compiled once per process)."""
-    if "decode" not in _COMPILED:
-        _COMPILED["decode"] = torch.compile(decode_one_token, dynamic=True)
-    return _COMPILED["decode"]
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0))
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings (need a tokenizer)
+    stop_ids: tuple[int, ...] = ()
+    strip: bool = False  # chat answers: no leading/trailing whitespace
+    logprobs: bool = False
+    stop_when: Callable[[list[int]], bool] | None = None  # extra stop test on the ids so far (evaluation)
 
 
 @dataclass
-class DecodeState:
-    """What the sampler needs between steps."""
-
-    params: SamplingParams
-    generator: torch.Generator | None = None
-    seen: torch.Tensor | None = None  # bool [b, V], only with a repetition penalty
-    logprobs: list[torch.Tensor] | None = None  # per step [b] log-probabilities of the chosen tokens
-
-    def pick(self, logits: torch.Tensor) -> torch.Tensor:
-        tokens = sample(logits, self.params, self.seen, self.generator)
-        if self.seen is not None:
-            self.seen.scatter_(1, tokens[:, None], True)
-        if self.logprobs is not None:
-            self.logprobs.append(torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None]).squeeze(1))
-        return tokens
-
-
-def decode_n_tokens(
-    model: AquilaModel,
-    logits: torch.Tensor,
-    start_pos: int,
-    n: int,
-    state: DecodeState,
-    pad_lengths: torch.Tensor | None = None,
-    step_fn: Callable = decode_one_token,
-) -> Iterator[torch.Tensor]:
-    """Sample from `logits`, feed the token back, repeat: yields n token tensors [b]. The caller may stop early."""
-    for i in range(n):
-        tokens = state.pick(logits)
-        yield tokens
-        if i + 1 < n:
-            logits = step_fn(model, tokens[:, None], start_pos + i, pad_lengths)
-
-
-@dataclass
-class GenerationResult:
-    tokens: list[list[int]]  # generated ids per row, up to (not including) the first stop id
-    finish_reasons: list[str]  # "stop" (a stop id or the callback) or "length"
-    logprobs: list[list[float]] | None = None
-    ttft_s: float = 0.0  # prefill + first sample
-    decode_s: float = 0.0  # the remaining steps
-    steps: int = 0  # tokens sampled per row, stop ids included
-    extra: dict = field(default_factory=dict)
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-align prompts into ids [b, width]; returns (ids, pad_lengths)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
-    return ids, torch.tensor([width - len(p) for p in prompts], dtype=torch.long)
+class Completion:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # generated ids (a final stop id excluded)
+    finish_reason: str | None = None  # "stop" (a stop id, a stop string) or "length"
+    prompt_tokens: int = 0
+    logprobs: list[float] | None = None  # per generated id, from the model's distribution
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def check_prompts(model: AquilaModel, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-    if not prompts:
-        raise AquilaError("no prompts given")
+def check_request(model: AquilaModel, r: Request, name: str = "prompt") -> None:
     vocab, limit = model.args.vocab_size, model.args.max_seq_len
-    for row, p in enumerate(prompts):
-        if len(p) == 0:
-            raise AquilaError(f"prompt {row} is empty")
-        if len(p) >= limit:
-            raise AquilaError(f"prompt {row} has {len(p)} tokens; the model's max_seq_len {limit} leaves no room")
-        bad = [t for t in p if not (0 <= int(t) < vocab)]
-        if bad:
-            raise AquilaError(f"prompt {row} has token ids outside [0, {vocab}): {bad[:5]}")
-    if max_new_tokens < 1:
-        raise AquilaError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if len(r.prompt) == 0:
+        raise AquilaError(f"{name} is empty")
+    if len(r.prompt) >= limit:
+        raise AquilaError(f"{name} has {len(r.prompt)} tokens; the model's max_seq_len {limit} leaves no room")
+    bad = [t for t in r.prompt if not (0 <= int(t) < vocab)]
+    if bad:
+        raise AquilaError(f"{name} has token ids outside [0, {vocab}): {bad[:5]}")
+    if r.max_new_tokens < 1:
+        raise AquilaError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
 
 
 def cache_length(needed: int, limit: int) -> int:
@@ -128,111 +74,253 @@ def cache_length(needed: int, limit: int) -> int:
     return min(limit, -(-needed // 256) * 256)
 
 
-def generate_tokens(
-    model: AquilaModel,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    params: SamplingParams | None = None,
-    stop_ids: Sequence[int] = (),
-    generator: torch.Generator | None = None,
-    compile: bool = False,
-    logprobs: list[torch.Tensor] | None = None,
-) -> Iterator[torch.Tensor]:
-    """Set up the cache, prefill, and yield each step's tokens [b] until every row has produced a stop id or
-    `max_new_tokens` (capped by the model's max_seq_len) steps are done. Pass a list as `logprobs` to collect the
-    chosen tokens' log-probabilities ([b] per step). Stop iterating to stop early."""
-    params = params or SamplingParams()
-    check_prompts(model, prompts, max_new_tokens)
+class Sequence:
+    """A request being decoded in one cache row."""
+
+    def __init__(self, request: Request, model: AquilaModel, tokenizer=None) -> None:
+        self.request = request
+        device = model_device(model)
+        self.max_new = min(request.max_new_tokens, model.args.max_seq_len - len(request.prompt))
+        self.cached = 0  # positions of this row already in the cache
+        self.logits: torch.Tensor | None = None  # [V] next-token logits, once the prompt is in
+        self.generator = None
+        if request.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(int(request.seed))
+        self.seen = None  # bool [1, V], only with a repetition penalty
+        if request.params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, model.args.vocab_size, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(request.prompt, device=device)] = True
+        self.text = TextAssembler(tokenizer, request.stop, request.strip) if tokenizer is not None else None
+        self.completion = Completion(prompt_tokens=len(request.prompt), logprobs=[] if request.logprobs else None)
+        self.steps = 0  # tokens sampled (stop ids included)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < len(self.request.prompt)
+
+    @property
+    def finished(self) -> bool:
+        return self.completion.finish_reason is not None
+
+    def accept(self, token: int, logprob: float | None = None) -> str:
+        """Take a sampled token: the stop checks, then the newly safe text ("" when none or no tokenizer)."""
+        c, r = self.completion, self.request
+        self.steps += 1
+        if token in r.stop_ids:
+            return self.finish("stop")
+        c.token_ids.append(token)
+        if c.logprobs is not None and logprob is not None:
+            c.logprobs.append(logprob)
+        piece = self.text.push([token]) if self.text is not None else ""
+        if self.text is not None and self.text.stopped:
+            return piece + self.finish("stop")
+        if r.stop_when is not None and r.stop_when(c.token_ids):
+            return piece + self.finish("stop")
+        if self.steps >= self.max_new:
+            return piece + self.finish("length")
+        return piece
+
+    def finish(self, reason: str) -> str:
+        """End the sequence (stop, length, time limit, cancellation); returns the held-back text."""
+        if self.finished:
+            return ""
+        self.completion.finish_reason = reason
+        tail = self.text.finish() if self.text is not None else ""
+        if self.text is not None:
+            self.completion.text = self.text.text
+        return tail
+
+
+# --- one forward pass over rows ---------------------------------------------------------------------------------
+@torch.no_grad()
+def prefill(model: AquilaModel, chunks: list[list[int]], starts: list[int], first_row: int) -> torch.Tensor:
+    """Prompt chunks of rows first_row.. (right-padded, row i from position starts[i]) into the cache; the logits
+    [b, V] after each row's last chunk token."""
     device = model_device(model)
-    ids, pads = left_pad(prompts)
-    width = ids.shape[1]
-    max_new_tokens = min(max_new_tokens, model.args.max_seq_len - width)
-    model.setup_caches(len(prompts), cache_length(width + max_new_tokens, model.args.max_seq_len))
-    ids = ids.to(device)
-    pad_lengths = pads.to(device) if bool(pads.any()) else None
-
-    state = DecodeState(params, generator, logprobs=logprobs)
-    if params.repetition_penalty != 1.0:
-        state.seen = torch.zeros(len(prompts), model.args.vocab_size, dtype=torch.bool, device=device)
-        state.seen.scatter_(1, ids, True)
-        for row, n in enumerate(pads.tolist()):  # pad slots are not context
-            if n and not any(int(t) == 0 for t in prompts[row]):
-                state.seen[row, 0] = False
-
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    logits = prefill(model, ids, pad_lengths)
-    step_fn = compiled_decode_one_token() if compile else decode_one_token
-    for tokens in decode_n_tokens(model, logits, width, max_new_tokens, state, pad_lengths, step_fn):
-        yield tokens
-        done |= torch.isin(tokens, stop)
-        if bool(done.all()):
-            return
-
-
-def generate(
-    model: AquilaModel,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    params: SamplingParams | None = None,
-    stop_ids: Sequence[int] = (),
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    compile: bool = False,
-    return_logprobs: bool = False,
-) -> GenerationResult:
-    """Generate up to `max_new_tokens` per prompt (fewer if the model's max_seq_len is reached).
-
-    A row is finished at its first id in `stop_ids`; generation ends when every row is finished, when
-    `callback(step, tokens)` returns True, or at the length limit.
-    """
-    logprobs: list[torch.Tensor] | None = [] if return_logprobs else None
-    out: list[torch.Tensor] = []
-    result = GenerationResult(tokens=[], finish_reasons=[])
-    stopped_by_callback = False
-    start = time.perf_counter()
-    steps = generate_tokens(model, prompts, max_new_tokens, params, stop_ids, generator, compile, logprobs)
-    for step, tokens in enumerate(steps):
-        if step == 0:
-            result.ttft_s = time.perf_counter() - start
-            start = time.perf_counter()
-        out.append(tokens)
-        if callback is not None and callback(step, tokens):
-            stopped_by_callback = True
-            break
-    steps.close()
-    result.decode_s = time.perf_counter() - start
-    result.steps = len(out)
-    table = torch.stack(out, 1).tolist()
-    lps = torch.stack(logprobs, 1).tolist() if logprobs is not None else None
-    stop_set = set(stop_ids)
-    for row, toks in enumerate(table):
-        cut = next((i for i, t in enumerate(toks) if t in stop_set), None)
-        ended = cut is not None or stopped_by_callback
-        cut = len(toks) if cut is None else cut
-        result.tokens.append(toks[:cut])
-        result.finish_reasons.append("stop" if ended else "length")
-        if lps is not None:
-            result.logprobs = (result.logprobs or []) + [lps[row][:cut]]
-    return result
-
-
-def reorder_cache(model: AquilaModel, parents: torch.Tensor, end: int) -> None:
-    """Make cache row i a copy of row parents[i] (positions < end), in every layer."""
-    n = parents.shape[0]
-    for layer in model.layers:
-        cache = layer.attention.kv_cache
-        cache.k[:n, :, :end] = cache.k[parents, :, :end]
-        cache.v[:n, :, :end] = cache.v[parents, :, :end]
+    width = max(len(c) for c in chunks)
+    ids = torch.zeros(len(chunks), width, dtype=torch.long)
+    pos = torch.full((len(chunks), width), model.cache_len, dtype=torch.long)  # padding -> the scratch slot
+    for i, (chunk, start) in enumerate(zip(chunks, starts)):
+        ids[i, : len(chunk)] = torch.tensor(chunk)
+        pos[i, : len(chunk)] = torch.arange(start, start + len(chunk))
+    last = torch.tensor([len(c) - 1 for c in chunks], device=device)
+    kv_len = max(s + len(c) for c, s in zip(chunks, starts))
+    out = model(ids.to(device), input_pos=pos.to(device), first_row=first_row, kv_len=kv_len, logits_at=last)
+    return out["logits"]
 
 
 @torch.no_grad()
+def decode_step(model: AquilaModel, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Feed tokens [b, 1] of rows 0..b-1 at positions input_pos [b, 1]; logits [b, V] (fp32)."""
+    return model(tokens, input_pos=input_pos, kv_len=kv_len, logits_at=torch.zeros_like(tokens[:, 0]))["logits"]
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_decode_step() -> Callable:
+    """`decode_step` under torch.compile (dynamic batch and length; compiled once per process)."""
+    if "decode" not in _COMPILED:
+        _COMPILED["decode"] = torch.compile(decode_step, dynamic=True)
+    return _COMPILED["decode"]
+
+
+def pick(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[float | None]]:
+    """One token per row from logits [b, V], each row with its own sampling parameters, seed and history."""
+    want_lp = any(s.request.logprobs for s in seqs)
+    lps = torch.log_softmax(logits, -1) if want_lp else None
+    if all(s.request.params.greedy and s.seen is None for s in seqs):
+        tokens = logits.argmax(-1).tolist()
+    else:
+        tokens = []
+        for i, s in enumerate(seqs):
+            token = int(sample(logits[i : i + 1], s.request.params, s.seen, s.generator)[0])
+            if s.seen is not None:
+                s.seen[0, token] = True
+            tokens.append(token)
+    chosen = [float(lps[i, t]) if lps is not None else None for i, t in enumerate(tokens)]
+    return tokens, chosen
+
+
+class DecodeBatch:
+    """Sequences in rows of the model's KV cache: rows [0, d) are decoding, rows [d, n) are reading their prompt.
+
+    `prefill_tokens` bounds the prompt tokens run per step (chunked prefill), so a long prompt joining a running
+    batch delays the running rows by one chunk at a time; None runs every prompt whole.
+    """
+
+    def __init__(
+        self,
+        model: AquilaModel,
+        rows: int,
+        max_len: int,
+        tokenizer=None,
+        prefill_tokens: int | None = None,
+        compile: bool = False,
+    ) -> None:
+        model.setup_caches(rows, max_len)
+        self.model, self.tokenizer, self.rows, self.max_len = model, tokenizer, rows, max_len
+        self.prefill_tokens = prefill_tokens
+        self.step_fn = compiled_decode_step() if compile else decode_step
+        self.seqs: list[Sequence] = []  # row i holds seqs[i]
+        self.device = model_device(model)
+
+    @property
+    def free_rows(self) -> int:
+        return self.rows - len(self.seqs)
+
+    @property
+    def decoding(self) -> int:
+        return sum(not s.prefilling for s in self.seqs)
+
+    def add(self, request: Request) -> Sequence:
+        if not self.free_rows:
+            raise AquilaError("no free row in the decode batch")
+        if len(request.prompt) + 1 > self.max_len:
+            raise AquilaError(f"prompt has {len(request.prompt)} tokens; the cache holds {self.max_len}")
+        seq = Sequence(request, self.model, self.tokenizer)
+        seq.max_new = min(seq.max_new, self.max_len - len(request.prompt))
+        self.seqs.append(seq)
+        return seq
+
+    def adopt(self, seq: Sequence) -> None:
+        """A sequence whose prompt and next logits the caller already put into row len(seqs) (evaluation)."""
+        if any(s.prefilling for s in self.seqs) or seq.prefilling or seq.logits is None:
+            raise AquilaError("adopt needs a prefilled sequence and no prompt readers")
+        self.seqs.append(seq)
+
+    def step(self) -> list[tuple[Sequence, str]]:
+        """Prefill a chunk of the waiting prompts, then one token for every decoding row: returns (sequence, new
+        text) for each row that sampled, finished ones included (they have left the batch)."""
+        self._prefill()
+        d = self.decoding
+        if not d:
+            return []
+        running = self.seqs[:d]
+        tokens, lps = pick(torch.stack([s.logits for s in running]), running)
+        out = [(s, s.accept(t, lp)) for s, t, lp in zip(running, tokens, lps)]
+        self._free([s for s in running if s.finished])
+        self._decode(dict(zip(running, tokens)))
+        return out
+
+    def cancel(self, seq: Sequence, reason: str) -> str:
+        """Finish a sequence from outside (time limit, client gone) and free its row; returns held-back text."""
+        tail = seq.finish(reason)
+        if seq in self.seqs:
+            self._free([seq])
+        return tail
+
+    # --- internals -------------------------------------------------------------------------------------------
+    def _prefill(self) -> None:
+        waiting = [s for s in self.seqs if s.prefilling]
+        if not waiting:
+            return
+        first = len(self.seqs) - len(waiting)
+        remaining = [len(s.request.prompt) - s.cached for s in waiting]
+        if self.prefill_tokens is None:
+            width, take = max(remaining), len(waiting)
+        else:  # padded tokens of this step's forward stay within the budget
+            width = min(max(remaining), self.prefill_tokens)
+            take = max(1, min(len(waiting), self.prefill_tokens // width))
+        chunks = [list(s.request.prompt[s.cached : s.cached + width]) for s in waiting[:take]]
+        logits = prefill(self.model, chunks, [s.cached for s in waiting[:take]], first)
+        for s, chunk, row_logits in zip(waiting[:take], chunks, logits):
+            s.cached += len(chunk)
+            if not s.prefilling:  # its prompt is in: it joins the decoding rows [0, d)
+                s.logits = row_logits
+                self._move(self.seqs.index(s), self.decoding - 1)
+
+    def _decode(self, tokens: dict[Sequence, int]) -> None:
+        """Feed each decoding row its sampled token at its own position."""
+        running = self.seqs[: self.decoding]
+        if not running:
+            return
+        pos = torch.tensor([[s.cached] for s in running], device=self.device)
+        x = torch.tensor([tokens[s] for s in running], device=self.device)[:, None]
+        logits = self.step_fn(self.model, x, pos, max(s.cached for s in running) + 1)
+        for s, row_logits in zip(running, logits):
+            s.cached += 1
+            s.logits = row_logits
+
+    def _free(self, gone: list[Sequence]) -> None:
+        """Drop finished rows, keeping the rest dense: decoding rows first, then prompt readers."""
+        for seq in gone:
+            row = self.seqs.index(seq)
+            d = self.decoding
+            if row < d:  # the last decoding row fills the hole, the last prompt reader fills its place
+                self._move(d - 1, row)
+                row = d - 1
+            self._move(len(self.seqs) - 1, row)
+            self.seqs.pop()
+
+    def _move(self, src: int, dst: int) -> None:
+        """Swap rows src and dst (sequences and cache contents)."""
+        if src == dst:
+            return
+        a, b = self.seqs[src], self.seqs[dst]
+        self.model.copy_cache_rows([src, dst], [dst, src], max(a.cached, b.cached, 1))
+        self.seqs[src], self.seqs[dst] = b, a
+
+
+def run(batch: DecodeBatch, requests: Seq[Request]) -> list[Completion]:
+    """Decode requests to their end, up to `batch.rows` at a time (offline batches, evaluation)."""
+    waiting = list(requests)
+    seqs: list[Sequence] = []
+    while waiting or batch.seqs:
+        while waiting and batch.free_rows:
+            seqs.append(batch.add(waiting.pop(0)))
+        batch.step()
+    return [s.completion for s in seqs]
+
+
+# --- beam search over the same steps ----------------------------------------------------------------------------
+@torch.no_grad()
 def beam_search(
     model: AquilaModel,
-    prompt: Sequence[int],
+    prompt: Seq[int],
     max_new_tokens: int,
     beam_size: int,
-    stop_ids: Sequence[int] = (),
+    stop_ids: Seq[int] = (),
     length_penalty: float = 1.0,
 ) -> list[int]:
     """Beam search for one prompt: the best hypothesis' ids (stop id excluded).
@@ -243,15 +331,15 @@ def beam_search(
     """
     if beam_size < 1:
         raise AquilaError(f"beam_size must be >= 1, got {beam_size}")
-    check_prompts(model, [prompt], max_new_tokens)
+    check_request(model, Request(tuple(prompt), max_new_tokens))
     device = model_device(model)
     width = len(prompt)
     max_new_tokens = min(max_new_tokens, model.args.max_seq_len - width)
     model.setup_caches(beam_size, cache_length(width + max_new_tokens, model.args.max_seq_len))
     stop_set = set(stop_ids)
 
-    logits = prefill(model, torch.tensor([list(prompt)], dtype=torch.long, device=device))
-    reorder_cache(model, torch.zeros(beam_size, dtype=torch.long, device=device), width)
+    logits = prefill(model, [list(prompt)], [0], 0)
+    model.copy_cache_rows([0] * beam_size, list(range(beam_size)), width)
     scores = torch.full((beam_size,), float("-inf"), device=device)
     scores[0] = 0.0  # all beams start as copies of one: only row 0 may expand at the first step
     logits = logits.expand(beam_size, -1)
@@ -284,10 +372,10 @@ def beam_search(
             next_tokens.append(next_tokens[0])
             next_scores.append(float("-inf"))
         beams = [beams[p] + [t] for p, t in zip(parents, next_tokens)]
-        parent_t = torch.tensor(parents, dtype=torch.long, device=device)
-        reorder_cache(model, parent_t, width + step)
+        model.copy_cache_rows(parents, list(range(beam_size)), width + step)
         scores = torch.tensor(next_scores, device=device)
-        logits = decode_one_token(model, torch.tensor(next_tokens, device=device)[:, None], width + step)
+        pos = torch.full((beam_size, 1), width + step, device=device)
+        logits = decode_step(model, torch.tensor(next_tokens, device=device)[:, None], pos, width + step + 1)
     if not finished or len(finished) < beam_size:
         # Out of length: live beams compete with finished ones (last step's candidates included).
         for score, token, parent in zip(next_scores, next_tokens, parents):

@@ -44,19 +44,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache(nn.Module):
-    """Static, preallocated cache [batch, kv_heads, max_seq_len, head_dim]; not part of the state dict."""
+    """Static cache [rows, kv_heads, max_len + 1, head_dim]; not part of the state dict.
+
+    Each row is one sequence with its own length: a token at position p lives in slot p. Slot `max_len` is scratch
+    space where padding tokens of a ragged batch write, never read by a real token."""
 
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device) -> None:
         super().__init__()
-        shape = (batch, heads, max_len, head_dim)
+        shape = (batch, heads, max_len + 1, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, end = k.shape[0], start + k.shape[2]
-        self.k[:b, :, start:end] = k
-        self.v[:b, :, start:end] = v
-        return self.k[:b, :, :end], self.v[:b, :, :end]
+    def update(
+        self, first_row: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [b, h, s, d] of rows first_row.. at positions input_pos [b, s]; returns slots [0, kv_len)."""
+        b = k.shape[0]
+        rows = torch.arange(b, device=k.device)[:, None]
+        kc, vc = self.k[first_row : first_row + b], self.v[first_row : first_row + b]
+        kc[rows, :, input_pos] = k.transpose(1, 2)
+        vc[rows, :, input_pos] = v.transpose(1, 2)
+        return kc[:, :, :kv_len], vc[:, :, :kv_len]
+
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Row dst[i] becomes a copy of row src[i] (slots < length); src and dst may overlap (beam reordering)."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
 
 
 class Attention(nn.Module):
@@ -69,13 +82,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, causal: bool, start_pos: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, causal: bool, cache_at: tuple | None = None) -> torch.Tensor:
+        """`cache_at` = (first_row, input_pos, kv_len): write this step into the cache and attend over it."""
         b, s, _ = x.shape
         q = apply_rotary(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
         k = apply_rotary(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(start_pos, k, v)
+        if cache_at is not None:
+            k, v = self.kv_cache.update(*cache_at[:2], k, v, cache_at[2])
         out = attention(q, k, v, mask, causal)
         return self.wo(out.reshape(b, s, -1))
 
@@ -99,8 +113,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, causal: bool = True, start_pos: int = 0) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, causal, start_pos)
+    def forward(self, x, cos, sin, mask=None, causal: bool = True, cache_at: tuple | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, causal, cache_at)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -147,51 +161,56 @@ class AquilaModel(nn.Module):
             layer.attention.kv_cache = None
         self.cache_batch = self.cache_len = 0
 
-    def _positions_and_mask(self, b: int, s: int, start_pos: int, pad_lengths: torch.Tensor | None, device):
-        """Rotary positions [b, s] and the attention mask (bool [b, 1, s, L] or None) plus the causal flag."""
-        q_idx = torch.arange(start_pos, start_pos + s, device=device)
-        if pad_lengths is None:
-            positions = q_idx.unsqueeze(0).expand(b, s)
-            if start_pos == 0:
-                return positions, None, True  # plain causal over the s new tokens
-            if s == 1:
-                return positions, None, False  # one query attends to every cached key
-            k_idx = torch.arange(start_pos + s, device=device)
-            mask = (k_idx[None, :] <= q_idx[:, None])[None, None].expand(b, 1, s, -1)
-            return positions, mask, False
-        # Left padding: row r's first pad_lengths[r] slots are padding; its real tokens start at position 0.
-        pad = pad_lengths.to(device).view(b, 1)
-        positions = (q_idx.unsqueeze(0) - pad).clamp(min=0)
-        k_idx = torch.arange(start_pos + s, device=device)
-        causal = k_idx[None, :] <= q_idx[:, None]  # [s, L]
-        valid = k_idx[None, :] >= pad  # [b, L]
-        mask = causal[None] & valid[:, None, :]
-        mask = mask | (k_idx[None, None, :] == q_idx[None, :, None])  # pad queries see themselves: no empty rows
-        return positions, mask.unsqueeze(1), False
+    def copy_cache_rows(self, src: list[int] | torch.Tensor, dst: list[int] | torch.Tensor, length: int) -> None:
+        """Cache row dst[i] becomes a copy of row src[i] (positions < length), in every layer: sharing a prompt,
+        reordering beams, or moving a running sequence into a freed row."""
+        device = self.output.weight.device
+        src, dst = (torch.as_tensor(x, dtype=torch.long, device=device) for x in (src, dst))
+        for layer in self.layers:
+            layer.attention.kv_cache.copy_rows(src, dst, length)
 
     def hidden_states(
-        self, input_ids: torch.Tensor, start_pos: int = 0, pad_lengths: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        first_row: int = 0,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states [b, s, dim]."""
+        """Final-norm hidden states [b, s, dim].
+
+        Without `input_pos`: a plain causal forward from position 0 that leaves the cache alone. With `input_pos`
+        [b, s] (each row's own positions): the tokens go into cache rows first_row..first_row+b-1 at those
+        positions and attend to the slots at or before their own position; `kv_len` (default max position + 1)
+        bounds the slots read. A position equal to the cache length marks a padding token (scratch slot).
+        """
         b, s = input_ids.shape
-        if self.cache_len and start_pos + s > self.cache_len:
-            raise ValueError(f"positions up to {start_pos + s} exceed the KV cache length {self.cache_len}")
-        if not self.cache_len and start_pos:
-            raise ValueError("start_pos > 0 needs a KV cache: call setup_caches() first")
-        positions, mask, causal = self._positions_and_mask(b, s, start_pos, pad_lengths, input_ids.device)
+        if input_pos is None:
+            positions, mask, causal, cache_at = torch.arange(s, device=input_ids.device).expand(b, s), None, True, None
+        else:
+            if not self.cache_len:
+                raise ValueError("input_pos needs a KV cache: call setup_caches() first")
+            if first_row + b > self.cache_batch:
+                raise ValueError(f"rows {first_row}..{first_row + b - 1} exceed the KV cache's {self.cache_batch}")
+            kv_len = kv_len or int(input_pos.max()) + 1
+            if kv_len > self.cache_len + 1:
+                raise ValueError(f"positions up to {kv_len} exceed the KV cache length {self.cache_len}")
+            slots = torch.arange(kv_len, device=input_ids.device)
+            mask = (slots[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [b, 1, s, kv_len]
+            positions, causal, cache_at = input_pos, False, (first_row, input_pos, kv_len)
         cos, sin = rotary_tables(positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, causal, start_pos)
+            h = layer(h, cos, sin, mask, causal, cache_at)
         return self.norm(h)
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        start_pos: int = 0,
+        input_pos: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        pad_lengths: torch.Tensor | None = None,
-        last_only: bool = False,
+        first_row: int = 0,
+        kv_len: int | None = None,
+        logits_at: torch.Tensor | None = None,
         return_logits: bool | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Returns {'logits', 'loss'}.
@@ -199,15 +218,15 @@ class AquilaModel(nn.Module):
         With `labels` (same shape as input_ids; -100 = ignored) the loss is the mean next-token cross-entropy
         (logits[:, :-1] against labels[:, 1:]), computed in chunks without materialising the full logits;
         logits are then returned only if `return_logits=True`. Without labels, logits are fp32, for every
-        position or (`last_only`) the last one, shape [b, vocab].
+        position or (`logits_at`, one index per row) one position per row, shape [b, vocab].
         """
-        h = self.hidden_states(input_ids, start_pos, pad_lengths)
+        h = self.hidden_states(input_ids, input_pos, first_row, kv_len)
         if labels is not None:
             shift_h = h[:, :-1].reshape(-1, h.shape[-1])
             shift_labels = labels[:, 1:].reshape(-1)
             loss = fused_linear_cross_entropy(shift_h, self.output.weight, shift_labels)
             logits = self.output(h).float() if return_logits else None
             return {"logits": logits, "loss": loss}
-        if last_only:
-            h = h[:, -1]
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at]
         return {"logits": self.output(h).float(), "loss": None}
