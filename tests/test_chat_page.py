@@ -166,3 +166,11 @@ def test_chat_page_streams_stops_and_keeps_history(browser, server_url, model_di
         ("user", "Hello\nthere"), ("assistant", stopped["reply"]), ("user", "And then?")]  # fmt: skip
     assert (sent["stream"], sent["max_tokens"], sent["temperature"], sent["model"]) == (True, 6, 1, model_dir.name)
     assert len(browser.find_elements("css selector", "#log .turn")) == 4
+
+    # A refused request takes its turn back: the error is shown and the text is back in the box to edit.
+    set_number(browser, "max-tokens", 100_000)
+    message.send_keys("Too long", Keys.ENTER)
+    wait_for(lambda: state()["finish"] == "error", what="the refusal")
+    assert "max_tokens" in state()["status"] and message.get_attribute("value") == "Too long"
+    assert len(browser.find_elements("css selector", "#log .turn")) == 4
+    assert browser.execute_script("return chat.messages.length") == 4
