@@ -1,28 +1,41 @@
-"""Model weights on disk: FlagAI's `pytorch_model.bin`, our `model.safetensors`, strict loading.
+"""Model directories, the one route: detect the format, read `(ModelArgs, state)`, load strictly, write atomically.
 
-A model directory holds `config.json` plus `model.safetensors` and/or `pytorch_model.bin` (a plain state dict
-or one wrapped under `module`). Loading never holds two copies of the weights: the model is built on the meta
-device and takes the loaded (memory-mapped) tensors directly.
+Formats (`ModelDir.format`):
+- "aquila": FlagAI's `config.json` with `model.safetensors` and/or `pytorch_model.bin` (a plain state dict or one
+  wrapped under `module`);
+- "hf": a `LlamaForCausalLM` directory (config.json has `model_type`; weights possibly sharded under an index);
+- "int8": written by `aquila quantize` (FlagAI config + `quantization.json`; built by aquila.inference.quantize).
+State dicts are always under FlagAI's names. Loading never holds two copies of the weights: the model is built
+on the meta device and takes the loaded (memory-mapped) tensors directly.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from aquila.config import ModelArgs
 from aquila.errors import AquilaError
-from aquila.io_utils import atomic_path
+from aquila.hf import args_from_hf_config, from_hf_state_dict, hf_config, to_hf_state_dict, write_hf_tokenizer
+from aquila.io_utils import atomic_dir, atomic_path, read_json
 from aquila.model import AquilaModel
+from aquila.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
 
 SAFETENSORS_NAME = "model.safetensors"
 BIN_NAME = "pytorch_model.bin"
 CONFIG_NAME = "config.json"
+QUANT_CONFIG = "quantization.json"  # marks an int8 directory
+ADAPTER_CONFIG = "adapter_config.json"  # marks a LoRA adapter directory (not a model)
+HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -73,23 +86,24 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
 
 
 def load_into(
-    model: AquilaModel, state: Mapping[str, torch.Tensor], source: str, dtype: torch.dtype | None = None
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, dtype: torch.dtype | None = None
 ) -> None:
-    """Strictly load `state` into `model` (which may live on the meta device), converting to `dtype`."""
+    """Strictly load `state` into `model`. On the meta device the tensors are taken as they are, floating ones
+    converted to `dtype` (default: the model's), except int8 `*.scales`, which stay fp32."""
     check_state_dict(model, state, source)
     on_meta = any(p.is_meta for p in model.parameters())
     if on_meta:
-        target = next(model.parameters()).dtype if dtype is None else dtype
-        state = {k: v.to(target) for k, v in state.items()}
+        target = dtype or next(model.parameters()).dtype
+        state = {
+            k: v.to(target) if v.is_floating_point() and not k.endswith(".scales") else v for k, v in state.items()
+        }
     model.load_state_dict(state, strict=True, assign=on_meta)
 
 
-def find_weights(model_dir: str | os.PathLike) -> Path:
-    model_dir = Path(model_dir)
-    for name in (SAFETENSORS_NAME, BIN_NAME):
-        if (model_dir / name).is_file():
-            return model_dir / name
-    raise AquilaError(f"{model_dir}: no weights found (expected {SAFETENSORS_NAME} or {BIN_NAME})")
+def meta_model(args: ModelArgs) -> AquilaModel:
+    """The model's structure without storage, to be filled by `load_into`."""
+    with torch.device("meta"):
+        return AquilaModel(args)
 
 
 def build_model(
@@ -103,23 +117,94 @@ def build_model(
     return model
 
 
+def _adapter_hint(model_dir: Path) -> str:
+    if (model_dir / ADAPTER_CONFIG).is_file():
+        return f"; it is a LoRA adapter directory: load its base model and pass adapter_dir='{model_dir}'"
+    return ""
+
+
+def find_weights(model_dir: str | os.PathLike) -> Path:
+    model_dir = Path(model_dir)
+    for name in (SAFETENSORS_NAME, BIN_NAME):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    raise AquilaError(
+        f"{model_dir}: no weights found (expected {SAFETENSORS_NAME} or {BIN_NAME}){_adapter_hint(model_dir)}"
+    )
+
+
+def hf_weight_files(model_dir: Path) -> list[Path]:
+    """The weight files of a Hugging Face directory: the shards of an index, or the single file."""
+    for index_name in HF_INDEXES:
+        if (model_dir / index_name).is_file():
+            weight_map = read_json(model_dir / index_name).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise AquilaError(f"{model_dir / index_name}: missing 'weight_map'")
+            return [model_dir / f for f in sorted(set(weight_map.values()))]
+    try:
+        return [find_weights(model_dir)]
+    except AquilaError:
+        raise AquilaError(
+            f"{model_dir}: no Hugging Face weights ({SAFETENSORS_NAME}, {BIN_NAME} or an index)"
+        ) from None
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A model directory whose config.json has been read (once) and whose format is known."""
+
+    path: Path
+    args: ModelArgs
+    format: str  # "aquila", "hf" or "int8"
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> ModelDir:
+        path = Path(path)
+        if not path.is_dir():
+            raise AquilaError(f"{path}: model directory not found")
+        config = path / CONFIG_NAME
+        if not config.is_file():
+            raise AquilaError(
+                f"{path}: no {CONFIG_NAME} (expected a FlagAI, aquila, Hugging Face or int8 model directory)"
+                + _adapter_hint(path)
+            )
+        data = read_json(config)
+        if "model_type" in data:
+            return cls(path, args_from_hf_config(data, str(config)), "hf")
+        fmt = "int8" if (path / QUANT_CONFIG).is_file() else "aquila"
+        return cls(path, ModelArgs.from_dict(data, str(config)), fmt)
+
+    def read_state(self, weights: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+        """The weights under FlagAI's names, memory-mapped where possible (`weights`: one file to use instead)."""
+        if self.format != "hf" or weights is not None:
+            return read_state_dict(weights or find_weights(self.path))
+        state: dict[str, torch.Tensor] = {}
+        for path in hf_weight_files(self.path):
+            state.update(read_state_dict(path))
+        return from_hf_state_dict(state, self.args)
+
+    def load(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, weights=None) -> AquilaModel:
+        """The full-precision model, strictly loaded with one copy of the weights in memory."""
+        if self.format == "int8":
+            raise AquilaError(f"{self.path}: an int8 directory; load it with AutoLoader (or aquila.inference.quantize)")
+        model = meta_model(self.args)
+        load_into(model, self.read_state(weights), str(weights or self.path), dtype)
+        return model.to(device)
+
+
 def load_model_dir(
     model_dir: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     weights: str | os.PathLike | None = None,
 ) -> AquilaModel:
-    """Load `<model_dir>/config.json` and its weights strictly, with one copy of the weights in memory."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise AquilaError(f"{model_dir}: model directory not found")
-    args = ModelArgs.load(model_dir / CONFIG_NAME)
-    path = Path(weights) if weights else find_weights(model_dir)
-    state = read_state_dict(path)
-    with torch.device("meta"):
-        model = AquilaModel(args)
-    load_into(model, state, str(path), dtype)
-    return model.to(device)
+    """An aquila/FlagAI or Hugging Face directory -> the model, strictly loaded (`weights`: one file instead)."""
+    return ModelDir.open(model_dir).load(device, dtype, weights)
+
+
+def progress(items: Iterable, desc: str, total: int | None = None) -> Iterable:
+    """A tqdm bar on stderr when it is a terminal; the plain iterable otherwise."""
+    return tqdm(items, desc=desc, total=total, unit="tensor", file=sys.stderr, disable=not sys.stderr.isatty())
 
 
 def save_weights(
@@ -137,9 +222,56 @@ def save_weights(
             torch.save(state, tmp)
 
 
-def save_model_dir(
-    model: AquilaModel, model_dir: str | os.PathLike, formats: tuple[str, ...] = ("safetensors", "bin")
+def has_tokenizer(directory: str | os.PathLike) -> bool:
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def check_destination(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an existing non-empty `out_dir` unless `overwrite` (it is then replaced whole, never mixed)."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise AquilaError(f"{out} exists and is not empty; choose a new directory or pass --overwrite to replace it")
+
+
+def write_model_dir(
+    out_dir: str | os.PathLike,
+    args: ModelArgs,
+    state: Mapping[str, torch.Tensor],
+    fmt: str = "aquila",
+    formats: tuple[str, ...] = ("safetensors", "bin"),
+    tokenizer_from: str | os.PathLike | None = None,
+    extra_json: Mapping[str, dict] | None = None,
 ) -> None:
-    """Write config.json and weights (each file atomically)."""
-    save_weights(model.state_dict(), model_dir, formats)
-    model.args.save(Path(model_dir) / CONFIG_NAME)
+    """Write a self-contained model directory in a temporary directory renamed onto `out_dir`: config.json,
+    weights (fmt "aquila" or "hf"), the tokenizer files of `tokenizer_from` and `extra_json` files."""
+    state = {k: v.detach().contiguous().cpu() for k, v in progress(state.items(), f"writing {out_dir}", len(state))}
+    with atomic_dir(out_dir) as tmp:
+        if fmt == "hf":
+            dtype = next(iter(state.values())).dtype
+            save_file(to_hf_state_dict(state, args), str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+            config = hf_config(args, dtype)
+            # Generation stops where aquila's does: at EOS and at id 0 (pad/unk), as FlagAI.
+            gen = {"bos_token_id": args.vocab_size - 2, "eos_token_id": [args.vocab_size - 1, 0], "pad_token_id": 0}
+            extra_json = {**(extra_json or {}), "generation_config.json": gen}
+        else:
+            save_weights(state, tmp, formats)
+            config = args.to_dict()
+        for name, data in {CONFIG_NAME: config, **(extra_json or {})}.items():
+            (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
+        if tokenizer_from is not None and has_tokenizer(tokenizer_from):
+            copy_tokenizer_files(tokenizer_from, tmp)
+            if fmt == "hf":
+                write_hf_tokenizer(tokenizer_from, tmp, args)
+
+
+def save_model_dir(
+    model: AquilaModel,
+    model_dir: str | os.PathLike,
+    formats: tuple[str, ...] = ("safetensors", "bin"),
+    fmt: str = "aquila",
+    tokenizer_from: str | os.PathLike | None = None,
+) -> None:
+    """Write `model` as a self-contained directory, atomically; the tokenizer files come from `tokenizer_from`
+    (default: those already in `model_dir`, which is replaced whole)."""
+    source = tokenizer_from if tokenizer_from is not None else model_dir
+    write_model_dir(model_dir, model.args, model.state_dict(), fmt, formats, source)

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from aquila.errors import AquilaError
 from aquila.io_utils import read_json, write_text_atomic
@@ -83,6 +82,12 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> ModelArgs:
+        if isinstance(data, dict) and data.get("flash_atten_aquila_style"):
+            raise AquilaError(
+                f"{source}: flash_atten_aquila_style checkpoints use fused Wqkv keys, which are not supported"
+            )
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != "flash_atten_aquila_style"}
         return from_dict(cls, data, source, ignore=FLAGAI_RUNTIME_KEYS)
 
     @classmethod
@@ -95,15 +100,7 @@ class ModelArgs:
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelArgs:
         """Read FlagAI's config.json (or params.json)."""
-        path = Path(path)
-        data = read_json(path)
-        if isinstance(data, dict) and data.get("flash_atten_aquila_style"):
-            raise AquilaError(
-                f"{path}: flash_atten_aquila_style checkpoints use fused Wqkv keys, which are not supported"
-            )
-        if isinstance(data, dict):
-            data = {k: v for k, v in data.items() if k != "flash_atten_aquila_style"}
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json(path), str(path))
 
     def save(self, path: str | os.PathLike) -> None:
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")

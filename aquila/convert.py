@@ -1,7 +1,9 @@
 """`aquila convert SRC DST --to hf|flagai`: convert a model directory between FlagAI and Hugging Face formats.
 
-FlagAI directories hold config.json (FlagAI keys) and pytorch_model.bin and/or model.safetensors; Hugging Face
-directories hold a LlamaConfig config.json and (possibly sharded) weights. The source format is detected.
+The source format is detected (aquila.checkpoint.ModelDir). The output is self-contained: weights, config and the
+tokenizer files; a Hugging Face export also gets tokenizer.json + tokenizer_config.json for `AutoTokenizer`
+(BOS prepended as aquila does). DST must be new or empty unless `--overwrite`; it is written under a temporary
+name and renamed, so it is never a mix of old and new files.
 """
 
 from __future__ import annotations
@@ -11,27 +13,22 @@ from pathlib import Path
 
 import torch
 
-from aquila.checkpoint import load_model_dir, save_model_dir
+from aquila.checkpoint import ModelDir, check_destination, check_state_dict, meta_model, write_model_dir
 from aquila.errors import AquilaError
-from aquila.hf import is_hf_dir, load_hf_dir, write_hf_files
-from aquila.io_utils import atomic_dir
-from aquila.tokenizer import copy_tokenizer_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def convert(src: Path, dst: Path, to: str, dtype: torch.dtype | None = None) -> None:
-    if not src.is_dir():
-        raise AquilaError(f"{src}: model directory not found")
-    model = load_hf_dir(src) if is_hf_dir(src) else load_model_dir(src)
+def convert(src: Path, dst: Path, to: str, dtype: torch.dtype | None = None, overwrite: bool = True) -> None:
+    check_destination(dst, overwrite)
+    md = ModelDir.open(src)
+    if md.format == "int8":
+        raise AquilaError(f"{src}: an int8 directory cannot be converted; convert its full-precision source instead")
+    state = md.read_state()
+    check_state_dict(meta_model(md.args), state, str(src))  # strict, before anything is written
     if dtype is not None:
-        model = model.to(dtype)
-    with atomic_dir(dst) as tmp:
-        if to == "hf":
-            write_hf_files(model, tmp)
-        else:
-            save_model_dir(model, tmp)
-        copy_tokenizer_files(src, tmp)  # the same files in both layouts
+        state = {k: v.to(dtype) for k, v in state.items()}
+    write_model_dir(dst, md.args, state, "hf" if to == "hf" else "aquila", tokenizer_from=src)
 
 
 def main(argv: list[str]) -> int:
@@ -40,7 +37,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("dst", type=Path)
     parser.add_argument("--to", choices=("hf", "flagai"), required=True)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST")
     opts = parser.parse_args(argv)
-    convert(opts.src, opts.dst, opts.to, DTYPES.get(opts.dtype))
+    convert(opts.src, opts.dst, opts.to, DTYPES.get(opts.dtype), opts.overwrite)
     print(f"wrote {opts.to} model to {opts.dst}")
     return 0

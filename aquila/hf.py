@@ -11,13 +11,11 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from tokenizers import processors
 
-from aquila.checkpoint import load_into, read_state_dict
 from aquila.config import ModelArgs
 from aquila.errors import AquilaError
-from aquila.io_utils import atomic_dir, read_json
-from aquila.model import AquilaModel
+from aquila.tokenizer import Tokenizer, load_tokenizer
 
 _LAYER_MAP = {
     "attention.wq": "self_attn.q_proj",
@@ -148,49 +146,26 @@ def args_from_hf_config(cfg: dict, source: str) -> ModelArgs:
     raise AquilaError(f"{source}: intermediate_size {ffn} cannot be expressed as FlagAI's multiple_of rounding")
 
 
-def _hf_weight_files(model_dir: Path) -> list[Path]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = model_dir / index_name
-        if index.is_file():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise AquilaError(f"{index}: missing 'weight_map'")
-            return [model_dir / f for f in sorted(set(weight_map.values()))]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (model_dir / name).is_file():
-            return [model_dir / name]
-    raise AquilaError(f"{model_dir}: no Hugging Face weights (model.safetensors, pytorch_model.bin or a sharded index)")
-
-
-def is_hf_dir(model_dir: str | os.PathLike) -> bool:
-    path = Path(model_dir) / "config.json"
-    return path.is_file() and "model_type" in read_json(path)
-
-
-def load_hf_dir(model_dir: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32) -> AquilaModel:
-    model_dir = Path(model_dir)
-    args = args_from_hf_config(read_json(model_dir / "config.json"), str(model_dir / "config.json"))
-    state: dict[str, torch.Tensor] = {}
-    for path in _hf_weight_files(model_dir):
-        state.update(read_state_dict(path))
-    with torch.device("meta"):
-        model = AquilaModel(args)
-    load_into(model, from_hf_state_dict(state, args), str(model_dir), dtype)
-    return model.to(device)
-
-
-def write_hf_files(model: AquilaModel, directory: Path) -> None:
-    """config.json, generation_config.json and model.safetensors of a `LlamaForCausalLM` directory."""
-    args = model.args
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    dtype = next(iter(state.values())).dtype
-    save_file(to_hf_state_dict(state, args), str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n")
-    gen = {"bos_token_id": args.vocab_size - 2, "eos_token_id": args.vocab_size - 1, "pad_token_id": 0}
-    (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-
-
-def save_hf_dir(model: AquilaModel, out_dir: str | os.PathLike) -> None:
-    """Write a `LlamaForCausalLM` directory atomically."""
-    with atomic_dir(out_dir) as tmp:
-        write_hf_files(model, tmp)
+def write_hf_tokenizer(src: str | os.PathLike, out_dir: Path, args: ModelArgs) -> None:
+    """tokenizer.json + tokenizer_config.json for `AutoTokenizer`, from any BPE tokenizer directory (FlagAI's
+    vocab.json + merges.txt too): BOS `[CLS]` is prepended as aquila's Predictor does, and the length limit is the
+    model's. A sentencepiece tokenizer keeps its own files."""
+    tokenizer = load_tokenizer(src)
+    if not isinstance(tokenizer, Tokenizer):
+        return
+    backend = type(tokenizer.backend).from_str(tokenizer.backend.to_str())
+    bos = tokenizer.id_to_token(tokenizer.token_start_id)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.token_start_id)]
+    )
+    (out_dir / "tokenizer.json").write_text(backend.to_str() + "\n", encoding="utf-8")
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": tokenizer.id_to_token(tokenizer.token_end_id),
+        "unk_token": tokenizer.id_to_token(tokenizer.token_unk_id),
+        "pad_token": tokenizer.id_to_token(tokenizer.token_pad_id),
+        "model_max_length": args.max_seq_len,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

@@ -5,23 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from aquila.checkpoint import ModelDir
 from aquila.config import ModelArgs
-from aquila.errors import AquilaError
+
+KINDS = {"aquila": "FlagAI directory", "hf": "Hugging Face directory", "int8": "int8 directory"}
 
 
 def resolve_args(name_or_dir: str) -> tuple[ModelArgs, str]:
-    """Model shape from a preset name, a FlagAI model directory, or an HF directory."""
-    path = Path(name_or_dir)
-    if path.is_dir():
-        from aquila.hf import args_from_hf_config, is_hf_dir
-        from aquila.io_utils import read_json
-
-        config = path / "config.json"
-        if not config.is_file():
-            raise AquilaError(f"{path}: no config.json")
-        if is_hf_dir(path):
-            return args_from_hf_config(read_json(config), str(config)), "Hugging Face directory"
-        return ModelArgs.load(config), "FlagAI directory"
+    """Model shape from a preset name or any model directory."""
+    if Path(name_or_dir).is_dir():
+        md = ModelDir.open(name_or_dir)
+        return md.args, KINDS[md.format]
     return ModelArgs.from_name(name_or_dir), "preset"
 
 

@@ -1,6 +1,7 @@
 """Bad model inputs: each a single clear line and exit status 2 from the CLI."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from aquila.cli import main
 from aquila.config import ModelArgs
 from aquila.errors import AquilaError
 from tests.conftest import tiny_args
+from tests.test_inference import DEMO_TOKENIZER
 
 
 @pytest.fixture
@@ -132,9 +134,10 @@ def test_cli_info_7b_and_errors(model_dir, tmp_path):
 
 
 def test_cli_convert_round_trip(model_dir, tmp_path):
-    (model_dir / "vocab.json").write_text('{"a": 0}')  # tokenizer files travel with the weights
+    for name in ("vocab.json", "merges.txt"):  # tokenizer files travel with the weights
+        shutil.copy(DEMO_TOKENIZER / name, model_dir)
     assert main(["convert", str(model_dir), str(tmp_path / "hf"), "--to", "hf"]) == 0
-    assert (tmp_path / "hf" / "vocab.json").read_text() == '{"a": 0}'
+    assert (tmp_path / "hf" / "vocab.json").read_bytes() == (DEMO_TOKENIZER / "vocab.json").read_bytes()
 
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "flagai"]) == 0
     a, b = load_model_dir(model_dir), load_model_dir(tmp_path / "back")

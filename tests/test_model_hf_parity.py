@@ -5,8 +5,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from aquila.checkpoint import build_model
-from aquila.hf import load_hf_dir, save_hf_dir
+from aquila.checkpoint import build_model, load_model_dir, save_model_dir
 from tests.conftest import tiny_args
 
 SHAPES = [
@@ -22,7 +21,7 @@ SHAPES = [
 def test_logits_match_transformers(tmp_path, overrides, seq_len):
     args = tiny_args(**overrides)
     model = build_model(args, seed=1).eval()
-    save_hf_dir(model, tmp_path / "hf")
+    save_model_dir(model, tmp_path / "hf", fmt="hf")
     hf = LlamaForCausalLM.from_pretrained(
         tmp_path / "hf", torch_dtype=torch.float32, attn_implementation="eager"
     ).eval()
@@ -37,11 +36,11 @@ def test_logits_match_transformers(tmp_path, overrides, seq_len):
 def test_hf_round_trip_is_exact(tmp_path):
     args = tiny_args(n_kv_heads=2)
     model = build_model(args, seed=3)
-    save_hf_dir(model, tmp_path / "a")
-    back = load_hf_dir(tmp_path / "a")
+    save_model_dir(model, tmp_path / "a", fmt="hf")
+    back = load_model_dir(tmp_path / "a")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, back.state_dict()[name]), name
-    save_hf_dir(back, tmp_path / "b")
+    save_model_dir(back, tmp_path / "b", fmt="hf")
     first, second = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -51,7 +50,7 @@ def test_hf_config_has_real_vocab_and_aquila_ids(tmp_path):
     import json
 
     args = tiny_args()
-    save_hf_dir(build_model(args, seed=0), tmp_path / "hf")
+    save_model_dir(build_model(args, seed=0), tmp_path / "hf", fmt="hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["vocab_size"] == args.vocab_size
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (

@@ -1,17 +1,22 @@
 """`aquila eval`: the model card's benchmarks from local files, or perplexity over an indexed dataset.
 
 aquila eval --model-dir D --model-name N --tasks mmlu,boolq --data-dir DIR [--shots 5] [--output r.json]
-aquila eval --model-dir D --model-name N --perplexity PREFIX [--window 1024 --stride 512]
+aquila eval --model-dir D --model-name N --perplexity PREFIX [--window W --stride S]
+
+On a terminal a progress bar shows items (tasks) or windows (perplexity) done.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from aquila.errors import AquilaError
 from aquila.evaluation.tasks import CARD_COLUMNS, TASKS, check_task_names, load_task
@@ -32,8 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="score at most N items of each subject/sub-task")
     p.add_argument("--output", help="write the results as JSON here")
     p.add_argument("--perplexity", metavar="PREFIX", help="perplexity of <PREFIX>.bin/.idx instead of the tasks")
-    p.add_argument("--window", type=int, default=1024, help="perplexity window in tokens (default 1024)")
-    p.add_argument("--stride", type=int, default=512, help="perplexity stride in tokens (default 512)")
+    p.add_argument("--window", type=int, default=None, help="perplexity window in tokens (default: max_seq_len)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity stride in tokens (default: window / 2)")
     p.add_argument("--max-tokens", type=int, default=None, help="perplexity over the first N tokens only")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
@@ -56,10 +61,9 @@ def load_model(path: Path, device: str, dtype: torch.dtype):
         from aquila.inference.loader import AutoLoader
     except ImportError:  # an install without the inference package: plain checkpoints only
         from aquila.checkpoint import load_model_dir
-        from aquila.hf import is_hf_dir, load_hf_dir
         from aquila.tokenizer import Tokenizer
 
-        model = load_hf_dir(path, device, dtype) if is_hf_dir(path) else load_model_dir(path, device, dtype)
+        model = load_model_dir(path, device, dtype)
         return model.eval(), lambda: Tokenizer.from_pretrained(path)
     loader = AutoLoader("lm", model_dir=path.parent, model_name=path.name, device=device, torch_dtype=dtype)
     return loader.get_model().eval(), loader.get_tokenizer
@@ -113,10 +117,13 @@ def main(argv: list[str]) -> int:
     tokenizer = get_tokenizer()
     stop_ids = {tokenizer.token_end_id, getattr(tokenizer, "token_pad_id", tokenizer.token_end_id)}
     scorer = ChoiceScorer(model, opts.batch_size, stop_ids)
-    results = {
-        t: evaluate_task(scorer, tokenizer, t, subsets, opts.shots, opts.seed, opts.limit)
-        for t, subsets in data.items()
-    }
+    total = sum(len(s.items[: opts.limit] if opts.limit else s.items) for subsets in data.values() for s in subsets)
+    with tqdm(total=total, unit="item", desc="eval", disable=None, file=sys.stderr) as bar:  # shown on a terminal
+        log = functools.partial(bar.write, file=sys.stderr)
+        results = {
+            t: evaluate_task(scorer, tokenizer, t, subsets, opts.shots, opts.seed, opts.limit, log, bar.update)
+            for t, subsets in data.items()
+        }
     print(format_table(name, results))
     if opts.output:
         report = {
@@ -136,17 +143,20 @@ def main(argv: list[str]) -> int:
 def _run_perplexity(opts: argparse.Namespace, name: str, device: str, dtype: torch.dtype) -> int:
     from aquila.evaluation.perplexity import perplexity, read_stream, sliding_windows
 
-    sliding_windows(0, opts.window, opts.stride)  # check window/stride before reading anything
+    if opts.window:
+        sliding_windows(0, opts.window, opts.stride or opts.window // 2)  # check before reading anything
     tokens = read_stream(opts.perplexity, opts.max_tokens)
     model, _ = load_model(resolve_model_dir(opts.model_dir, opts.model_name), device, dtype)
-    result = perplexity(model, tokens, opts.window, opts.stride, opts.batch_size)
+    window = opts.window or model.args.max_seq_len
+    stride = opts.stride or window // 2
+    result = perplexity(model, tokens, window, stride, opts.batch_size, progress=True)
     print(
         f"{name}: perplexity {result['perplexity']:.4f} (mean NLL {result['nll']:.4f}) over {result['tokens']} "
-        f"tokens of {opts.perplexity} (window {opts.window}, stride {opts.stride})"
+        f"tokens of {opts.perplexity} (window {window}, stride {stride})"
     )
     if opts.output:
         report = {"model": {"dir": opts.model_dir, "name": opts.model_name}, "dataset": opts.perplexity}
-        report.update(result, window=opts.window, stride=opts.stride)
+        report.update(result, window=window, stride=stride)
         write_text_atomic(opts.output, json.dumps(report, indent=2) + "\n")
         print(f"wrote {opts.output}")
     return 0

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from aquila.checkpoint import CONFIG_NAME, check_state_dict, find_weights, read_state_dict
-from aquila.config import ModelArgs
+from aquila.checkpoint import CONFIG_NAME, ModelDir
 from aquila.errors import AquilaError
-from aquila.io_utils import read_json
+from aquila.inference.quantize import load_int8, quantize_model
+from aquila.lora import merge_adapter
 from aquila.model import AquilaModel
 from aquila.optional import require
 
@@ -66,102 +66,6 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def model_kind(path: Path) -> str:
-    """'int8', 'hf' or 'aquila' for a model directory."""
-    from aquila.inference.quantize import QUANT_CONFIG
-
-    if (path / QUANT_CONFIG).is_file():
-        return "int8"
-    if not (path / CONFIG_NAME).is_file():
-        raise AquilaError(f"{path}: no {CONFIG_NAME} (expected a FlagAI, aquila or Hugging Face model directory)")
-    return "hf" if "model_type" in read_json(path / CONFIG_NAME) else "aquila"
-
-
-def read_model_state(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """(shape, state dict under FlagAI's names) of an unquantized model directory; tensors memory-mapped."""
-    path = Path(path)
-    kind = model_kind(path)
-    if kind == "int8":
-        raise AquilaError(f"{path}: already quantized")
-    if kind == "hf":
-        from aquila.hf import _hf_weight_files, args_from_hf_config, from_hf_state_dict
-
-        args = args_from_hf_config(read_json(path / CONFIG_NAME), str(path / CONFIG_NAME))
-        state: dict[str, torch.Tensor] = {}
-        for file in _hf_weight_files(path):
-            state.update(read_state_dict(file))
-        return args, from_hf_state_dict(state, args)
-    return ModelArgs.load(path / CONFIG_NAME), read_state_dict(find_weights(path))
-
-
-def _assign(model: AquilaModel, state: dict[str, torch.Tensor], source: str, dtype: torch.dtype) -> None:
-    """Strict load into a meta model; floating tensors other than int8 scales are cast to `dtype`."""
-    check_state_dict(model, state, source)
-    state = {k: v if (not v.is_floating_point() or k.endswith(".scales")) else v.to(dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-
-
-def load_quantized_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AquilaModel:
-    from aquila.inference.quantize import QUANT_CONFIG, QUANT_FORMAT, align_weights, quantize_model
-
-    path = Path(path)
-    qcfg = read_json(path / QUANT_CONFIG)
-    if qcfg.get("format") != QUANT_FORMAT:
-        raise AquilaError(f"{path / QUANT_CONFIG}: format {qcfg.get('format')!r} is not {QUANT_FORMAT!r}")
-    args = ModelArgs.load(path / CONFIG_NAME)
-    with torch.device("meta"):
-        model = quantize_model(AquilaModel(args), embeddings=bool(qcfg.get("embeddings", True)))
-    weights = path / "model.safetensors"
-    _assign(model, read_state_dict(weights), str(weights), dtype)
-    return align_weights(model)
-
-
-def quantize_on_load(path: Path, dtype: torch.dtype) -> AquilaModel:
-    """Read an unquantized directory and quantize it tensor by tensor (the fp32 model is never built)."""
-    from aquila.inference.quantize import quantizable_keys, quantize_model, quantize_state_dict
-
-    args, state = read_model_state(path)
-    with torch.device("meta"):
-        model = AquilaModel(args)
-    linear, embedding = quantizable_keys(model)
-    check_state_dict(model, state, str(path))
-    quantize_model(model)
-    _assign(model, quantize_state_dict(state, linear, embedding), str(path), dtype)
-    return model
-
-
-def load_dense(path: Path, dtype: torch.dtype) -> AquilaModel:
-    args, state = read_model_state(path)
-    with torch.device("meta"):
-        model = AquilaModel(args)
-    _assign(model, state, str(path), dtype)
-    return model
-
-
-def merge_adapter(model: AquilaModel, adapter_dir: str | os.PathLike) -> AquilaModel:
-    """Fold a LoRA adapter (PEFT files written by aquila.train.lora) into the weights; mismatches are errors."""
-    from aquila.train.lora import apply_lora, load_adapter, merge_lora, read_adapter
-
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise AquilaError(f"{adapter_dir}: adapter directory not found")
-    config, _ = read_adapter(adapter_dir)
-    try:
-        apply_lora(model, config)
-    except KeyError as e:
-        raise AquilaError(f"{adapter_dir}/adapter_config.json: missing key {e.args[0]!r}") from None
-    try:
-        load_adapter(model, adapter_dir)
-    except RuntimeError as e:  # shape mismatches from load_state_dict
-        raise AquilaError(
-            f"{adapter_dir}: adapter does not fit the model ({str(e).splitlines()[-1].strip()})"
-        ) from None
-    merge_lora(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 def load_model(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -169,30 +73,21 @@ def load_model(
     adapter_dir: str | os.PathLike | None = None,
     quantize: str | None = None,
 ) -> AquilaModel:
-    """Load any supported model directory onto `device` (see the module docstring)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise AquilaError(f"{path}: model directory not found")
+    """Load any supported model directory onto `device`, then apply the adapter and quantization transforms."""
     if quantize not in QUANT_MODES:
         raise AquilaError(f"quantize must be None or 'int8', got {quantize!r}")
     dev = check_device(device)
     dtype = dtype or torch.float32
-    kind = model_kind(path)
-    if kind == "int8":
-        if adapter_dir is not None:
-            raise AquilaError(f"{path} is quantized: merge the adapter into the full-precision model, then quantize")
-        model = load_quantized_dir(path, dtype)
-    elif adapter_dir is not None:
-        model = merge_adapter(load_dense(path, torch.float32), adapter_dir).to(dtype)
-        if quantize:
-            model = _quantize_loaded(model, dev)
-    elif quantize and _use_bminf(dev):
-        model = _quantize_loaded(load_dense(path, torch.float16), dev)
-    elif quantize:
-        model = quantize_on_load(path, dtype)
+    md = ModelDir.open(path)
+    if md.format == "int8" and adapter_dir is not None:
+        raise AquilaError(f"{path} is quantized: merge the adapter into the full-precision model, then quantize")
+    if md.format == "int8" or (quantize and adapter_dir is None and not _use_bminf(dev)):
+        return load_int8(md, dtype).to(dev).eval()  # an unquantized directory is quantized tensor by tensor
+    if adapter_dir is not None:
+        model = merge_adapter(md.load(), adapter_dir).to(dtype)
     else:
-        model = load_dense(path, dtype)
-    return model.to(dev).eval()
+        model = md.load(dtype=torch.float16 if quantize else dtype)  # quantize here means BMInf, which takes fp16
+    return (_quantize_loaded(model, dev) if quantize else model).to(dev).eval()
 
 
 def _use_bminf(device: torch.device) -> bool:
@@ -212,8 +107,6 @@ def _quantize_loaded(model: AquilaModel, device: torch.device) -> AquilaModel:
         import bminf
 
         return bminf.wrapper(model.to(device).half(), quantization=True)
-    from aquila.inference.quantize import quantize_model
-
     return quantize_model(model)
 
 

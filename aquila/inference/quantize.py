@@ -14,21 +14,26 @@ files, and `quantization.json` ({"format": "aquila-int8", ...}), which is what m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
+from aquila.checkpoint import (
+    QUANT_CONFIG,
+    ModelDir,
+    check_destination,
+    check_state_dict,
+    load_into,
+    meta_model,
+    progress,
+    write_model_dir,
+)
 from aquila.errors import AquilaError
-from aquila.io_utils import atomic_dir
-from aquila.tokenizer import copy_tokenizer_files
+from aquila.io_utils import read_json
 
-QUANT_CONFIG = "quantization.json"
 QUANT_FORMAT = "aquila-int8"
 
 
@@ -65,52 +70,40 @@ def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-class Int8Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
+class Int8Rows(nn.Module):
+    """An int8 matrix [rows, cols] with one fp32 scale per row: what Int8Linear and Int8Embedding share."""
+
+    def __init__(self, rows: int, cols: int, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("weight", torch.empty(rows, cols, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(rows, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_weight(cls, w: torch.Tensor) -> Int8Linear:
-        module = cls(w.shape[1], w.shape[0], device=w.device)
+    def from_weight(cls, w: torch.Tensor) -> Int8Rows:
+        module = cls(*w.shape, device=w.device)
         if not w.is_meta:
             module.weight, module.scales = quantize_weight(w)
         return module
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, {self.weight.shape[1]}, int8"
+
+
+class Int8Linear(Int8Rows):
+    """y = x @ (q * scales)^T; `weight` [out, in] must be 64-byte aligned on CPU (`align_weights` after a load)."""
+
+    in_features = property(lambda self: self.weight.shape[1])
+    out_features = property(lambda self: self.weight.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            flat = x.reshape(-1, self.in_features)
-            if torch.compiler.is_compiling():
-                out = int8_mm_op(flat, self.weight, self.scales)
-            else:
-                if self.weight.data_ptr() % 64:
-                    # The kernel reads the weight with aligned vector loads; a tensor taken straight from a
-                    # safetensors file can sit at any offset, so move such a weight once into a fresh allocation.
-                    self.weight = self.weight.clone()
-                out = _int8_mm(flat, self.weight, self.scales)
+            mm = int8_mm_op if torch.compiler.is_compiling() else _int8_mm
+            out = mm(x.reshape(-1, self.in_features), self.weight, self.scales)
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
-
-class Int8Embedding(nn.Module):
-    def __init__(self, num_embeddings: int, dim: int, device: torch.device | str | None = None) -> None:
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = num_embeddings, dim
-        self.register_buffer("weight", torch.empty(num_embeddings, dim, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(num_embeddings, dtype=torch.float32, device=device))
-
-    @classmethod
-    def from_weight(cls, w: torch.Tensor) -> Int8Embedding:
-        module = cls(w.shape[0], w.shape[1], device=w.device)
-        if not w.is_meta:
-            module.weight, module.scales = quantize_weight(w)
-        return module
-
+class Int8Embedding(Int8Rows):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight).to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
 
@@ -143,7 +136,8 @@ def quantize_model(
 
 
 def align_weights(model: nn.Module) -> nn.Module:
-    """Copy int8 weights that are not 64-byte aligned (e.g. taken straight from a safetensors file)."""
+    """Copy int8 weights that are not 64-byte aligned (e.g. taken straight from a safetensors file): the CPU
+    kernel reads them with aligned vector loads. Done once, after a load."""
     for module in model.modules():
         if isinstance(module, Int8Linear) and module.weight.data_ptr() % 64:
             module.weight = module.weight.clone()
@@ -155,11 +149,9 @@ def quantize_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Quantize a (possibly memory-mapped) state dict tensor by tensor; other tensors become fp32."""
     out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
+    for key, tensor in progress(state.items(), "quantizing", len(state)):
         if key in linear_keys or key in embedding_keys:
-            q, s = quantize_weight(tensor)
-            out[key] = q
-            out[key.removesuffix(".weight") + ".scales"] = s
+            out[key], out[key.removesuffix(".weight") + ".scales"] = quantize_weight(tensor)
         else:
             out[key] = tensor.float()
     return out
@@ -176,56 +168,52 @@ def quantizable_keys(model: nn.Module, embeddings: bool = True) -> tuple[set[str
     return linear, embedding
 
 
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())
-
-
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the state dict (what one decode step reads, KV cache aside)."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def quant_config(embeddings: bool) -> dict:
-    return {
-        "format": QUANT_FORMAT,
-        "version": 1,
-        "weights": "int8 symmetric, one fp32 scale per output channel (key *.scales)",
-        "embeddings": embeddings,
-    }
+def quantized_state(md: ModelDir, embeddings: bool = True) -> dict[str, torch.Tensor]:
+    """An unquantized directory's weights, quantized tensor by tensor (the fp32 model is never built)."""
+    if md.format == "int8":
+        raise AquilaError(f"{md.path}: already quantized")
+    model, state = meta_model(md.args), md.read_state()
+    check_state_dict(model, state, str(md.path))
+    return quantize_state_dict(state, *quantizable_keys(model, embeddings))
 
 
-def save_quantized_dir(
-    state: Mapping[str, torch.Tensor], config: dict, out_dir: str | os.PathLike, embeddings: bool, tokenizer_from=None
-) -> None:
-    """Write a quantized model directory atomically (tokenizer files copied from `tokenizer_from` if present)."""
-    with atomic_dir(out_dir) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), {"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / QUANT_CONFIG).write_text(json.dumps(quant_config(embeddings), indent=2) + "\n")
-        if tokenizer_from is not None:
-            copy_tokenizer_files(tokenizer_from, tmp)
+def load_int8(md: ModelDir, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An int8 model from an int8 directory, or from any other one by quantizing its weights on the way in."""
+    embeddings = True
+    if md.format == "int8":
+        qcfg = read_json(md.path / QUANT_CONFIG)
+        if qcfg.get("format") != QUANT_FORMAT:
+            raise AquilaError(f"{md.path / QUANT_CONFIG}: format {qcfg.get('format')!r} is not {QUANT_FORMAT!r}")
+        embeddings = bool(qcfg.get("embeddings", True))
+        state = md.read_state()
+    else:
+        state = quantized_state(md)
+    model = quantize_model(meta_model(md.args), embeddings=embeddings)
+    load_into(model, state, str(md.path), dtype)
+    return align_weights(model)
 
 
 def quantize_dir(src: str | os.PathLike, dst: str | os.PathLike, embeddings: bool = True) -> None:
-    """Any model directory AutoLoader reads -> a quantized directory, tensor by tensor (no fp32 model copy)."""
-    from aquila.inference.loader import read_model_state
-    from aquila.model import AquilaModel
-
-    args, state = read_model_state(src)
-    with torch.device("meta"):
-        linear, embedding = quantizable_keys(AquilaModel(args), embeddings)
-    qstate = quantize_state_dict(state, linear, embedding)
-    save_quantized_dir(qstate, args.to_dict(), dst, embeddings, tokenizer_from=src)
+    """Any model directory AutoLoader reads -> a self-contained int8 directory (no fp32 model copy)."""
+    md = ModelDir.open(src)
+    weights = "int8 symmetric, one fp32 scale per output channel (key *.scales)"
+    extra = {QUANT_CONFIG: {"format": QUANT_FORMAT, "version": 1, "weights": weights, "embeddings": embeddings}}
+    write_model_dir(dst, md.args, quantized_state(md, embeddings), "aquila", ("safetensors",), src, extra)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="aquila quantize", description="save an int8 weight-only quantized model")
     parser.add_argument("src", help="model directory (ours, FlagAI's config.json + pytorch_model.bin, or HF Llama)")
-    parser.add_argument("dst", help="output directory")
+    parser.add_argument("dst", help="output directory (must be new or empty unless --overwrite)")
     parser.add_argument("--keep-embeddings", action="store_true", help="leave the token embedding in fp32")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     args = parser.parse_args(argv)
-    if not Path(args.src).is_dir():
-        raise AquilaError(f"{args.src}: model directory not found")
+    check_destination(args.dst, args.overwrite)
     quantize_dir(args.src, args.dst, embeddings=not args.keep_embeddings)
     print(f"wrote int8 model to {args.dst}")
     return 0
