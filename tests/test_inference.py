@@ -216,9 +216,11 @@ def test_chat_uses_the_sft_template(predictor):
     ],
 )
 def test_bad_generation_inputs_are_clear_errors(predictor, kwargs, message):
+    before = predictor.predict_generate_randomsample("still works", out_max_length=3, temperature=0)
     with pytest.raises(AquilaError, match=message):
         predictor.predict_generate_randomsample(**kwargs)
-    assert predictor.predict_generate_randomsample("still works", out_max_length=3, temperature=0) is not None
+    # A rejected request leaves the predictor (model, KV cache) as it was: the same prompt, the same text.
+    assert before and predictor.predict_generate_randomsample("still works", out_max_length=3, temperature=0) == before
 
 
 def test_generation_stops_at_the_model_length(predictor):
