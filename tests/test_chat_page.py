@@ -1,5 +1,6 @@
 """The chat page at `/` of `aquila serve`: a self-contained file, driven in headless chromium over a real server."""
 
+import json
 import os
 import re
 import shutil
@@ -80,8 +81,8 @@ def server_url(model_dir):
         proc.wait(timeout=30)
 
 
-@pytest.fixture
-def browser(tmp_path):
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
     if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
         pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian packages chromium, chromium-driver)")
     from selenium import webdriver
@@ -91,7 +92,7 @@ def browser(tmp_path):
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run", "--window-size=1000,800", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+                 "--no-first-run", "--window-size=1000,800", f"--user-data-dir={tmp_path_factory.mktemp('profile')}"):  # fmt: skip
         options.add_argument(flag)
     # A driver path in Service: selenium-manager is never asked to find or download anything.
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
@@ -174,3 +175,52 @@ def test_chat_page_streams_stops_and_keeps_history(browser, server_url, model_di
     assert "max_tokens" in state()["status"] and message.get_attribute("value") == "Too long"
     assert len(browser.find_elements("css selector", "#log .turn")) == 4
     assert browser.execute_script("return chat.messages.length") == 4
+
+
+STUB_FETCH = """
+const [chunks, status] = arguments, realFetch = window.fetch;
+window.fetch = (url, options) => {
+  if (url !== "/v1/chat/completions") return realFetch(url, options);
+  const body = new ReadableStream({ start(c) { for (const x of chunks) c.enqueue(new TextEncoder().encode(x)); c.close(); } });
+  return Promise.resolve(new Response(body, { status, headers: { "Content-Type": "text/event-stream" } }));
+};
+"""
+
+
+def event(content: str | None = None, finish: str | None = None) -> str:
+    delta = {} if content is None else {"content": content}
+    return "data: " + json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "chunks, finish, reply, note, status",
+    [
+        # Events split across network chunks, CRLF line ends, markup in the model's text (shown as text).
+        ([event("Hel")[:30], event("Hel")[30:] + "\r\n\r\n" + event(" <b>x</b>") + "\r\n",
+          "\r\n" + event(finish="stop") + "\r\n\r\ndata: [DONE]\r\n\r\n"], "stop", "Hel <b>x</b>", None, ""),
+        # A stream cut off before its finish_reason keeps the text and says so.
+        ([event("par") + "\n\n"], "error", "par", "error: the stream ended without a finish_reason", "error:"),
+        # An error event before any text takes the turn back.
+        (['data: {"error": {"message": "boom"}}\n\n'], "error", None, None, "error: boom"),
+    ],
+    ids=["split-crlf-markup", "cut-off", "error-event"],
+)  # fmt: skip
+def test_chat_page_reads_server_sent_events(browser, server_url, chunks, finish, reply, note, status):
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(server_url + "/")
+    browser.execute_script(STUB_FETCH, chunks, 200)
+    browser.find_element("id", "message").send_keys("hi", Keys.ENTER)
+    wait_for(lambda: browser.execute_script("return chat.lastFinish") == finish, what=f"finish {finish}", page=browser)
+    turns = browser.find_elements("css selector", "#log .turn")
+    if reply is None:
+        assert turns == [] and browser.execute_script("return chat.messages") == []
+        assert browser.find_element("id", "message").get_attribute("value") == "hi"
+    else:
+        bubble = turns[-1].find_element("css selector", ".bubble")
+        assert bubble.text == reply and bubble.find_elements("css selector", "*") == []  # no markup made from text
+        assert browser.execute_script("return chat.messages.at(-1).content") == reply
+        notes = turns[-1].find_elements("css selector", ".note")
+        assert [n.text for n in notes] == ([note] if note else [])
+    assert browser.find_element("id", "status").text.startswith(status)
