@@ -212,6 +212,7 @@ def test_consecutive_nans_stop_with_checkpoint(tmp_path, monkeypatch, capsys):
     assert _pretrain(tmp_path, max_steps=10, nan_skip_limit=3) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "3 consecutive non-finite steps" in err and "checkpoint saved" in err
+    assert "data samples by iteration: 2: [4, 5, 6, 7]; 3: [8, 9, 10, 11]; 4: [12, 13, 14, 15];" in err
     assert (tmp_path / "out" / "latest_iteration.txt").read_text().split()[0] == "4"
     load_model_dir(tmp_path / "out" / "4")
 

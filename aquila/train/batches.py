@@ -69,6 +69,11 @@ class GlobalBatches:
         items = [self.dataset[self.order(g)] for g in range(start, start + self.batch_size)]
         return self.collate(items)
 
+    def sample_indices(self, step: int) -> list[int]:
+        """Dataset indices of every sample in global batch `step` (all ranks), for messages about bad data."""
+        start = self.offset + step * self.global_batch_size
+        return [self.order(g) for g in range(start, start + self.global_batch_size)]
+
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         return [self.micro_batch(step, m) for m in range(self.accumulation)]
 

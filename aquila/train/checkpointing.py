@@ -7,18 +7,21 @@ adapter_model.{safetensors,bin} instead of the base weights) plus the training s
 reshards across rank counts) when save_optim, and rng/rank<r>.pt when save_rng. `<save_dir>/latest_iteration.txt`
 holds FlagAI's "<step>\\t<best step>".
 
-Atomicity: every rank writes into `<save_dir>/.<step>.partial`; after a barrier rank 0 renames it to `<step>`
-and only then rewrites the tracker (atomically). A process killed mid-save leaves a `.partial` directory
-(removed by the next run) and the tracker pointing at the previous, complete checkpoint.
+Atomicity: every rank writes into `<save_dir>/.<step>.partial`; after a barrier rank 0 writes manifest.json
+(size and CRC32 of every file), renames the directory to `<step>` and only then rewrites the tracker (atomically)
+and prunes old steps. A process killed mid-save, or a write that fails (a full disk), leaves the tracker pointing
+at the previous complete checkpoint and no step directory behind. Loading checks the manifest first.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import shutil
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +34,13 @@ from aquila.checkpoint import CONFIG_NAME, save_weights
 from aquila.config import ModelArgs
 from aquila.errors import AquilaError
 from aquila.io_utils import read_json, write_text_atomic
-from aquila.train.distributed import DistEnv, barrier, unwrap
+from aquila.train.distributed import DistEnv, any_rank, barrier, unwrap
 
 TRACKER = "latest_iteration.txt"
 STATE_NAME = "trainer_state.json"
 OPTIM_DIR = "optim"
 RNG_DIR = "rng"
+MANIFEST = "manifest.json"
 
 
 # -- RNG ------------------------------------------------------------------------------------------
@@ -110,6 +114,61 @@ def read_train_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
+    write_text_atomic(directory / MANIFEST, json.dumps({"files": entries}, indent=1) + "\n")
+
+
+def verify_checkpoint(ckpt: Path) -> bool:
+    """Check every file against manifest.json: one error naming the first bad file. False: no manifest to check."""
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        return False
+    for name, want in read_json(path).get("files", {}).items():
+        f = ckpt / name
+        if not f.is_file():
+            raise AquilaError(f"{f}: missing (listed in {path})")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise AquilaError(f"{f}: {size} bytes, expected {want['bytes']} (truncated or overwritten)")
+        if _crc32(f) != want["crc32"]:
+            raise AquilaError(f"{f}: checksum differs from {path} (corrupt file)")
+    return True
+
+
+def experiment_runs(save_dir: Path) -> list[Path]:
+    """save_dir, plus its sibling runs when it is a launcher run dir (checkpoints_out/<exp>/<YYYYMMDDHH>), newest first."""
+    if not save_dir.name.isdigit() or not save_dir.parent.is_dir():
+        return [save_dir]
+    runs = {p for p in save_dir.parent.iterdir() if p.is_dir() and p.name.isdigit()} | {save_dir}
+    return sorted(runs, key=lambda p: p.name, reverse=True)
+
+
+def find_latest(save_dir: Path, warn) -> Path | None:
+    """The experiment's newest checkpoint that passes its manifest check; `warn` is told about each one skipped."""
+    for run in experiment_runs(save_dir):
+        if not run.is_dir():
+            continue
+        steps = sorted((p for p in run.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: -int(p.name))
+        for step in steps:
+            try:
+                verify_checkpoint(step)
+                read_train_state(step)
+                return step
+            except AquilaError as e:
+                warn(f"warning: skipping checkpoint {step}: {e}")
+    return None
+
+
 def clean_partials(save_dir: str | os.PathLike) -> None:
     """Remove `.<step>.partial` directories left by a save that was killed."""
     save_dir = Path(save_dir)
@@ -168,24 +227,19 @@ class Saver:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        if env.is_main:
-            self._write_model(full, tmp)
-            (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        self._checked(final, tmp, functools.partial(self._write_files, full, tmp, model, optimizer, state))
         del full
-        if self.save_optim:
-            save_optimizer(model, optimizer, tmp / OPTIM_DIR, env)
-        if self.save_rng:
-            (tmp / RNG_DIR).mkdir(exist_ok=True)
-            torch.save(rng_state(), tmp / RNG_DIR / f"rank{env.rank}.pt")
-        barrier()
         if env.is_main:
-            _fsync_tree(tmp)
-            if final.exists():
-                old = self.save_dir / f".{step}.old.partial"
+            self._checked(final, tmp, lambda: (_fsync_tree(tmp), write_manifest(tmp)))
+        else:
+            self._checked(final, tmp, lambda: None)
+        if env.is_main:
+            old = self.save_dir / f".{step}.old.partial"
+            if final.exists():  # re-saving a step: move the old copy aside, swap, then delete it
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
             os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
             best = state.get("best_iteration") or step
             if best != step and not (self.save_dir / str(best)).is_dir():
                 best = step  # the best evaluation fell between checkpoints: "best" is the newest one then
@@ -193,6 +247,39 @@ class Saver:
             prune(self.save_dir, self.num_checkpoints, protect={step, best})
         barrier()
         return final
+
+    def _write_files(self, full, tmp: Path, model: nn.Module, optimizer, state: dict[str, Any]) -> None:
+        if self.save_optim:  # collective first: DCP reports a failure on any rank to every rank
+            save_optimizer(model, optimizer, tmp / OPTIM_DIR, self.env)
+        if self.env.is_main:
+            self._write_model(full, tmp)
+            (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        if self.save_rng:
+            (tmp / RNG_DIR).mkdir(exist_ok=True)
+            torch.save(rng_state(), tmp / RNG_DIR / f"rank{self.env.rank}.pt")
+
+    def _checked(self, final: Path, tmp: Path, write) -> None:
+        """Run this rank's part of a save; if any rank fails, remove the partial directory and stop every rank."""
+        error = None
+        try:
+            write()
+        except Exception as e:  # ENOSPC surfaces as OSError, RuntimeError (torch.save) or DCP's exception
+            error = e
+        if not any_rank(error is not None, self.env):
+            return
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        tracked = read_tracker(self.save_dir)
+        kept = f"{self.save_dir / str(tracked[0])} is still the latest checkpoint" if tracked else "no checkpoint kept"
+        if error is None:
+            raise AquilaError(f"cannot write checkpoint {final}: another rank failed (see its log); {kept}")
+        free = shutil.disk_usage(self.save_dir).free
+        need = self.model_args.num_params() * 4 * (4 if self.save_optim else 2)  # fp32 .bin + .safetensors (+ Adam)
+        raise AquilaError(
+            f"cannot write checkpoint {final}: {str(error)[:200]}; it needs about {need} bytes and {free} are free"
+            f" on {self.save_dir}; {kept}"
+        ) from None
 
     def _write_model(self, full: dict[str, torch.Tensor], directory: Path) -> None:
         self.model_args.save(directory / CONFIG_NAME)

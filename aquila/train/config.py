@@ -47,7 +47,7 @@ class TrainConfig:
     eval_interval: int = 1000
     save_interval: int = 1000
     save_dir: str | None = None
-    load_dir: str | None = None
+    load_dir: str | None = "auto"  # auto: the experiment's latest complete checkpoint, if any; null: start fresh
     save_optim: bool = False
     save_rng: bool = False
     load_type: Literal["latest", "best"] = "latest"

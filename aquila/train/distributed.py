@@ -118,12 +118,9 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj, src: int = 0):
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank when `flag` is set on any rank (all ranks must call it: it is a collective)."""
+    return all_reduce_sum(torch.tensor([float(flag)], device=env.device)).item() > 0
 
 
 def _checkpointed_forward(block: nn.Module, inner, *args, **kwargs):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,8 +21,31 @@ from torch import nn
 from aquila.errors import AquilaError
 from aquila.train.batches import GlobalBatches, count_targets
 from aquila.train.config import TrainConfig
-from aquila.train.distributed import DistEnv, all_reduce_sum, gradient_sync
+from aquila.train.distributed import DistEnv, all_reduce_sum, any_rank, gradient_sync
 from aquila.train.optim import LossScaler, lr_at, set_lr
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint; rerun to continue
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1; the loop stops at the next step boundary. Later signals (say during the save) are
+    absorbed, so they cannot interrupt the checkpoint write."""
+
+    signal_name: str | None = None
+
+    def _handle(self, signum: int, _frame) -> None:
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 @dataclass
@@ -32,6 +57,7 @@ class TrainState:
     best_eval_loss: float | None = None
     best_iteration: int | None = None
     losses: list[float] = field(default_factory=list)  # global-batch loss of each iteration run in this process
+    stopped_by: str | None = None  # the signal that stopped the run early
 
 
 @dataclass
@@ -49,7 +75,7 @@ class Trainer:
     saver: Any | None  # checkpointing.Saver
     logger: Any  # metrics.MetricsLogger
     state: TrainState
-    extra_state: dict = field(default_factory=dict)  # saved in trainer_state.json
+    stop: StopFlag = field(default_factory=StopFlag)
     last_tokens: float = 0.0  # tokens (padding included) in the last global batch, for tokens/s and MFU
 
     def autocast(self):
@@ -142,18 +168,22 @@ class Trainer:
             "nan_skipped_total": s.nan_total,
             "best_eval_loss": s.best_eval_loss,
             "best_iteration": s.best_iteration,
-            **self.extra_state,
         }
 
-    def save(self) -> None:
-        if self.saver is not None:
-            path = self.saver.save(self.state.step, self.model, self.optimizer, self.checkpoint_state())
-            self.logger.message(f" saved checkpoint {path}")
+    def save(self) -> Path | None:
+        if self.saver is None:
+            return None
+        path = self.saver.save(self.state.step, self.model, self.optimizer, self.checkpoint_state())
+        self.logger.message(f" saved checkpoint {path}")
+        return path
 
     def fit(self) -> TrainState:
         cfg, s = self.cfg, self.state
         saved_at = s.step
+        bad_samples: list[str] = []
         while s.step < self.total_steps:
+            if any_rank(self.stop.signal_name is not None, self.env):  # every rank stops on the same step
+                return self._stop(saved_at)
             step = s.step
             loss, norm, status = self.train_step(step)
             s.step += 1
@@ -161,15 +191,19 @@ class Trainer:
             if status == "nan":
                 s.nan_consecutive += 1
                 s.nan_total += 1
+                samples = self.train_batches.sample_indices(step)
+                bad_samples.append(f"{s.step}: {_short(samples)}")
                 self.logger.message(
                     f" iteration {s.step}: non-finite loss/gradients ({loss:.4g}, grad norm {norm:.4g}), step skipped"
-                    f" ({s.nan_consecutive} in a row, {s.nan_total} in all)"
+                    f" ({s.nan_consecutive} in a row, {s.nan_total} in all); data samples {_short(samples, 64)}"
                 )
                 if cfg.nan_skip_limit and s.nan_consecutive >= cfg.nan_skip_limit:
-                    self.save()
+                    path = self.save()
                     raise AquilaError(
                         f"stopping at iteration {s.step}: {s.nan_consecutive} consecutive non-finite steps"
-                        f" (nan_skip_limit {cfg.nan_skip_limit}); lower lr or check the data; checkpoint saved"
+                        f" (nan_skip_limit {cfg.nan_skip_limit}); data samples by iteration:"
+                        f" {'; '.join(bad_samples[-s.nan_consecutive :])}; lower lr or check the data;"
+                        f" checkpoint saved in {path}"
                     )
             else:
                 s.nan_consecutive = 0
@@ -193,9 +227,23 @@ class Trainer:
             self.save()
         return s
 
+    def _stop(self, saved_at: int) -> TrainState:
+        s = self.state
+        s.stopped_by = self.stop.signal_name or "a stop signal to another rank"
+        self.logger.message(f" {s.stopped_by}: stopping at iteration {s.step} and saving a checkpoint")
+        path = self.save() if saved_at != s.step else self.saver and self.saver.save_dir / str(s.step)
+        where = f"checkpoint {path}" if path else "no checkpoint (save_dir is not set)"
+        self.logger.message(f" stopped by {s.stopped_by} at iteration {s.step}: {where}; exit status {PREEMPTED_EXIT}")
+        return s
+
     def _eval(self) -> None:
         s = self.state
         loss = self.evaluate()
         self.logger.eval(s.step, loss)
         if s.best_eval_loss is None or loss < s.best_eval_loss:
             s.best_eval_loss, s.best_iteration = loss, s.step
+
+
+def _short(indices: list[int], limit: int = 8) -> str:
+    shown = ", ".join(map(str, indices[:limit]))
+    return f"[{shown}{', ...' if len(indices) > limit else ''}]"

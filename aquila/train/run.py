@@ -6,6 +6,7 @@ runs, each with one error line.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import time
@@ -26,7 +27,7 @@ from aquila.train import checkpointing as ckpt_io
 from aquila.train.batches import GlobalBatches
 from aquila.train.config import TrainConfig
 from aquila.train.distributed import DistEnv, init_distributed, parallelize, resolve_env, shutdown
-from aquila.train.loop import Trainer, TrainState
+from aquila.train.loop import PREEMPTED_EXIT, Trainer, TrainState
 from aquila.train.metrics import MetricsLogger, flops_per_token, measure_matmul_tflops
 from aquila.train.model_source import ModelSource, locate_model
 from aquila.train.optim import LossScaler, build_optimizer
@@ -106,7 +107,7 @@ def run(
         raise AquilaError(f"seq_length {seq_length} is above the model's max_seq_len {args.max_seq_len}")
     tok = load_tokenizer(tokenizer_dir(cfg), args)
     precheck(cfg)
-    resume = ckpt_io.resolve_checkpoint(cfg.load_dir, cfg.load_type) if cfg.load_dir else None
+    resume = resume_point(cfg, env)
     resume_state = ckpt_io.read_train_state(resume) if resume else None
     resume_weights = _check_resume_weights(resume, args, cfg) if resume else None
 
@@ -117,12 +118,30 @@ def run(
         shutdown()
 
 
+def resume_point(cfg: TrainConfig, env: DistEnv) -> Path | None:
+    """The checkpoint to continue from, checked against its manifest; the log says whether the run resumes."""
+    say = functools.partial(print, flush=True) if env.is_main else lambda *_: None
+    if cfg.load_dir is None:
+        say(" load_dir null: starting fresh")
+        return None
+    if cfg.load_dir != "auto":
+        ckpt = ckpt_io.resolve_checkpoint(cfg.load_dir, cfg.load_type)
+        if not ckpt_io.verify_checkpoint(ckpt):
+            say(f" warning: {ckpt} has no {ckpt_io.MANIFEST}: its files are not verified")
+        return ckpt
+    found = ckpt_io.find_latest(Path(cfg.save_dir), say) if cfg.save_dir else None
+    say(f" load_dir auto: resuming from {found}" if found else f" load_dir auto: no checkpoint in {cfg.save_dir}"
+        " or its experiment's earlier runs: starting fresh")  # fmt: skip
+    return found
+
+
 def _check_resume_weights(ckpt: Path, args: ModelArgs, cfg: TrainConfig) -> dict | None:
     """Read (memory-mapped) and strictly check the checkpoint's weights now, before training starts."""
     saved = ModelArgs.load(ckpt / CONFIG_NAME)
     if saved != args:
         raise AquilaError(
             f"{ckpt / CONFIG_NAME}: the checkpoint's model config differs from model_name {cfg.model_name!r}"
+            " (load_dir: null starts fresh)"
         )
     if cfg.lora:
         from aquila.train.lora import read_adapter
@@ -208,17 +227,19 @@ def _train(cfg, env, args, source, seq_length, tok, resume, resume_state, resume
         cfg, env, wrapped, optimizer, train_batches, valid_batches, valid_steps, total, scaler,
         amp_dtype(cfg, env), saver, logger, state,
     )  # fmt: skip
-    t0 = time.perf_counter()
+    t0, first = time.perf_counter(), state.step + 1
     try:
-        trainer.fit()
+        with trainer.stop.installed():
+            trainer.fit()
     finally:
         logger.close()
     if env.is_main and state.losses:
         logger.message(
-            f" done: {state.step} iterations in {time.perf_counter() - t0:.1f}s | first loss {state.losses[0]:.4f}"
+            f" done: {state.step - first + 1} iterations ({first}-{state.step}) in {time.perf_counter() - t0:.1f}s"
+            f" | first loss {state.losses[0]:.4f}"
             f" | last loss {state.losses[-1]:.4f}"
         )
-    return 0
+    return PREEMPTED_EXIT if state.stopped_by else 0
 
 
 def _restore(cfg, env, model, optimizer, scaler, state: TrainState, ckpt: Path, saved: dict, gb: int) -> int:

@@ -1,0 +1,192 @@
+"""Faults a cluster brings, injected: auto-resume across launcher runs, corrupt checkpoints, a full disk, bad data,
+preemption by SIGTERM. Each checks that nothing is lost: the same losses after recovery where the data allows."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aquila.checkpoint import load_model_dir
+from aquila.train import checkpointing
+from aquila.train.loop import PREEMPTED_EXIT
+from aquila.train.pretrain import main as pretrain_main
+from tests.train_helpers import REPO, losses, make_indexed_dataset, pretrain_config, torchrun, write_yaml
+
+
+def _pretrain(tmp_path: Path, name: str = "c.yaml", **overrides) -> int:
+    return pretrain_main(["--yaml_config", str(write_yaml(tmp_path / name, pretrain_config(tmp_path, **overrides)))])
+
+
+def _runs(tmp_path: Path) -> Path:
+    return tmp_path / "checkpoints_out" / "exp"
+
+
+def test_auto_resume_across_runs_falls_back_past_a_corrupt_step(tmp_path, capsys):
+    first = _runs(tmp_path) / "2026113001"
+    assert _pretrain(tmp_path, max_steps=4, save_interval=2, save_dir=str(first)) == 0
+    full = losses(first)
+    weights = first / "4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])  # the newest checkpoint is truncated
+    capsys.readouterr()
+
+    second = _runs(tmp_path) / "2026113002"  # the same launcher command, an hour later: a new run dir
+    assert _pretrain(tmp_path, "r.yaml", max_steps=4, save_interval=2, save_dir=str(second)) == 0
+    out = capsys.readouterr().out
+    assert f"warning: skipping checkpoint {first / '4'}: {weights}: " in out and "truncated" in out
+    assert f"load_dir auto: resuming from {first / '2'}" in out
+    assert " done: 2 iterations (3-4) in " in out
+    resumed = losses(second)
+    assert sorted(resumed) == [3, 4] and all(resumed[k] == full[k] for k in (3, 4))
+
+    assert _pretrain(tmp_path, "f.yaml", max_steps=4, save_dir=str(second), load_dir=None) == 0
+    assert "load_dir null: starting fresh" in capsys.readouterr().out
+
+
+def _truncate(step: Path) -> Path:
+    path = step / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    return path
+
+
+def _bad_header(step: Path) -> Path:
+    path = step / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:12] = b"XXXX"  # same size, broken JSON header
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _missing_shard(step: Path) -> Path:
+    shard = next(p for p in (step / "optim").iterdir() if p.suffix == ".distcp")
+    shard.unlink()
+    return shard
+
+
+@pytest.mark.parametrize("damage", [_truncate, _bad_header, _missing_shard])
+def test_corrupt_checkpoint_named_before_training(tmp_path, capsys, damage):
+    assert _pretrain(tmp_path, max_steps=2, save_interval=2) == 0
+    bad = damage(tmp_path / "out" / "2")
+    capsys.readouterr()
+    (tmp_path / "out" / "metrics.jsonl").unlink()
+    assert _pretrain(tmp_path, "r.yaml", max_steps=4, load_dir=str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {bad}: "), err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # stopped before the first step
+
+
+def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    real_write = checkpointing.write_weights
+
+    def write_until_full(state, directory):
+        if directory.name == ".4.partial":
+            (directory / "model.safetensors").write_bytes(b"half a file")
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory / "model.safetensors"))
+        real_write(state, directory)
+
+    monkeypatch.setattr(checkpointing, "write_weights", write_until_full)
+    out = tmp_path / "out"
+    assert _pretrain(tmp_path, max_steps=4, save_interval=2, num_checkpoints=1) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write checkpoint {out / '4'}: [Errno 28] No space left on device" in err
+    assert "bytes and" in err and f"{out / '2'} is still the latest checkpoint" in err
+    assert (out / "latest_iteration.txt").read_text().split()[0] == "2"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["2"]  # no partial dir; step 2 not pruned
+    assert checkpointing.verify_checkpoint(out / "2")
+    load_model_dir(out / "2")
+    before = losses(out)
+
+    monkeypatch.setattr(checkpointing, "write_weights", real_write)  # space freed: rerun the same command
+    assert _pretrain(tmp_path, max_steps=4, save_interval=2, num_checkpoints=1) == 0
+    after = losses(out)
+    assert after[3] == before[3] and after[4] == before[4]
+    assert (out / "latest_iteration.txt").read_text().split()[0] == "4"
+
+
+def test_mismatched_bin_idx_caught_before_first_step(tmp_path, capsys):
+    cfg = pretrain_config(tmp_path)
+    make_indexed_dataset(tmp_path / "other", docs=30, seed=1)
+    shutil.copy(tmp_path / "other.bin", cfg["data_prefix"] + ".bin")
+    assert _pretrain(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {cfg['data_prefix']}.bin: " in err and "expected" in err
+    assert not (tmp_path / "out").exists()
+
+
+def _wait_for(proc: subprocess.Popen, needle: str, log: list[str], timeout: float = 240) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        log.append(line)
+        if needle in line:
+            return
+    raise AssertionError(f"{needle!r} not seen:\n{''.join(log)}")
+
+
+def _preempt(cmd: list[str], tmp_path: Path, signal_target=None) -> tuple[int, str]:
+    """Start training, SIGTERM it after its first logged iteration and again once it is saving; return (status, log)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    target = signal_target or (lambda pids: pids)
+    _wait_for(proc, "elapsed time per iteration", log)
+    pids = target([proc.pid])
+    assert pids, "no process to signal"
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    _wait_for(proc, "stopping at iteration", log)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)  # a second SIGTERM during the save changes nothing
+    rest, _ = proc.communicate(timeout=180)
+    return proc.returncode, "".join(log) + rest
+
+
+def _check_preempted_then_resume(tmp_path: Path, text: str, resume, signal_name: str = "SIGTERM") -> None:
+    out = tmp_path / "out"
+    step = int((out / "latest_iteration.txt").read_text().split()[0])
+    assert 1 <= step < 12, text
+    assert f"stopped by {signal_name} at iteration {step}: checkpoint {out / str(step)}; exit status 75" in text
+    assert checkpointing.verify_checkpoint(out / str(step))
+    assert not list(out.glob(".*partial"))
+    assert resume() == 0  # the same command again: load_dir auto continues from the preemption checkpoint
+    reference = losses(tmp_path / "ref")
+    resumed = losses(out)
+    assert all(resumed[k] == reference[k] for k in range(step + 1, 13)), (step, resumed, reference)
+
+
+@pytest.mark.slow
+def test_sigterm_one_process_saves_and_resumes_exactly(tmp_path):
+    common = dict(max_steps=12, save_interval=1000)
+    assert _pretrain(tmp_path, "ref.yaml", save_dir=str(tmp_path / "ref"), **common) == 0
+    cfg = write_yaml(tmp_path / "c.yaml", pretrain_config(tmp_path, **common))
+    cmd = [sys.executable, "-u", "-m", "aquila.train.pretrain", "--yaml_config", str(cfg)]
+    status, text = _preempt(cmd, tmp_path)
+    assert status == PREEMPTED_EXIT, text
+    _check_preempted_then_resume(tmp_path, text, lambda: _pretrain(tmp_path, **common))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_ranks_stops_both_on_the_same_step(tmp_path):
+    common = dict(max_steps=12, save_interval=1000, env_type="fsdp", batch_size=2)
+    ref = write_yaml(tmp_path / "ref.yaml", pretrain_config(tmp_path, save_dir=str(tmp_path / "ref"), **common))
+    assert torchrun(["--yaml_config", str(ref)]).returncode == 0
+    cfg = write_yaml(tmp_path / "c.yaml", pretrain_config(tmp_path, **common))
+    cmd = [sys.executable, "-u", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "aquila.train.pretrain", "--yaml_config", str(cfg)]
+
+    def one_worker(proc_pid: list[int]) -> list[int]:
+        found = subprocess.run(["pgrep", "-P", str(proc_pid[0])], capture_output=True, text=True).stdout
+        return sorted(int(p) for p in found.split())[-1:]  # the last worker started: rank 1
+
+    status, text = _preempt(cmd, tmp_path, one_worker)
+    assert status != 0 and f"exitcode  : {PREEMPTED_EXIT}" in text, text
+    resume = lambda: torchrun(["--yaml_config", str(cfg)]).returncode  # noqa: E731
+    _check_preempted_then_resume(tmp_path, text, resume, "a stop signal to another rank")  # rank 0 logs
