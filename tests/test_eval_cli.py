@@ -80,6 +80,21 @@ def test_eval_perplexity_matches_the_model_loss(model_root, tmp_path, capsys):
     assert report["tokens"] == 99 and report["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
 
 
+def test_eval_perplexity_default_window_is_the_models_max_seq_len(model_root, tmp_path, capsys):
+    """The tiny model's max_seq_len is 512: a fixed default window of 1024 used to fail here."""
+    from aquila.data.indexed_dataset import MMapIndexedDatasetBuilder
+
+    with MMapIndexedDatasetBuilder(tmp_path / "ppl", dtype=np.uint16) as builder:
+        builder.add_document(np.random.default_rng(0).integers(0, 265, size=700))
+    out = tmp_path / "ppl.json"
+    argv = ["eval", "--model-dir", str(model_root / "tiny"), "--perplexity", str(tmp_path / "ppl"), "--device", "cpu"]
+    assert main(argv + ["--output", str(out)]) == 0
+    assert "(window 512, stride 256)" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert (report["window"], report["stride"], report["tokens"]) == (512, 256, 699)
+    assert main(argv + ["--stride", "500"]) == 0 and "(window 512, stride 500)" in capsys.readouterr().out
+
+
 def _run_error(argv: list[str], capsys) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -109,19 +124,3 @@ def test_cli_errors_exit_2_with_one_line(model_root, tmp_path, capsys):
     assert "indexed dataset file not found" in err
     err = _run_error(base + ["--perplexity", str(tmp_path / "nothing"), "--window", "8", "--stride", "8"], capsys)
     assert "1 <= stride < window" in err
-
-
-def test_model_loads_without_the_inference_package(model_root, monkeypatch):
-    import sys
-
-    from aquila.evaluation.cli import load_model, resolve_model_dir
-
-    path = resolve_model_dir(str(model_root), "tiny")
-    via_loader, get_tok = load_model(path, "cpu", torch.float32)
-    monkeypatch.setitem(sys.modules, "aquila.inference.loader", None)  # import now raises ImportError
-    plain, get_plain_tok = load_model(path, "cpu", torch.float32)
-    assert type(plain).__name__ == "AquilaModel" and not plain.training
-    for a, b in zip(via_loader.state_dict().values(), plain.state_dict().values()):
-        assert torch.equal(a, b)
-    assert get_tok().encode("Answer: B") == get_plain_tok().encode("Answer: B")
-    assert resolve_model_dir(str(path), None) == path

@@ -20,7 +20,7 @@ import contextlib
 import os
 import struct
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -337,8 +337,14 @@ class MMapIndexedDataset:
         return f"MMapIndexedDataset({self.prefix!r}, sequences={len(self)}, documents={self.num_documents}, dtype={self.dtype})"
 
 
-def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | os.PathLike) -> MMapIndexedDataset:
-    """Concatenate several datasets (same dtype) into `output_prefix`; returns the merged reader."""
+def merge_datasets(
+    prefixes: Sequence[str | os.PathLike],
+    output_prefix: str | os.PathLike,
+    on_merged: Callable[[str | os.PathLike], object] | None = None,
+) -> MMapIndexedDataset:
+    """Concatenate several datasets (same dtype) into `output_prefix`; returns the merged reader.
+
+    `on_merged(prefix)` is called after each input is copied (e.g. to advance a progress bar)."""
     if not prefixes:
         raise AquilaError("merge: no input datasets given")
     dtypes = {}
@@ -351,4 +357,6 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | o
     with MMapIndexedDatasetBuilder(output_prefix, next(iter(dtypes.values()))) as builder:
         for p in prefixes:
             builder.add_index(p)
+            if on_merged is not None:
+                on_merged(p)
     return MMapIndexedDataset(output_prefix)

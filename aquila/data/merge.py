@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from aquila.data.indexed_dataset import merge_datasets
 from aquila.errors import AquilaError
@@ -30,6 +33,8 @@ def main(argv: list[str]) -> int:
     prefixes = args.prefixes or prefixes_in_dir(args.input)
     out = str(Path(args.output_prefix))
     prefixes = [p for p in prefixes if str(Path(p)) != out]
-    merged = merge_datasets(prefixes, out)
+    total = sum(Path(f"{p}.bin").stat().st_size for p in prefixes if Path(f"{p}.bin").is_file())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None, file=sys.stderr) as bar:  # on a tty
+        merged = merge_datasets(prefixes, out, on_merged=lambda p: bar.update(Path(f"{p}.bin").stat().st_size))
     print(f"merged {len(prefixes)} datasets into {out}: {len(merged)} sequences, {merged.num_tokens} tokens")
     return 0

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from aquila.data.indexed_dataset import MMapIndexedDatasetBuilder, best_dtype
 from aquila.errors import AquilaError
@@ -148,10 +149,6 @@ def iter_chunks(path: Path, chunk_size: int) -> Iterator[tuple[int, list[bytes]]
 
 def _progress(total_bytes: int, quiet: bool):
     if quiet:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", disable=None, file=sys.stderr)
 

@@ -57,14 +57,8 @@ def resolve_model_dir(model_dir: str, model_name: str | None) -> Path:
 def load_model(path: Path, device: str, dtype: torch.dtype):
     """(model in eval mode, tokenizer loader) for a FlagAI, Hugging Face or int8 model directory, through FlagAI's
     AutoLoader (`<model-dir>/<model-name>`); the tokenizer is read only when asked for."""
-    try:
-        from aquila.inference.loader import AutoLoader
-    except ImportError:  # an install without the inference package: plain checkpoints only
-        from aquila.checkpoint import load_model_dir
-        from aquila.tokenizer import Tokenizer
+    from aquila.inference.loader import AutoLoader
 
-        model = load_model_dir(path, device, dtype)
-        return model.eval(), lambda: Tokenizer.from_pretrained(path)
     loader = AutoLoader("lm", model_dir=path.parent, model_name=path.name, device=device, torch_dtype=dtype)
     return loader.get_model().eval(), loader.get_tokenizer
 

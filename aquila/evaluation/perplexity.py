@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from aquila.errors import AquilaError
 from aquila.model import AquilaModel
@@ -58,9 +60,17 @@ def read_stream(prefix: str | os.PathLike, max_tokens: int | None = None) -> np.
 
 @torch.no_grad()
 def perplexity(
-    model: AquilaModel, tokens: np.ndarray | list[int], window: int = 1024, stride: int = 512, batch_size: int = 1
+    model: AquilaModel,
+    tokens: np.ndarray | list[int],
+    window: int = 1024,
+    stride: int = 512,
+    batch_size: int = 1,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """{'perplexity', 'nll' (mean per token), 'tokens' (scored)} from the model's own loss over sliding windows."""
+    """{'perplexity', 'nll' (mean per token), 'tokens' (scored)} from the model's own loss over sliding windows.
+
+    With `progress`, a bar of windows done is shown on stderr when it is a terminal.
+    """
     tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
     if len(tokens) < 2:
         raise AquilaError(f"perplexity needs at least 2 tokens, got {len(tokens)}")
@@ -74,6 +84,9 @@ def perplexity(
     device = model.output.weight.device
     windows = sliding_windows(len(tokens), window, stride)
     nll, count = 0.0, 0
+    bar = tqdm(
+        total=len(windows), unit="window", desc="perplexity", disable=None if progress else True, file=sys.stderr
+    )
     for start in range(0, len(windows), batch_size):
         group = windows[start : start + batch_size]
         # Rows of one forward need one length: the last, shorter window goes on its own.
@@ -86,6 +99,8 @@ def perplexity(
             loss = model(ids, labels=labels)["loss"]
             nll += float(loss) * n
             count += n
+            bar.update(len(same))
+    bar.close()
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
 
 

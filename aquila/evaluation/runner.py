@@ -70,14 +70,20 @@ def evaluate_task(
     seed: int,
     limit: int | None = None,
     log: Callable[[str], None] | None = None,
+    advance: Callable[[int], object] | None = None,
 ) -> dict[str, Any]:
-    """Per-subset results plus the task's acc/em: the mean over all items ("micro") or over subsets ("macro")."""
+    """Per-subset results plus the task's acc/em: the mean over all items ("micro") or over subsets ("macro").
+
+    After each subset, `log` gets a line of its results and `advance` (a progress bar's update) its item count.
+    """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     results = {}
     for subset in subsets:
         res = evaluate_subset(scorer, tokenizer, subset, shots, seed, limit)
         results[subset.name] = res
         log(f"{task}/{subset.name}: {res['n']} items, acc {res['acc']:.3f}, em {res['em']:.3f}")
+        if advance is not None:
+            advance(res["n"])
     aggregate = TASKS[task][2]
     out: dict[str, Any] = {"aggregate": aggregate, "n": sum(r["n"] for r in results.values())}
     for metric in ("acc", "em"):
