@@ -102,3 +102,26 @@ def test_chat_with_piped_input_in_a_subprocess(ckpt):
     proc = subprocess.run(cmd, input="hello\nsecond turn\n", capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 2
+
+
+def test_generate_flags_combine_or_fail(ckpt, predictor, tmp_path, capsys):
+    from aquila.chat_template import STOP_STRINGS
+
+    (tmp_path / "turns.txt").write_text("hi\nhow are you?\n", encoding="utf-8")
+    argv = ["generate", *model_args(ckpt), "--max-new-tokens", "8", "--temperature", "0"]
+    assert cli_main([*argv, "--prompt-file", str(tmp_path / "turns.txt"), "--chat"]) == 0
+    expected = [predictor.predict_chat(t, out_max_length=8, temperature=0) for t in ("hi", "how are you?")]
+    assert capsys.readouterr().out.splitlines() == [e.replace("\n", "\\n") for e in expected]
+
+    assert cli_main([*argv, "--prompt", "hi", "--chat", "--beam-size", "2"]) == 0
+    chat_beam = predictor.beam(predictor.encode_chat("hi"), 8, 2, stop=STOP_STRINGS, strip=True)
+    assert capsys.readouterr().out == chat_beam + "\n"
+    assert chat_beam != predictor.beam(predictor.encode_prompt("hi"), 8, 2)
+
+    for extra, message in (
+        (["--prompt-file", str(tmp_path / "turns.txt"), "--stream"], "--stream"),
+        (["--prompt", "hi", "--stream", "--beam-size", "2"], "beam"),
+    ):
+        assert cli_main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1

@@ -1,5 +1,6 @@
 """`aquila serve`: OpenAI-compatible and FlagAI endpoints, limits, errors (TestClient and a real uvicorn)."""
 
+import contextlib
 import json
 import socket
 import threading
@@ -10,11 +11,15 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from aquila.inference.generate import DecodeBatch
 from aquila.inference.sampling import SamplingParams
 from aquila.serve.app import ServerLimits, create_app, iter_sse
+from aquila.serve.scheduler import Job, Scheduler, admit
 from tests.test_inference import load_predictor, single_thread, write_checkpoint
 
-LIMITS = ServerLimits(max_prompt_tokens=80, max_new_tokens=40, max_pending=2, queue_timeout_s=0.5, max_time_s=30)
+LIMITS = ServerLimits(
+    max_prompt_tokens=80, max_new_tokens=40, max_batch=2, max_queue=1, queue_timeout_s=0.5, max_time_s=30
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -152,21 +157,155 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(client, path, body, s
     assert ok.status_code == 200
 
 
-def test_busy_server_answers_429_and_503(client, app):
+@contextlib.contextmanager
+def model_thread_blocked(engine):
+    """Hold the scheduler's thread (a call that waits), so that requests pile up in its queue."""
+    release = threading.Event()
+    engine.scheduler.call(release.wait)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def post_in_thread(url: str, body: dict, results: list) -> threading.Thread:
+    t = threading.Thread(target=lambda: results.append(httpx.post(url, json=body, timeout=60)))
+    t.start()
+    return t
+
+
+def wait_for(condition, timeout: float = 20) -> bool:
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_admit_is_oldest_first_within_free_rows_and_expires_old_jobs():
+    jobs = [Job(None, lambda kind, value: None, 10.0, submitted=t) for t in (0.0, 5.0, 8.0, 9.0)]
+    jobs[2].cancel()
+    start, expired = admit(jobs, free_rows=1, now=10.5, queue_timeout_s=6.0)
+    assert start == [jobs[1]] and expired == [jobs[0]]
+    assert admit(jobs, free_rows=5, now=10.5, queue_timeout_s=60) == ([jobs[0], jobs[1], jobs[3]], [])
+
+
+def test_concurrent_requests_each_give_their_solo_output(predictor):
+    """8 requests of mixed prompt lengths and budgets through 3 rows, long prompts read 4 tokens a step: each one's
+    tokens and text are those it gives alone through Predictor."""
+    texts = ["Hello", "北京是中国的首都，也是", "a", "The quick brown fox jumps over the lazy dog", "x y z", "天气", "Once upon a time there was", "1 2 3 4 5 6 7 8 9"]  # fmt: skip
+    requests = [
+        predictor.request(predictor.encode_prompt(t), 4 + 3 * i, SamplingParams(temperature=0))
+        for i, t in enumerate(texts)
+    ]
+    requests[5] = predictor.request(requests[5].prompt, 20, SamplingParams(temperature=1.0, top_k=0), seed=9)
+    expected = [predictor.generate([r])[0] for r in requests]
+    events: list[list] = [[] for _ in requests]
+    done = threading.Semaphore(0)
+
+    def emitter(i):
+        def emit(kind, value):
+            events[i].append((kind, value))
+            if kind in ("done", "error"):
+                done.release()
+
+        return emit
+
+    scheduler = Scheduler(DecodeBatch(predictor.model, 3, 96, predictor.tokenizer, prefill_tokens=4), 60.0)
+    try:
+        for i, r in enumerate(requests):
+            scheduler.submit(Job(r, emitter(i), 60.0))
+            time.sleep(0.01 * (i % 3))  # some join while others run
+        for _ in requests:
+            assert done.acquire(timeout=120)
+    finally:
+        scheduler.stop()
+    for got, want in zip(events, expected):
+        assert got[0] == ("started", None) and got[-1][0] == "done"
+        completion = got[-1][1]
+        assert completion.token_ids == want.token_ids and completion.finish_reason == want.finish_reason
+        assert "".join(v for k, v in got if k == "piece") == completion.text == want.text
+
+
+def test_busy_server_answers_429_and_503(live_server):
+    app, url = live_server  # max_batch 2 + max_queue 1; queue timeout 1 s
     engine = app.state.engine
     body = {"prompt": "hi", "max_tokens": 2, "temperature": 0}
-    engine.pending = LIMITS.max_pending
-    try:
-        r = client.post("/v1/completions", json=body)
+    results: list = []
+    with model_thread_blocked(engine):
+        threads = [post_in_thread(f"{url}/v1/completions", body, results) for _ in range(3)]
+        assert wait_for(lambda: engine.scheduler.counts[1] == 3)
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
-        assert client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "stream": True}).status_code == 429  # fmt: skip
-    finally:
-        engine.pending = 0
-    with engine.lock:  # the model is busy for longer than queue_timeout_s
-        assert client.post("/v1/completions", json=body).status_code == 503
-        assert client.post("/v1/completions", json={**body, "stream": True}).status_code == 503
-    assert engine.pending == 0
-    assert client.post("/v1/completions", json=body).status_code == 200
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        assert httpx.get(f"{url}/health").json() == {**httpx.get(f"{url}/health").json(), "running": 0, "waiting": 3}
+        time.sleep(1.2)  # longer than the queue timeout
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(r.status_code for r in results) == [503, 503, 503]
+    assert all(r.headers["retry-after"] == "1" for r in results)
+    assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+    assert httpx.get(f"{url}/health").json()["waiting"] == 0
+
+
+def test_client_disconnect_frees_the_row_within_a_step(live_server):
+    app, url = live_server
+    engine = app.state.engine
+    body = {"prompt": "Hello", "max_tokens": 40, "temperature": 1.0, "top_k": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                break
+        assert engine.scheduler.counts[0] == 1
+    assert wait_for(lambda: engine.scheduler.counts == (0, 0), timeout=10)
+
+
+def test_metrics_are_prometheus_text(live_server):
+    _, url = live_server
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 5, "temperature": 0}).status_code == 200  # fmt: skip
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = {(s.labels["path"], s.labels["status"]): s.value for s in families["aquila_requests"].samples if s.name.endswith("_total")}  # fmt: skip
+    assert requests[("/v1/completions", "200")] >= 1
+    assert next(s.value for s in families["aquila_generated_tokens"].samples if s.name.endswith("_total")) >= 1
+    ttft_count = next(s.value for s in families["aquila_time_to_first_token_seconds"].samples if s.name.endswith("_count"))  # fmt: skip
+    assert ttft_count >= 1
+    assert "aquila_inter_token_latency_seconds" in families and "aquila_queue_depth" in families
+
+
+def test_openai_error_shapes_for_unknown_model_path_method_and_history(client):
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404
+    assert r.json()["error"] == {**r.json()["error"], "code": "model_not_found", "type": "invalid_request_error"}
+    assert "gpt-4" in r.json()["error"]["message"]
+    assert (
+        client.post("/v1/completions", json={"model": "aquila-test", "prompt": "x", "max_tokens": 1}).status_code == 200
+    )
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405)):
+        r = client.request(method, path)
+        assert r.status_code == status and set(r.json()) == {"error"} and path in r.json()["error"]["message"]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    r = client.post("/v1/chat/completions", json={"messages": messages})
+    assert r.status_code == 400
+    assert (
+        r.json()["error"]["message"]
+        == "the last message must be the user's (the model answers it), not the assistant's"
+    )
+
+
+def test_client_leaving_mid_body_logs_no_traceback(live_server, caplog):
+    _, url = live_server
+    port = int(url.rsplit(":", 1)[1])
+    with caplog.at_level("DEBUG"):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(
+                b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"prompt": '
+            )
+            time.sleep(0.3)
+        time.sleep(0.5)
+        assert httpx.get(f"{url}/health").status_code == 200
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
 
 
 def free_port() -> int:
@@ -179,7 +318,7 @@ def free_port() -> int:
 def live_server(predictor):
     import uvicorn
 
-    limits = ServerLimits(max_prompt_tokens=80, max_new_tokens=40, max_pending=2, queue_timeout_s=20, max_time_s=30)
+    limits = ServerLimits(max_prompt_tokens=80, max_new_tokens=40, max_batch=2, max_queue=1, queue_timeout_s=1.0, max_time_s=30)  # fmt: skip
     app = create_app(predictor, limits, model_name="aquila-test")
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -192,32 +331,6 @@ def live_server(predictor):
     yield app, f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
-
-
-def test_real_server_with_concurrent_requests(live_server):
-    app, url = live_server
-    engine = app.state.engine
-    body = {"prompt": "Hello", "max_tokens": 5, "temperature": 0}
-    results: list[int] = []
-    engine.lock.acquire()  # hold the model so that requests pile up
-    try:
-        threads = [
-            threading.Thread(
-                target=lambda: results.append(httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code)
-            )  # fmt: skip
-            for _ in range(3)
-        ]
-        for t in threads:
-            t.start()
-        deadline = time.time() + 20
-        while (engine.pending < 2 or 429 not in results) and time.time() < deadline:
-            time.sleep(0.02)
-    finally:
-        engine.lock.release()
-    for t in threads:
-        t.join(timeout=60)
-    assert sorted(results) == [200, 200, 429]
-    assert httpx.get(f"{url}/health").json()["pending"] == 0
 
 
 def test_official_openai_client(live_server, predictor):
@@ -240,8 +353,8 @@ def test_official_openai_client(live_server, predictor):
 def test_serve_verb_rejects_bad_limits(tmp_path, capsys):
     from aquila.cli import main as cli_main
 
-    assert cli_main(["serve", "--model-dir", str(tmp_path), "--max-pending", "0"]) == 2
-    assert "--max-pending must be positive" in capsys.readouterr().err
+    assert cli_main(["serve", "--model-dir", str(tmp_path), "--max-batch", "0"]) == 2
+    assert "--max-batch must be positive" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -253,6 +366,7 @@ def test_serve_verb_starts_uvicorn_on_loopback(predictor, tmp_path):
     ckpt = write_checkpoint(tmp_path)
     port = free_port()
     cmd = [sys.executable, "-m", "aquila", "serve", "--model-dir", str(ckpt.parent), "--model-name", ckpt.name]
+    cmd += ["--served-model-name", "my-aquila"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -263,8 +377,13 @@ def test_serve_verb_starts_uvicorn_on_loopback(predictor, tmp_path):
                 break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        assert health == {**health, "status": "ok", "model": ckpt.name}, proc.poll()
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
+        assert health == {**health, "status": "ok", "model": "my-aquila", "max_batch": 16}, proc.poll()
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"] == "my-aquila"
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            json={"prompt": "hi", "max_tokens": 3, "model": "my-aquila"},
+            timeout=60,
+        )
         assert r.status_code == 200
     finally:
         proc.terminate()

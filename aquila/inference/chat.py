@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from aquila.errors import AquilaError
-from aquila.inference.cli import add_model_args, add_sampling_args, load_predictor, sampling_kwargs
+from aquila.inference.options import add_model_args, add_sampling_args, load_predictor, sampling_kwargs
 
 
 def main(argv: list[str]) -> int:

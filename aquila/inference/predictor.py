@@ -175,6 +175,23 @@ class Predictor:
         """One id prompt: text, ids, finish reason and (`logprobs=True`) per-token log-probabilities."""
         return self.generate([self.request(prompt_ids, max_new_tokens, params, **kwargs)])[0]
 
+    def beam(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        beam_size: int,
+        stop: str | Sequence[str] | None = None,
+        strip: bool = False,
+    ) -> str:
+        """Beam search over one id prompt; the best hypothesis' text, cut at the first stop string."""
+        if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+            raise AquilaError(f"beam_size must be an integer >= 1, got {beam_size!r}")
+        r = self.request(prompt_ids, max_new_tokens, stop=stop, strip=strip)
+        text = TextAssembler(self.tokenizer, r.stop, r.strip)
+        text.push(beam_search(self.model, r.prompt, r.max_new_tokens, beam_size, self.stop_ids))
+        text.finish()
+        return text.text
+
     @torch.no_grad()
     def score(self, prompt_ids: Sequence[int]) -> list[float]:
         """Log-probability of each prompt token after the ones before it (len(prompt_ids) - 1 values)."""
@@ -246,11 +263,7 @@ class Predictor:
         self, text: str, input_max_length: int = 256, out_max_length: int = 100, beam_size: int = 1
     ) -> str:
         """Beam search (length-normalised, ends when beam_size hypotheses have ended); beam 1 is greedy."""
-        ids = self.encode_prompt(text, input_max_length)
-        if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
-            raise AquilaError(f"beam_size must be an integer >= 1, got {beam_size!r}")
-        out = beam_search(self.model, ids, _check_max_new(out_max_length), beam_size, self.stop_ids)
-        return self.tokenizer.decode(out, skip_special_tokens=True)
+        return self.beam(self.encode_prompt(text, input_max_length), out_max_length, beam_size)
 
     # --- chat ------------------------------------------------------------------------------------------------------
     def predict_chat(

@@ -1,0 +1,53 @@
+"""Command-line options shared by `aquila generate`, `aquila chat` and `aquila serve`, and loading the model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Where the model is and how to load it."""
+    parser.add_argument("--model-dir", default="./checkpoints_in", help="directory holding model folders")
+    parser.add_argument("--model-name", default="aquila-7b", help="folder name under --model-dir")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
+    parser.add_argument("--int8", action="store_true", help="int8 weight-only quantization at load time")
+    parser.add_argument("--adapter-dir", default=None, help="LoRA adapter to merge at load time")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, temperature: float = 1.0, top_p: float = 1.0) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=30, help="0 = no limit")
+    parser.add_argument("--top-p", type=float, default=top_p)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def load_predictor(args: argparse.Namespace):
+    from aquila.inference.loader import AutoLoader
+    from aquila.inference.predictor import Predictor
+
+    loader = AutoLoader(
+        "lm",
+        model_dir=args.model_dir,
+        model_name=args.model_name,
+        device=args.device,
+        torch_dtype=args.dtype,
+        adapter_dir=args.adapter_dir,
+        quantize="int8" if args.int8 else None,
+    )
+    return Predictor(loader.get_model(), loader.get_tokenizer(), compile=args.compile)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The FlagAI-named keyword arguments of Predictor's predict_* methods."""
+    return dict(
+        out_max_length=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )

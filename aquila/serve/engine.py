@@ -1,0 +1,132 @@
+"""The serving engine: limits, admission (429/503), request checks, and the scheduler that owns the model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aquila.inference.generate import Completion, DecodeBatch, Request
+from aquila.inference.predictor import Predictor
+from aquila.serve.errors import ApiError
+from aquila.serve.metrics import ServeMetrics
+from aquila.serve.scheduler import Job, QueueTimeout, Scheduler
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_prompt_tokens: int = 2048  # also capped by the model's max_seq_len - 1
+    max_new_tokens: int = 1024
+    max_batch: int = 16  # requests decoding together (cache rows)
+    max_queue: int = 16  # requests waiting for a row; more get 429
+    queue_timeout_s: float = 60.0  # waiting longer for a row gets 503
+    max_time_s: float = 120.0  # a generation stops (finish_reason "length") after this long
+    max_body_bytes: int = 1 << 20
+    prefill_tokens: int = 256  # prompt tokens read per step: a long prompt is read in chunks between decode steps
+
+
+class Engine:
+    def __init__(self, predictor: Predictor, limits: ServerLimits, model_name: str) -> None:
+        self.predictor, self.limits, self.model_name = predictor, limits, model_name
+        args = predictor.model.args
+        self.max_len = min(args.max_seq_len, limits.max_prompt_tokens + limits.max_new_tokens)
+        batch = DecodeBatch(
+            predictor.model,
+            limits.max_batch,
+            self.max_len,
+            predictor.tokenizer,
+            limits.prefill_tokens,
+            predictor.compile,
+        )
+        self.metrics = ServeMetrics()
+        self.scheduler = Scheduler(batch, limits.queue_timeout_s, on_token=self.metrics.token)
+
+    def close(self) -> None:
+        self.scheduler.stop()
+
+    # --- checks ----------------------------------------------------------------------------------------------
+    def check_model(self, body: dict) -> None:
+        name = body.get("model")
+        if name is not None and name != self.model_name:
+            message = f"the model {name!r} does not exist; this server serves {self.model_name!r}"
+            raise ApiError(404, message, code="model_not_found")
+
+    def check_prompt(self, ids: list[int]) -> list[int]:
+        limit = min(self.limits.max_prompt_tokens, self.max_len - 1)
+        if len(ids) > limit:
+            raise ApiError(400, f"prompt has {len(ids)} tokens; the limit is {limit}", code="context_length_exceeded")
+        return ids
+
+    def check_max_tokens(self, value: Any, default: int) -> int:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ApiError(400, f"max_tokens must be an integer >= 1, got {value!r}")
+        if value > self.limits.max_new_tokens:
+            raise ApiError(400, f"max_tokens {value} is above this server's limit of {self.limits.max_new_tokens}")
+        return value
+
+    # --- running requests ------------------------------------------------------------------------------------
+    def admit(self) -> None:
+        running, waiting = self.scheduler.counts
+        capacity = self.limits.max_batch + self.limits.max_queue
+        if running + waiting >= capacity:
+            message = f"too many requests: {running} running and {waiting} waiting (limit {capacity})"
+            raise ApiError(429, message, "rate_limit_error")
+
+    async def start(self, request: Request) -> tuple[Job, asyncio.Queue]:
+        """Queue a request and wait until it has a row (429 when full, 503 after the queue timeout)."""
+        self.admit()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        job = Job(request, lambda kind, value: loop.call_soon_threadsafe(queue.put_nowait, (kind, value)), self.limits.max_time_s)  # fmt: skip
+        self.scheduler.submit(job)
+        try:
+            kind, value = await queue.get()
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        if kind == "error":
+            if isinstance(value, QueueTimeout):
+                raise ApiError(503, f"server busy: {value}", "server_error")
+            raise value
+        return job, queue
+
+    async def events(self, job: Job, queue: asyncio.Queue) -> AsyncIterator[tuple[str, Any]]:
+        """("piece", text)... then ("done", Completion) or ("error", exception); leaving early cancels the job."""
+        try:
+            while True:
+                kind, value = await queue.get()
+                yield kind, value
+                if kind != "piece":
+                    return
+        finally:
+            job.cancel()  # client gone or stream over: the scheduler frees the row within one step
+
+    async def complete(self, request: Request) -> Completion:
+        job, queue = await self.start(request)
+        async for kind, value in self.events(job, queue):
+            if kind == "done":
+                return value
+            if kind == "error":
+                raise value
+        raise RuntimeError("generation ended without a result")
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the model's thread between steps (scoring)."""
+        self.admit()
+        return await asyncio.wrap_future(self.scheduler.call(fn))
+
+    def health(self) -> dict:
+        running, waiting = self.scheduler.counts
+        args = self.predictor.model.args
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "max_seq_len": args.max_seq_len,
+            "running": running,
+            "waiting": waiting,
+            "max_batch": self.limits.max_batch,
+            "max_queue": self.limits.max_queue,
+        }

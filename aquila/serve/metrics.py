@@ -1,0 +1,35 @@
+"""Prometheus metrics of one server (its own registry, so several apps in one process do not collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServeMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("aquila_requests", "HTTP requests by path and status", ["path", "status"], registry=r)
+        self.tokens = Counter("aquila_generated_tokens", "tokens generated", registry=r)
+        self.queue_depth = Gauge("aquila_queue_depth", "requests waiting for a free row", registry=r)
+        self.running = Gauge("aquila_running_requests", "requests decoding", registry=r)
+        self.ttft = Histogram(
+            "aquila_time_to_first_token_seconds", "submission to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "aquila_inter_token_latency_seconds", "between a request's tokens", buckets=LATENCY_BUCKETS, registry=r
+        )
+
+    def token(self, job, now: float) -> None:
+        """Scheduler hook: a job generated a token at `now`."""
+        self.tokens.inc()
+        if job.last_token is None:
+            self.ttft.observe(now - job.submitted)
+        else:
+            self.itl.observe(now - job.last_token)
+
+    def render(self, running: int, waiting: int) -> bytes:
+        self.running.set(running)
+        self.queue_depth.set(waiting)
+        return generate_latest(self.registry)

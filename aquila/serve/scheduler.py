@@ -1,0 +1,177 @@
+"""Continuous batching: one thread owns the model and decodes every admitted request together.
+
+HTTP handlers only `submit` jobs and read their events. Each step the scheduler thread
+1. drops waiting jobs that were cancelled or waited longer than the queue timeout (event "error", 503),
+2. admits waiting jobs into free cache rows (event "started"),
+3. ends running jobs that were cancelled (client gone) or ran past their time limit,
+4. runs one `DecodeBatch.step`: a chunk of the new prompts, then one token for every running row,
+5. hands each job its new text (event "piece") and, when it has finished, its completion (event "done").
+
+Requests join and leave at step boundaries; a long prompt is read in chunks of `prefill_tokens`, so running
+streams keep going. A request's output does not depend on its neighbours (`aquila.inference.generate`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from aquila.inference.generate import DecodeBatch, Request
+from aquila.inference.generate import Sequence as DecodingSequence
+
+# emit(kind, value): kind is "started", "piece" (text), "done" (Completion) or "error" (an exception).
+Emit = Callable[[str, Any], None]
+
+
+@dataclass(eq=False)
+class Job:
+    request: Request
+    emit: Emit
+    max_time_s: float
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: float | None = None
+    last_token: float | None = None  # when its latest token was generated
+    tokens: int = 0
+    seq: DecodingSequence | None = None
+
+    def cancel(self) -> None:
+        """Thread-safe: the scheduler frees the job's row (or drops it from the queue) at its next step."""
+        self.cancelled.set()
+
+
+class QueueTimeout(Exception):
+    """A job waited longer than the queue timeout for a free row."""
+
+
+def admit(waiting: list[Job], free_rows: int, now: float, queue_timeout_s: float) -> tuple[list[Job], list[Job]]:
+    """Which waiting jobs start now (oldest first, up to the free rows) and which have expired; the rest wait."""
+    live = [j for j in waiting if not j.cancelled.is_set()]
+    expired = [j for j in live if now - j.submitted > queue_timeout_s]
+    ready = [j for j in live if j not in expired]
+    return ready[:free_rows], expired
+
+
+class Scheduler:
+    def __init__(
+        self,
+        batch: DecodeBatch,
+        queue_timeout_s: float,
+        on_token: Callable[[Job, float], None] | None = None,
+    ) -> None:
+        self.batch = batch
+        self.queue_timeout_s = queue_timeout_s
+        self.on_token = on_token  # metrics hook, called with (job, now) before job.last_token moves to now
+        self.waiting: deque[Job] = deque()
+        self.running: dict[DecodingSequence, Job] = {}
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="aquila-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- called from other threads ---------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            self.waiting.append(job)
+            self._wake.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run fn on the model's thread between two steps (scoring); returns its future."""
+        future: Future = Future()
+        with self._wake:
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting)"""
+        return len(self.running), len(self.waiting)
+
+    # --- the model thread ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self.waiting or self.running or self._calls or self._stopping):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, future in calls:
+                self._run_call(fn, future)
+            try:
+                self._step()
+            except Exception as e:  # a failed step fails its jobs, not the server
+                for job in list(self.running.values()):
+                    self._end(job, error=e)
+        for job in [*self.waiting, *self.running.values()]:
+            job.emit("error", RuntimeError("server shutting down"))
+
+    @staticmethod
+    def _run_call(fn: Callable[[], Any], future: Future) -> None:
+        try:
+            future.set_result(fn())
+        except Exception as e:
+            future.set_exception(e)
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        with self._wake:
+            start, expired = admit(list(self.waiting), self.batch.free_rows, now, self.queue_timeout_s)
+            for job in [*start, *expired, *(j for j in self.waiting if j.cancelled.is_set())]:
+                if job in self.waiting:
+                    self.waiting.remove(job)
+        for job in expired:
+            job.emit("error", QueueTimeout(f"waited {self.queue_timeout_s:g} s for a free slot"))
+        if start:
+            self.batch.model.setup_caches(self.batch.rows, self.batch.max_len)  # kept unless someone cleared it
+        for job in start:
+            try:
+                job.seq = self.batch.add(job.request)
+            except Exception as e:
+                job.emit("error", e)
+                continue
+            job.started = now
+            self.running[job.seq] = job
+            job.emit("started", None)
+        for job in list(self.running.values()):
+            if job.cancelled.is_set():
+                self._end(job, self.batch.cancel(job.seq, "cancelled"))
+            elif now - job.started > job.max_time_s:
+                self._end(job, self.batch.cancel(job.seq, "length"))
+        for seq, piece in self.batch.step():
+            job = self.running[seq]
+            if len(seq.completion.token_ids) > job.tokens:  # a generated token (not a stop id)
+                t = time.monotonic()
+                job.tokens += 1
+                if self.on_token is not None:
+                    self.on_token(job, t)
+                job.last_token = t
+            if piece:
+                job.emit("piece", piece)
+            if seq.finished:
+                self._end(job)
+
+    def _end(self, job: Job, tail: str = "", error: Exception | None = None) -> None:
+        self.running.pop(job.seq, None)
+        if error is not None:
+            if job.seq in self.batch.seqs:
+                self.batch.cancel(job.seq, "error")
+            job.emit("error", error)
+            return
+        if tail:
+            job.emit("piece", tail)
+        job.emit("done", job.seq.completion)
