@@ -248,7 +248,7 @@ def write_model_dir(
     with atomic_dir(out_dir) as tmp:
         if fmt == "hf":
             dtype = next(iter(state.values())).dtype
-            save_file(to_hf_state_dict(state, args), str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+            save_weights(to_hf_state_dict(state, args), tmp, ("safetensors",))
             config = hf_config(args, dtype)
             # Generation stops where aquila's does: at EOS and at id 0 (pad/unk), as FlagAI.
             gen = {"bos_token_id": args.vocab_size - 2, "eos_token_id": [args.vocab_size - 1, 0], "pad_token_id": 0}

@@ -24,7 +24,7 @@ from torch import nn
 
 from aquila.checkpoint import ADAPTER_CONFIG, ModelDir, check_destination, has_tokenizer, write_model_dir
 from aquila.errors import AquilaError, run_command
-from aquila.io_utils import read_json, write_text_atomic
+from aquila.io_utils import atomic_path, read_json, write_text_atomic
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
@@ -117,8 +117,10 @@ def adapter_state(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def write_adapter(state: dict[str, torch.Tensor], config: dict, directory: str | os.PathLike) -> None:
     d = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(state, str(d / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    torch.save(state, d / ADAPTER_BIN)
+    with atomic_path(d / ADAPTER_WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    with atomic_path(d / ADAPTER_BIN) as tmp:
+        torch.save(state, tmp)
     write_text_atomic(d / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
 
 
