@@ -1,14 +1,18 @@
 """Stand-in training script for the launcher tests: accepts exactly the FlagAI flags bmtrain_mgpu.sh passes,
 joins the torchrun job over gloo, all-reduces (rank + 1) and writes `<save_dir>/stub/rank<r>.json`.
 
-Environment knobs: STUB_FAIL_RANK=<r> makes global rank r exit with status 3 before joining;
-STUB_SLEEP=<s> sleeps s seconds after writing its record (for the stop tests)."""
+Environment knobs: STUB_FAIL_RANK=<r> makes global rank r print an `error:` line and exit with status 3 before
+joining; STUB_SLEEP=<s> sleeps s seconds after writing its record (for the stop tests); STUB_LOOP=1 keeps
+all-reducing after its record until a peer is lost (for the lost-rank tests). On SIGTERM a rank writes
+`stub/term<r>` and exits 143; STUB_IGNORE_TERM=1 makes it ignore SIGTERM instead."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -26,9 +30,17 @@ def main() -> int:
     args = p.parse_args()
 
     rank = int(os.environ["RANK"])
+    out = Path(args.save_dir) / "stub"
+    out.mkdir(parents=True, exist_ok=True)
     if os.environ.get("STUB_FAIL_RANK") == str(rank):
-        print(f"stub: rank {rank} failing on purpose", file=sys.stderr)
+        print(f"stub: rank {rank} about to fail\nerror: stub rank {rank} failing on purpose", file=sys.stderr)
         return 3
+
+    def on_term(signum, frame):
+        (out / f"term{rank}").write_text("SIGTERM")
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if os.environ.get("STUB_IGNORE_TERM") else on_term)
     import torch
     import torch.distributed as dist
 
@@ -45,12 +57,15 @@ def main() -> int:
         "job_id": os.environ.get("AQUILA_JOB_ID"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "gloo_socket_ifname": os.environ.get("GLOO_SOCKET_IFNAME"),
     }
-    out = Path(args.save_dir) / "stub"
-    out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     print(f"stub: rank {rank} of {record['world_size']} sum {record['sum']}", flush=True)
     dist.barrier()
+    while os.environ.get("STUB_LOOP"):
+        dist.all_reduce(t)
+        time.sleep(0.05)
     dist.destroy_process_group()
     time.sleep(float(os.environ.get("STUB_SLEEP", "0")))
     return 0

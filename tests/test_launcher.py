@@ -251,7 +251,7 @@ def test_torchrun_missing_is_a_clear_error(proj):
             env=launcher_env(AQUILA_PYTHON=str(py)))  # fmt: skip
     assert r.returncode == 2, r.stdout + r.stderr
     assert "torchrun not found: " in r.stdout and "has no torch" in r.stdout
-    assert "error: node 0 failed (exit status 2)" in r.stderr
+    assert "error: node 0 (127.0.0.1) failed (exit status 2)" in r.stderr
 
 
 # --- remote nodes through a stand-in ssh ----------------------------------------------------------------------
@@ -286,7 +286,13 @@ def test_remote_nodes_are_started_over_ssh_with_their_rank(proj, fake_ssh):
     save_dir = save_dir_of(r.stdout)
     assert save_dir.parent == proj / "checkpoints_out" / "exp"
     job = jobs.read_env_file(save_dir / "launch" / "job.env")
-    made = calls()
+    checks, made = calls()[:2], calls()[2:]
+    for rank, call in enumerate(checks):  # before starting anything: the project, Python and address are there
+        assert call[:3] == ["-o", "BatchMode=yes", f"10.255.255.{rank + 1}"]
+        assert shlex.split(call[3])[:2] == ["cd", str(proj)]
+        words = shlex.split(call[3])
+        i = words.index("check-node")
+        assert words[i + 1 : i + 5] == ["--hostfile", str(proj / "remote"), "--rank", str(rank)]
     assert [c[:3] for c in made] == [["-o", "BatchMode=yes", "10.255.255.1"], ["-o", "BatchMode=yes", "10.255.255.2"]]
     for rank, call in enumerate(made):
         assert len(call) == 4
@@ -306,7 +312,7 @@ def test_remote_nodes_are_started_over_ssh_with_their_rank(proj, fake_ssh):
     # dist_stop reaches the same hosts with this job's id (default: the latest job).
     r = run("dist_stop_docker.sh", "remote", cwd=proj, env=env)
     assert r.returncode == 0, r.stderr
-    stops = calls()[2:]
+    stops = calls()[4:]
     assert [c[2] for c in stops] == ["10.255.255.1", "10.255.255.2"]
     assert shlex.split(stops[0][3])[-3:] == [str(EXAMPLES / "local_stop_docker.sh"), "--job-id", job["JOB_ID"]]
 
@@ -315,11 +321,11 @@ def test_failed_ssh_start_is_reported_and_started_nodes_stopped(proj, fake_ssh):
     ssh, calls = fake_ssh
     (proj / "remote").write_text("10.255.255.1 slots=1\n10.255.255.2 slots=1\n")
     r = run("dist_trigger_docker.sh", "remote", "cfg.yaml", "aquila-tiny", "exp", cwd=proj,
-            env=launcher_env(AQUILA_SSH=ssh, FAKE_SSH_RC_1="255"))  # fmt: skip
+            env=launcher_env(AQUILA_SSH=ssh, FAKE_SSH_RC_3="255"))  # fmt: skip
     assert r.returncode == 1
     assert "node 1 (10.255.255.2) could not be started; stopping the nodes already started" in r.stderr
-    assert [c[2] for c in calls()] == ["10.255.255.1", "10.255.255.2", "10.255.255.1", "10.255.255.2"]
-    assert "local_stop_docker.sh" in calls()[2][3]
+    assert [c[2] for c in calls()] == ["10.255.255.1", "10.255.255.2"] * 3  # check, start, stop
+    assert "local_stop_docker.sh" in calls()[4][3]
 
 
 # --- real processes with the stand-in training script --------------------------------------------------------
@@ -365,7 +371,8 @@ def test_follow_fails_when_a_node_fails_and_stops_the_rest(proj):
     t0 = time.monotonic()
     r = run("dist_trigger_docker.sh", "two", "cfg.yaml", "aquila-tiny", "exp", cwd=proj, env=env)
     assert r.returncode != 0
-    assert "error: node 1 failed" in r.stderr
+    assert "error: node 1 (127.0.0.2) rank 1 (local_rank 0, exitcode 3) failed (exit status 1)" in r.stderr
+    assert "node 1 log: error: stub rank 1 failing on purpose" in r.stderr  # the node's own first error line
     assert time.monotonic() - t0 < 100
     job_id = jobs.job_id_for(save_dir_of(r.stdout))
     wait_for(lambda: not jobs.job_processes(job_id), 30, "node 0 to be stopped")

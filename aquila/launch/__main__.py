@@ -12,8 +12,7 @@ from pathlib import Path
 from aquila.errors import AquilaError, run_command
 from aquila.io_utils import read_yaml
 from aquila.launch import hostfile as hf
-from aquila.launch import interfaces
-from aquila.launch import jobs
+from aquila.launch import interfaces, jobs
 
 
 def _emit(**values) -> None:
@@ -162,10 +161,12 @@ def cmd_stop(args) -> int:
         job_id = jobs.job_id_for(_save_dir(args))
     import socket
 
-    stopped = jobs.stop_job(job_id, timeout=args.timeout)
+    stopped, killed = jobs.stop_job(job_id, timeout=args.timeout)
     where = socket.gethostname()
     if stopped:
         print(f"{where}: stopped job {job_id} ({len(stopped)} processes: {' '.join(map(str, stopped))})")
+        if killed:
+            print(f"{where}: {len(killed)} of them outlived SIGTERM by {args.timeout:g} s and were killed (SIGKILL)")
     else:
         print(f"{where}: no running process of job {job_id}")
     return 0

@@ -14,6 +14,7 @@ and `<proj_home>/checkpoints_out/latest_job.txt` holds the save dir of the most 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from aquila.errors import AquilaError
 from aquila.io_utils import write_text_atomic
+from aquila.launch.hostfile import parse_hostfile
 
 LATEST = "latest_job.txt"
 
@@ -99,22 +101,24 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
-def stop_job(job_id: str, timeout: float = 15.0) -> list[int]:
-    """SIGTERM every process of the job on this machine; SIGKILL what is left after `timeout` s."""
+def stop_job(job_id: str, timeout: float = 15.0) -> tuple[list[int], list[int]]:
+    """SIGTERM every process of the job on this machine (the trainer then checkpoints and exits); SIGKILL what is
+    left after `timeout` s. Returns (all the job's processes, those that needed SIGKILL)."""
     first = job_processes(job_id)
     if not first:
-        return []
+        return [], []
     _signal_all(first, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
         left = job_processes(job_id)
         if not left:
-            return first
+            return first, []
         _signal_all([p for p in left if p not in first], signal.SIGTERM)  # started meanwhile
         first = sorted(set(first) | set(left))
-    _signal_all(job_processes(job_id), signal.SIGKILL)
-    return first
+    left = job_processes(job_id)
+    _signal_all(left, signal.SIGKILL)
+    return sorted(set(first) | set(left)), left
 
 
 def start_job(save_dir: str | os.PathLike, proj_home: str | os.PathLike, job_id: str, fields: dict[str, str]) -> None:
@@ -159,8 +163,51 @@ def _read_exit(path: Path) -> int | None:
         return None
 
 
-def follow(save_dir: str | os.PathLike, log: str | os.PathLike, start_timeout: float = 300.0) -> int:
-    """Stream `log` until every node has an exit status; return 0, or the first failing node's status."""
+_ROOT_CAUSE = re.compile(
+    r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+) \(local_rank: (\d+)\).*?exitcode\s*:\s*(-?\d+)"
+    r"[^\n]*?(?:\((SIG[A-Z0-9]+)\))?\s*\n",
+    re.DOTALL,
+)
+_ERROR_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?(error: .*)$", re.MULTILINE)
+
+
+def _read_log(path: str | os.PathLike) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def failed_rank(log_text: str) -> tuple[int, int, int, str] | None:
+    """(rank, local_rank, exitcode, signal name or '') of torchrun's "Root Cause" report in a node's log."""
+    found = list(_ROOT_CAUSE.finditer(log_text))
+    if not found:
+        return None
+    m = found[-1]
+    return int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4) or ""
+
+
+def first_error_line(log_text: str) -> str | None:
+    m = _ERROR_LINE.search(log_text)
+    return m.group(1).strip() if m else None
+
+
+def _culprit(failed: dict[int, int], logs: dict[int, str], exit_times: dict[int, float]) -> int:
+    """The node that failed first: one whose worker was killed by a signal (its peers then fail with connection
+    errors), else the earliest exit status on record."""
+    signalled = [r for r in failed if (f := failed_rank(logs[r])) is not None and f[2] < 0]
+    if signalled:
+        return min(signalled)
+    return min(failed, key=lambda r: (exit_times.get(r, float("inf")), r))
+
+
+def follow(
+    save_dir: str | os.PathLike, log: str | os.PathLike, start_timeout: float = 300.0, settle: float = 5.0
+) -> int:
+    """Stream `log` until every node has an exit status; return 0, or the status of the node that failed first.
+
+    When a node fails, the others get `settle` seconds to record theirs, so the report names the node (and rank)
+    that died rather than a peer that failed because of it."""
     ldir = launch_dir(save_dir)
     env = read_env_file(ldir / "job.env")
     job_id, nodes = env["JOB_ID"], int(env["NODES_NUM"])
@@ -182,18 +229,42 @@ def follow(save_dir: str | os.PathLike, log: str | os.PathLike, start_timeout: f
             out.write(chunk)
             out.flush()
 
+    def node_log(rank: int) -> str:
+        return env.get("LOGFILE", "") if rank == 0 else f"{ldir}/node{rank}.log.txt"
+
     def fail(rank: int, code: int, why: str) -> int:
         pump()
-        node_log = env.get("LOGFILE", "") if rank == 0 else f"{ldir}/node{rank}.log.txt"
-        print(f"error: node {rank} {why} (exit status {code}); log: {node_log}", file=sys.stderr)
+        text = _read_log(node_log(rank))
+        where = f"node {rank}"
+        try:
+            where += f" ({parse_hostfile(env['HOSTFILE'])[rank].address})"
+        except (AquilaError, KeyError, IndexError):
+            pass
+        detail = failed_rank(text)
+        if detail is not None:
+            dead, local, exitcode, sig = detail
+            where += f" rank {dead} (local_rank {local}, exitcode {exitcode}{' ' + sig if sig else ''})"
+        print(f"error: {where} {why} (exit status {code}); log: {node_log(rank)}", file=sys.stderr)
+        line = first_error_line(text)
+        if line:
+            print(f"node {rank} log: {line}", file=sys.stderr)
         return code or 1
+
+    def first_failure(codes: dict[int, int | None]) -> int:
+        deadline = time.monotonic() + settle
+        while time.monotonic() < deadline and any(c is None for c in codes.values()):
+            time.sleep(0.2)
+            codes = {r: _read_exit(ldir / f"node{r}.exit") for r in range(nodes)}
+        failed = {r: c for r, c in codes.items() if c}
+        times = {r: (ldir / f"node{r}.exit").stat().st_mtime for r in failed}
+        culprit = _culprit(failed, {r: _read_log(node_log(r)) for r in failed}, times)
+        return fail(culprit, failed[culprit], "failed")
 
     while True:
         pump()
         codes = {r: _read_exit(ldir / f"node{r}.exit") for r in range(nodes)}
-        for r, code in codes.items():
-            if code:
-                return fail(r, code, "failed")
+        if any(codes.values()):
+            return first_failure(codes)
         if all(code == 0 for code in codes.values()):
             pump()
             return 0
@@ -217,5 +288,5 @@ def follow(save_dir: str | os.PathLike, log: str | os.PathLike, start_timeout: f
                 if code is None:
                     return fail(r, 1, "died without recording an exit status")
                 if code:
-                    return fail(r, code, "failed")
+                    return first_failure({**codes, r: code})
         time.sleep(0.5)

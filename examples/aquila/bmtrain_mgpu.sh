@@ -44,7 +44,8 @@ trap 'exit 130' INT
 
 find_python
 # Validate the inputs, record this node's pid, and get NODES_NUM NODE_RANK NPROC_PER_NODE MASTER_ADDR
-# MASTER_PORT SCRIPT_FILE DEFAULT_OMP_THREADS (checks the port is free on the master).
+# MASTER_PORT SCRIPT_FILE DEFAULT_OMP_THREADS SOCKET_IFNAME (checks the port is free on the master, and that
+# this node's hostfile address is on one of its interfaces).
 plan="$("$PY" -m aquila.launch node-plan --hostfile "$HOSTFILE" --config "$CONFIG" --model "$MODEL_NAME" \
   --exp "$EXP_NAME" --proj-home "$PROJ_HOME" --script-dir "$SCRIPT_DIR" --save-dir "$SAVE_DIR" \
   --job-id "$AQUILA_JOB_ID" --pid "$$" ${NODE_RANK:+--rank "$NODE_RANK"} --check-port)" || exit 2
@@ -57,9 +58,11 @@ if [[ ! -x "${TORCHRUN[0]}" ]]; then
   TORCHRUN=("$PY" -m torch.distributed.run)
 fi
 
-# Threads per process: the node's CPUs shared among its processes, unless set. No NCCL interface is
-# hard-coded: set NCCL_SOCKET_IFNAME / NCCL_IB_HCA / GLOO_SOCKET_IFNAME yourself if your cluster needs them.
+# Threads per process: the node's CPUs shared among its processes, unless set. Collectives bind the interface
+# that holds this node's hostfile address (not whatever the host name resolves to), unless set.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$DEFAULT_OMP_THREADS}"
+export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$SOCKET_IFNAME}"
+export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-$SOCKET_IFNAME}"
 export WANDB_MODE="${WANDB_MODE:-offline}"
 export WANDB_DIR
 
@@ -92,6 +95,6 @@ cmd=("${TORCHRUN[@]}" --nnodes "$NODES_NUM" --node_rank "$NODE_RANK" --nproc_per
   --lr "$LR" --warm_up "$WARMUP_RATE" --weight_decay "$WEIGHT_DECAY" --adam_beta1 0.9 --adam_beta2 0.95
   --save_dir "$SAVE_DIR" --pre_load_dir "$PRE_LOAD_DIR" --experiment_name "$EXP_NAME" --model_name "$MODEL_NAME"
   --wandb_dir "$WANDB_DIR" --yaml_config "$CONFIG")
-echo "[$(date '+%F %T')] $(hostname) node $NODE_RANK/$NODES_NUM, $NPROC_PER_NODE processes, master $MASTER_ADDR:$MASTER_PORT, job $AQUILA_JOB_ID"
+echo "[$(date '+%F %T')] $(hostname) node $NODE_RANK/$NODES_NUM, $NPROC_PER_NODE processes, master $MASTER_ADDR:$MASTER_PORT, job $AQUILA_JOB_ID, GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME"
 echo "+ ${cmd[*]}"
 "${cmd[@]}"

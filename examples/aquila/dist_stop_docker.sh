@@ -2,7 +2,7 @@
 # Stop one job on every node of a hostfile (FlagAI's dist_stop_docker.sh, without `killall python`).
 # usage: bash dist_stop_docker.sh <hostfile> [<exp_name> [<exp_version>] | --job-id <id>]
 # Default: the job most recently started from this directory. Local addresses are handled here (once),
-# the others over $AQUILA_SSH (default "ssh -o BatchMode=yes") running local_stop_docker.sh there.
+# the others over $AQUILA_SSH (default "ssh -o BatchMode=yes -o ConnectTimeout=10") running local_stop_docker.sh there.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -21,7 +21,7 @@ else
   eval "$("$PY" -m aquila.launch job --proj-home "$PROJ_HOME" ${1:+--exp "$1"} ${2:+--version "$2"})" || exit 2
 fi
 eval "$("$PY" -m aquila.launch hosts --hostfile "$HOSTFILE")" || exit 2  # NODE_ADDRS NODE_LOCAL
-read -r -a SSH <<<"${AQUILA_SSH:-ssh -o BatchMode=yes}"
+read -r -a SSH <<<"${AQUILA_SSH:-ssh -o BatchMode=yes -o ConnectTimeout=10}"
 
 rc=0
 done_local=0
@@ -31,7 +31,8 @@ for i in "${!NODE_ADDRS[@]}"; do
     done_local=1
     "$PY" -m aquila.launch stop --job-id "$JOB_ID" || rc=1
   else
-    remote="cd $(printf '%q' "$PROJ_HOME") && AQUILA_PYTHON=$(printf '%q' "$PY") bash $(printf '%q' "$SCRIPT_DIR/local_stop_docker.sh") --job-id $(printf '%q' "$JOB_ID")"
+    remote="cd $(printf '%q' "$PROJ_HOME") && AQUILA_PYTHON=$(printf '%q' "$PY") \
+      AQUILA_STOP_TIMEOUT=$(printf '%q' "${AQUILA_STOP_TIMEOUT:-15}") bash $(printf '%q' "$SCRIPT_DIR/local_stop_docker.sh") --job-id $(printf '%q' "$JOB_ID")"
     "${SSH[@]}" "${NODE_ADDRS[$i]}" "$remote" </dev/null || { echo "error: could not reach ${NODE_ADDRS[$i]}" >&2; rc=1; }
   fi
 done

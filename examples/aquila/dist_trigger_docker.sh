@@ -3,7 +3,7 @@
 # usage: bash dist_trigger_docker.sh [--follow] <hostfile> <config.yaml> <model_name> <exp_name>
 # Run it from examples/aquila: PROJ_HOME is the current directory and must be the same path on every node.
 # Each node gets its rank explicitly (hostfile line order); local addresses start directly, others over
-# $AQUILA_SSH (default "ssh -o BatchMode=yes"). Returns at once; --follow (or AQUILA_FOLLOW=1) streams the
+# $AQUILA_SSH (default "ssh -o BatchMode=yes -o ConnectTimeout=10"). Returns at once; --follow (or AQUILA_FOLLOW=1) streams the
 # master's log and exits with the job's status. Stop with dist_stop_docker.sh <hostfile>. See docs/launching.md.
 set -euo pipefail
 
@@ -23,7 +23,7 @@ HOSTFILE="$(abspath "${args[0]}")"
 CONFIG="$(abspath "${args[1]}")"
 MODEL_NAME="${args[2]}"
 EXP_NAME="${args[3]}"
-read -r -a SSH <<<"${AQUILA_SSH:-ssh -o BatchMode=yes}"
+read -r -a SSH <<<"${AQUILA_SSH:-ssh -o BatchMode=yes -o ConnectTimeout=10}"
 
 find_python
 # Validate everything before starting anything; sets NODES_NUM NODE_ADDRS NODE_SLOTS NODE_LOCAL MASTER_ADDR
@@ -31,6 +31,27 @@ find_python
 plan="$("$PY" -m aquila.launch trigger-plan --hostfile "$HOSTFILE" --config "$CONFIG" --model "$MODEL_NAME" \
   --exp "$EXP_NAME" --proj-home "$PROJ_HOME" --script-dir "$SCRIPT_DIR" ${AQUILA_LOCAL_ONLY:+--single-node})" || exit 2
 eval "$plan"
+
+# Before anything starts: every remote node answers over ssh, has the project and the Python environment at
+# the same paths, and holds its hostfile address on one of its interfaces.
+check_remote() {  # <node index>
+  local i="$1" out rc=0
+  out="$("${SSH[@]}" "${NODE_ADDRS[$i]}" "cd $(printf '%q' "$PROJ_HOME") 2>/dev/null || exit 3; \
+    [ -x $(printf '%q' "$PY") ] || exit 4; $(printf '%q' "$PY") -m aquila.launch check-node \
+    --hostfile $(printf '%q' "$HOSTFILE") --rank $i 2>&1" </dev/null 2>&1)" || rc=$?
+  case "$rc" in
+    0) return 0 ;;
+    3) out="the project directory $PROJ_HOME is not there (it must be the same path on every node)" ;;
+    4) out="$PY is not there (the same Python environment must be at the same path on every node)" ;;
+    255) out="cannot connect with '${SSH[*]}': $(tail -n 1 <<<"$out")" ;;
+    *) out="$(grep -m 1 '^error: ' <<<"$out" || tail -n 1 <<<"$out")" && out="${out#error: }" ;;
+  esac
+  echo "error: $ME: node $i (${NODE_ADDRS[$i]}): $out" >&2
+  exit 2
+}
+for i in "${!NODE_ADDRS[@]}"; do
+  [[ "${NODE_LOCAL[$i]}" == 1 ]] || check_remote "$i"
+done
 
 EXP_VERSION="$(date +%Y%m%d%H)"
 SAVE_DIR="$PROJ_HOME/checkpoints_out/$EXP_NAME/$EXP_VERSION"
@@ -42,9 +63,13 @@ echo "LOGFILE: $LOGFILE"
   --field "NODES_NUM=$NODES_NUM" --field "LOGFILE=$LOGFILE" --field "HOSTFILE=$HOSTFILE" \
   --field "CONFIG=$CONFIG" --field "MODEL_NAME=$MODEL_NAME" --field "SCRIPT_FILE=$SCRIPT_FILE" || exit 2
 
-# What every node's bmtrain_mgpu.sh gets in its environment (remote shells do not inherit ours).
+# What every node's bmtrain_mgpu.sh gets in its environment (remote shells do not inherit ours): the job's
+# settings, NCCL_* GLOO_* WANDB_* TORCH_* OMP_NUM_THREADS PYTHONPATH, and the variables named in
+# AQUILA_EXPORT_ENV (space-separated, like mpirun -x).
 node_env=("AQUILA_JOB_ID=$JOB_ID" "AQUILA_PYTHON=$PY" "MASTER_PORT=$MASTER_PORT" "SCRIPT_FILE=$SCRIPT_FILE")
+read -r -a exported <<<"${AQUILA_EXPORT_ENV:-}"
 while IFS= read -r name; do
+  case " ${exported[*]} " in *" $name "*) node_env+=("$name=${!name}"); continue ;; esac
   case "$name" in NCCL_* | GLOO_* | WANDB_* | TORCH_* | OMP_NUM_THREADS | PYTHONPATH) node_env+=("$name=${!name}") ;; esac
 done < <(compgen -e)
 

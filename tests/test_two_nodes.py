@@ -1,0 +1,289 @@
+"""The launcher across two real nodes on one machine (tests/netns_cluster.py): node0 starts itself and node1 over
+ssh, exactly as between two servers. Each node has two NICs; the hostfile's address decides which one carries the
+collectives. Stand-in training script first (fast), then the real aquila-tiny pretraining, SFT and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from aquila.launch import jobs
+from tests.netns_cluster import ADDRS, NetnsCluster, start_cluster
+from tests.test_launcher import EXAMPLES, launcher_env, records, save_dir_of, wait_for
+from tests.test_launcher_train import REPO, real_env, tiny_yaml
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from start_cluster(tmp_path_factory.mktemp("cluster"))
+
+
+@pytest.fixture
+def proj(tmp_path: Path) -> Path:
+    (tmp_path / "cfg.yaml").write_text("batch_size: 2\n")
+    return tmp_path
+
+
+def hostfile(proj: Path, link: int = 0, name: str = "hostfile") -> str:
+    (proj / name).write_text(f"{ADDRS['node0'][link]} slots=1\n{ADDRS['node1'][link]} slots=1\n")
+    return name
+
+
+def trigger(cluster: NetnsCluster, proj: Path, *args: str, env: dict, timeout: float = 180):
+    env = {**env, "AQUILA_EXPORT_ENV": " ".join(k for k in env if k.startswith("STUB_"))}  # to node1 too
+    return cluster.run("node0", "bash", str(EXAMPLES / "dist_trigger_docker.sh"), *args, cwd=proj, env=env,
+                       timeout=timeout)  # fmt: skip
+
+
+def host_pid(ns_pid: int, job_id: str) -> int:
+    """The pid, as this (root) namespace sees it, of the job's process that is `ns_pid` inside its node."""
+    for pid in jobs.job_processes(job_id):
+        status = Path(f"/proc/{pid}/status").read_text()
+        nspids = next(line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:"))
+        if int(nspids[-1]) == ns_pid:
+            return pid
+    raise AssertionError(f"no process {ns_pid} of job {job_id}")
+
+
+# --- the stand-in training script -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("link,user_ifname", [(0, None), (1, None), (0, "eth1")])
+def test_two_nodes_over_ssh_bind_the_hostfile_interface(cluster, proj, link, user_ifname):
+    extra = {"GLOO_SOCKET_IFNAME": user_ifname} if user_ifname else {}
+    r = trigger(cluster, proj, "--follow", hostfile(proj, link), "cfg.yaml", "aquila-tiny", "exp",
+                env=launcher_env(AQUILA_SSH=cluster.ssh, **extra))  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "NODES_NUM: 2" in r.stdout
+    save_dir = save_dir_of(r.stdout)
+    ifname = user_ifname or f"eth{link}"
+    got = [(x["rank"], x["world_size"], x["node_rank"], x["host"], x["gloo_socket_ifname"], x["sum"])
+           for x in records(save_dir)]  # fmt: skip
+    assert got == [(0, 2, 0, "node0", ifname, 3.0), (1, 2, 1, "node1", ifname, 3.0)]
+    node1_log = (save_dir / "launch" / "node1.log.txt").read_text()
+    assert f"node1 node 1/2, 1 processes, master {ADDRS['node0'][link]}:" in node1_log
+    assert "--nnodes 2 --node_rank 1 --nproc_per_node 1" in node1_log
+
+
+def test_address_on_no_interface_of_its_node_is_refused_before_anything_starts(cluster, proj):
+    # node1 answers for 10.211.2.2 (a local route, as for a NAT or floating address) but no NIC of it holds it.
+    cluster.ip("node1", "route", "add", "local", "10.211.2.2/32", "dev", "lo", "table", "local")
+    cluster.ip("node0", "route", "add", "10.211.2.2/32", "via", ADDRS["node1"][0])
+    known = cluster.state / "known_hosts"
+    saved = known.read_text()
+    node1_key = " ".join((cluster.state / "node1" / "host_key.pub").read_text().split()[:2])
+    known.write_text(saved + f"10.211.2.2 {node1_key}\n")
+    try:
+        (proj / "hostfile").write_text(f"{ADDRS['node0'][0]} slots=1\n10.211.2.2 slots=1\n")
+        r = trigger(cluster, proj, "hostfile", "cfg.yaml", "aquila-tiny", "exp",
+                    env=launcher_env(AQUILA_SSH=cluster.ssh))  # fmt: skip
+    finally:
+        known.write_text(saved)
+        cluster.ip("node0", "route", "del", "10.211.2.2/32")
+        cluster.ip("node1", "route", "del", "local", "10.211.2.2/32", "dev", "lo", "table", "local")
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        f"error: dist_trigger_docker.sh: node 1 (10.211.2.2): hostfile {proj}/hostfile line 2: node 1 address "
+        f"10.211.2.2 is on no network interface of node1 (it has {ADDRS['node1'][0]} (eth0), {ADDRS['node1'][1]} "
+        f"(eth1)); put an address of this node in the hostfile"
+    ]
+    assert not (proj / "checkpoints_out").exists()
+
+
+def test_unreachable_node_fails_within_seconds(cluster, proj):
+    t0 = time.monotonic()
+    r = trigger(cluster, proj, "--follow", hostfile(proj), "cfg.yaml", "aquila-tiny", "exp",
+                env=launcher_env(AQUILA_SSH=cluster.ssh + " -p 2222"))  # fmt: skip (no sshd listens there)
+    assert time.monotonic() - t0 < 20
+    assert r.returncode == 2
+    [line] = r.stderr.splitlines()
+    assert line.startswith(f"error: dist_trigger_docker.sh: node 1 ({ADDRS['node1'][0]}): cannot connect with 'ssh ")
+    assert "Connection refused" in line
+    assert not (proj / "checkpoints_out").exists()
+
+
+def test_node_without_the_project_fails_within_seconds(cluster, tmp_path):
+    proj = tmp_path / "p"
+    proj.mkdir()
+    (proj / "cfg.yaml").write_text("batch_size: 2\n")
+    # On node1 only, an empty filesystem hides the project (node1 has its own mount table).
+    cluster.run("node1", "mount", "-t", "tmpfs", "none", str(tmp_path), cwd=REPO, env=dict(os.environ))
+    try:
+        assert cluster.run("node1", "ls", str(proj), cwd=REPO, env=dict(os.environ)).returncode != 0
+        t0 = time.monotonic()
+        r = trigger(cluster, proj, "--follow", hostfile(proj), "cfg.yaml", "aquila-tiny", "exp",
+                    env=launcher_env(AQUILA_SSH=cluster.ssh))  # fmt: skip
+    finally:
+        cluster.run("node1", "umount", str(tmp_path), cwd=REPO, env=dict(os.environ))
+    assert time.monotonic() - t0 < 20
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        f"error: dist_trigger_docker.sh: node 1 ({ADDRS['node1'][0]}): the project directory {proj} is not there "
+        f"(it must be the same path on every node)"
+    ]
+
+
+@pytest.mark.parametrize("ignores_sigterm", [False, True])
+def test_dist_stop_stops_both_nodes_sigterm_first_and_nothing_else(cluster, proj, ignores_sigterm):
+    env = launcher_env(AQUILA_SSH=cluster.ssh, STUB_SLEEP="300", AQUILA_STOP_TIMEOUT="3" if ignores_sigterm else "60",
+                       **({"STUB_IGNORE_TERM": "1"} if ignores_sigterm else {}))  # fmt: skip
+    bystander = cluster.popen("node1", "sleep", "300", cwd=proj, env=env)  # same node, same environment, no job
+    try:
+        r = trigger(cluster, proj, hostfile(proj), "cfg.yaml", "aquila-tiny", "exp", env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        save_dir = save_dir_of(r.stdout)
+        wait_for(lambda: len(records(save_dir)) == 2, 120, "both ranks to start")
+        job_id = jobs.job_id_for(save_dir)
+        r = cluster.run("node0", "bash", str(EXAMPLES / "dist_stop_docker.sh"), "hostfile", "exp", cwd=proj, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"node0: stopped job {job_id}" in r.stdout and f"node1: stopped job {job_id}" in r.stdout
+        assert not jobs.job_processes(job_id)  # on either node (this namespace sees both)
+        terms = sorted(p.name for p in (save_dir / "stub").glob("term*"))
+        killed = [line.split(":")[0] for line in r.stdout.splitlines() if "outlived SIGTERM by 3 s" in line]
+        if ignores_sigterm:  # killed only after the timeout, on each node
+            assert terms == [] and killed == ["node0", "node1"]
+        else:  # the graceful signal came first and sufficed
+            assert terms == ["term0", "term1"] and "SIGKILL" not in r.stdout
+            for rank in (0, 1):
+                assert (save_dir / "launch" / f"node{rank}.exit").read_text().strip() == "143"
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_lost_rank_on_node1_ends_node0_and_is_named(cluster, proj):
+    env = launcher_env(AQUILA_SSH=cluster.ssh, STUB_LOOP="1")
+    env["AQUILA_EXPORT_ENV"] = "STUB_LOOP"
+    follow = cluster.popen("node0", "bash", str(EXAMPLES / "dist_trigger_docker.sh"), "--follow", hostfile(proj),
+                           "cfg.yaml", "aquila-tiny", "exp", cwd=proj, env=env)  # fmt: skip
+    try:
+        save_dir = None
+
+        def started() -> bool:
+            nonlocal save_dir
+            found = list((proj / "checkpoints_out" / "exp").glob("*/stub/rank*.json"))
+            save_dir = found[0].parents[1] if found else None
+            return len(found) == 2
+
+        wait_for(started, 120, "both ranks to start")
+        job_id = jobs.job_id_for(save_dir)
+        rank1 = next(x for x in records(save_dir) if x["rank"] == 1)
+        os.kill(host_pid(rank1["pid"], job_id), signal.SIGKILL)
+        t0 = time.monotonic()
+        out, err = follow.communicate(timeout=60)
+        assert time.monotonic() - t0 < 30
+    finally:
+        follow.kill()
+    assert follow.returncode != 0
+    assert f"error: node 1 ({ADDRS['node1'][0]}) rank 1 (local_rank 0, exitcode -9 SIGKILL) failed" in err, err
+    wait_for(lambda: not jobs.job_processes(job_id), 20, "node0's side to end")
+
+
+# --- the real training scripts --------------------------------------------------------------------------------
+
+STEPS = 8
+
+
+def pretrain_yaml(proj: Path, **overrides) -> str:
+    return tiny_yaml(proj, "Aquila-pretrain-tiny.yaml", max_steps=STEPS, save_interval=2, batch_size=2,
+                     eval_interval=1000, num_checkpoints=10,
+                     data_prefix=str(REPO / "examples" / "indexed_dataset" / "data" / "demo_text_document"),
+                     **overrides)  # fmt: skip
+
+
+def losses(save_dir: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r and r.get("kind", "train") == "train"}
+
+
+@pytest.fixture(scope="module")
+def two_node_pretrain(cluster, tmp_path_factory):
+    """aquila-tiny pretrained for STEPS steps on node0 + node1 (1 process each), from node0."""
+    proj = tmp_path_factory.mktemp("pretrain")
+    cfg = pretrain_yaml(proj)
+    r = trigger(cluster, proj, "--follow", hostfile(proj), cfg, "aquila-tiny", "demo",
+                env=real_env() | {"AQUILA_SSH": cluster.ssh}, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    return proj, cfg, r.stdout, save_dir_of(r.stdout)
+
+
+def test_pretrain_on_two_nodes_equals_two_processes_on_one(cluster, two_node_pretrain, tmp_path):
+    proj, cfg, out, save_dir = two_node_pretrain
+    assert "NODES_NUM: 2" in out and "node 1: 10.211.0.2 slots=1 started" in out
+    assert "--nnodes 2 --node_rank 0 --nproc_per_node 1" in out
+    assert "--nnodes 2 --node_rank 1 --nproc_per_node 1" in (save_dir / "launch" / "node1.log.txt").read_text()
+    assert (save_dir / "latest_iteration.txt").read_text().split()[0] == str(STEPS)
+    assert (save_dir / str(STEPS) / "model.safetensors").is_file()
+
+    (tmp_path / "hostfile").write_text("127.0.0.1 slots=2\n")
+    pretrain_yaml(tmp_path)
+    r = cluster.run("node0", "bash", str(EXAMPLES / "local_trigger_docker.sh"), "--follow", "hostfile", cfg,
+                    "aquila-tiny", "demo", cwd=tmp_path, env=real_env(), timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    one_node = losses(save_dir_of(r.stdout))
+    assert sorted(one_node) == list(range(1, STEPS + 1))
+    assert losses(save_dir) == one_node
+
+
+def test_sft_on_two_nodes_from_the_pretrained_checkpoint(cluster, two_node_pretrain):
+    proj, _, _, save_dir = two_node_pretrain
+    cfg = tiny_yaml(proj, "Aquila-sft-tiny.yaml", enable_sft_dataset_dir=str(EXAMPLES / "data"), max_steps=2,
+                    pre_load_dir=str(save_dir), model_name=str(STEPS), bmt_pre_load=True, tokenizer_dir=None)  # fmt: skip
+    r = trigger(cluster, proj, "--follow", hostfile(proj), cfg, str(STEPS), "chat",
+                env=real_env() | {"AQUILA_SSH": cluster.ssh}, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    sft_dir = save_dir_of(r.stdout)
+    assert "aquila_sft.py --not_call_launch" in r.stdout and "NODES_NUM: 2" in r.stdout
+    assert str(save_dir / str(STEPS)) in r.stdout  # the log names the weights it loaded
+    assert (sft_dir / "latest_iteration.txt").read_text().split()[0] == "2"
+    assert (sft_dir / "2" / "model.safetensors").is_file()
+
+
+def test_lost_rank_then_resume_on_two_nodes_gives_the_uninterrupted_losses(cluster, two_node_pretrain, tmp_path):
+    _, _, _, reference = two_node_pretrain
+    cfg = pretrain_yaml(tmp_path)
+    hostfile(tmp_path)
+    env = real_env() | {"AQUILA_SSH": cluster.ssh}
+    follow = cluster.popen("node0", "bash", str(EXAMPLES / "dist_trigger_docker.sh"), "--follow", "hostfile", cfg,
+                           "aquila-tiny", "demo", cwd=tmp_path, env=env)  # fmt: skip
+    try:
+        trackers = "checkpoints_out/demo/*/latest_iteration.txt"
+        wait_for(lambda: any(tmp_path.glob(trackers)), 240, "the first checkpoint")
+        tracker = next(tmp_path.glob(trackers))
+        save_dir = tracker.parent
+        job_id = jobs.job_id_for(save_dir)
+        # node1's training process (the python under torchrun there), killed as a crash or the OOM killer would.
+        workers = [p for p in jobs.job_processes(job_id)
+                   if "aquila_pretrain.py" in Path(f"/proc/{p}/cmdline").read_text()
+                   and "torchrun" not in Path(f"/proc/{p}/cmdline").read_text()
+                   and Path(f"/proc/{p}/environ").read_bytes().find(b"GROUP_RANK=1\0") >= 0]  # fmt: skip
+        assert len(workers) == 1, workers
+        os.kill(workers[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        out, err = follow.communicate(timeout=120)
+        assert time.monotonic() - t0 < 60
+    finally:
+        follow.kill()
+    assert follow.returncode != 0
+    assert f"error: node 1 ({ADDRS['node1'][0]}) rank 1 (local_rank 0, exitcode -9 SIGKILL) failed" in err, err
+    wait_for(lambda: not jobs.job_processes(job_id), 30, "node0's side to end")
+    done = int(tracker.read_text().split()[0])
+    assert done < STEPS, "the job finished before the kill; nothing was tested"
+
+    # The same command again resumes from the last checkpoint on both nodes.
+    pretrain_yaml(tmp_path, load_dir=str(save_dir))
+    r = trigger(cluster, tmp_path, "--follow", "hostfile", cfg, "aquila-tiny", "demo", env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{save_dir}/{done}" in r.stdout
+    resumed, uninterrupted = losses(save_dir_of(r.stdout)), losses(reference)
+    assert {s: resumed[s] for s in range(done + 1, STEPS + 1)} == {
+        s: uninterrupted[s] for s in range(done + 1, STEPS + 1)
+    }
