@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from aquila.checkpoint import ModelDir, check_destination, check_state_dict, meta_model, write_model_dir
+from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,7 +33,7 @@ def convert(src: Path, dst: Path, to: str, dtype: torch.dtype | None = None, ove
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="aquila convert", description=__doc__)
+    parser = argparse.ArgumentParser(prog="aquila convert", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("src", type=Path)
     parser.add_argument("dst", type=Path)
     parser.add_argument("--to", choices=("hf", "flagai"), required=True)

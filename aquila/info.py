@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from aquila.checkpoint import ModelDir
+from aquila.cli_help import HelpFormatter
 from aquila.config import ModelArgs
 
 KINDS = {"aquila": "FlagAI directory", "hf": "Hugging Face directory", "int8": "int8 directory"}
@@ -20,7 +21,7 @@ def resolve_args(name_or_dir: str) -> tuple[ModelArgs, str]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="aquila info", description=__doc__)
+    parser = argparse.ArgumentParser(prog="aquila info", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("model", help="preset name (e.g. aquila-7b) or model directory")
     opts = parser.parse_args(argv)
     args, kind = resolve_args(opts.model)

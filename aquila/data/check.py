@@ -6,6 +6,7 @@ import argparse
 
 import numpy as np
 
+from aquila.cli_help import HelpFormatter
 from aquila.data.indexed_dataset import MMapIndexedDataset
 from aquila.errors import AquilaError
 
@@ -39,7 +40,7 @@ def check(prefix: str, vocab_size: int | None = None) -> dict[str, int | str]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="aquila check-dataset", description=__doc__)
+    parser = argparse.ArgumentParser(prog="aquila check-dataset", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("prefixes", nargs="+", metavar="PREFIX", help="dataset prefix (without .bin/.idx)")
     parser.add_argument("--vocab-size", type=int, default=None, help="also check every token id is below this")
     args = parser.parse_args(argv)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from aquila.cli_help import HelpFormatter
 from aquila.data.indexed_dataset import merge_datasets
 from aquila.errors import AquilaError
 
@@ -24,7 +25,7 @@ def prefixes_in_dir(directory: str | Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="aquila merge-datasets", description=__doc__)
+    parser = argparse.ArgumentParser(prog="aquila merge-datasets", description=__doc__, formatter_class=HelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="directory: merge every prefix in it (sorted by name)")
     src.add_argument("--prefixes", nargs="+", help="explicit prefixes, merged in this order")

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from aquila.cli_help import HelpFormatter
 from aquila.data.indexed_dataset import MMapIndexedDatasetBuilder, best_dtype
 from aquila.errors import AquilaError
 
@@ -241,17 +242,15 @@ def preprocess(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="aquila preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="aquila preprocess", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--input", required=True, help="jsonl file, one document per line")
-    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract")
     p.add_argument("--tokenizer", help="tokenizer directory (vocab.json + merges.txt or tokenizer.json)")
     p.add_argument("--model-dir", help="FlagAI style: tokenizer at MODEL_DIR/MODEL_NAME")
     p.add_argument("--model-name", help="FlagAI style: tokenizer at MODEL_DIR/MODEL_NAME")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--chunk-size", type=int, default=256, help="lines per task given to a worker (default 256)")
+    p.add_argument("--chunk-size", type=int, default=256, help="lines per task given to a worker")
     p.add_argument("--append-eod", action="store_true", help="ids + [EOS] instead of [BOS] + ids + [EOS]")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count lines that are not JSON objects")
     p.add_argument("--dtype", choices=["uint16", "int32", "int64"], help="token dtype (default: by vocabulary size)")

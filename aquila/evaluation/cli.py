@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
 from aquila.evaluation.tasks import CARD_COLUMNS, TASKS, check_task_names, load_task
 from aquila.io_utils import write_text_atomic
@@ -26,12 +27,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aquila eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="aquila eval", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model-dir", required=True, help="directory holding the model (or its parent, with --model-name)")
     p.add_argument("--model-name", default=None, help="FlagAI style: the model is <model-dir>/<model-name> if present")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
     p.add_argument("--data-dir", help="holds one directory per task (see docs/evaluation.md)")
-    p.add_argument("--shots", type=int, default=5, help="few-shot examples per prompt (default 5)")
+    p.add_argument("--shots", type=int, default=5, help="few-shot examples per prompt")
     p.add_argument("--seed", type=int, default=0, help="fixes the few-shot draws and TruthfulQA's choice order")
     p.add_argument("--batch-size", type=int, default=16, help="choices (or perplexity windows) per forward")
     p.add_argument("--limit", type=int, default=None, help="score at most N items of each subject/sub-task")

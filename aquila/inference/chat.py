@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
 from aquila.inference.options import add_model_args, add_sampling_args, load_predictor, sampling_kwargs
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="aquila chat", description="interactive multi-turn chat")
+    parser = argparse.ArgumentParser(
+        prog="aquila chat", description="interactive multi-turn chat", formatter_class=HelpFormatter
+    )
     add_model_args(parser)
     add_sampling_args(parser, temperature=0.8, top_p=0.95)
     parser.add_argument("--system", default=None, help="replace the default system prompt")

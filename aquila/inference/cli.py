@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from aquila.chat_template import STOP_STRINGS
+from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
 from aquila.inference.options import add_model_args, add_sampling_args, load_predictor
 from aquila.inference.sampling import SamplingParams
@@ -39,7 +40,9 @@ def check_combination(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="aquila generate", description="generate text from a prompt")
+    parser = argparse.ArgumentParser(
+        prog="aquila generate", description="generate text from a prompt", formatter_class=HelpFormatter
+    )
     add_model_args(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")

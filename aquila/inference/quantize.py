@@ -31,6 +31,7 @@ from aquila.checkpoint import (
     progress,
     write_model_dir,
 )
+from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
 from aquila.io_utils import read_json
 
@@ -207,7 +208,9 @@ def quantize_dir(src: str | os.PathLike, dst: str | os.PathLike, embeddings: boo
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="aquila quantize", description="save an int8 weight-only quantized model")
+    parser = argparse.ArgumentParser(
+        prog="aquila quantize", description="save an int8 weight-only quantized model", formatter_class=HelpFormatter
+    )
     parser.add_argument("src", help="model directory (ours, FlagAI's config.json + pytorch_model.bin, or HF Llama)")
     parser.add_argument("dst", help="output directory (must be new or empty unless --overwrite)")
     parser.add_argument("--keep-embeddings", action="store_true", help="leave the token embedding in fp32")

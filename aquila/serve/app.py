@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
 from aquila.inference.predictor import Predictor
 from aquila.serve.engine import Engine, ServerLimits
@@ -71,7 +72,9 @@ def iter_sse(lines: Iterator[str]) -> Iterator[dict]:
 def main(argv: list[str]) -> int:
     from aquila.inference.options import add_model_args, load_predictor
 
-    parser = argparse.ArgumentParser(prog="aquila serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="aquila serve", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     add_model_args(parser)
     parser.add_argument("--served-model-name", default=None, help="the model id clients use (default --model-name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")

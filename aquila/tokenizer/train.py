@@ -18,6 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
 from aquila.tokenizer.base import ENDOFTEXT
 from aquila.tokenizer.bpe import Tokenizer
@@ -140,12 +141,12 @@ def train_bpe(
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="aquila train-tokenizer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="aquila train-tokenizer", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="jsonl (.jsonl/.json) or plain text files")
     parser.add_argument("--vocab-size", type=int, required=True, help="base vocabulary size (specials go after it)")
     parser.add_argument("--output", required=True, help="directory to write vocab.json, merges.txt, ...")
-    parser.add_argument("--json-key", default="text", help="key of the text in jsonl records (default: text)")
-    parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair count to merge (default 2)")
+    parser.add_argument("--json-key", default="text", help="key of the text in jsonl records")
+    parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair count to merge")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     check_vocab_size(args.vocab_size)  # fail before reading any input

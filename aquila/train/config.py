@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
 from aquila.io_utils import read_yaml
 from aquila.typed_config import coerce, from_dict
@@ -183,9 +184,11 @@ def build_arg_parser(prog: str) -> argparse.ArgumentParser:
         prog=prog,
         description="Aquila training. Precedence: defaults < flags < --yaml_config. Every TrainConfig key is a flag.",
         allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
-    for name in _FIELDS:
-        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="V")
+    for name, f in _FIELDS.items():  # the flag's default is the YAML's; --help shows TrainConfig's
+        shown = "" if f.default is dataclasses.MISSING else f"(default: {str(f.default).replace('%', '%%')})"
+        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="V", help=shown or None)
     # torch>=2 launchers pass --local-rank; older ones --local_rank. RANK/LOCAL_RANK come from the environment.
     parser.add_argument("--local-rank", "--local_rank", dest="_local_rank", default=None, help=argparse.SUPPRESS)
     # FlagAI's launcher flag: we never re-launch ourselves, so it is accepted and ignored.

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
 from aquila.optional import require
 from aquila.train.entry import guarded
@@ -58,7 +59,7 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aquila plot", description=__doc__)
+    parser = argparse.ArgumentParser(prog="aquila plot", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("run_dir", help="a training save_dir (with metrics.jsonl) or the metrics.jsonl file")
     parser.add_argument("--out", default=None, help="PNG path (default RUN_DIR/metrics.png)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
