@@ -427,3 +427,71 @@ def test_stop_ends_only_this_job(proj, how):
         bystander.wait()
         for env_file in proj.glob("checkpoints_out/*/*/launch/job.env"):  # never leave a sleeping job behind
             jobs.stop_job(jobs.read_env_file(env_file)["JOB_ID"], timeout=5)
+
+
+# --- interface binding, failure reports ---------------------------------------------------------------------------
+
+IP_ADDR = """1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
+1: lo    inet6 ::1/128 scope host \\       valid_lft forever preferred_lft forever
+2: eth0@if7    inet 10.0.0.5/24 brd 10.0.0.255 scope global eth0\\       valid_lft forever preferred_lft forever
+2: eth0@if7    inet6 fe80::1/64 scope link \\       valid_lft forever preferred_lft forever
+3: ib0    inet 192.168.1.5/24 scope global ib0\\       valid_lft forever preferred_lft forever
+"""
+
+
+def test_node_interface_is_the_one_holding_the_hostfile_address(tmp_path):
+    from aquila.launch.interfaces import node_interface
+
+    def pick(address: str, multi_host: bool = True) -> str:
+        return node_interface("hf", hf.Node(rank=1, address=address, slots=1, line=2), multi_host, IP_ADDR)
+
+    assert pick("10.0.0.5") == "eth0" and pick("192.168.1.5") == "ib0"
+    assert pick("127.0.0.2", multi_host=False) == "lo"
+    with pytest.raises(AquilaError, match=r"^hostfile hf line 2: node 1 address 10.9.9.9 is on no network interface "
+                       r"of .* \(it has 10.0.0.5 \(eth0\), 192.168.1.5 \(ib0\)\); put an address of this node"):  # fmt: skip
+        pick("10.9.9.9")
+    with pytest.raises(AquilaError, match="is loopback on .*, which the other hosts cannot reach"):
+        pick("127.0.0.1")
+
+
+TORCHRUN_REPORT = """Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-30_01:05:50
+  host      : node1
+  rank      : 3 (local_rank: 1)
+  exitcode  : {code} (pid: 897){sig}
+  error_file: <N/A>
+"""
+
+
+def test_failure_report_prefers_the_rank_killed_by_a_signal():
+    killed = TORCHRUN_REPORT.format(code=-9, sig="  (SIGKILL)")
+    peer = "[rank0]: RuntimeError: Connection reset by peer\n" + TORCHRUN_REPORT.format(code=1, sig=" ")
+    assert jobs.failed_rank(killed) == (3, 1, -9, "SIGKILL") and jobs.failed_rank(peer) == (3, 1, 1, "")
+    assert jobs.failed_rank("no report") is None
+    # node 0 recorded its failure first, but node 1's rank was killed: node 1 is the one to name
+    assert jobs._culprit({0: 1, 1: 1}, {0: peer, 1: killed}, {0: 1.0, 1: 2.0}) == 1
+    assert jobs._culprit({0: 1, 1: 1}, {0: peer, 1: peer}, {0: 2.0, 1: 1.0}) == 1  # else the first on record
+    assert jobs.first_error_line("x\n[rank1]: error: bad data at line 3\nerror: later\n") == "error: bad data at line 3"
+
+
+@pytest.mark.slow
+def test_lost_rank_on_one_node_ends_the_other_and_is_named(proj):
+    env = launcher_env(STUB_LOOP="1")
+    follow = subprocess.Popen(
+        ["bash", str(EXAMPLES / "dist_trigger_docker.sh"), "--follow", "hostfile", "cfg.yaml", "aquila-tiny", "exp"],
+        cwd=proj, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: len(list(proj.glob("checkpoints_out/exp/*/stub/rank*.json"))) == 2, 120, "both ranks")
+        save_dir = next(proj.glob("checkpoints_out/exp/*/stub")).parent
+        rank1 = next(x for x in records(save_dir) if x["rank"] == 1)
+        os.kill(rank1["pid"], 9)
+        t0 = time.monotonic()
+        _, err = follow.communicate(timeout=60)
+        assert time.monotonic() - t0 < 30
+    finally:
+        follow.kill()
+    assert follow.returncode != 0
+    assert "error: node 0 (127.0.0.1) rank 1 (local_rank 1, exitcode -9 SIGKILL) failed" in err, err
+    wait_for(lambda: not jobs.job_processes(jobs.job_id_for(save_dir)), 20, "rank 0 to end")

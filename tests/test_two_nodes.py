@@ -99,8 +99,9 @@ def test_address_on_no_interface_of_its_node_is_refused_before_anything_starts(c
 
 def test_unreachable_node_fails_within_seconds(cluster, proj):
     t0 = time.monotonic()
+    no_sshd = cluster.ssh + " -p 2222"  # nothing listens there: a stopped sshd
     r = trigger(cluster, proj, "--follow", hostfile(proj), "cfg.yaml", "aquila-tiny", "exp",
-                env=launcher_env(AQUILA_SSH=cluster.ssh + " -p 2222"))  # fmt: skip (no sshd listens there)
+                env=launcher_env(AQUILA_SSH=no_sshd))  # fmt: skip
     assert time.monotonic() - t0 < 20
     assert r.returncode == 2
     [line] = r.stderr.splitlines()
