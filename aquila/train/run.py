@@ -6,8 +6,8 @@ runs, each with one error line.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import os
 import random
 import time
 from collections.abc import Callable
@@ -18,15 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from aquila.checkpoint import CONFIG_NAME, build_model, check_state_dict, find_weights, load_into, read_state_dict
+from aquila.checkpoint import CONFIG_NAME, ModelDir, build_model, check_state_dict, load_into, meta_model
 from aquila.config import ModelArgs
 from aquila.errors import AquilaError
-from aquila.model import AquilaModel
 from aquila.tokenizer.files import tokenizer_file
 from aquila.train import checkpointing as ckpt_io
 from aquila.train.batches import GlobalBatches
-from aquila.train.config import TrainConfig
-from aquila.train.distributed import DistEnv, init_distributed, parallelize, resolve_env, shutdown
+from aquila.train.config import TrainConfig, no_effect_notes
+from aquila.train.distributed import DistEnv, make_backend, resolve_env, shutdown
 from aquila.train.loop import PREEMPTED_EXIT, Trainer, TrainState
 from aquila.train.metrics import MetricsLogger, flops_per_token, measure_matmul_tflops
 from aquila.train.model_source import ModelSource, locate_model
@@ -55,7 +54,7 @@ class RunContext:
 
 def model_source(cfg: TrainConfig) -> tuple[ModelArgs, ModelSource]:
     src = locate_model(cfg.model_name, cfg.pre_load_dir, cfg.bmt_pre_load)
-    args = ModelArgs.load(src.model_dir / CONFIG_NAME) if src.model_dir else ModelArgs.from_name(cfg.model_name)
+    args = ModelDir.open(src.model_dir).args if src.model_dir else ModelArgs.from_name(cfg.model_name)
     return args, src
 
 
@@ -83,14 +82,6 @@ def load_tokenizer(path: Path | None, args: ModelArgs) -> Any | None:
     return tok
 
 
-def amp_dtype(cfg: TrainConfig, env: DistEnv) -> torch.dtype | None:
-    if cfg.fp16:
-        return torch.float16
-    if cfg.bf16 or (cfg.bf16 is None and env.device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -101,6 +92,7 @@ def run(
     cfg: TrainConfig, build_data: Callable[[RunContext], DataBundle], precheck: Callable[[TrainConfig], None]
 ) -> int:
     env = resolve_env(cfg)
+    cfg = runtime_config(cfg, env)
     args, source = model_source(cfg)
     seq_length = cfg.seq_length or args.max_seq_len
     if seq_length > args.max_seq_len:
@@ -109,13 +101,25 @@ def run(
     precheck(cfg)
     resume = resume_point(cfg, env)
     resume_state = ckpt_io.read_train_state(resume) if resume else None
-    resume_weights = _check_resume_weights(resume, args, cfg) if resume else None
-
-    init_distributed(env, cfg)
+    weights = initial_weights(cfg, args, source, resume)
+    backend = make_backend(env, cfg)
+    backend.start()
     try:
-        return _train(cfg, env, args, source, seq_length, tok, resume, resume_state, resume_weights, build_data)
+        return _train(cfg, backend, args, source, seq_length, tok, resume, resume_state, weights, build_data)
     finally:
         shutdown()
+
+
+def runtime_config(cfg: TrainConfig, env: DistEnv) -> TrainConfig:
+    """One warning line per key that has no effect on this run (see config.NO_EFFECT); fp16 off on CPU."""
+    notes = no_effect_notes(cfg)
+    if cfg.fp16 and env.device.type != "cuda":
+        notes.append("fp16: True needs CUDA; on CPU this run trains in fp32")
+        cfg = dataclasses.replace(cfg, fp16=False)
+    if env.is_main:
+        for note in notes:
+            print(f" warning: {note}", flush=True)
+    return cfg
 
 
 def resume_point(cfg: TrainConfig, env: DistEnv) -> Path | None:
@@ -135,26 +139,30 @@ def resume_point(cfg: TrainConfig, env: DistEnv) -> Path | None:
     return found
 
 
-def _check_resume_weights(ckpt: Path, args: ModelArgs, cfg: TrainConfig) -> dict | None:
-    """Read (memory-mapped) and strictly check the checkpoint's weights now, before training starts."""
-    saved = ModelArgs.load(ckpt / CONFIG_NAME)
-    if saved != args:
-        raise AquilaError(
-            f"{ckpt / CONFIG_NAME}: the checkpoint's model config differs from model_name {cfg.model_name!r}"
-            " (load_dir: null starts fresh)"
-        )
-    if cfg.lora:
-        from aquila.train.lora import read_adapter
+def initial_weights(cfg: TrainConfig, args: ModelArgs, source: ModelSource, resume: Path | None):
+    """The (memory-mapped) state to start from, read and strictly checked once, before the process group starts:
+    the resumed checkpoint's weights (LoRA: the base model's; adapters are loaded after apply_lora), else the
+    pre-loaded model's, else None (FlagAI's seeded init). Returns (state, where it came from)."""
+    if resume is not None:
+        saved = ModelDir.open(resume)
+        if saved.args != args:
+            raise AquilaError(
+                f"{resume / CONFIG_NAME}: the checkpoint's model config differs from model_name {cfg.model_name!r}"
+                " (load_dir: null starts fresh)"
+            )
+        if not cfg.lora:
+            state = saved.read_state()
+            check_state_dict(meta_model(args), state, str(resume))
+            return state, str(resume)
+    if source.weights is None:
+        return None, None
+    state = ModelDir.open(source.model_dir).read_state(source.weights)
+    check_state_dict(meta_model(args), state, str(source.weights))
+    return state, str(source.weights)
 
-        return {"adapter": read_adapter(ckpt)[1]}
-    with torch.device("meta"):
-        probe = AquilaModel(args)
-    path = find_weights(ckpt)
-    check_state_dict(probe, read_state_dict(path), str(path))
-    return {"path": path}
 
-
-def _train(cfg, env, args, source, seq_length, tok, resume, resume_state, resume_weights, build_data) -> int:
+def _train(cfg, backend, args, source, seq_length, tok, resume, resume_state, weights, build_data) -> int:
+    env = backend.env
     seed_everything(cfg.seed)
     gb = cfg.batch_size * env.world_size * cfg.gradient_accumulation_steps
     ctx = RunContext(cfg, env, args, seq_length, tok, gb)
@@ -166,15 +174,18 @@ def _train(cfg, env, args, source, seq_length, tok, resume, resume_state, resume
             f" (batch_size {cfg.batch_size} x {env.world_size} processes x {cfg.gradient_accumulation_steps} accumulation)"
         )
 
-    # Model: FlagAI's init on every rank from the same seed, or pretrained / resumed weights.
-    model = build_model(args, env.device, torch.float32, seed=cfg.seed)
-    if source.weights is not None:
-        load_into(model, read_state_dict(source.weights), str(source.weights))
-    if resume_weights and "path" in resume_weights:
-        load_into(model, read_state_dict(resume_weights["path"]), str(resume_weights["path"]))
+    # Model: FlagAI's init on every rank from the same seed, or built on the meta device and given the weights.
+    state_dict, state_source = weights
+    if state_dict is None:
+        model = build_model(args, env.device, torch.float32, seed=cfg.seed)
+    else:
+        model = meta_model(args)
+        load_into(model, state_dict, state_source, torch.float32)
+        model.to(env.device)
+    del state_dict, weights
     lora_cfg = None
     if cfg.lora:
-        from aquila.train.lora import apply_lora, load_adapter, lora_config
+        from aquila.lora import apply_lora, load_adapter, lora_config
 
         base = str(Path(cfg.pre_load_dir) / cfg.model_name) if cfg.pre_load_dir else cfg.model_name
         lora_cfg = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, base)
@@ -182,20 +193,21 @@ def _train(cfg, env, args, source, seq_length, tok, resume, resume_state, resume
         if resume is not None:
             load_adapter(model, resume)
     model.train()
-    wrapped = parallelize(model, cfg, env)
+    wrapped = backend.parallelize(model)
     optimizer = build_optimizer(wrapped, cfg)
     scaler = LossScaler(cfg.bmt_loss_scale, cfg.bmt_loss_scale_steps, enabled=cfg.fp16)
     state = TrainState()
     offset = cfg.skip_iters * gb
     if resume is not None:
-        offset = _restore(cfg, env, wrapped, optimizer, scaler, state, resume, resume_state, gb)
+        offset = _restore(cfg, backend, wrapped, optimizer, scaler, state, resume, resume_state, gb)
 
-    save_dir = Path(cfg.save_dir) if cfg.save_dir else None
     saver = None
-    if save_dir is not None:
+    if cfg.save_dir:
         if env.is_main:
-            ckpt_io.clean_partials(save_dir)
-        saver = ckpt_io.Saver(save_dir, env, args, tok, cfg.save_optim, cfg.save_rng, cfg.num_checkpoints, lora_cfg)
+            ckpt_io.clean_partials(Path(cfg.save_dir))
+        saver = ckpt_io.Saver(
+            Path(cfg.save_dir), backend, args, tok, cfg.save_optim, cfg.save_rng, cfg.num_checkpoints, lora_cfg
+        )
     train_batches = GlobalBatches(
         data.train, data.order, data.collate, cfg.batch_size, env.world_size, env.rank, cfg.gradient_accumulation_steps
     )
@@ -209,11 +221,7 @@ def _train(cfg, env, args, source, seq_length, tok, resume, resume_state, resume
 
     peak = cfg.peak_tflops or (measure_matmul_tflops(env.device) if env.is_main else 0.0)
     flops = flops_per_token(args, seq_length) / env.world_size
-    tb_dir = os.path.join(cfg.tensorboard_dir, cfg.experiment_name) if cfg.tensorboard else None
-    logger = MetricsLogger(
-        env.is_main, save_dir, cfg.log_interval, total, state.step, flops, peak * 1e12,
-        cfg.gradient_accumulation_steps, env.device, tb_dir,
-    )  # fmt: skip
+    logger = MetricsLogger(cfg, env, total, state.step, flops, peak * 1e12)
     if env.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.message(
@@ -224,9 +232,19 @@ def _train(cfg, env, args, source, seq_length, tok, resume, resume_state, resume
         if tok is None and saver is not None:
             logger.message(" note: no tokenizer (set tokenizer_dir): checkpoints will hold no tokenizer files")
     trainer = Trainer(
-        cfg, env, wrapped, optimizer, train_batches, valid_batches, valid_steps, total, scaler,
-        amp_dtype(cfg, env), saver, logger, state,
-    )  # fmt: skip
+        cfg=cfg,
+        backend=backend,
+        model=wrapped,
+        optimizer=optimizer,
+        scaler=scaler,
+        train_batches=train_batches,
+        valid_batches=valid_batches,
+        valid_steps=valid_steps,
+        total_steps=total,
+        saver=saver,
+        logger=logger,
+        state=state,
+    )
     t0, first = time.perf_counter(), state.step + 1
     try:
         with trainer.stop.installed():
@@ -236,19 +254,19 @@ def _train(cfg, env, args, source, seq_length, tok, resume, resume_state, resume
     if env.is_main and state.losses:
         logger.message(
             f" done: {state.step - first + 1} iterations ({first}-{state.step}) in {time.perf_counter() - t0:.1f}s"
-            f" | first loss {state.losses[0]:.4f}"
-            f" | last loss {state.losses[-1]:.4f}"
+            f" | first loss {state.losses[0]:.4f} | last loss {state.losses[-1]:.4f}"
         )
     return PREEMPTED_EXIT if state.stopped_by else 0
 
 
-def _restore(cfg, env, model, optimizer, scaler, state: TrainState, ckpt: Path, saved: dict, gb: int) -> int:
+def _restore(cfg, backend, model, optimizer, scaler, state: TrainState, ckpt: Path, saved: dict, gb: int) -> int:
     """Counters, optimizer, loss scale and RNG from a checkpoint. Returns the data offset (in samples)."""
+    env = backend.env
     state.step = saved["iteration"]
     state.consumed_samples = saved["consumed_samples"] if cfg.resume_dataset else 0
     state.best_eval_loss, state.best_iteration = saved.get("best_eval_loss"), saved.get("best_iteration")
     if cfg.load_optim:
-        ckpt_io.load_optimizer(model, optimizer, ckpt, env)
+        backend.load_optimizer(model, optimizer, ckpt / ckpt_io.OPTIM_DIR)
         scaler.load_state_dict(saved.get("loss_scale") or {"scale": scaler.scale, "good_steps": 0})
     notes = [f"resumed from {ckpt} at iteration {state.step}"]
     if saved["global_batch_size"] != gb:
