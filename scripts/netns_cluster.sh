@@ -133,10 +133,11 @@ EOF
       sh -c "hostname $node && exec /usr/sbin/sshd -D -e -f '$STATE/$node/sshd_config'" \
       >"$STATE/$node/sshd.log" 2>&1 </dev/null &
     echo $! >"$STATE/$node/unshare.pid"
+    disown
   done
   local deadline=$((SECONDS + 20))
   for i in 0 1; do
-    until ip netns exec "$(ns_of "${NODES[$i]}")" ssh -F "$STATE/ssh_config" "$NET.0.$((i + 1))" true 2>/dev/null; do
+    until ip netns exec "$(ns_of "${NODES[$i]}")" ssh -F "$STATE/ssh_config" "$NET.0.$((i + 1))" true </dev/null 2>/dev/null; do
       [[ $SECONDS -lt $deadline ]] || die "sshd on ${NODES[$i]} did not answer within 20 s: $(tail -n 3 "$STATE/${NODES[$i]}/sshd.log")"
       sleep 0.2
     done
