@@ -141,12 +141,7 @@ def hf_weight_files(model_dir: Path) -> list[Path]:
             if not isinstance(weight_map, dict):
                 raise AquilaError(f"{model_dir / index_name}: missing 'weight_map'")
             return [model_dir / f for f in sorted(set(weight_map.values()))]
-    try:
-        return [find_weights(model_dir)]
-    except AquilaError:
-        raise AquilaError(
-            f"{model_dir}: no Hugging Face weights ({SAFETENSORS_NAME}, {BIN_NAME} or an index)"
-        ) from None
+    return [find_weights(model_dir)]
 
 
 @dataclass(frozen=True)
@@ -176,10 +171,10 @@ class ModelDir:
 
     def read_state(self, weights: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
         """The weights under FlagAI's names, memory-mapped where possible (`weights`: one file to use instead)."""
-        if self.format != "hf" or weights is not None:
+        if self.format != "hf":
             return read_state_dict(weights or find_weights(self.path))
         state: dict[str, torch.Tensor] = {}
-        for path in hf_weight_files(self.path):
+        for path in [Path(weights)] if weights else hf_weight_files(self.path):
             state.update(read_state_dict(path))
         return from_hf_state_dict(state, self.args)
 

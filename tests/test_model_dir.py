@@ -148,3 +148,13 @@ def test_progress_bars_only_on_a_terminal(base, tmp_path, monkeypatch, capsys):
     assert cli_main(["convert", str(base), str(tmp_path / "c"), "--to", "hf"]) == 0
     bars = terminal.getvalue()
     assert "quantizing: 100%" in bars and f"writing {tmp_path / 'c'}: 100%" in bars
+
+
+def test_read_state_is_under_flagai_names_for_every_format(base, tmp_path):
+    from aquila.checkpoint import ModelDir
+
+    expected = ModelDir.open(base).read_state()
+    assert cli_main(["convert", str(base), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    hf = ModelDir.open(tmp_path / "hf")
+    for state in (hf.read_state(), hf.read_state(tmp_path / "hf" / "model.safetensors")):
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)

@@ -35,13 +35,9 @@ QUANT_MODES = (None, "int8")
 # FlagAI keyword arguments that have no effect here but are accepted so that its scripts run unchanged.
 COMPAT_KWARGS = {"only_download_config", "low_cpu_mem_usage", "inference_mode", "all_devices"}
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
+    **dict.fromkeys(("float32", "fp32"), torch.float32),
+    **dict.fromkeys(("float16", "fp16", "half"), torch.float16),
+    **dict.fromkeys(("bfloat16", "bf16"), torch.bfloat16),
 }
 
 

@@ -109,6 +109,16 @@ class Int8Embedding(Int8Rows):
         return F.embedding(ids, self.weight).to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
 
 
+def swappable(model: nn.Module, embeddings: bool = True) -> list[tuple[str, nn.Module, str]]:
+    """(state-dict prefix, parent, attribute) of every nn.Linear (and nn.Embedding) that becomes int8."""
+    return [
+        (f"{pname}.{name}".lstrip("."), parent, name)
+        for pname, parent in model.named_modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear or (embeddings and type(child) is nn.Embedding)
+    ]
+
+
 def quantize_model(
     model: nn.Module,
     embeddings: bool = True,
@@ -119,13 +129,8 @@ def quantize_model(
     On a meta-device model the int8 modules stay on meta (to be filled by a strict load) unless `init(shape)` is
     given: it then makes each fp32 weight just before it is quantized, so the full-precision model never exists.
     """
-    todo = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if type(child) is nn.Linear or (embeddings and type(child) is nn.Embedding):
-                todo.append((parent, name, child.weight.numel()))
     # Largest first: with `init`, the big fp32 temporaries (embedding, output) exist while little else does.
-    for parent, name, _ in sorted(todo, key=lambda t: -t[2]):
+    for _, parent, name in sorted(swappable(model, embeddings), key=lambda t: -getattr(t[1], t[2]).weight.numel()):
         child = getattr(parent, name)
         make = Int8Linear.from_weight if type(child) is nn.Linear else Int8Embedding.from_weight
         w = child.weight
@@ -145,28 +150,15 @@ def align_weights(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantize_state_dict(
-    state: Mapping[str, torch.Tensor], linear_keys: set[str], embedding_keys: set[str]
-) -> dict[str, torch.Tensor]:
-    """Quantize a (possibly memory-mapped) state dict tensor by tensor; other tensors become fp32."""
+def quantize_state_dict(state: Mapping[str, torch.Tensor], keys: set[str]) -> dict[str, torch.Tensor]:
+    """Quantize the `keys` of a (possibly memory-mapped) state dict tensor by tensor; other tensors become fp32."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in progress(state.items(), "quantizing", len(state)):
-        if key in linear_keys or key in embedding_keys:
+        if key in keys:
             out[key], out[key.removesuffix(".weight") + ".scales"] = quantize_weight(tensor)
         else:
             out[key] = tensor.float()
     return out
-
-
-def quantizable_keys(model: nn.Module, embeddings: bool = True) -> tuple[set[str], set[str]]:
-    """State-dict keys of the weights `quantize_model` would quantize: (linear, embedding)."""
-    linear, embedding = set(), set()
-    for name, module in model.named_modules():
-        if type(module) is nn.Linear:
-            linear.add(f"{name}.weight")
-        elif embeddings and type(module) is nn.Embedding:
-            embedding.add(f"{name}.weight")
-    return linear, embedding
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -180,7 +172,7 @@ def quantized_state(md: ModelDir, embeddings: bool = True) -> dict[str, torch.Te
         raise AquilaError(f"{md.path}: already quantized")
     model, state = meta_model(md.args), md.read_state()
     check_state_dict(model, state, str(md.path))
-    return quantize_state_dict(state, *quantizable_keys(model, embeddings))
+    return quantize_state_dict(state, {f"{prefix}.weight" for prefix, _, _ in swappable(model, embeddings)})
 
 
 def load_int8(md: ModelDir, dtype: torch.dtype = torch.float32) -> nn.Module:
