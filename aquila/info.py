@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aquila.checkpoint import ModelDir
 from aquila.cli_help import HelpFormatter
 from aquila.config import ModelArgs
 
@@ -15,6 +14,8 @@ KINDS = {"aquila": "FlagAI directory", "hf": "Hugging Face directory", "int8": "
 def resolve_args(name_or_dir: str) -> tuple[ModelArgs, str]:
     """Model shape from a preset name or any model directory."""
     if Path(name_or_dir).is_dir():
+        from aquila.checkpoint import ModelDir  # torch: only for directories, presets stay instant
+
         md = ModelDir.open(name_or_dir)
         return md.args, KINDS[md.format]
     return ModelArgs.from_name(name_or_dir), "preset"

@@ -132,6 +132,9 @@ def test_no_import_cycle_and_inference_does_not_import_train():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    code = "import sys; from aquila.info import main; main(['aquila-7b']); assert 'torch' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr  # `aquila info PRESET` stays instant
 
 
 class FakeTerminal(io.StringIO):
