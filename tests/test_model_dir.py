@@ -161,3 +161,13 @@ def test_read_state_is_under_flagai_names_for_every_format(base, tmp_path):
     hf = ModelDir.open(tmp_path / "hf")
     for state in (hf.read_state(), hf.read_state(tmp_path / "hf" / "model.safetensors")):
         assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_int8_dir_is_refused_where_full_precision_is_needed(base, tmp_path, capsys):
+    from aquila.checkpoint import load_model_dir
+
+    assert cli_main(["quantize", str(base), str(tmp_path / "int8")]) == 0
+    assert cli_main(["convert", str(tmp_path / "int8"), str(tmp_path / "hf"), "--to", "hf"]) == 2
+    assert "int8 directory cannot be converted" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    with pytest.raises(AquilaError, match="int8 directory; load it with AutoLoader"):
+        load_model_dir(tmp_path / "int8")
