@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from aquila.inference.predictor import TextAssembler
 from aquila.tokenizer import Tokenizer
+from tests.test_launcher import EXAMPLES
+from tests.test_launcher_train import REPO, real_env, tiny_yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_TOKENIZER = ROOT / "examples" / "aquila" / "demo_tokenizer"
+DEMO_TOKENIZER = EXAMPLES / "demo_tokenizer"
+SFT_EPOCHS = 40
 
 
 def test_generated_text_never_shows_special_tokens():
@@ -18,3 +25,28 @@ def test_generated_text_never_shows_special_tokens():
     asm = TextAssembler(tok)
     text = "".join(asm.push([i]) for i in ids) + asm.finish()
     assert text == "北京是中国的 capital"
+
+
+@pytest.mark.slow
+def test_demo_pipeline_pretrain_sft_chat_plot(tmp_path):
+    """run_demo.sh on a tiny budget: 2 pretraining steps, then SFT on two demo questions until the greedy chat
+    gives their trained answers; the report shows one loss summary, no special tokens, and the plots' paths."""
+    (tmp_path / "hostfile").write_text("127.0.0.1 slots=1\n")
+    chat = [json.loads(line) for line in (EXAMPLES / "data" / "demo_chat.jsonl").read_text().splitlines()]
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(chat[i], ensure_ascii=False) + "\n" for i in (1, 2)))
+    data = str(REPO / "examples" / "indexed_dataset" / "data" / "demo_text_document")
+    pre = tiny_yaml(tmp_path, "Aquila-pretrain-tiny.yaml", data_prefix=data, max_steps=2, save_interval=2)
+    sft = tiny_yaml(
+        tmp_path, "Aquila-sft-tiny.yaml", enable_sft_dataset_dir=str(tmp_path), enable_sft_dataset_file="two.jsonl",
+        epochs=SFT_EPOCHS, batch_size=2, lr=3.0e-3, seq_length=128,
+    )  # fmt: skip
+    env = real_env()
+    env.update(AQUILA_DEMO_HOME=str(tmp_path), AQUILA_DEMO_PRETRAIN_YAML=pre, AQUILA_DEMO_SFT_YAML=sft)
+    r = subprocess.run(["bash", str(EXAMPLES / "run_demo.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = r.stdout.split("== 3/4", 1)[1]
+    assert len(re.findall(r"pretraining: [\d.]+ -> [\d.]+ +SFT: [\d.]+ -> [\d.]+", r.stdout)) == 1
+    assert "2/2 answers are exactly the trained ones" in report, report
+    assert not any(token in report for token in ("[CLS]", "</s>", "<|endoftext|>", "[SEP]", "[PAD]", "[UNK]"))
+    plots = re.findall(r"^wrote (.*metrics\.png)$", r.stdout, re.M)
+    assert len(plots) == 2 and all(Path(p).is_file() for p in plots)

@@ -39,6 +39,7 @@ def test_pretrain_tiny_one_node_two_processes(tmp_path):
         save_interval=2,
         batch_size=2,
         eval_interval=1000,
+        env_type="fsdp",
     )
     r = run("local_trigger_docker.sh", "--follow", "hostfile", cfg, "aquila-tiny", "demo", cwd=tmp_path, env=real_env())
     assert r.returncode == 0, r.stdout + r.stderr
@@ -55,7 +56,9 @@ def test_pretrain_tiny_one_node_two_processes(tmp_path):
 @pytest.mark.slow
 def test_sft_tiny_two_local_nodes(tmp_path):
     (tmp_path / "hostfile").write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
-    cfg = tiny_yaml(tmp_path, "Aquila-sft-tiny.yaml", enable_sft_dataset_dir=str(EXAMPLES / "data"), max_steps=2)
+    cfg = tiny_yaml(
+        tmp_path, "Aquila-sft-tiny.yaml", enable_sft_dataset_dir=str(EXAMPLES / "data"), max_steps=2, env_type="fsdp"
+    )
     r = run("dist_trigger_docker.sh", "--follow", "hostfile", cfg, "aquila-tiny", "chat", cwd=tmp_path, env=real_env())
     assert r.returncode == 0, r.stdout + r.stderr
     save_dir = save_dir_of(r.stdout)
