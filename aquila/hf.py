@@ -1,4 +1,5 @@
-"""Hugging Face `LlamaForCausalLM` format, both ways.
+"""Hugging Face `LlamaForCausalLM` format, both ways: tensor names, config and `AutoTokenizer` files. Reading and
+writing directories is aquila.checkpoint's job.
 
 FlagAI rotates adjacent pairs (2j, 2j+1) of each head; HF's `rotate_half` pairs j with j + head_dim/2. So the
 rows of wq and wk are permuted per head on the way out and back. Everything else is a rename.
