@@ -152,6 +152,8 @@ def test_dist_stop_stops_both_nodes_sigterm_first_and_nothing_else(cluster, proj
             assert terms == [] and killed == ["node0", "node1"]
         else:  # the graceful signal came first and sufficed
             assert terms == ["term0", "term1"] and "SIGKILL" not in r.stdout
+            logs = (save_dir / "cfg.yaml.log.txt").read_text() + (save_dir / "launch" / "node1.log.txt").read_text()
+            assert "got signal: 15" not in logs  # torchrun was left alone (it would SIGKILL a saving worker)
             for rank in (0, 1):
                 assert (save_dir / "launch" / f"node{rank}.exit").read_text().strip() == "143"
         assert bystander.poll() is None

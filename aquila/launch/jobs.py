@@ -101,24 +101,41 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def stop_job(job_id: str, timeout: float = 15.0) -> tuple[list[int], list[int]]:
-    """SIGTERM every process of the job on this machine (the trainer then checkpoints and exits); SIGKILL what is
-    left after `timeout` s. Returns (all the job's processes, those that needed SIGKILL)."""
-    first = job_processes(job_id)
-    if not first:
-        return [], []
-    _signal_all(first, signal.SIGTERM)
+    """SIGTERM the job's processes on this machine; SIGKILL what is left after `timeout` s.
+    Returns (all the job's processes seen, those that needed SIGKILL).
+
+    torchrun is spared once it has been seen with workers: told to stop, it would SIGTERM them again and SIGKILL
+    them 30 s later, cutting short the checkpoint they write on SIGTERM. The workers and the node script (which
+    records exit status 143 once torchrun is done) get the signal; torchrun ends by itself when its workers have.
+    A torchrun still waiting for the other nodes (no workers yet) is signalled like the rest."""
+    seen: set[int] = set()
+    termed: set[int] = set()
+    spared: set[int] = set()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
+    while True:
         left = job_processes(job_id)
+        seen |= set(left)
         if not left:
-            return first, []
-        _signal_all([p for p in left if p not in first], signal.SIGTERM)  # started meanwhile
-        first = sorted(set(first) | set(left))
-    left = job_processes(job_id)
+            return sorted(seen), []
+        if time.monotonic() >= deadline:
+            break
+        parent = {p: _parent(p) for p in left}
+        has_children = set(parent.values())
+        spared |= {p for p in left if p in has_children and parent[p] in parent}  # torchrun with its workers
+        todo = [p for p in left if p not in spared and p not in termed]
+        _signal_all(todo, signal.SIGTERM)
+        termed |= set(todo)
+        time.sleep(0.2)
     _signal_all(left, signal.SIGKILL)
-    return sorted(set(first) | set(left)), left
+    return sorted(seen), left
 
 
 def start_job(save_dir: str | os.PathLike, proj_home: str | os.PathLike, job_id: str, fields: dict[str, str]) -> None:

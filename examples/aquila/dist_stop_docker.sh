@@ -18,9 +18,11 @@ if [[ "${1:-}" == --job-id ]]; then
   [[ $# -eq 2 ]] || die "usage: dist_stop_docker.sh <hostfile> --job-id <id>"
   JOB_ID="$2"
 else
-  eval "$("$PY" -m aquila.launch job --proj-home "$PROJ_HOME" ${1:+--exp "$1"} ${2:+--version "$2"})" || exit 2
+  job="$("$PY" -m aquila.launch job --proj-home "$PROJ_HOME" ${1:+--exp "$1"} ${2:+--version "$2"})" || exit 2
+  eval "$job"
 fi
-eval "$("$PY" -m aquila.launch hosts --hostfile "$HOSTFILE")" || exit 2  # NODE_ADDRS NODE_LOCAL
+hosts="$("$PY" -m aquila.launch hosts --hostfile "$HOSTFILE")" || exit 2
+eval "$hosts"  # NODE_ADDRS NODE_LOCAL
 read -r -a SSH <<<"${AQUILA_SSH:-ssh -o BatchMode=yes -o ConnectTimeout=10}"
 
 rc=0
