@@ -5,29 +5,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 from aquila.errors import AquilaError
 from aquila.io_utils import read_json, write_text_atomic
 from aquila.typed_config import from_dict
 
-# Keys FlagAI's AQUILAConfig knows that configure its runtime, not the weights' shape.
-# They are accepted in config.json (released checkpoints carry some) and not stored.
-FLAGAI_RUNTIME_KEYS = frozenset(
-    {
-        "flash_atten",
-        "flash_atten_llama_style",
-        "flash_atten_pdrop",
-        "checkpoint_activations",
-        "use_cache",
-        "max_batch_size",
-        "bmt_comm_overlap",
-        "bmt_fused_ce",
-        "bmt_fused_ce_inplace",
-        "fix_large_bsz",
-        "ignore_index",
-    }
-)
+# Keys FlagAI's AQUILAConfig knows that configure its runtime, not the weights' shape. They are accepted in
+# config.json (released checkpoints carry some) and not stored. Each maps to the value that behaves like ours
+# (None: any value does) and why; any other value prints one warning line naming why it has no effect.
+_ANY = None
+FLAGAI_RUNTIME_KEYS: dict[str, tuple[object, str]] = {
+    "flash_atten": (_ANY, "flash-attn is used on CUDA whenever it is installed"),
+    "flash_atten_llama_style": (_ANY, "flash-attn is used on CUDA whenever it is installed"),
+    "flash_atten_pdrop": (0.0, "attention dropout is not implemented"),
+    "checkpoint_activations": (False, "set checkpoint_activations: True in the training YAML instead"),
+    "use_cache": (_ANY, "generation always uses the static KV cache"),
+    "max_batch_size": (_ANY, "pass max_batch_size to AutoLoader / aquila serve instead"),
+    "bmt_comm_overlap": (False, "BMTrain's communication settings are its defaults"),
+    "bmt_fused_ce": (_ANY, "the loss is always the chunked fused linear + cross-entropy"),
+    "bmt_fused_ce_inplace": (_ANY, "the loss is always the chunked fused linear + cross-entropy"),
+    "fix_large_bsz": (_ANY, "batch size does not change the attention path here"),
+    "ignore_index": (-100, "labels to ignore are always -100"),
+}
+
+
+def _runtime_key_warnings(data: dict, source: str) -> None:
+    for key, (same, why) in FLAGAI_RUNTIME_KEYS.items():
+        if key in data and same is not _ANY and data[key] != same:
+            print(f"warning: {source}: {key}: {data[key]} has no effect: {why}", file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,8 @@ class ModelArgs:
             )
         if isinstance(data, dict):
             data = {k: v for k, v in data.items() if k != "flash_atten_aquila_style"}
-        return from_dict(cls, data, source, ignore=FLAGAI_RUNTIME_KEYS)
+            _runtime_key_warnings(data, source)
+        return from_dict(cls, data, source, ignore=frozenset(FLAGAI_RUNTIME_KEYS))
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> ModelArgs:

@@ -15,6 +15,16 @@ T = TypeVar("T")
 _FLOAT_LIKE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
+def is_int(value: object, minimum: int | None = None) -> bool:
+    """An int and not a bool (JSON/YAML `true` is an int to Python), at least `minimum` when given."""
+    return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+
+
+def is_number(value: object) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -53,11 +63,11 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise AquilaError(f"{where}: expected true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             return value
         raise AquilaError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if is_number(value):
             return float(value)
         if isinstance(value, str) and _FLOAT_LIKE.match(value.strip()):
             # PyYAML follows YAML 1.1: `3e-4` without a dot is a string, not a float.

@@ -231,14 +231,15 @@ def bmt_worker(args) -> None:
     from aquila.checkpoint import build_model
     from aquila.config import ModelArgs
     from aquila.train.config import TrainConfig
-    from aquila.train.distributed import init_distributed, parallelize, resolve_env
+    from aquila.train.distributed import make_backend, resolve_env
     from aquila.train.optim import build_optimizer
 
     cfg = TrainConfig(env_type="bmtrain", lr=1e-4)
     env = resolve_env(cfg)
-    init_distributed(env, cfg)
+    backend = make_backend(env, cfg)
+    backend.start()
     margs = ModelArgs.from_name(args.model)
-    model = parallelize(build_model(margs, env.device, seed=0), cfg, env)
+    model = backend.parallelize(build_model(margs, env.device, seed=0))
     opt = build_optimizer(model, cfg)
     ids = torch.randint(0, margs.vocab_size, (args.batch, args.seq + 1), device=env.device)
     times = []

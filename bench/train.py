@@ -120,13 +120,14 @@ def dist_worker(mode: str, vocab: int, batch: int, seq: int, steps: int) -> None
 
     from aquila.checkpoint import build_model
     from aquila.train.config import TrainConfig
-    from aquila.train.distributed import init_distributed, parallelize, resolve_env
+    from aquila.train.distributed import make_backend, resolve_env
     from aquila.train.optim import build_optimizer
 
     cfg = TrainConfig(env_type=mode, lr=1e-4)
     env = resolve_env(cfg)
-    init_distributed(env, cfg)
-    model = parallelize(build_model(_args(vocab), seed=0), cfg, env)
+    backend = make_backend(env, cfg)
+    backend.start()
+    model = backend.parallelize(build_model(_args(vocab), seed=0))
     opt = build_optimizer(model, cfg)
     data = _data(vocab, batch, seq, steps)
     t0 = time.perf_counter()

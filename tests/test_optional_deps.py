@@ -62,7 +62,8 @@ def test_bmtrain_backend_without_bmtrain(monkeypatch, capsys):
     from aquila.train import bmtrain_backend
 
     monkeypatch.setitem(sys.modules, "bmtrain", None)
-    assert run_command(lambda: bmtrain_backend.init(seed=0)) == 2
+    backend = bmtrain_backend.BMTrainBackend(None, SimpleNamespace(seed=0))
+    assert run_command(backend.start) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: env_type bmtrain needs the 'bmtrain' extra: pip install \"aquila[bmtrain]\"")
     assert err.count("\n") == 1

@@ -114,3 +114,63 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
         parse_config(["--yaml_config", str(bad)], "t")
     with pytest.raises(AquilaError, match=rf"config {tmp_path / 'missing.yaml'}: file not found"):
         parse_config(["--yaml_config", str(tmp_path / "missing.yaml")], "t")
+
+
+def test_model_parallel_size_above_one_is_an_error(tmp_path):
+    y = write_yaml(tmp_path / "c.yaml", {"model_parallel_size": 8})
+    with pytest.raises(AquilaError, match="model_parallel_size 8: tensor parallelism is not implemented"):
+        parse_config(["--yaml_config", str(y)], "t")
+
+
+def test_keys_without_effect_get_one_warning_each(tmp_path, capsys):
+    rc, out, _ = _run_bad(tmp_path, capsys, max_steps=1, hostfile="hosts", wandb=True, enable_sft_dataset=True)
+    assert rc == 0
+    warnings = [line for line in out.splitlines() if line.startswith(" warning: ")]
+    assert warnings == [
+        " warning: wandb: True has no effect: no wandb logging here; tensorboard: True writes the same scalars",
+        " warning: hostfile: hosts has no effect: the launcher (hostfile, dist_trigger_docker.sh) and torchrun's"
+        " environment decide this",
+        " warning: enable_sft_dataset: True has no effect: the entry script decides the dataset kind"
+        " (aquila_pretrain.py: indexed data, aquila_sft.py: jsonl)",
+    ]
+
+
+def test_shipped_lora_yaml_with_fp16_trains_on_cpu_in_fp32(tmp_path, capsys):
+    """Aquila-sft-lora.yaml as shipped (fp16: True, fsdp) on a laptop: one warning, then fp32 training."""
+    import yaml
+
+    from aquila.checkpoint import build_model, save_model_dir
+    from aquila.config import ModelArgs
+    from aquila.train.sft import main as sft_main
+    from tests.train_helpers import CONVOS, DEMO_TOKENIZER, EXAMPLES
+
+    base = micro_model_dir(tmp_path / "pre" / "m", vocab=16008, dim=32, n_heads=2, n_layers=1, max_seq_len=64)
+    save_model_dir(build_model(ModelArgs.load(base / "config.json"), seed=5), base)
+    data = yaml.safe_load((EXAMPLES / "Aquila-sft-lora.yaml").read_text())
+    assert data["fp16"] is True and data["lora"] is True
+    data.update(
+        pre_load_dir=str(tmp_path / "pre"), model_name="m", tokenizer_dir=str(DEMO_TOKENIZER), seq_length=64,
+        enable_sft_dataset_dir=str(CONVOS.parent), max_steps=1, save_dir=str(tmp_path / "out"), peak_tflops=1.0,
+    )  # fmt: skip
+    assert sft_main(["--yaml_config", str(write_yaml(tmp_path / "lora.yaml", data))]) == 0
+    out = capsys.readouterr().out
+    assert " warning: fp16: True needs CUDA; on CPU this run trains in fp32" in out
+    assert "loss scale 1.0" in out and (tmp_path / "out" / "1" / "adapter_model.safetensors").is_file()
+
+
+def test_flagai_runtime_keys_in_config_json_work_or_warn(capsys):
+    from aquila.config import ModelArgs
+
+    shape = ModelArgs.from_name("aquila-micro").to_dict()
+    runtime = {"flash_atten": True, "use_cache": True, "ignore_index": -100, "flash_atten_pdrop": 0.1}
+    assert ModelArgs.from_dict({**shape, **runtime}, "c.json") == ModelArgs.from_dict(shape, "c.json")
+    assert capsys.readouterr().err == (
+        "warning: c.json: flash_atten_pdrop: 0.1 has no effect: attention dropout is not implemented\n"
+    )
+
+
+def test_int_checks_reject_bools():
+    from aquila.typed_config import is_int, is_number
+
+    assert is_int(3, 1) and is_int(0) and not is_int(0, 1) and not is_int(True) and not is_int(2.0)
+    assert is_number(1.5) and is_number(2) and not is_number(False) and not is_number("1")

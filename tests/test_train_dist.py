@@ -76,13 +76,13 @@ KILLER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import aquila.train.checkpointing as ck
-    orig = ck.write_weights
+    orig = ck.save_weights
     def slow(state, directory):
         orig(state, directory)
         if Path(directory).name == ".4.partial":
             Path(sys.argv[1]).write_text("in save")
             time.sleep(120)
-    ck.write_weights = slow
+    ck.save_weights = slow
     from aquila.train.pretrain import main
     sys.exit(main(sys.argv[2:]))
     """

@@ -83,7 +83,7 @@ def test_corrupt_checkpoint_named_before_training(tmp_path, capsys, damage):
 
 
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
-    real_write = checkpointing.write_weights
+    real_write = checkpointing.save_weights
 
     def write_until_full(state, directory):
         if directory.name == ".4.partial":
@@ -91,7 +91,7 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
             raise OSError(errno.ENOSPC, "No space left on device", str(directory / "model.safetensors"))
         real_write(state, directory)
 
-    monkeypatch.setattr(checkpointing, "write_weights", write_until_full)
+    monkeypatch.setattr(checkpointing, "save_weights", write_until_full)
     out = tmp_path / "out"
     assert _pretrain(tmp_path, max_steps=4, save_interval=2, num_checkpoints=1) == 2
     err = capsys.readouterr().err
@@ -103,7 +103,7 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
     load_model_dir(out / "2")
     before = losses(out)
 
-    monkeypatch.setattr(checkpointing, "write_weights", real_write)  # space freed: rerun the same command
+    monkeypatch.setattr(checkpointing, "save_weights", real_write)  # space freed: rerun the same command
     assert _pretrain(tmp_path, max_steps=4, save_interval=2, num_checkpoints=1) == 0
     after = losses(out)
     assert after[3] == before[3] and after[4] == before[4]

@@ -29,6 +29,7 @@ from aquila.inference.quantize import load_int8, quantize_model
 from aquila.lora import merge_adapter
 from aquila.model import AquilaModel
 from aquila.optional import require
+from aquila.typed_config import is_int
 
 TASKS = ("lm",)
 QUANT_MODES = (None, "int8")
@@ -142,7 +143,7 @@ class AutoLoader:
             if dtype not in (None, torch.float16):
                 raise AquilaError(f"fp16=True conflicts with torch_dtype={torch_dtype}")
             dtype = torch.float16
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        if not is_int(max_batch_size, 1):
             raise AquilaError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         self.model_dir = Path(model_dir) / model_name
         if not self.model_dir.is_dir():

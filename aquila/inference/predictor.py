@@ -30,6 +30,7 @@ from aquila.inference.generate import (
 from aquila.inference.generate import Sequence as DecodingSequence
 from aquila.inference.sampling import SamplingParams
 from aquila.inference.text import TextAssembler
+from aquila.typed_config import is_int
 
 __all__ = ["Completion", "Predictor", "Request", "TextAssembler", "TextStream", "chat_messages"]
 
@@ -76,7 +77,7 @@ def _as_stop_list(stop: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 def _check_max_new(n: object, name: str = "out_max_length") -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n, 1):
         raise AquilaError(f"{name} must be an integer >= 1, got {n!r}")
     return n
 
@@ -100,7 +101,7 @@ class Predictor:
             raise AquilaError("prompt is empty")
         ids = [self.bos_id, *self.tokenizer.encode(text)]
         if input_max_length is not None:
-            if isinstance(input_max_length, bool) or not isinstance(input_max_length, int) or input_max_length < 2:
+            if not is_int(input_max_length, 2):
                 raise AquilaError(f"input_max_length must be an integer >= 2, got {input_max_length!r}")
             if len(ids) > input_max_length:
                 ids = [self.bos_id, *ids[len(ids) - input_max_length + 1 :]]
@@ -184,7 +185,7 @@ class Predictor:
         strip: bool = False,
     ) -> str:
         """Beam search over one id prompt; the best hypothesis' text, cut at the first stop string."""
-        if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+        if not is_int(beam_size, 1):
             raise AquilaError(f"beam_size must be an integer >= 1, got {beam_size!r}")
         r = self.request(prompt_ids, max_new_tokens, stop=stop, strip=strip)
         text = TextAssembler(self.tokenizer, r.stop, r.strip)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from aquila.errors import AquilaError
+from aquila.typed_config import is_int, is_number
 
 
 @dataclass(frozen=True)
@@ -25,13 +26,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         t, k, p, r = self.temperature, self.top_k, self.top_p, self.repetition_penalty
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        if not is_number(t) or not math.isfinite(t) or t < 0:
             raise AquilaError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        if not is_int(k, 0):
             raise AquilaError(f"top_k must be an integer >= 0 (0 = no limit), got {k!r}")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
+        if not is_number(p) or not (0 < p <= 1):
             raise AquilaError(f"top_p must be in (0, 1], got {p!r}")
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+        if not is_number(r) or not math.isfinite(r) or r <= 0:
             raise AquilaError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {r!r}")
 
     @property

@@ -12,6 +12,7 @@ from aquila.inference.predictor import Predictor
 from aquila.serve.errors import ApiError
 from aquila.serve.metrics import ServeMetrics
 from aquila.serve.scheduler import Job, QueueTimeout, Scheduler
+from aquila.typed_config import is_int
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Engine:
     def check_max_tokens(self, value: Any, default: int) -> int:
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value, 1):
             raise ApiError(400, f"max_tokens must be an integer >= 1, got {value!r}")
         if value > self.limits.max_new_tokens:
             raise ApiError(400, f"max_tokens {value} is above this server's limit of {self.limits.max_new_tokens}")

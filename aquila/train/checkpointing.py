@@ -20,7 +20,6 @@ import json
 import os
 import random
 import shutil
-import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from aquila.checkpoint import CONFIG_NAME, save_weights
 from aquila.config import ModelArgs
 from aquila.errors import AquilaError
 from aquila.io_utils import read_json, write_text_atomic
-from aquila.train.distributed import DistEnv, any_rank, barrier, unwrap
+from aquila.train.distributed import Backend, DistEnv, any_rank, barrier
 
 TRACKER = "latest_iteration.txt"
 STATE_NAME = "trainer_state.json"
@@ -185,32 +184,12 @@ def prune(save_dir: Path, keep: int, protect: set[int]) -> None:
 
 
 # -- saving ---------------------------------------------------------------------------------------
-def full_model_state(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor] | None:
-    """The full CPU state dict on rank 0 (None elsewhere). Collective under FSDP: every rank must call it."""
-    if env.env_type == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if env.is_main else None
-    if env.env_type == "bmtrain":
-        from aquila.train.bmtrain_backend import gather_state_dict
-
-        return gather_state_dict(model, env)
-    if not env.is_main:
-        return None
-    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-
-
-def write_weights(state: dict[str, torch.Tensor], directory: Path) -> None:
-    save_weights(state, directory)
-
-
 @dataclass
 class Saver:
     """Everything a checkpoint needs besides the live model, optimizer and counters."""
 
     save_dir: Path
-    env: DistEnv
+    backend: Backend
     model_args: ModelArgs
     tokenizer: Any | None  # has save_pretrained(dir)
     save_optim: bool
@@ -219,10 +198,10 @@ class Saver:
     lora_config: dict | None = None  # set for LoRA runs: adapters only
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
-        env = self.env
+        env = self.backend.env
         final = self.save_dir / str(step)
         tmp = self.save_dir / f".{step}.partial"
-        full = full_model_state(model, env)
+        full = self.backend.full_state_dict(model)
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -249,14 +228,15 @@ class Saver:
         return final
 
     def _write_files(self, full, tmp: Path, model: nn.Module, optimizer, state: dict[str, Any]) -> None:
+        env = self.backend.env
         if self.save_optim:  # collective first: DCP reports a failure on any rank to every rank
-            save_optimizer(model, optimizer, tmp / OPTIM_DIR, self.env)
-        if self.env.is_main:
+            self.backend.save_optimizer(model, optimizer, tmp / OPTIM_DIR)
+        if env.is_main:
             self._write_model(full, tmp)
             (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
         if self.save_rng:
             (tmp / RNG_DIR).mkdir(exist_ok=True)
-            torch.save(rng_state(), tmp / RNG_DIR / f"rank{self.env.rank}.pt")
+            torch.save(rng_state(), tmp / RNG_DIR / f"rank{env.rank}.pt")
 
     def _checked(self, final: Path, tmp: Path, write) -> None:
         """Run this rank's part of a save; if any rank fails, remove the partial directory and stop every rank."""
@@ -265,9 +245,9 @@ class Saver:
             write()
         except Exception as e:  # ENOSPC surfaces as OSError, RuntimeError (torch.save) or DCP's exception
             error = e
-        if not any_rank(error is not None, self.env):
+        if not any_rank(error is not None, self.backend.env):
             return
-        if self.env.is_main:
+        if self.backend.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
         tracked = read_tracker(self.save_dir)
@@ -290,7 +270,7 @@ class Saver:
 
             write_adapter(adapter_state(full), self.lora_config, directory)
         else:
-            write_weights(full, directory)
+            save_weights(full, directory)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -298,40 +278,6 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
-
-
-def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, env: DistEnv) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    if env.env_type == "bmtrain":
-        torch.save(optimizer.state_dict(), path.with_suffix(f".rank{env.rank}.pt"))
-        return
-    osd = get_optimizer_state_dict(model, optimizer)
-    with warnings.catch_warnings():  # single process: DCP warns that it saves without a process group
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
-        dcp.save({"optim": osd}, checkpoint_id=str(path))
-
-
-def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path, env: DistEnv) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    path = ckpt / OPTIM_DIR
-    if env.env_type == "bmtrain":
-        optimizer.load_state_dict(torch.load(path.with_suffix(f".rank{env.rank}.pt"), weights_only=True))
-        return
-    if not path.is_dir():
-        raise AquilaError(f"{ckpt}: load_optim is set but the checkpoint has no optimizer state (save_optim was off)")
-    osd = get_optimizer_state_dict(model, optimizer)  # initialises empty Adam state as the load template
-    try:
-        state = {"optim": osd}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP raises CheckpointException and others for damaged files
-        raise AquilaError(f"{path}: cannot read optimizer state ({type(e).__name__}: {str(e)[:200]})") from None
-    set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
 def load_rng(ckpt: Path, env: DistEnv, saved_world: int) -> bool:

@@ -56,19 +56,19 @@ class TrainConfig:
     load_rng: bool = False
     tensorboard_dir: str = "tensorboard_summary"
     tensorboard: bool = False
-    wandb: bool = True  # accepted, unused: no wandb
-    wandb_dir: str = "./wandb"  # accepted, unused
-    already_fp16: bool = False  # accepted, unused
+    wandb: bool = False  # FlagAI: True; no wandb here (NO_EFFECT)
+    wandb_dir: str = "./wandb"  # set by the launcher; used only by wandb
+    already_fp16: bool = False
     resume_dataset: bool = False
     shuffle_dataset: bool = True
     num_checkpoints: int = 1
-    master_ip: str = "localhost"  # launcher keys: accepted, torchrun's environment is used instead
+    master_ip: str = "localhost"  # launcher keys (NO_EFFECT): torchrun's environment is used instead
     master_port: int = 17750
     num_nodes: int = 1
     num_gpus: int = 1
     hostfile: str = "./hostfile"
     deepspeed_config: str = "./deepspeed.json"
-    model_parallel_size: int = 1
+    model_parallel_size: int = 1  # only 1: no tensor parallelism (validate)
     training_script: str = "train.py"
     lora: bool = False
     lora_r: int = 8
@@ -82,22 +82,22 @@ class TrainConfig:
     bmt_lr_decay_style: str = "cosine"  # "linear", anything else = cosine to 10% of peak (Cosine10PP)
     bmt_loss_scale: float = 1024.0
     bmt_loss_scale_steps: int = 1024
-    bmt_async_load: bool = False  # accepted, unused
+    bmt_async_load: bool = False
     bmt_pre_load: bool = False  # load pre_load_dir/model_name's weights
     pre_load_dir: str | None = None
     enable_sft_dataset_dir: str | None = None
     enable_sft_dataset_file: str | None = None
     enable_sft_dataset_val_file: str | None = None
-    enable_sft_dataset: bool = False  # FlagAI dataset-kind switches: accepted, the entry script decides
+    enable_sft_dataset: bool = False  # FlagAI dataset-kind switches (NO_EFFECT): the entry script decides
     enable_sft_dataset_text: bool = False
     enable_sft_dataset_jsonl: bool = False
     enable_sft_conversations_dataset: bool = False
     enable_sft_conversations_dataset_v2: bool = False
     enable_sft_conversations_dataset_v3: bool = False
     enable_weighted_dataset_v2: bool = False
-    enable_flash_attn_models: bool = False  # accepted: flash-attn is used whenever installed on CUDA
-    enable_flashattn: bool = False  # FlagAI SQL YAML spelling; accepted, unused
-    pretrain_data: bool = False  # FlagAI SQL YAML key; accepted, unused
+    enable_flash_attn_models: bool = False  # on CUDA: flash-attn must be installed (it is used whenever it is)
+    enable_flashattn: bool = False  # FlagAI SQL YAML spelling
+    pretrain_data: bool = False  # FlagAI SQL YAML key
     enable_pretrain_dataset_prefix: str | None = None  # FlagAI SQL YAML key; used as data_prefix if that is unset
     # --- ours ---
     bf16: bool | None = None  # None: bf16 autocast on CUDA (unless fp16), fp32 on CPU
@@ -127,6 +127,31 @@ SCRIPT_DEFAULTS: dict[str, Any] = {
     "eval_interval": 5000,
     "save_dir": "checkpoints_aquila",
     "save_interval": 5000,
+}
+
+# FlagAI keys that do nothing here, and why. Set to anything but the default, each prints one warning line.
+_LAUNCHER = "the launcher (hostfile, dist_trigger_docker.sh) and torchrun's environment decide this"
+_DATASET_KIND = "the entry script decides the dataset kind (aquila_pretrain.py: indexed data, aquila_sft.py: jsonl)"
+NO_EFFECT: dict[str, str] = {
+    "wandb": "no wandb logging here; tensorboard: True writes the same scalars",
+    "already_fp16": "weights are loaded into fp32 master weights whatever their dtype",
+    "bmt_async_load": "checkpoints are memory-mapped, there is nothing to load asynchronously",
+    "deepspeed_config": "no DeepSpeed here; env_type fsdp shards parameters, gradients and optimizer state (ZeRO-3)",
+    "enable_flashattn": "flash-attn is used on CUDA whenever it is installed",
+    "pretrain_data": _DATASET_KIND,
+    **{k: _LAUNCHER for k in ("master_ip", "master_port", "num_nodes", "num_gpus", "hostfile", "training_script")},
+    **{
+        k: _DATASET_KIND
+        for k in (
+            "enable_sft_dataset",
+            "enable_sft_dataset_text",
+            "enable_sft_dataset_jsonl",
+            "enable_sft_conversations_dataset",
+            "enable_sft_conversations_dataset_v2",
+            "enable_sft_conversations_dataset_v3",
+            "enable_weighted_dataset_v2",
+        )
+    },  # fmt: skip
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -241,9 +266,20 @@ def validate(cfg: TrainConfig) -> None:
         raise AquilaError("fp16 and bf16 are both True; choose one")
     if cfg.lora and cfg.lora_r <= 0:
         raise AquilaError(f"lora_r must be positive, got {cfg.lora_r}")
+    if cfg.model_parallel_size != 1:
+        raise AquilaError(
+            f"model_parallel_size {cfg.model_parallel_size}: tensor parallelism is not implemented; set it to 1"
+            " (env_type fsdp shards the model over all processes instead)"
+        )
     if cfg.env_type == "bmtrain" and cfg.lora:
         raise AquilaError("lora is not supported with env_type bmtrain; use fsdp or pytorchDDP")
 
 
-def config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def no_effect_notes(cfg: TrainConfig) -> list[str]:
+    """`<key>: <value> has no effect: <why>` for each NO_EFFECT key set to something other than its default."""
+    notes = []
+    for name, why in NO_EFFECT.items():
+        value, default = getattr(cfg, name), _FIELDS[name].default
+        if value != default:
+            notes.append(f"{name}: {value} has no effect: {why}")
+    return notes

@@ -1,7 +1,12 @@
 """Process group and parallelism, applied to the single-device model from outside (torchtitan style).
 
-env_type: `pytorch` (one process), `pytorchDDP` (DistributedDataParallel), `fsdp` (FSDP2 `fully_shard` on
-every transformer block and at the root) and `bmtrain` (CUDA only; see `aquila.train.bmtrain_backend`).
+One `Backend` object per env_type holds everything the four do differently: starting the process group,
+wrapping the model, skipping the gradient sync on accumulation micro-steps, the gradient-norm clip, the full
+state dict for checkpoints and the optimizer state's files.
+  pytorch     one process, the bare model (`Backend`)
+  pytorchDDP  DistributedDataParallel (`DDPBackend`)
+  fsdp        FSDP2 `fully_shard` on every transformer block and at the root (`FSDPBackend`)
+  bmtrain     BMTrain's ZeRO-3 wrapper, CUDA only (`aquila.train.bmtrain_backend.BMTrainBackend`)
 Ranks come from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, NCCL on CUDA.
 """
 
@@ -11,7 +16,9 @@ import contextlib
 import datetime
 import functools
 import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -76,30 +83,7 @@ def resolve_env(cfg: TrainConfig) -> DistEnv:
         require("bmtrain", "env_type bmtrain")
     if cfg.enable_flash_attn_models and device.type == "cuda":
         require("flash_attn", "enable_flash_attn_models: True")
-    if cfg.fp16 and device.type != "cuda":
-        raise AquilaError("fp16 needs CUDA; on CPU train in fp32 (fp16: False) or bf16: True")
     return DistEnv(rank, world, local_rank, device, env_type)
-
-
-def init_distributed(env: DistEnv, cfg: TrainConfig) -> None:
-    """Start the process group (also for one process under DDP/FSDP, which need one)."""
-    if env.device.type == "cuda":
-        torch.cuda.set_device(env.device)
-    if env.env_type == "bmtrain":
-        from aquila.train.bmtrain_backend import init
-
-        init(cfg.seed)
-        return
-    if env.env_type == "pytorch" or dist.is_initialized():
-        return
-    backend = "nccl" if env.device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
-    if "MASTER_ADDR" not in os.environ:
-        if env.world_size > 1:
-            raise AquilaError("WORLD_SIZE > 1 but MASTER_ADDR is not set; start with torchrun")
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    else:
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
 
 
 def shutdown() -> None:
@@ -141,24 +125,107 @@ def apply_compile(model: nn.Module) -> None:
         block.compile(dynamic=False)
 
 
-def parallelize(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:
-    """Activation checkpointing, compile, then DDP or FSDP2 (order as torchtitan). Returns the model to call."""
-    if cfg.checkpoint_activations:
-        apply_activation_checkpointing(model)
-    if cfg.compile:
-        apply_compile(model)
-    if env.env_type == "pytorchDDP":
+class Backend:
+    """env_type pytorch: one process and the model as it is. The other backends override what differs."""
+
+    def __init__(self, env: DistEnv, cfg: TrainConfig) -> None:
+        self.env, self.cfg = env, cfg
+
+    def start(self) -> None:
+        if self.env.device.type == "cuda":
+            torch.cuda.set_device(self.env.device)
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """Activation checkpointing, compile, then the backend's wrapper (torchtitan's order). Returns the model to call."""
+        if self.cfg.checkpoint_activations:
+            apply_activation_checkpointing(model)
+        if self.cfg.compile:
+            apply_compile(model)
+        return self.wrap(model)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def gradient_sync(self, model: nn.Module, sync: bool):
+        """Context for one micro-step: `sync` False skips the gradient all-reduce (accumulation)."""
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The full CPU state dict on rank 0, None elsewhere (collective for sharding backends: all ranks call it)."""
+        if not self.env.is_main:
+            return None
+        return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
+
+    def save_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+        """A torch.distributed.checkpoint of the optimizer: it reshards across rank counts and backends."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        osd = get_optimizer_state_dict(model, optimizer)
+        with warnings.catch_warnings():  # single process: DCP warns that it saves without a process group
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+            dcp.save({"optim": osd}, checkpoint_id=str(path))
+
+    def load_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        if not path.is_dir():
+            raise AquilaError(f"{path.parent}: load_optim is set but the checkpoint has no optimizer state")
+        state = {"optim": get_optimizer_state_dict(model, optimizer)}  # empty Adam state as the load template
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+                dcp.load(state, checkpoint_id=str(path))
+        except Exception as e:  # DCP raises CheckpointException and others for damaged files
+            raise AquilaError(f"{path}: cannot read optimizer state ({type(e).__name__}: {str(e)[:200]})") from None
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+class _ProcessGroupBackend(Backend):
+    def start(self) -> None:
+        """The torch process group, also for one process (DDP and FSDP need one)."""
+        super().start()
+        if dist.is_initialized():
+            return
+        backend = "nccl" if self.env.device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=self.cfg.dist_timeout_s)
+        if "MASTER_ADDR" not in os.environ:
+            if self.env.world_size > 1:
+                raise AquilaError("WORLD_SIZE > 1 but MASTER_ADDR is not set; start with torchrun")
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend, rank=self.env.rank, world_size=self.env.world_size, timeout=timeout)
+
+
+class DDPBackend(_ProcessGroupBackend):
+    def wrap(self, model: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
-        ids = [env.device.index] if env.device.type == "cuda" else None
+        ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
-    if env.env_type == "fsdp":
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module
+
+    def gradient_sync(self, model: nn.Module, sync: bool):
+        return contextlib.nullcontext() if sync else model.no_sync()
+
+
+class FSDPBackend(_ProcessGroupBackend):
+    def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-        mesh = init_device_mesh(env.device.type, (env.world_size,))
-        kwargs = {"mesh": mesh}
-        if cfg.bmt_cpu_offload:
+        kwargs = {"mesh": init_device_mesh(self.env.device.type, (self.env.world_size,))}
+        if self.cfg.bmt_cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
         n = len(model.layers)
         for i, block in enumerate(model.layers):
@@ -166,24 +233,21 @@ def parallelize(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:
             fully_shard(block, reshard_after_forward=i < n - 1, **kwargs)
         fully_shard(model, **kwargs)
         return model
-    if env.env_type == "bmtrain":
-        from aquila.train.bmtrain_backend import wrap_model
 
-        return wrap_model(model)
-    return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
-
-
-@contextlib.contextmanager
-def gradient_sync(model: nn.Module, env: DistEnv, sync: bool):
-    """Skip the gradient all-reduce / reduce-scatter on non-final micro-steps of gradient accumulation."""
-    if env.env_type == "pytorchDDP" and not sync:
-        with model.no_sync():
-            yield
-        return
-    if env.env_type == "fsdp":
+    def gradient_sync(self, model: nn.Module, sync: bool):
         model.set_requires_gradient_sync(sync)
-    yield
+        return contextlib.nullcontext()
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if self.env.is_main else None
+
+
+def make_backend(env: DistEnv, cfg: TrainConfig) -> Backend:
+    if env.env_type == "bmtrain":
+        from aquila.train.bmtrain_backend import BMTrainBackend
+
+        return BMTrainBackend(env, cfg)
+    return {"pytorch": Backend, "pytorchDDP": DDPBackend, "fsdp": FSDPBackend}[env.env_type](env, cfg)

@@ -21,7 +21,7 @@ from torch import nn
 from aquila.errors import AquilaError
 from aquila.train.batches import GlobalBatches, count_targets
 from aquila.train.config import TrainConfig
-from aquila.train.distributed import DistEnv, all_reduce_sum, any_rank, gradient_sync
+from aquila.train.distributed import Backend, DistEnv, all_reduce_sum, any_rank
 from aquila.train.optim import LossScaler, lr_at, set_lr
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint; rerun to continue
@@ -63,28 +63,27 @@ class TrainState:
 @dataclass
 class Trainer:
     cfg: TrainConfig
-    env: DistEnv
-    model: nn.Module
+    backend: Backend
+    model: nn.Module  # as wrapped by the backend
     optimizer: torch.optim.Optimizer
+    scaler: LossScaler
     train_batches: GlobalBatches
     valid_batches: GlobalBatches | None
     valid_steps: int
     total_steps: int
-    scaler: LossScaler
-    amp_dtype: torch.dtype | None
     saver: Any | None  # checkpointing.Saver
     logger: Any  # metrics.MetricsLogger
     state: TrainState
     stop: StopFlag = field(default_factory=StopFlag)
     last_tokens: float = 0.0  # tokens (padding included) in the last global batch, for tokens/s and MFU
 
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
+    @property
+    def env(self) -> DistEnv:
+        return self.backend.env
 
-    def _params(self) -> list[torch.Tensor]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+    def autocast(self):
+        dtype = amp_dtype(self.cfg, self.env)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.env.device.type, dtype=dtype)
 
     def train_step(self, step: int) -> tuple[float, float, str]:
         """One global batch. Returns (loss, grad norm, status): status is "ok", "nan" or "overflow"."""
@@ -101,7 +100,7 @@ class Trainer:
         for m, (batch, n) in enumerate(zip(batches, counts)):
             ids = batch["input_ids"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
-            with gradient_sync(self.model, self.env, sync=m == last):
+            with self.backend.gradient_sync(self.model, sync=m == last):
                 with self.autocast():
                     loss = self.model(ids, labels=labels)["loss"]
                 factor = n * world / n_global * self.scaler.scale
@@ -111,20 +110,11 @@ class Trainer:
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             return loss_value, float("nan"), "nan"
-        params = self._params()
         if self.scaler.enabled:
-            grads = [p.grad for p in params if p.grad is not None]
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
         max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else math.inf
-        if self.env.env_type == "bmtrain":
-            from aquila.train.bmtrain_backend import clip_grad_norm
-
-            norm = clip_grad_norm(self.optimizer, max_norm)
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-            norm = norm.full_tensor()
-        norm_value = float(norm)
+        norm_value = self.backend.clip_grad_norm(self.model, self.optimizer, max_norm)
         if not math.isfinite(norm_value):
             self.optimizer.zero_grad(set_to_none=True)
             status = "overflow" if self.scaler.enabled else "nan"
@@ -242,6 +232,14 @@ class Trainer:
         self.logger.eval(s.step, loss)
         if s.best_eval_loss is None or loss < s.best_eval_loss:
             s.best_eval_loss, s.best_iteration = loss, s.step
+
+
+def amp_dtype(cfg: TrainConfig, env: DistEnv) -> torch.dtype | None:
+    if cfg.fp16:
+        return torch.float16
+    if cfg.bf16 or (cfg.bf16 is None and env.device.type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 def _short(indices: list[int], limit: int = 8) -> str:

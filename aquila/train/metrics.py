@@ -14,9 +14,11 @@ import torch
 
 from aquila.config import ModelArgs
 from aquila.optional import require
+from aquila.train.config import TrainConfig
+from aquila.train.distributed import DistEnv
 
 
-def flops_per_token(args: ModelArgs, seq_length: int, trainable_fraction: float = 1.0) -> float:
+def flops_per_token(args: ModelArgs, seq_length: int) -> float:
     """nanoGPT's estimate: 6N + 12 L H Q T, N = parameters that do matmuls (the embedding lookup does not).
 
     Forward is 2N + the attention matmuls; backward twice that. With LoRA the frozen weights still cost their
@@ -71,22 +73,20 @@ class MetricsLogger:
 
     def __init__(
         self,
-        enabled: bool,
-        save_dir: Path | None,
-        log_interval: int,
+        cfg: TrainConfig,
+        env: DistEnv,
         total_steps: int,
         start_step: int,
         flops_per_token: float,
         peak_flops: float,
-        accum: int,
-        device: torch.device,
-        tensorboard_dir: str | None = None,
     ) -> None:
-        self.enabled = enabled
-        self.log_interval, self.total, self.accum, self.device = log_interval, total_steps, accum, device
+        enabled = self.enabled = env.is_main
+        self.log_interval, self.total, self.accum = cfg.log_interval, total_steps, cfg.gradient_accumulation_steps
+        self.device = env.device
         # flops_per_token: per process share (already divided by the number of processes)
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.path = save_dir / "metrics.jsonl" if (enabled and save_dir) else None
+        self.path = Path(cfg.save_dir) / "metrics.jsonl" if (enabled and cfg.save_dir) else None
+        tensorboard_dir = str(Path(cfg.tensorboard_dir) / cfg.experiment_name) if cfg.tensorboard else None
         self._reset(time.perf_counter())
         self.writer = None
         self.bar = None

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 from aquila.cli_help import HelpFormatter
-from aquila.errors import AquilaError
+from aquila.errors import AquilaError, run_command
 from aquila.optional import require
-from aquila.train.entry import guarded
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {plot(args.run_dir, args.out)}")
         return 0
 
-    return guarded(go)
+    return run_command(go)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ import sys
 
 import numpy as np
 
-from aquila.errors import AquilaError
+from aquila.errors import AquilaError, run_command
 from aquila.train.batches import pretrain_collate
 from aquila.train.config import SCRIPT_DEFAULTS, TrainConfig, parse_config
-from aquila.train.entry import guarded
 from aquila.train.run import DataBundle, RunContext, run
 
 
@@ -74,7 +73,7 @@ def build_data(ctx: RunContext) -> DataBundle:
 
 def main(argv: list[str] | None = None, prog: str = "aquila pretrain") -> int:
     argv = sys.argv[1:] if argv is None else argv
-    return guarded(lambda: run(parse_config(argv, prog, SCRIPT_DEFAULTS), build_data, precheck))
+    return run_command(lambda: run(parse_config(argv, prog, SCRIPT_DEFAULTS), build_data, precheck))
 
 
 if __name__ == "__main__":

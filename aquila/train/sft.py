@@ -13,10 +13,9 @@ import functools
 import sys
 from pathlib import Path
 
-from aquila.errors import AquilaError
+from aquila.errors import AquilaError, run_command
 from aquila.train.batches import SampleOrder
 from aquila.train.config import SCRIPT_DEFAULTS, TrainConfig, parse_config
-from aquila.train.entry import guarded
 from aquila.train.run import DataBundle, RunContext, run
 
 
@@ -72,7 +71,7 @@ def build_data(ctx: RunContext) -> DataBundle:
 
 def main(argv: list[str] | None = None, prog: str = "aquila sft") -> int:
     argv = sys.argv[1:] if argv is None else argv
-    return guarded(lambda: run(parse_config(argv, prog, SCRIPT_DEFAULTS), build_data, precheck))
+    return run_command(lambda: run(parse_config(argv, prog, SCRIPT_DEFAULTS), build_data, precheck))
 
 
 if __name__ == "__main__":
