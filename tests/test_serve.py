@@ -226,6 +226,25 @@ def test_concurrent_requests_each_give_their_solo_output(predictor):
         assert "".join(v for k, v in got if k == "piece") == completion.text == want.text
 
 
+def test_time_limit_and_cancellation_end_a_running_request(predictor):
+    events: dict[str, list] = {"slow": [], "gone": []}
+    scheduler = Scheduler(DecodeBatch(predictor.model, 2, 96, predictor.tokenizer), 60.0)
+    try:
+        request = predictor.request(predictor.encode_prompt("Hello"), 80, SamplingParams(temperature=0))
+        slow = Job(request, lambda kind, value: events["slow"].append((kind, value)), max_time_s=0.0)
+        gone = Job(request, lambda kind, value: events["gone"].append((kind, value)), max_time_s=60.0)
+        scheduler.submit(slow)
+        scheduler.submit(gone)
+        assert wait_for(lambda: ("started", None) in events["gone"])
+        gone.cancel()
+        assert wait_for(lambda: scheduler.counts == (0, 0))
+    finally:
+        scheduler.stop()
+    for name, reason in (("slow", "length"), ("gone", "cancelled")):
+        kind, completion = events[name][-1]
+        assert kind == "done" and completion.finish_reason == reason and len(completion.token_ids) < 80
+
+
 def test_busy_server_answers_429_and_503(live_server):
     app, url = live_server  # max_batch 2 + max_queue 1; queue timeout 1 s
     engine = app.state.engine

@@ -44,7 +44,8 @@ def create_app(predictor: Predictor, limits: ServerLimits | None = None, model_n
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         response = await call_next(request)
-        engine.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        route = request.scope.get("route")  # a route's path, so that unknown paths add no label values
+        engine.metrics.requests.labels(route.path if route else "unmatched", str(response.status_code)).inc()
         return response
 
     @app.get("/health")
