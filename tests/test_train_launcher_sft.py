@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from aquila.errors import AquilaError
@@ -29,9 +31,22 @@ def test_launcher_check_follows_pre_load_dir(tmp_path):
 @pytest.mark.slow
 def test_sft_through_launcher_from_own_pretraining_run(tmp_path):
     (tmp_path / "hostfile").write_text("127.0.0.1 slots=1\n")
-    pre = tiny_yaml(tmp_path, "Aquila-pretrain-tiny.yaml", data_prefix=str(DEMO_DATA), max_steps=2, save_interval=2)
-    r = run("local_trigger_docker.sh", "--follow", "hostfile", pre, "aquila-tiny", "demo", cwd=tmp_path, env=real_env())
+    pre = tiny_yaml(tmp_path, "Aquila-pretrain-tiny.yaml", data_prefix=str(DEMO_DATA), max_steps=4, save_interval=2)
+    launch = ("local_trigger_docker.sh", "--follow", "hostfile", pre, "aquila-tiny", "demo")
+    r = run(*launch, cwd=tmp_path, env=real_env())
     assert r.returncode == 0, r.stdout + r.stderr
+    pretrain_dir = save_dir_of(r.stdout)
+    assert "load_dir auto: no checkpoint in" in r.stdout
+
+    # A crash after iteration 3: the last checkpoint is step 2. The same command again continues from it.
+    shutil.rmtree(pretrain_dir / "4")
+    (pretrain_dir / "latest_iteration.txt").write_text("2\t2\n")
+    r = run(*launch, cwd=tmp_path, env=real_env())
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert save_dir_of(r.stdout).parent == pretrain_dir.parent  # same experiment (a new run dir if the hour changed)
+    assert (
+        f"load_dir auto: resuming from {pretrain_dir / '2'}" in r.stdout and " done: 2 iterations (3-4) in " in r.stdout
+    )
     pretrain_dir = save_dir_of(r.stdout)
 
     (tmp_path / "hostfile2").write_text("127.0.0.1 slots=2\n")
@@ -41,10 +56,10 @@ def test_sft_through_launcher_from_own_pretraining_run(tmp_path):
         enable_sft_dataset_dir=str(EXAMPLES / "data"),
         max_steps=1,
         pre_load_dir=str(pretrain_dir),
-        model_name="2",
+        model_name="4",
         bmt_pre_load=True,
     )
     r = run("dist_trigger_docker.sh", "--follow", "hostfile2", sft, "aquila-tiny", "chat", cwd=tmp_path, env=real_env())
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"model 2 from {pretrain_dir / '2' / 'model.safetensors'}" in r.stdout
+    assert f"model 4 from {pretrain_dir / '4' / 'model.safetensors'}" in r.stdout
     assert (save_dir_of(r.stdout) / "1" / "model.safetensors").is_file()

@@ -33,6 +33,7 @@ from aquila.checkpoint import CONFIG_NAME, save_weights
 from aquila.config import ModelArgs
 from aquila.errors import AquilaError
 from aquila.io_utils import read_json, write_text_atomic
+from aquila.train.config import TrainConfig
 from aquila.train.distributed import Backend, DistEnv, any_rank, barrier
 
 TRACKER = "latest_iteration.txt"
@@ -188,14 +189,15 @@ def prune(save_dir: Path, keep: int, protect: set[int]) -> None:
 class Saver:
     """Everything a checkpoint needs besides the live model, optimizer and counters."""
 
-    save_dir: Path
+    cfg: TrainConfig  # save_dir, save_optim, save_rng, num_checkpoints
     backend: Backend
     model_args: ModelArgs
     tokenizer: Any | None  # has save_pretrained(dir)
-    save_optim: bool
-    save_rng: bool
-    num_checkpoints: int
     lora_config: dict | None = None  # set for LoRA runs: adapters only
+
+    @property
+    def save_dir(self) -> Path:
+        return Path(self.cfg.save_dir)
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
         env = self.backend.env
@@ -223,18 +225,18 @@ class Saver:
             if best != step and not (self.save_dir / str(best)).is_dir():
                 best = step  # the best evaluation fell between checkpoints: "best" is the newest one then
             write_text_atomic(self.save_dir / TRACKER, f"{step}\t{best}\n")
-            prune(self.save_dir, self.num_checkpoints, protect={step, best})
+            prune(self.save_dir, self.cfg.num_checkpoints, protect={step, best})
         barrier()
         return final
 
     def _write_files(self, full, tmp: Path, model: nn.Module, optimizer, state: dict[str, Any]) -> None:
         env = self.backend.env
-        if self.save_optim:  # collective first: DCP reports a failure on any rank to every rank
+        if self.cfg.save_optim:  # collective first: DCP reports a failure on any rank to every rank
             self.backend.save_optimizer(model, optimizer, tmp / OPTIM_DIR)
         if env.is_main:
             self._write_model(full, tmp)
             (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-        if self.save_rng:
+        if self.cfg.save_rng:
             (tmp / RNG_DIR).mkdir(exist_ok=True)
             torch.save(rng_state(), tmp / RNG_DIR / f"rank{env.rank}.pt")
 
@@ -255,7 +257,7 @@ class Saver:
         if error is None:
             raise AquilaError(f"cannot write checkpoint {final}: another rank failed (see its log); {kept}")
         free = shutil.disk_usage(self.save_dir).free
-        need = self.model_args.num_params() * 4 * (4 if self.save_optim else 2)  # fp32 .bin + .safetensors (+ Adam)
+        need = self.model_args.num_params() * 4 * (4 if self.cfg.save_optim else 2)  # fp32 .bin + .safetensors (+ Adam)
         raise AquilaError(
             f"cannot write checkpoint {final}: {str(error)[:200]}; it needs about {need} bytes and {free} are free"
             f" on {self.save_dir}; {kept}"

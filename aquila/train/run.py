@@ -205,9 +205,7 @@ def _train(cfg, backend, args, source, seq_length, tok, resume, resume_state, we
     if cfg.save_dir:
         if env.is_main:
             ckpt_io.clean_partials(Path(cfg.save_dir))
-        saver = ckpt_io.Saver(
-            Path(cfg.save_dir), backend, args, tok, cfg.save_optim, cfg.save_rng, cfg.num_checkpoints, lora_cfg
-        )
+        saver = ckpt_io.Saver(cfg, backend, args, tok, lora_cfg)
     train_batches = GlobalBatches(
         data.train, data.order, data.collate, cfg.batch_size, env.world_size, env.rank, cfg.gradient_accumulation_steps
     )
