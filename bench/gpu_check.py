@@ -1,289 +1,193 @@
-"""GPU check for training: versions, attention path, one bf16 training step of aquila-1b, BMTrain if present.
+"""Every CUDA check of issue 15 in one call, one table at the end (bench/gpu_check.sh wraps it on the GPU machine).
 
-    python bench/gpu_check.py                      # on a CUDA machine (bench/gpu_check.sh wraps it)
-    python bench/gpu_check.py --device cpu --model aquila-micro --seq 64 --batch 2   # CPU smoke test
+    python bench/gpu_check.py                    # on a CUDA machine: all parts, about 8 minutes
+    python bench/gpu_check.py --parts decode     # one part again (say after a fix)
+    python bench/gpu_check.py --smoke            # the same code paths with tiny shapes (CPU; tests/test_train_gpu_check.py)
 
-Prints a table; every row is measured independently and a missing optional package (flash-attn, bmtrain) or a
-failing row is reported as "absent" / "error: ...", never a crash. Nothing is downloaded.
+Parts, each in its own process under its own time limit, so a crash, an out-of-memory or a hang in one leaves the
+others' rows intact (the rows a part printed before it died are kept):
+  env      versions; which SDPA backend runs for the training and the decode shapes
+  tests    pytest -m cuda tests/test_cuda.py (bf16 vs fp32, KV cache, padded batches, fp16 scaler, int8, SDPA)
+  train    aquila-1b, seq 2048, FSDP2 bf16/fp32 mixed precision, compiled blocks: tokens/s, MFU, peak memory
+  trainer  `aquila pretrain` env_type fsdp, bf16 and fp16: 20 iterations, checkpoint, exact resume
+  decode   Aquila-7B shape bf16: batch 1 eager / compiled (reduce-overhead) vs the HBM limit, int8, batch 16
+  fit7b    Aquila-7B built on meta, FSDP2 bf16 params, one step at seq 2048 with activation checkpointing
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
-import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from gpu_check_common import ROOT, ROW_PREFIX, Budget
 
-ROWS: list[tuple[str, str]] = []
-
-
-def row(name: str, value: str) -> None:
-    ROWS.append((name, value))
-    print(f"  {name}: {value}", file=sys.stderr, flush=True)
-
-
-def guarded(name: str, fn) -> object | None:
-    try:
-        return fn()
-    except Exception as e:  # a check must never take the whole report down
-        row(name, f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
-        if os.environ.get("GPU_CHECK_TRACEBACK"):
-            traceback.print_exc()
-        return None
-
-
-def package_version(name: str) -> str:
-    try:
-        mod = importlib.import_module(name)
-    except Exception as e:
-        return f"absent ({type(e).__name__})"
-    return str(getattr(mod, "__version__", "present"))
+PARTS = ("env", "tests", "train", "trainer", "decode", "fit7b")
+BUDGET_S = {"env": 40, "tests": 80, "train": 110, "trainer": 75, "decode": 150, "fit7b": 45}  # CUDA, seconds
+SMOKE_BUDGET_S = 120  # per part on a shared CPU
+SMOKE = {
+    "train_model": "aquila-micro",
+    "train_seq": 64,
+    "train_batch": 2,
+    "warmup": 1,
+    "steps": 1,
+    "compile_backend": "eager",
+    "trainer_model": "aquila-micro",
+    "trainer_seq": 32,
+    "trainer_iters": 4,
+    "decode_model": "aquila-micro",
+    "decode_tokens": 4,
+    "fit_model": "aquila-micro",
+    "fit_seq": 64,
+}
 
 
-def versions(device) -> None:
-    import torch
-
-    row("torch", torch.__version__)
-    row("CUDA (torch build)", str(torch.version.cuda or "none (CPU build)"))
-    if device.type == "cuda":
-        row(
-            "device",
-            f"{torch.cuda.get_device_name(device)} ({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB)",
-        )
-        row("cuDNN", str(torch.backends.cudnn.version()))
-        row("NCCL", ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else "absent")
-    else:
-        row("device", "cpu (CUDA not available)")
-    row("flash-attn", package_version("flash_attn"))
-    row("bmtrain", package_version("bmtrain"))
-
-
-def attention_path(device, dtype) -> str:
-    from aquila.attention import flash_available
-
-    if flash_available(device) and dtype in (__import__("torch").float16, __import__("torch").bfloat16):
-        return "flash-attn (flash_attn_func, causal)"
-    if device.type == "cuda":
-        return "torch SDPA (flash/efficient kernel chosen by torch)"
-    return "torch SDPA (CPU)"
-
-
-def train_step(args) -> None:
-    import torch
-
-    from aquila.checkpoint import build_model
-    from aquila.config import ModelArgs
-    from aquila.train.config import TrainConfig
-    from aquila.train.distributed import apply_activation_checkpointing
-    from aquila.train.metrics import flops_per_token, measure_matmul_tflops, peak_memory_mb
-    from aquila.train.optim import build_optimizer
-
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    margs = ModelArgs.from_name(args.model)
-    seq = min(args.seq, margs.max_seq_len)
-    row("attention path", attention_path(device, dtype))
-    peak = measure_matmul_tflops(device, dtype, size=8192 if device.type == "cuda" else 512)
-    row(f"measured {str(dtype).removeprefix('torch.')} matmul peak", f"{peak:.3g} TFLOP/s")
-    model = build_model(margs, device, torch.float32, seed=0)
-    if args.checkpoint_activations:
-        apply_activation_checkpointing(model)
-    opt = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.1, adam_beta2=0.95))
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    ids = torch.randint(0, margs.vocab_size, (args.batch, seq + 1), generator=gen).to(device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-    def one_step() -> float:
-        with autocast:
-            loss = model(ids, labels=ids)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    for _ in range(args.warmup):
-        one_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = one_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / args.steps
-    tokens = args.batch * seq
-    achieved = flops_per_token(margs, seq) * tokens / dt / 1e12
-    row(
-        f"train step {args.model} {str(dtype).removeprefix('torch.')}",
-        f"batch {args.batch} x seq {seq}, {dt * 1000:.0f} ms/step, loss {loss:.3f}",
-    )
-    row("tokens/s", f"{tokens / dt:,.0f}")
-    row("MFU vs measured matmul peak", f"{achieved / peak * 100:.1f}% ({achieved:.3g} TFLOP/s achieved)")
-    if device.type == "cuda":
-        row(f"MFU vs spec {args.spec_tflops:.0f} TFLOP/s", f"{achieved / args.spec_tflops * 100:.1f}%")
-    row("peak memory", f"{peak_memory_mb(device):,.0f} MiB")
-
-
-def trainer_smoke(args) -> None:
-    """The real entry point (`aquila pretrain`) for 3 iterations on a synthetic indexed dataset: bf16 (or fp32 on
-    CPU) single process, FSDP2 in one process, and fp16 with the dynamic loss scaler (CUDA only)."""
-    import tempfile
-
-    import numpy as np
-    import torch
-
-    from aquila.config import ModelArgs
-    from aquila.data.indexed_dataset import MMapIndexedDatasetBuilder
-    from aquila.train.pretrain import main as pretrain_main
-
-    model = "aquila-tiny" if args.model == "aquila-1b" else args.model
-    vocab = ModelArgs.from_name(model).vocab_size
-    cuda = torch.cuda.is_available() and args.device.startswith("cuda")
-    with tempfile.TemporaryDirectory() as tmp:
-        prefix = os.path.join(tmp, "synth")
-        rng = np.random.default_rng(0)
-        with MMapIndexedDatasetBuilder(prefix, np.int32) as b:
-            for _ in range(200):
-                start = int(rng.integers(0, vocab))
-                b.add_document((start + np.arange(int(rng.integers(100, 400)))) % vocab)
-            b.finalize()
-        runs = [("pytorch", "bf16" if cuda else "fp32"), ("fsdp", "bf16" if cuda else "fp32"), ("pytorch", "fp16")]
-        for env_type, precision in runs:
-            name = f"trainer 3 steps {model} {env_type} {precision}"
-            if precision == "fp16" and not cuda:
-                row(name, "skipped (fp16 needs CUDA)")
-                continue
-            out = os.path.join(tmp, f"{env_type}-{precision}")
-            flags = ["--model_name", model, "--data_prefix", prefix, "--seq_length", "64", "--batch_size", "4"]
-            flags += [
-                "--max_steps",
-                "3",
-                "--log_interval",
-                "1",
-                "--save_interval",
-                "3",
-                "--lr",
-                "1e-3",
-                "--env_type",
-                env_type,
-            ]
-            flags += ["--save_dir", out, "--peak_tflops", "1", "--pytorch_device", args.device]
-            flags += ["--fp16", str(precision == "fp16"), "--bf16", str(precision == "bf16")]
-            t0 = time.perf_counter()
-            rc = pretrain_main(flags)
-            recs = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()] if rc == 0 else []
-            if rc != 0 or not recs:
-                row(name, f"error: exit status {rc}")
-            else:
-                last = recs[-1]
-                row(
-                    name,
-                    f"ok in {time.perf_counter() - t0:.1f} s, loss {recs[0]['loss']:.3f} -> {last['loss']:.3f}, loss scale {last['loss_scale']:.0f}",
-                )
-
-
-def bmtrain_step(args) -> None:
-    """env_type bmtrain on one process (torchrun) with the trainer's own code path, if bmtrain imports."""
-    try:
-        import bmtrain  # noqa: F401
-    except Exception:
-        row("BMTrain step", "absent (bmtrain not importable)")
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        row("BMTrain step", "skipped (needs CUDA)")
-        return
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "1",
-        __file__,
-        "--bmt-worker",
-    ]
-    cmd += ["--model", "aquila-tiny", "--seq", "512", "--batch", "4"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
-    line = next((x for x in res.stdout.splitlines() if x.startswith("BMT ")), None)
-    if res.returncode or line is None:
-        tail = (res.stderr.strip().splitlines() or ["no output"])[-1][:200]
-        row("BMTrain step", f"error: {tail}")
-    else:
-        r = json.loads(line[4:])
-        row("BMTrain step (aquila-tiny)", f"{r['ms']:.0f} ms/step, loss {r['loss']:.3f}")
-
-
-def bmt_worker(args) -> None:
-    import torch
-
-    from aquila.checkpoint import build_model
-    from aquila.config import ModelArgs
-    from aquila.train.config import TrainConfig
-    from aquila.train.distributed import make_backend, resolve_env
-    from aquila.train.optim import build_optimizer
-
-    cfg = TrainConfig(env_type="bmtrain", lr=1e-4)
-    env = resolve_env(cfg)
-    backend = make_backend(env, cfg)
-    backend.start()
-    margs = ModelArgs.from_name(args.model)
-    model = backend.parallelize(build_model(margs, env.device, seed=0))
-    opt = build_optimizer(model, cfg)
-    ids = torch.randint(0, margs.vocab_size, (args.batch, args.seq + 1), device=env.device)
-    times = []
-    for _ in range(4):
-        t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids, labels=ids)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    print("BMT " + json.dumps({"ms": min(times) * 1000, "loss": float(loss.detach())}), flush=True)
-
-
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of: " + ", ".join(PARTS))
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, eager compile backend (CPU smoke test)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--model", default="aquila-1b")
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--checkpoint-activations", action="store_true")
-    p.add_argument("--spec-tflops", type=float, default=989.0, help="dense bf16 spec peak (H100/H200 SXM: ~989)")
-    p.add_argument("--bmt-worker", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.bmt_worker:
-        bmt_worker(args)
-        return 0
+    p.add_argument("--total-s", type=float, default=540.0, help="wall-clock limit for all parts together")
+    p.add_argument("--budget", action="append", default=[], metavar="PART=S", help="a part's own time limit")
+    p.add_argument("--report", default=None, help="also write the table here (default: $OUT/gpu_check.md if OUT is set)")
+    p.add_argument("--spec-tflops", type=float, default=989.0, help="dense bf16 spec (H100/H200 SXM)")
+    p.add_argument("--hbm-tbps", type=float, default=4.8, help="HBM bandwidth spec (H200: 4.8 TB/s)")
+    p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--train-model", default="aquila-1b")
+    p.add_argument("--train-seq", type=int, default=2048)
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--checkpoint-activations", action="store_true", help="train part: AC from the start")
+    p.add_argument("--trainer-model", default="aquila-tiny")
+    p.add_argument("--trainer-seq", type=int, default=256)
+    p.add_argument("--trainer-iters", type=int, default=20)
+    p.add_argument("--decode-model", default="aquila-7b")
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--fit-model", default="aquila-7b")
+    p.add_argument("--fit-seq", type=int, default=2048)
+    p.add_argument("--run-part", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--part-s", type=float, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        defaults = p.parse_args([])
+        for key, value in SMOKE.items():
+            if getattr(args, key) == getattr(defaults, key):
+                setattr(args, key, value)
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        p.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    return args
+
+
+def run_part(args: argparse.Namespace) -> int:
+    """Inside a part's process: call its function; rows go to stdout."""
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(args.device)
-    t0 = time.time()
-    guarded("versions", lambda: versions(device))
-    guarded("training step", lambda: train_step(args))
-    guarded("trainer", lambda: trainer_smoke(args))
-    guarded("BMTrain step", lambda: bmtrain_step(args))
-    row("check time", f"{time.time() - t0:.0f} s")
-    width = max(len(k) for k, _ in ROWS)
-    print(f"| {'check'.ljust(width)} | result |\n|{'-' * (width + 2)}|---|")
-    for k, v in ROWS:
-        print(f"| {k.ljust(width)} | {v} |")
+    budget = Budget.of((args.part_s or 60.0) - 5)
+    if args.run_part in ("env", "tests"):
+        import gpu_check_env as mod
+    elif args.run_part in ("train", "fit7b"):
+        import gpu_check_train as mod
+    else:
+        mod = __import__(f"gpu_check_{args.run_part}")
+    getattr(mod, f"{args.run_part}_part")(args, budget)
+    return 0
+
+
+def launch(part: str, argv: list[str], limit_s: float, log) -> tuple[list[tuple[str, str]], str]:
+    """Run one part in its own process group; returns its rows and, if it did not end cleanly, why."""
+    cmd = [sys.executable, "-u", __file__, *argv, "--run-part", part, "--part-s", str(limit_s)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    rows: list[tuple[str, str]] = []
+    stderr_tail: list[str] = []
+
+    def read_stdout() -> None:
+        for line in proc.stdout:
+            if line.startswith(ROW_PREFIX):
+                r = json.loads(line[len(ROW_PREFIX) :])
+                rows.append((r["name"], r["value"]))
+                print(f"  [{part}] {r['name']}: {r['value']}", flush=True)
+            else:
+                log.write(f"[{part}] {line}")
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            log.write(f"[{part}:err] {line}")
+            stderr_tail.append(line.rstrip())
+            del stderr_tail[:-40]
+
+    readers = [threading.Thread(target=read_stdout), threading.Thread(target=read_stderr)]
+    for t in readers:
+        t.start()
+    try:
+        rc = proc.wait(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the part and anything it started (compile workers, trainer runs)
+        proc.wait()
+        rc = None
+    for t in readers:
+        t.join(timeout=10)
+    if rc is None:
+        return rows, f"error: stopped after its {limit_s:.0f} s time limit"
+    if rc != 0:
+        last = next((x for x in reversed(stderr_tail) if x.strip() and not x.startswith(" ")), "no output")
+        return rows, f"error: exit status {rc}: {last[:240]}"
+    return rows, ""
+
+
+def table(rows: list[tuple[str, str, str]]) -> str:
+    width = max([len(name) for _, name, _ in rows] + [5])
+    lines = [f"| part | {'check'.ljust(width)} | result |", f"|---|{'-' * (width + 2)}|---|"]
+    lines += [f"| {part} | {name.ljust(width)} | {value.replace('|', '/')} |" for part, name, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.run_part:
+        return run_part(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    budgets = dict(BUDGET_S)
+    if args.smoke:
+        budgets = dict.fromkeys(PARTS, SMOKE_BUDGET_S)
+    for item in args.budget:
+        part, _, seconds = item.partition("=")
+        budgets[part] = float(seconds)
+    out_dir = os.environ.get("OUT")
+    report = Path(args.report) if args.report else (Path(out_dir) / "gpu_check.md" if out_dir else None)
+    log_path = report.with_suffix(".log") if report else Path(os.devnull)
+    total = Budget.of(args.total_s)
+    all_rows: list[tuple[str, str, str]] = []
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        for part in args.parts.split(","):
+            limit = min(budgets[part], total.left())
+            if limit < 10:
+                all_rows.append((part, part, f"skipped: the {args.total_s:.0f} s total was used up"))
+                continue
+            print(f"== {part} (limit {limit:.0f} s)", flush=True)
+            t0 = time.monotonic()
+            rows, problem = launch(part, argv, limit, log)
+            all_rows += [(part, name, value) for name, value in rows]
+            if problem:
+                all_rows.append((part, f"{part} part", problem))
+            all_rows.append((part, f"{part} time", f"{time.monotonic() - t0:.0f} s"))
+    all_rows.append(("all", "total time", f"{time.monotonic() - started:.0f} s"))
+    text = table(all_rows)
+    print(text)
+    if report:
+        report.write_text(text, encoding="utf-8")
+        print(f"table written to {report}; part logs in {log_path}")
     return 0
 
 

@@ -1,0 +1,142 @@
+"""Part `decode` of bench/gpu_check.py: greedy decode speed of a randomly initialised model, gpt-fast style.
+
+Prefill and decode go through the decoding core (`aquila.inference.generate.prefill` / `decode_step`). The
+compiled step reads a fixed `kv_len` (the whole cache, masked per row), so shapes stay static and
+`mode="reduce-overhead"` can replay one CUDA graph per token. The bandwidth limit is the HBM bandwidth divided by
+the bytes of the weights (one decode step reads each once).
+"""
+
+from __future__ import annotations
+
+import time
+
+from gpu_check_common import Budget, dtype_name, error_text, guarded, row, sync
+
+PROMPT_LEN = 16
+
+
+def compile_step(backend: str, fullgraph: bool):
+    import torch
+
+    from aquila.inference.generate import decode_step
+
+    torch._dynamo.reset()  # each configuration starts clean (cache shapes and buffers differ)
+    kwargs = {"mode": "reduce-overhead"} if backend == "inductor" else {}
+    return torch.compile(decode_step, backend=backend, fullgraph=fullgraph, dynamic=False, **kwargs)
+
+
+def tokens_per_s(model, step_fn, batch: int, new_tokens: int, warmup: int, compiled: bool) -> tuple[float, float]:
+    """(tokens/s over `new_tokens` greedy steps of `batch` rows, seconds spent in the warm-up steps)."""
+    import torch
+
+    from aquila.inference.generate import model_device, prefill
+
+    device = model_device(model)
+    cache_len = -(-(PROMPT_LEN + warmup + new_tokens + 1) // 64) * 64
+    model.setup_caches(batch, cache_len)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.args.vocab_size, (batch, PROMPT_LEN), generator=gen).tolist()
+    logits = prefill(model, prompts, [0] * batch, 0)
+    tok = logits.argmax(-1)[:, None]
+    pos = torch.full((batch, 1), PROMPT_LEN, dtype=torch.long, device=device)
+
+    def one() -> None:
+        nonlocal tok
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = step_fn(model, tok, pos, model.cache_len)
+        tok = out.argmax(-1)[:, None]
+        pos.add_(1)
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        one()
+    sync(device)
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        one()
+    sync(device)
+    dt = time.perf_counter() - t0
+    model.clear_caches()
+    return batch * new_tokens / dt, warm_s
+
+
+def copy_bandwidth_tbps(device) -> float:
+    """Device-to-device copy, bytes read + written per second (best of 5), TB/s."""
+    import torch
+
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)  # 1 GiB, far past the L2
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() / best / 1e12
+
+
+def measure(name: str, model, args, batch: int, compiled: bool, limit: float | None) -> float | None:
+    """One row: tokens/s of `batch` rows, eager or compiled; a failed compile with fullgraph retries without."""
+    from aquila.inference.generate import decode_step
+
+    tokens = args.decode_tokens
+    if not compiled:
+        tps, _ = tokens_per_s(model, decode_step, batch, tokens, 3, False)
+        note = ""
+    else:
+        try:
+            tps, warm = tokens_per_s(model, compile_step(args.compile_backend, True), batch, tokens, 4, True)
+            note = f" (compile + warm-up {warm:.0f} s)"
+        except Exception as e:
+            row(f"{name} (fullgraph)", error_text(e))
+            tps, warm = tokens_per_s(model, compile_step(args.compile_backend, False), batch, tokens, 4, True)
+            note = f" (with graph breaks; compile + warm-up {warm:.0f} s)"
+    share = f", {tps / batch / limit * 100:.0f}% of the bandwidth limit" if limit and batch == 1 else ""
+    row(name, f"{tps:,.1f} tok/s{share}{note}")
+    return tps
+
+
+def decode_part(args, budget: Budget) -> None:
+    import torch
+
+    from aquila.checkpoint import build_model
+    from aquila.config import ModelArgs
+    from aquila.inference.quantize import quantize_model, weight_bytes
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16
+    margs = ModelArgs.from_name(args.decode_model)
+    model = build_model(margs, device, dtype, seed=0).eval()
+    nbytes = weight_bytes(model)
+    limit = args.hbm_tbps * 1e12 / nbytes
+    row(
+        f"decode {args.decode_model} weights",
+        f"{nbytes / 1e9:.2f} GB {dtype_name(dtype)}; limit {args.hbm_tbps} TB/s / bytes = {limit:,.0f} tok/s",
+    )
+    if cuda:
+        guarded("measured HBM copy bandwidth", lambda: row("measured HBM copy bandwidth", f"{copy_bandwidth_tbps(device):.2f} TB/s (read + write)"))
+    kind = "compiled reduce-overhead" if args.compile_backend == "inductor" else f"compiled ({args.compile_backend})"
+    plan = [
+        (f"decode bf16 b1 eager", 1, False, 20),
+        (f"decode bf16 b1 {kind} (target >= 70%)", 1, True, 120),
+        (f"decode bf16 b16 {kind}", 16, True, 90),
+    ]
+    results: dict[str, float | None] = {}
+    for name, batch, compiled, needs in plan:
+        if budget.allows(name, needs if cuda else 5):
+            results[name] = guarded(name, lambda: measure(name, model, args, batch, compiled, limit))
+    name = f"decode int8 b1 {kind} (target >= 1.6x bf16)"
+    if not budget.allows(name, 120 if cuda else 5):
+        return
+    # Embeddings stay bf16: the int8 embedding returns fp32 rows, which would make every later layer run in fp32.
+    quantize_model(model, embeddings=False)
+    int8_limit = args.hbm_tbps * 1e12 / weight_bytes(model)
+    row("decode int8 weights", f"{weight_bytes(model) / 1e9:.2f} GB; bandwidth limit {int8_limit:,.0f} tok/s")
+    tps = guarded(name, lambda: measure(name, model, args, 1, True, int8_limit))
+    bf16 = results.get(plan[1][0])
+    if tps and bf16:
+        row("decode int8 / bf16 compiled b1", f"{tps / bf16:.2f}x")
