@@ -17,7 +17,7 @@ REPO = EXAMPLES.parents[1]
 
 def tiny_yaml(proj: Path, name: str, **overrides) -> str:
     data = yaml.safe_load((EXAMPLES / name).read_text())
-    data.update(tokenizer_dir=str(EXAMPLES / "demo_tokenizer"), log_interval=1, seq_length=64, **overrides)
+    data.update({"tokenizer_dir": str(EXAMPLES / "demo_tokenizer"), "log_interval": 1, "seq_length": 64, **overrides})
     (proj / name).write_text(yaml.safe_dump(data))
     return name
 

@@ -202,6 +202,12 @@ def pretrain_yaml(proj: Path, **overrides) -> str:
                      **overrides)  # fmt: skip
 
 
+def train_env(cluster: NetnsCluster) -> dict[str, str]:
+    # One thread per process everywhere: a node's default (its CPUs / its slots) differs between 1 and 2 processes
+    # per node, and a different thread count sums matmuls in a different order (last-digit loss differences).
+    return real_env() | {"AQUILA_SSH": cluster.ssh, "OMP_NUM_THREADS": "1"}
+
+
 def losses(save_dir: Path) -> dict[int, float]:
     recs = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in recs if "loss" in r and r.get("kind", "train") == "train"}
@@ -213,7 +219,7 @@ def two_node_pretrain(cluster, tmp_path_factory):
     proj = tmp_path_factory.mktemp("pretrain")
     cfg = pretrain_yaml(proj)
     r = trigger(cluster, proj, "--follow", hostfile(proj), cfg, "aquila-tiny", "demo",
-                env=real_env() | {"AQUILA_SSH": cluster.ssh}, timeout=300)  # fmt: skip
+                env=train_env(cluster), timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     return proj, cfg, r.stdout, save_dir_of(r.stdout)
 
@@ -229,7 +235,7 @@ def test_pretrain_on_two_nodes_equals_two_processes_on_one(cluster, two_node_pre
     (tmp_path / "hostfile").write_text("127.0.0.1 slots=2\n")
     pretrain_yaml(tmp_path)
     r = cluster.run("node0", "bash", str(EXAMPLES / "local_trigger_docker.sh"), "--follow", "hostfile", cfg,
-                    "aquila-tiny", "demo", cwd=tmp_path, env=real_env(), timeout=300)  # fmt: skip
+                    "aquila-tiny", "demo", cwd=tmp_path, env=train_env(cluster), timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     one_node = losses(save_dir_of(r.stdout))
     assert sorted(one_node) == list(range(1, STEPS + 1))
@@ -241,7 +247,7 @@ def test_sft_on_two_nodes_from_the_pretrained_checkpoint(cluster, two_node_pretr
     cfg = tiny_yaml(proj, "Aquila-sft-tiny.yaml", enable_sft_dataset_dir=str(EXAMPLES / "data"), max_steps=2,
                     pre_load_dir=str(save_dir), model_name=str(STEPS), bmt_pre_load=True, tokenizer_dir=None)  # fmt: skip
     r = trigger(cluster, proj, "--follow", hostfile(proj), cfg, str(STEPS), "chat",
-                env=real_env() | {"AQUILA_SSH": cluster.ssh}, timeout=300)  # fmt: skip
+                env=train_env(cluster), timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     sft_dir = save_dir_of(r.stdout)
     assert "aquila_sft.py --not_call_launch" in r.stdout and "NODES_NUM: 2" in r.stdout
@@ -254,7 +260,7 @@ def test_lost_rank_then_resume_on_two_nodes_gives_the_uninterrupted_losses(clust
     _, _, _, reference = two_node_pretrain
     cfg = pretrain_yaml(tmp_path)
     hostfile(tmp_path)
-    env = real_env() | {"AQUILA_SSH": cluster.ssh}
+    env = train_env(cluster)
     follow = cluster.popen("node0", "bash", str(EXAMPLES / "dist_trigger_docker.sh"), "--follow", "hostfile", cfg,
                            "aquila-tiny", "demo", cwd=tmp_path, env=env)  # fmt: skip
     try:
