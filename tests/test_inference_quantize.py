@@ -97,3 +97,16 @@ def test_compiled_int8_decode_matches_eager():
     request = Request((16006, *range(1, 20)), 8)
     eager = run(DecodeBatch(model, 1, 32), [request])[0].token_ids
     assert run(DecodeBatch(model, 1, 32, compile=True), [request])[0].token_ids == eager
+
+
+@pytest.mark.parametrize("embeddings", [False, True], ids=["bf16-embedding", "int8-embedding"])
+def test_bf16_int8_model_decodes_with_a_cache_in_its_activation_dtype(embeddings):
+    """A bf16 model with int8 matrices (the GPU decode setup) gets a KV cache in the dtype its activations have:
+    bf16 rows from a bf16 embedding, fp32 from an int8 one (it was fp32 whenever the output matrix was int8)."""
+    from aquila.inference.generate import DecodeBatch, Request, run
+
+    model = quantize_model(build_model(ARGS, seed=0).to(torch.bfloat16).eval(), embeddings=embeddings)
+    out = run(DecodeBatch(model, 2, 32), [Request((16006, 5, 6), 4), Request((16006, 7), 4)])
+    assert [len(c.token_ids) for c in out] == [4, 4]
+    want = torch.float32 if embeddings else torch.bfloat16
+    assert model.layers[0].attention.kv_cache.k.dtype == want

@@ -149,7 +149,9 @@ class AquilaModel(nn.Module):
         if max_batch_size <= self.cache_batch and max_seq_len <= self.cache_len:
             return
         ref = self.output.weight
-        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.float32)
+        if dtype is None:  # the activations' dtype: the token embedding's rows (int8 ones come out in their scales')
+            emb = self.tok_embeddings
+            dtype = next(t.dtype for t in (*emb.parameters(), *emb.buffers()) if t.is_floating_point())
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(
                 max_batch_size, self.args.kv_heads, max_seq_len, self.args.head_dim, dtype, ref.device
