@@ -55,7 +55,7 @@ def host_pid(ns_pid: int, job_id: str) -> int:
 # --- the stand-in training script -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("link,user_ifname", [(0, None), (1, None), (0, "eth1")])
+@pytest.mark.parametrize("link,user_ifname", [(1, None), (0, "eth1")])  # (0, None): the real pretraining test
 def test_two_nodes_over_ssh_bind_the_hostfile_interface(cluster, proj, link, user_ifname):
     extra = {"GLOO_SOCKET_IFNAME": user_ifname} if user_ifname else {}
     r = trigger(cluster, proj, "--follow", hostfile(proj, link), "cfg.yaml", "aquila-tiny", "exp",
@@ -162,34 +162,6 @@ def test_dist_stop_stops_both_nodes_sigterm_first_and_nothing_else(cluster, proj
         bystander.wait()
 
 
-def test_lost_rank_on_node1_ends_node0_and_is_named(cluster, proj):
-    env = launcher_env(AQUILA_SSH=cluster.ssh, STUB_LOOP="1")
-    env["AQUILA_EXPORT_ENV"] = "STUB_LOOP"
-    follow = cluster.popen("node0", "bash", str(EXAMPLES / "dist_trigger_docker.sh"), "--follow", hostfile(proj),
-                           "cfg.yaml", "aquila-tiny", "exp", cwd=proj, env=env)  # fmt: skip
-    try:
-        save_dir = None
-
-        def started() -> bool:
-            nonlocal save_dir
-            found = list((proj / "checkpoints_out" / "exp").glob("*/stub/rank*.json"))
-            save_dir = found[0].parents[1] if found else None
-            return len(found) == 2
-
-        wait_for(started, 120, "both ranks to start")
-        job_id = jobs.job_id_for(save_dir)
-        rank1 = next(x for x in records(save_dir) if x["rank"] == 1)
-        os.kill(host_pid(rank1["pid"], job_id), signal.SIGKILL)
-        t0 = time.monotonic()
-        out, err = follow.communicate(timeout=60)
-        assert time.monotonic() - t0 < 30
-    finally:
-        follow.kill()
-    assert follow.returncode != 0
-    assert f"error: node 1 ({ADDRS['node1'][0]}) rank 1 (local_rank 0, exitcode -9 SIGKILL) failed" in err, err
-    wait_for(lambda: not jobs.job_processes(job_id), 20, "node0's side to end")
-
-
 # --- the real training scripts --------------------------------------------------------------------------------
 
 STEPS = 8
@@ -228,7 +200,9 @@ def test_pretrain_on_two_nodes_equals_two_processes_on_one(cluster, two_node_pre
     proj, cfg, out, save_dir = two_node_pretrain
     assert "NODES_NUM: 2" in out and "node 1: 10.211.0.2 slots=1 started" in out
     assert "--nnodes 2 --node_rank 0 --nproc_per_node 1" in out
-    assert "--nnodes 2 --node_rank 1 --nproc_per_node 1" in (save_dir / "launch" / "node1.log.txt").read_text()
+    node1_log = (save_dir / "launch" / "node1.log.txt").read_text()
+    assert "node1 node 1/2, 1 processes, master 10.211.0.1:" in node1_log and "GLOO_SOCKET_IFNAME=eth0" in node1_log
+    assert "--nnodes 2 --node_rank 1 --nproc_per_node 1" in node1_log
     assert (save_dir / "latest_iteration.txt").read_text().split()[0] == str(STEPS)
     assert (save_dir / str(STEPS) / "model.safetensors").is_file()
 
