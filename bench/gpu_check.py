@@ -28,8 +28,10 @@ from pathlib import Path
 
 from gpu_check_common import ROOT, ROW_PREFIX, Budget
 
+from aquila.io_utils import write_text_atomic
+
 PARTS = ("env", "tests", "train", "trainer", "decode", "fit7b")
-BUDGET_S = {"env": 40, "tests": 80, "train": 110, "trainer": 75, "decode": 150, "fit7b": 45}  # CUDA, seconds
+BUDGET_S = {"env": 30, "tests": 75, "train": 100, "trainer": 70, "decode": 220, "fit7b": 45}  # CUDA, seconds
 SMOKE_BUDGET_S = 120  # per part on a shared CPU
 SMOKE = {
     "train_model": "aquila-micro",
@@ -55,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--total-s", type=float, default=540.0, help="wall-clock limit for all parts together")
     p.add_argument("--budget", action="append", default=[], metavar="PART=S", help="a part's own time limit")
-    p.add_argument("--report", default=None, help="also write the table here (default: $OUT/gpu_check.md if OUT is set)")
+    p.add_argument(
+        "--report", default=None, help="also write the table here (default: $OUT/gpu_check.md if OUT is set)"
+    )
     p.add_argument("--spec-tflops", type=float, default=989.0, help="dense bf16 spec (H100/H200 SXM)")
     p.add_argument("--hbm-tbps", type=float, default=4.8, help="HBM bandwidth spec (H200: 4.8 TB/s)")
     p.add_argument("--compile-backend", default="inductor")
@@ -166,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = os.environ.get("OUT")
     report = Path(args.report) if args.report else (Path(out_dir) / "gpu_check.md" if out_dir else None)
     log_path = report.with_suffix(".log") if report else Path(os.devnull)
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
     total = Budget.of(args.total_s)
     all_rows: list[tuple[str, str, str]] = []
     started = time.monotonic()
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(all_rows)
     print(text)
     if report:
-        report.write_text(text, encoding="utf-8")
+        write_text_atomic(report, text)
         print(f"table written to {report}; part logs in {log_path}")
     return 0
 

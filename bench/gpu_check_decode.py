@@ -8,6 +8,7 @@ the bytes of the weights (one decode step reads each once).
 
 from __future__ import annotations
 
+import copy
 import time
 
 from gpu_check_common import Budget, dtype_name, error_text, guarded, row, sync
@@ -78,22 +79,31 @@ def copy_bandwidth_tbps(device) -> float:
     return 2 * src.numel() / best / 1e12
 
 
+def cudagraph_skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["inductor"].get(k, 0) for k in ("cudagraph_skips",))
+
+
 def measure(name: str, model, args, batch: int, compiled: bool, limit: float | None) -> float | None:
     """One row: tokens/s of `batch` rows, eager or compiled; a failed compile with fullgraph retries without."""
     from aquila.inference.generate import decode_step
 
     tokens = args.decode_tokens
+    note = ""
     if not compiled:
         tps, _ = tokens_per_s(model, decode_step, batch, tokens, 3, False)
-        note = ""
     else:
+        skips = cudagraph_skips()
         try:
             tps, warm = tokens_per_s(model, compile_step(args.compile_backend, True), batch, tokens, 4, True)
-            note = f" (compile + warm-up {warm:.0f} s)"
         except Exception as e:
             row(f"{name} (fullgraph)", error_text(e))
             tps, warm = tokens_per_s(model, compile_step(args.compile_backend, False), batch, tokens, 4, True)
-            note = f" (with graph breaks; compile + warm-up {warm:.0f} s)"
+            note = "; with graph breaks"
+        note += f"; compile + warm-up {warm:.0f} s"
+        if cudagraph_skips() > skips:
+            note += "; CUDA graphs SKIPPED (see the part log)"
     share = f", {tps / batch / limit * 100:.0f}% of the bandwidth limit" if limit and batch == 1 else ""
     row(name, f"{tps:,.1f} tok/s{share}{note}")
     return tps
@@ -118,25 +128,30 @@ def decode_part(args, budget: Budget) -> None:
         f"{nbytes / 1e9:.2f} GB {dtype_name(dtype)}; limit {args.hbm_tbps} TB/s / bytes = {limit:,.0f} tok/s",
     )
     if cuda:
-        guarded("measured HBM copy bandwidth", lambda: row("measured HBM copy bandwidth", f"{copy_bandwidth_tbps(device):.2f} TB/s (read + write)"))
+        guarded(
+            "measured HBM copy bandwidth",
+            lambda: row("measured HBM copy bandwidth", f"{copy_bandwidth_tbps(device):.2f} TB/s (read + write)"),
+        )
     kind = "compiled reduce-overhead" if args.compile_backend == "inductor" else f"compiled ({args.compile_backend})"
-    plan = [
-        (f"decode bf16 b1 eager", 1, False, 20),
-        (f"decode bf16 b1 {kind} (target >= 70%)", 1, True, 120),
-        (f"decode bf16 b16 {kind}", 16, True, 90),
-    ]
+    # Most wanted first; each one only when the part's time budget still holds it.
+    bf16_b1 = f"decode bf16 b1 {kind} (target >= 70%)"
+    int8_b1 = f"decode int8 b1 {kind} (target >= 1.6x bf16)"
+    seconds = {"eager": 20, "compiled": 70} if cuda else {"eager": 5, "compiled": 5}
     results: dict[str, float | None] = {}
-    for name, batch, compiled, needs in plan:
-        if budget.allows(name, needs if cuda else 5):
-            results[name] = guarded(name, lambda: measure(name, model, args, batch, compiled, limit))
-    name = f"decode int8 b1 {kind} (target >= 1.6x bf16)"
-    if not budget.allows(name, 120 if cuda else 5):
-        return
-    # Embeddings stay bf16: the int8 embedding returns fp32 rows, which would make every later layer run in fp32.
-    quantize_model(model, embeddings=False)
-    int8_limit = args.hbm_tbps * 1e12 / weight_bytes(model)
-    row("decode int8 weights", f"{weight_bytes(model) / 1e9:.2f} GB; bandwidth limit {int8_limit:,.0f} tok/s")
-    tps = guarded(name, lambda: measure(name, model, args, 1, True, int8_limit))
-    bf16 = results.get(plan[1][0])
-    if tps and bf16:
-        row("decode int8 / bf16 compiled b1", f"{tps / bf16:.2f}x")
+
+    def one(name: str, m, batch: int, compiled: bool, lim: float) -> None:
+        if budget.allows(name, seconds["compiled" if compiled else "eager"]):
+            results[name] = guarded(name, lambda: measure(name, m, args, batch, compiled, lim))
+
+    one("decode bf16 b1 eager", model, 1, False, limit)
+    one(bf16_b1, model, 1, True, limit)
+    if budget.allows(int8_b1, seconds["compiled"]):
+        # A quantized copy; embeddings stay bf16: int8 embedding rows come out fp32 and would make every layer fp32.
+        int8 = quantize_model(copy.deepcopy(model), embeddings=False)
+        int8_limit = args.hbm_tbps * 1e12 / weight_bytes(int8)
+        row("decode int8 weights", f"{weight_bytes(int8) / 1e9:.2f} GB; bandwidth limit {int8_limit:,.0f} tok/s")
+        one(int8_b1, int8, 1, True, int8_limit)
+        del int8
+        if results.get(int8_b1) and results.get(bf16_b1):
+            row("decode int8 / bf16 compiled b1", f"{results[int8_b1] / results[bf16_b1]:.2f}x")
+    one(f"decode bf16 b16 {kind}", model, 16, True, limit)

@@ -132,7 +132,18 @@ def tests_part(args, budget: Budget) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "cuda.xml"
-        cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-rs", "-q", "-p", "no:cacheprovider"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "cuda",
+            "tests/test_cuda.py",
+            "-rs",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ]
         cmd += [f"--junitxml={xml}", "-o", "junit_family=xunit1"]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(budget.left(), 1))

@@ -8,9 +8,9 @@ fp32 master weights and optimizer state, bf16 compute, fp32 gradient reduction (
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from gpu_check_common import Budget, dtype_name, free_cuda, guarded, peak_gib, reset_peak, row, sync
+from gpu_check_common import Budget, dtype_name, error_text, free_cuda, peak_gib, reset_peak, row, sync
 
 
 @dataclass(frozen=True)
@@ -139,16 +139,29 @@ def train_part(args, budget: Budget) -> None:
         args.checkpoint_activations,
         args.compile_backend,
     )
-    try:
-        run_speed(setup, args.warmup, args.steps, peak, args.spec_tflops)
-    except torch.OutOfMemoryError:
-        if setup.checkpoint_activations:
-            raise
-        row("train (no activation checkpointing)", "out of memory: retrying with activation checkpointing")
+    # Out of memory: again with activation checkpointing; a compile failure: again with eager blocks.
+    for _ in range(3):
+        name = (
+            f"train {setup.model} ({'AC, ' if setup.checkpoint_activations else ''}{setup.compile_backend or 'eager'})"
+        )
+        try:
+            run_speed(setup, args.warmup, args.steps, peak, args.spec_tflops)
+            return
+        except torch.OutOfMemoryError:
+            if setup.checkpoint_activations:
+                row(name, f"out of memory at batch {setup.batch} x seq {setup.seq}")
+                return
+            row(name, "out of memory: again with activation checkpointing")
+            setup = replace(setup, checkpoint_activations=True)
+        except Exception as e:
+            if not setup.compile_backend:
+                raise
+            row(name, error_text(e) + "; again with eager blocks")
+            setup = replace(setup, compile_backend=None)
         free_cuda()
-        if budget.allows("train with activation checkpointing", 60):
-            setup = TrainSetup(**{**setup.__dict__, "checkpoint_activations": True})
-            guarded("train with activation checkpointing", lambda: run_speed(setup, 2, args.steps, peak, args.spec_tflops))
+        torch._dynamo.reset()
+        if not budget.allows(f"train {setup.model} retry", 45):
+            return
 
 
 def fit_once(s: TrainSetup, fused: bool) -> None:
@@ -192,7 +205,7 @@ def fit7b_part(args, budget: Budget) -> None:
 
     start_process_group(args.device)
     base = TrainSetup(args.fit_model, args.device, args.fit_seq, 1, "bfloat16", True, None)
-    attempts = [(base, False), (base, True), (TrainSetup(**{**base.__dict__, "offload": True}), True)]
+    attempts = [(base, False), (base, True), (replace(base, offload=True), True)]
     for setup, fused in attempts:
         name = f"fit {setup.model} ({'fused AdamW' if fused else 'library AdamW'}{', CPU offload' if setup.offload else ''})"
         if not budget.allows(name, 30):

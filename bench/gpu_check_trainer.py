@@ -82,7 +82,11 @@ def run_precision(base: dict, precision: str, work: Path, iters: int, budget: Bu
         raise RuntimeError(f"metrics.jsonl lacks iterations {missing[:5]}")
     diff = max(abs(a[s][0] - b[s][0]) for s in steps)
     same_scale = all(a[s][1] == b[s][1] for s in steps)
-    verdict = "exact" if diff == 0 and same_scale else f"max |dloss| {diff:.3g}, loss scales {'equal' if same_scale else 'DIFFER'}"
+    verdict = (
+        "exact"
+        if diff == 0 and same_scale
+        else f"max |dloss| {diff:.3g}, loss scales {'equal' if same_scale else 'DIFFER'}"
+    )
     row(
         name,
         f"ok in {seconds:.0f} s: loss {a[1][0]:.3f} -> {a[iters][0]:.3f}, loss scale {a[iters][1]:g},"

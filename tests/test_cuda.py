@@ -36,7 +36,8 @@ def device() -> torch.device:
 
 
 def tiny_model(device: torch.device, dtype: torch.dtype = torch.float32):
-    return build_model(TINY, device, torch.float32, seed=0).to(dtype).eval()
+    """Seeded on the CPU (CUDA's generator draws other numbers), then moved: the same weights on both devices."""
+    return build_model(TINY, "cpu", torch.float32, seed=0).to(device, dtype).eval()
 
 
 def random_ids(shape: tuple[int, ...], device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -54,12 +55,12 @@ def test_bf16_logits_match_fp32(device, record_property):
     ids = random_ids((2, 128), device)
     ref = tiny_model(device)(ids)["logits"]
     err = rel_err(tiny_model(device, torch.bfloat16)(ids)["logits"], ref)
-    cpu = build_model(TINY, "cpu", torch.float32, seed=0).eval()(ids.cpu())["logits"]
+    cpu = tiny_model(torch.device("cpu"))(ids.cpu())["logits"]
     cpu_err = rel_err(ref.cpu(), cpu)
     record_property("bf16 rel err", f"{err:.2e} (tol {BF16_REL_TOL})")
     record_property("fp32 vs CPU rel err", f"{cpu_err:.1e} (tol {FP32_REL_TOL})")
     assert err < BF16_REL_TOL
-    assert cpu_err < FP32_REL_TOL  # same weights (seeded init on the device) and fp32 matmuls without TF32
+    assert cpu_err < FP32_REL_TOL  # same weights, fp32 matmuls without TF32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -188,7 +189,10 @@ def test_sdpa_fused_backend_for_bf16_attention(device, record_property):
     fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
     mask = torch.ones(2, 1, 1, 64, dtype=torch.bool, device=device)
     mask[..., 40:] = False
-    cases = {"causal": ((2, 8, 128, 64), (2, 8, 128, 64), None, True), "masked": ((2, 8, 1, 64), (2, 8, 64, 64), mask, False)}
+    cases = {
+        "causal": ((2, 8, 128, 64), (2, 8, 128, 64), None, True),
+        "masked": ((2, 8, 1, 64), (2, 8, 64, 64), mask, False),
+    }
     for name, (qs, kvs, m, causal) in cases.items():
         q, k, v = (torch.randn(s, device=device, dtype=torch.bfloat16, generator=gen) for s in (qs, kvs, kvs))
         with sdpa_kernel([SDPBackend.MATH]):
