@@ -190,3 +190,28 @@ def test_sigterm_to_one_of_two_ranks_stops_both_on_the_same_step(tmp_path):
     assert status != 0 and f"exitcode  : {PREEMPTED_EXIT}" in text, text
     resume = lambda: torchrun(["--yaml_config", str(cfg)]).returncode  # noqa: E731
     _check_preempted_then_resume(tmp_path, text, resume, "a stop signal to another rank")  # rank 0 logs
+
+
+def test_sigusr1_before_the_first_step_saves_step_0_and_resume_matches(tmp_path, monkeypatch, capsys):
+    import contextlib
+
+    from aquila.train.loop import StopFlag
+
+    real = StopFlag.installed
+
+    @contextlib.contextmanager
+    def installed_then_signalled(self):
+        with real(self):
+            os.kill(os.getpid(), signal.SIGUSR1)  # the real handler, before iteration 1
+            yield self
+
+    monkeypatch.setattr(StopFlag, "installed", installed_then_signalled)
+    assert _pretrain(tmp_path, max_steps=3) == PREEMPTED_EXIT
+    out = capsys.readouterr().out
+    assert f"stopped by SIGUSR1 at iteration 0: checkpoint {tmp_path / 'out' / '0'}; exit status 75" in out
+    assert checkpointing.verify_checkpoint(tmp_path / "out" / "0")
+
+    monkeypatch.setattr(StopFlag, "installed", real)
+    assert _pretrain(tmp_path, max_steps=3) == 0
+    assert _pretrain(tmp_path, "ref.yaml", max_steps=3, save_dir=str(tmp_path / "ref")) == 0
+    assert losses(tmp_path / "out") == losses(tmp_path / "ref")

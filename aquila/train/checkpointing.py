@@ -231,7 +231,7 @@ class Saver:
 
     def _write_files(self, full, tmp: Path, model: nn.Module, optimizer, state: dict[str, Any]) -> None:
         env = self.backend.env
-        if self.cfg.save_optim:  # collective first: DCP reports a failure on any rank to every rank
+        if self.cfg.save_optim and state["optimizer_state"]:  # collective first: DCP reports a failure to every rank
             self.backend.save_optimizer(model, optimizer, tmp / OPTIM_DIR)
         if env.is_main:
             self._write_model(full, tmp)

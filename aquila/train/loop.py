@@ -76,6 +76,7 @@ class Trainer:
     state: TrainState
     stop: StopFlag = field(default_factory=StopFlag)
     last_tokens: float = 0.0  # tokens (padding included) in the last global batch, for tokens/s and MFU
+    last_save: tuple[int, Path] | None = None  # (step, path) of the last checkpoint this process wrote
 
     @property
     def env(self) -> DistEnv:
@@ -155,25 +156,30 @@ class Trainer:
             "env_type": self.env.env_type,
             "total_iterations": self.total_steps,
             "loss_scale": self.scaler.state_dict(),
+            # False before the first optimizer step: DCP would fake a step to save an empty Adam state
+            "optimizer_state": bool(self.optimizer.state),
             "nan_skipped_total": s.nan_total,
             "best_eval_loss": s.best_eval_loss,
             "best_iteration": s.best_iteration,
         }
 
     def save(self) -> Path | None:
+        """Write a checkpoint of the current step, once (a later call at the same step returns its path)."""
         if self.saver is None:
             return None
-        path = self.saver.save(self.state.step, self.model, self.optimizer, self.checkpoint_state())
-        self.logger.message(f" saved checkpoint {path}")
-        return path
+        if self.last_save is None or self.last_save[0] != self.state.step:
+            path = self.saver.save(self.state.step, self.model, self.optimizer, self.checkpoint_state())
+            self.logger.message(f" saved checkpoint {path}")
+            self.last_save = (self.state.step, path)
+        return self.last_save[1]
 
     def fit(self) -> TrainState:
         cfg, s = self.cfg, self.state
-        saved_at = s.step
+        start = s.step
         bad_samples: list[str] = []
         while s.step < self.total_steps:
             if any_rank(self.stop.signal_name is not None, self.env):  # every rank stops on the same step
-                return self._stop(saved_at)
+                return self._stop()
             step = s.step
             loss, norm, status = self.train_step(step)
             s.step += 1
@@ -212,16 +218,15 @@ class Trainer:
                 self._eval()
             if s.step % cfg.save_interval == 0:
                 self.save()
-                saved_at = s.step
-        if saved_at != s.step:
+        if s.step > start:
             self.save()
         return s
 
-    def _stop(self, saved_at: int) -> TrainState:
+    def _stop(self) -> TrainState:
         s = self.state
         s.stopped_by = self.stop.signal_name or "a stop signal to another rank"
         self.logger.message(f" {s.stopped_by}: stopping at iteration {s.step} and saving a checkpoint")
-        path = self.save() if saved_at != s.step else self.saver and self.saver.save_dir / str(s.step)
+        path = self.save()
         where = f"checkpoint {path}" if path else "no checkpoint (save_dir is not set)"
         self.logger.message(f" stopped by {s.stopped_by} at iteration {s.step}: {where}; exit status {PREEMPTED_EXIT}")
         return s

@@ -263,7 +263,7 @@ def _restore(cfg, backend, model, optimizer, scaler, state: TrainState, ckpt: Pa
     state.step = saved["iteration"]
     state.consumed_samples = saved["consumed_samples"] if cfg.resume_dataset else 0
     state.best_eval_loss, state.best_iteration = saved.get("best_eval_loss"), saved.get("best_iteration")
-    if cfg.load_optim:
+    if cfg.load_optim and saved.get("optimizer_state", True):
         backend.load_optimizer(model, optimizer, ckpt / ckpt_io.OPTIM_DIR)
         scaler.load_state_dict(saved.get("loss_scale") or {"scale": scaler.scale, "good_steps": 0})
     notes = [f"resumed from {ckpt} at iteration {state.step}"]
