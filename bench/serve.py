@@ -8,7 +8,8 @@ directory with the demo tokenizer. Output rows of ids the demo tokenizer cannot 
 so greedy decoding emits text for every token and never stops early; the weights read per step are unchanged.
 Every client streams `/v1/completions` with the same prompt, `max_tokens` and temperature 0. Reported: total
 generated tokens/s over the wall time of the round, p50/p95 time to first token (request sent -> first text) and
-inter-token latency (gaps between a client's text chunks). Each round is bounded (`--timeout`); a refused request
+inter-token latency (gaps between a client's text chunks), and the server process's CPU time per generated token
+(less sensitive than wall time to other jobs on a shared machine). Each round is bounded (`--timeout`); a refused request
 (429/503) is counted, never retried.
 """
 
@@ -81,6 +82,11 @@ class Server:
                 time.sleep(0.3)
         raise SystemExit("server did not start in 180 s")
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the server process so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -116,7 +122,8 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-async def round_of(url: str, clients: int, max_tokens: int, timeout: float) -> dict:
+async def round_of(server: Server, clients: int, max_tokens: int, timeout: float) -> dict:
+    url, cpu = server.url, server.cpu_s()
     async with httpx.AsyncClient(timeout=timeout) as client:
         start = time.perf_counter()
         results = await asyncio.wait_for(
@@ -124,10 +131,12 @@ async def round_of(url: str, clients: int, max_tokens: int, timeout: float) -> d
         )
         wall = time.perf_counter() - start
     ok = [r for r in results if r["status"] == 200]
+    tokens = sum(r["tokens"] for r in ok)
     ttft = [r["times"][0] - r["sent"] for r in ok if r["times"]]
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
     return {
-        "tok_s": sum(r["tokens"] for r in ok) / wall,
+        "tok_s": tokens / wall,
+        "cpu_ms": (server.cpu_s() - cpu) / max(tokens, 1) * 1e3,
         "ttft50": percentile(ttft, 50),
         "ttft95": percentile(ttft, 95),
         "itl50": percentile(itl, 50),
@@ -178,16 +187,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model(Path(tmp))
         header = f"{'server':<16}{'clients':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p95':>10}{'ITL p50':>9}{'ITL p95':>9}"
-        print(header + f"{'refused':>9}")
+        print(header + f"{'refused':>9}{'server CPU ms/token':>21}")
         for label, max_batch in (("batching (16)", 16), ("--max-batch 1", 1)):
             server = Server(model_dir, max_batch, max_queue=max(counts))
             try:
-                asyncio.run(round_of(server.url, 1, 4, a.timeout))  # warm-up
+                asyncio.run(round_of(server, 1, 4, a.timeout))  # warm-up
                 for n in counts:
-                    r = asyncio.run(round_of(server.url, n, a.max_tokens, a.timeout))
+                    r = asyncio.run(round_of(server, n, a.max_tokens, a.timeout))
                     print(
                         f"{label:<16}{n:>8}{r['tok_s']:>9.1f}{r['ttft50'] * 1e3:>8.0f}ms{r['ttft95'] * 1e3:>8.0f}ms"
-                        f"{r['itl50'] * 1e3:>7.0f}ms{r['itl95'] * 1e3:>7.0f}ms{r['refused']:>9}",
+                        f"{r['itl50'] * 1e3:>7.0f}ms{r['itl95'] * 1e3:>7.0f}ms{r['refused']:>9}{r['cpu_ms']:>21.1f}",
                         flush=True,
                     )
                 if a.soak and max_batch > 1:
