@@ -215,3 +215,37 @@ def test_sigusr1_before_the_first_step_saves_step_0_and_resume_matches(tmp_path,
     assert _pretrain(tmp_path, max_steps=3) == 0
     assert _pretrain(tmp_path, "ref.yaml", max_steps=3, save_dir=str(tmp_path / "ref")) == 0
     assert losses(tmp_path / "out") == losses(tmp_path / "ref")
+
+
+FULL_DISK_ON_RANK_0 = """
+import errno, os, sys
+from pathlib import Path
+import aquila.train.checkpointing as ck
+real = ck.save_weights
+def full(state, directory):
+    if Path(directory).name == ".4.partial":
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(directory) / "model.safetensors"))
+    real(state, directory)
+ck.save_weights = full  # only rank 0 writes the weights: rank 1 must learn of the failure, not hang
+from aquila.train.pretrain import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_full_disk_on_one_rank_stops_both_without_a_hang(tmp_path):
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK_ON_RANK_0)
+    cfg = write_yaml(tmp_path / "c.yaml", pretrain_config(tmp_path, max_steps=4, save_interval=2, env_type="fsdp"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    res = subprocess.run(
+        [*cmd, "--yaml_config", str(cfg)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode != 0 and "exitcode  : 2" in res.stderr, res.stderr[-3000:]
+    out = tmp_path / "out"
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"cannot write checkpoint {out / '4'}: [Errno 28] No space left on device" in errors[0]
+    assert (out / "latest_iteration.txt").read_text().split()[0] == "2"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["2"]
+    assert checkpointing.verify_checkpoint(out / "2")
