@@ -130,3 +130,23 @@ def test_bad_model_config_values():
         ModelArgs(dim=64, n_heads=5)
     with pytest.raises(AquilaError, match="unknown model name"):
         ModelArgs.from_name("aquila-8b")
+
+
+def test_rotary_eager_complex_path_matches_real_arithmetic(monkeypatch):
+    from aquila.model.aquila_model import apply_rotary, rotary_tables
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, generator=gen, requires_grad=True)
+    cos, sin = rotary_tables(torch.arange(5).expand(2, 5) + 3, 8, 10000.0)
+    grad = torch.randn(2, 5, 3, 8, generator=gen)
+    eager = apply_rotary(x, cos, sin)
+    (eager_grad,) = torch.autograd.grad(eager, x, grad)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the route torch.compile traces
+    real = apply_rotary(x, cos, sin)
+    (real_grad,) = torch.autograd.grad(real, x, grad)
+    torch.testing.assert_close(eager, real, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(eager_grad, real_grad, atol=1e-6, rtol=1e-6)
+    # A rotation: norms of each pair are kept, and position 0 is the identity.
+    torch.testing.assert_close(eager.unflatten(-1, (-1, 2)).norm(dim=-1), x.unflatten(-1, (-1, 2)).norm(dim=-1))
+    cos0, sin0 = rotary_tables(torch.zeros(2, 5, dtype=torch.long), 8, 10000.0)
+    torch.testing.assert_close(apply_rotary(x, cos0, sin0), x)

@@ -36,8 +36,13 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (2j, 2j+1) of x [b, s, h, d], as FlagAI/Meta do, with real arithmetic."""
+    """Rotate adjacent pairs (2j, 2j+1) of x [b, s, h, d], as FlagAI/Meta do."""
     xf = x.float().unflatten(-1, (-1, 2))
+    if not torch.compiler.is_compiling():
+        # Eager: one complex multiply, forward and backward (8x less CPU time in training than the real ops
+        # below, whose select/stack backward passes allocate and copy). Inductor has no complex codegen.
+        rotated = torch.view_as_complex(xf) * torch.complex(cos, sin)
+        return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).to(x.dtype)
