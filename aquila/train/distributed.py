@@ -42,10 +42,6 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
-
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
