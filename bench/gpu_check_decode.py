@@ -79,6 +79,24 @@ def copy_bandwidth_tbps(device) -> float:
     return 2 * src.numel() / best / 1e12
 
 
+def core_tokens_per_s(model, new_tokens: int) -> float:
+    """Batch-1 greedy generation through DecodeBatch, as `aquila generate` and the server run it (eager)."""
+    import torch
+
+    from aquila.inference.generate import DecodeBatch, Request, run
+
+    gen = torch.Generator().manual_seed(1)
+    request = Request(tuple(torch.randint(0, model.args.vocab_size, (PROMPT_LEN,), generator=gen).tolist()), new_tokens)
+    batch = DecodeBatch(model, 1, PROMPT_LEN + new_tokens + 1)
+    run(batch, [Request(request.prompt, 2)])  # warm-up
+    sync(model.output.weight.device)
+    t0 = time.perf_counter()
+    done = run(batch, [request])[0]
+    sync(model.output.weight.device)
+    model.clear_caches()
+    return len(done.token_ids) / (time.perf_counter() - t0)
+
+
 def cudagraph_skips() -> int:
     from torch._dynamo.utils import counters
 
@@ -144,6 +162,9 @@ def decode_part(args, budget: Budget) -> None:
             results[name] = guarded(name, lambda: measure(name, m, args, batch, compiled, lim))
 
     one("decode bf16 b1 eager", model, 1, False, limit)
+    core = "decode bf16 b1 DecodeBatch (generate's path, eager)"
+    if budget.allows(core, seconds["eager"]):
+        guarded(core, lambda: row(core, f"{core_tokens_per_s(model, args.decode_tokens):,.1f} tok/s (prompt included)"))
     one(bf16_b1, model, 1, True, limit)
     if budget.allows(int8_b1, seconds["compiled"]):
         # A quantized copy; embeddings stay bf16: int8 embedding rows come out fp32 and would make every layer fp32.

@@ -50,7 +50,12 @@ def shard(model, s: TrainSetup):
             block.compile(backend=s.compile_backend, dynamic=False)
     kwargs = {
         "mesh": init_device_mesh(torch.device(s.device).type, (1,)),
-        "mp_policy": MixedPrecisionPolicy(param_dtype=getattr(torch, s.compute_dtype), reduce_dtype=torch.float32),
+        # cast_forward_inputs=False: the blocks' rotary tables (cos, sin) stay fp32; the hidden states are already
+        # bf16 (the embedding's parameters are). With the default cast they become bf16 and the eager rotary's
+        # torch.complex(cos, sin) refuses them.
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=getattr(torch, s.compute_dtype), reduce_dtype=torch.float32, cast_forward_inputs=False
+        ),
     }
     if s.offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
