@@ -452,6 +452,9 @@ def test_node_interface_is_the_one_holding_the_hostfile_address(tmp_path):
         pick("10.9.9.9")
     with pytest.raises(AquilaError, match="is loopback on .*, which the other hosts cannot reach"):
         pick("127.0.0.1")
+    # a name that does not resolve here (an ssh alias) or only to loopback: no binding, a warning
+    assert pick("no-such-host.invalid") == "" and pick("localhost", multi_host=False) == "lo"
+    assert pick("localhost") == ""
 
 
 TORCHRUN_REPORT = """Root Cause (first observed failure):

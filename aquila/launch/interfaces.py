@@ -10,6 +10,7 @@ import ipaddress
 import re
 import socket
 import subprocess
+import sys
 
 from aquila.errors import AquilaError
 from aquila.launch.hostfile import Node
@@ -51,12 +52,31 @@ def _is_loopback_or_link_local(address: str) -> bool:
     return ip.is_loopback or ip.is_link_local
 
 
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address.split("%")[0])
+        return True
+    except ValueError:
+        return False
+
+
 def node_interface(hostfile: str, node: Node, multi_host: bool, ip_output: str | None = None) -> str:
-    """The interface of this machine that holds `node`'s hostfile address; a one-line error if there is none."""
+    """The interface of this machine that holds `node`'s hostfile address; a one-line error if there is none.
+
+    A host name that does not resolve here (an ssh alias) or resolves only to loopback here (Debian's 127.0.1.1
+    line) says nothing about the interface: then "" (the libraries choose) and a warning."""
     by_address = interface_addresses(ip_output)
     loopback = next((name for addr, name in by_address.items() if ipaddress.ip_address(addr).is_loopback), "lo")
     where = f"hostfile {hostfile} line {node.line}: node {node.rank} address {node.address}"
     ips = _resolve(node.address)
+    if not _is_ip(node.address) and multi_host and all(ip.is_loopback for ip in ips):
+        seen = f"resolves only to {', '.join(map(str, ips))}" if ips else "does not resolve"
+        print(
+            f"warning: {where} {seen} on {socket.gethostname()}; GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME are left "
+            f"to you (use the node's IP address in the hostfile to have them set)",
+            file=sys.stderr,
+        )
+        return ""
     found = []
     for ip in ips:
         name = loopback if ip.is_loopback else by_address.get(str(ip).lower())

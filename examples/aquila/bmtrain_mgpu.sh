@@ -61,8 +61,10 @@ fi
 # Threads per process: the node's CPUs shared among its processes, unless set. Collectives bind the interface
 # that holds this node's hostfile address (not whatever the host name resolves to), unless set.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$DEFAULT_OMP_THREADS}"
-export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$SOCKET_IFNAME}"
-export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-$SOCKET_IFNAME}"
+if [[ -n "$SOCKET_IFNAME" ]]; then
+  export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$SOCKET_IFNAME}"
+  export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-$SOCKET_IFNAME}"
+fi
 export WANDB_MODE="${WANDB_MODE:-offline}"
 export WANDB_DIR
 
@@ -95,6 +97,6 @@ cmd=("${TORCHRUN[@]}" --nnodes "$NODES_NUM" --node_rank "$NODE_RANK" --nproc_per
   --lr "$LR" --warm_up "$WARMUP_RATE" --weight_decay "$WEIGHT_DECAY" --adam_beta1 0.9 --adam_beta2 0.95
   --save_dir "$SAVE_DIR" --pre_load_dir "$PRE_LOAD_DIR" --experiment_name "$EXP_NAME" --model_name "$MODEL_NAME"
   --wandb_dir "$WANDB_DIR" --yaml_config "$CONFIG")
-echo "[$(date '+%F %T')] $(hostname) node $NODE_RANK/$NODES_NUM, $NPROC_PER_NODE processes, master $MASTER_ADDR:$MASTER_PORT, job $AQUILA_JOB_ID, GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME"
+echo "[$(date '+%F %T')] $(hostname) node $NODE_RANK/$NODES_NUM, $NPROC_PER_NODE processes, master $MASTER_ADDR:$MASTER_PORT, job $AQUILA_JOB_ID, GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-(unset)}"
 echo "+ ${cmd[*]}"
 "${cmd[@]}"
