@@ -1,11 +1,11 @@
 """Build the demo pretraining data `examples/indexed_dataset/data/demo_text_document.{bin,idx}`.
 
-The main job (`make demo`) has about two minutes of 2-core pretraining: ~150k tokens for an 11M-parameter model.
+The main job (`make demo`) has about two minutes of 2-core pretraining: ~250k tokens for an 11M-parameter model.
 Spread over the whole demo corpus that teaches little more than frequent characters and punctuation, so the demo
-data is a small fixed slice of it, about 20k tokens, which the model sees several times and visibly learns:
+data is a small fixed slice of it, about 3k tokens, which the model sees ~80 times and visibly learns:
   zh   the first People's Daily documents of 1 January 1998 (the New Year speeches), 4 paragraphs each;
   en   the first BBC News business articles that are plain ASCII (others carry mis-decoded pound signs);
-  code a few short modules of the running Python's standard library.
+  code the running Python's `bisect.py`.
 Documents are tokenized by `aquila preprocess` with the demo tokenizer (examples/aquila/demo_tokenizer) and wrapped
 [BOS] ... [EOS] like FlagAI's; the ids are demo-tokenizer ids (FlagAI shipped GPT-2 ids here by mistake).
 """
@@ -32,8 +32,8 @@ from aquila.io_utils import atomic_path  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "examples" / "indexed_dataset" / "data" / "demo"
 TOKENIZER = ROOT / "examples" / "aquila" / "demo_tokenizer"
-ZH_DOCS = 8
-EN_DOCS = 4
+ZH_DOCS = 4
+EN_DOCS = 3
 CODE_MODULES = ("bisect.py",)
 
 

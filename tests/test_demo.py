@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from aquila.inference.predictor import TextAssembler
 from aquila.tokenizer import Tokenizer
@@ -36,16 +37,16 @@ def test_demo_pipeline_pretrain_sft_chat_plot(tmp_path):
     (tmp_path / "two.jsonl").write_text("".join(json.dumps(chat[i], ensure_ascii=False) + "\n" for i in (1, 2)))
     data = str(REPO / "examples" / "indexed_dataset" / "data" / "demo_text_document")
     pre = tiny_yaml(tmp_path, "Aquila-pretrain-tiny.yaml", data_prefix=data, max_steps=2, save_interval=2)
-    sft = tiny_yaml(
-        tmp_path, "Aquila-sft-tiny.yaml", enable_sft_dataset_dir=str(tmp_path), enable_sft_dataset_file="two.jsonl",
-        epochs=SFT_EPOCHS, batch_size=2, lr=3.0e-3, seq_length=128,
-    )  # fmt: skip
+    sft = yaml.safe_load((EXAMPLES / "Aquila-sft-tiny.yaml").read_text())
+    sft.update(enable_sft_dataset_dir=str(tmp_path), enable_sft_dataset_file="two.jsonl", epochs=SFT_EPOCHS)
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(sft))
     env = real_env()
-    env.update(AQUILA_DEMO_HOME=str(tmp_path), AQUILA_DEMO_PRETRAIN_YAML=pre, AQUILA_DEMO_SFT_YAML=sft)
+    env.update(AQUILA_DEMO_HOME=str(tmp_path), AQUILA_DEMO_PRETRAIN_YAML=pre, AQUILA_DEMO_SFT_YAML="sft.yaml")
     r = subprocess.run(["bash", str(EXAMPLES / "run_demo.sh")], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     report = r.stdout.split("== 3/4", 1)[1]
-    assert len(re.findall(r"pretraining: [\d.]+ -> [\d.]+ +SFT: [\d.]+ -> [\d.]+", r.stdout)) == 1
+    summary = r"first -> last iteration: pretraining: [\d.]+ -> [\d.]+ \(2 iterations\) +SFT: [\d.]+ -> [\d.]+ \("
+    assert re.search(summary, r.stdout) and r.stdout.count("first -> last") == 1, r.stdout
     assert "2/2 answers are exactly the trained ones" in report, report
     assert not any(token in report for token in ("[CLS]", "</s>", "<|endoftext|>", "[SEP]", "[PAD]", "[UNK]"))
     plots = re.findall(r"^wrote (.*metrics\.png)$", r.stdout, re.M)

@@ -24,7 +24,7 @@ from aquila.errors import AquilaError
 from aquila.io_utils import read_yaml
 
 # Beginnings of demo-corpus documents (scripts/build_demo_dataset.py): People's Daily, BBC News, Python.
-PROMPTS = ["同胞们、朋友们、", "在１９９８年来临之际，", "Quarterly profits at US media giant", "def insort_left("]
+PROMPTS = ["环顾全球，", "同胞们、朋友们、", "Jobs growth still", "def bisect_right("]
 CONTINUATION_CHARS = 40
 DONE_LINE = re.compile(r"done: (\d+) iterations .*\| first loss ([\d.]+) \| last loss ([\d.]+)")
 

@@ -18,8 +18,8 @@ PRETRAIN_YAML="${AQUILA_DEMO_PRETRAIN_YAML:-Aquila-pretrain-tiny.yaml}"
 SFT_YAML="${AQUILA_DEMO_SFT_YAML:-Aquila-sft-tiny.yaml}"
 PY="${AQUILA_PYTHON:-python}"
 
-latest_run() {  # the newest <version> directory of an experiment
-  find "checkpoints_out/$1" -mindepth 1 -maxdepth 1 -type d -name "[0-9]*" | sort | tail -n 1
+latest_run() {  # the newest <version> directory of an experiment (absolute path)
+  find "$PWD/checkpoints_out/$1" -mindepth 1 -maxdepth 1 -type d -name "[0-9]*" | sort | tail -n 1
 }
 
 rm -rf "checkpoints_out/$EXP" "checkpoints_out/$SFT_EXP"
@@ -27,14 +27,14 @@ rm -rf "checkpoints_out/$EXP" "checkpoints_out/$SFT_EXP"
 echo "== 1/4 pretraining: bash dist_trigger_docker.sh --follow hostfile $PRETRAIN_YAML aquila-tiny $EXP"
 bash "$SCRIPT_DIR/dist_trigger_docker.sh" --follow hostfile "$PRETRAIN_YAML" aquila-tiny "$EXP"
 PRETRAIN_RUN="$(latest_run "$EXP")"
-STEP="$(head -n 1 "$PRETRAIN_RUN/latest_iteration.txt" | tr -d '[:space:]')"
+read -r STEP _ <"$PRETRAIN_RUN/latest_iteration.txt"  # "<step>\t<step>" (FlagAI's tracker)
 
 # This run's SFT YAML: the given one, pointed at the pretraining checkpoint (whose tokenizer comes with it).
 mkdir -p "checkpoints_out/$SFT_EXP"
 RUN_SFT_YAML="checkpoints_out/$SFT_EXP/$(basename "$SFT_YAML")"
 {
   grep -v -E '^(model_name|bmt_pre_load|pre_load_dir|tokenizer_dir):' "$SFT_YAML"
-  echo "pre_load_dir: $PWD/$PRETRAIN_RUN"
+  echo "pre_load_dir: $PRETRAIN_RUN"
   echo "model_name: \"$STEP\""
   echo "bmt_pre_load: True"
 } >"$RUN_SFT_YAML"
