@@ -238,18 +238,22 @@ def test_lost_rank_then_resume_on_two_nodes_gives_the_uninterrupted_losses(clust
     follow = cluster.popen("node0", "bash", str(EXAMPLES / "dist_trigger_docker.sh"), "--follow", "hostfile", cfg,
                            "aquila-tiny", "demo", cwd=tmp_path, env=env)  # fmt: skip
     try:
-        trackers = "checkpoints_out/demo/*/latest_iteration.txt"
-        wait_for(lambda: any(tmp_path.glob(trackers)), 240, "the first checkpoint")
-        tracker = next(tmp_path.glob(trackers))
-        save_dir = tracker.parent
+        wait_for(lambda: any(tmp_path.glob("checkpoints_out/demo/*/launch/job.env")), 60, "the job to start")
+        save_dir = next(tmp_path.glob("checkpoints_out/demo/*/launch/job.env")).parents[1]
         job_id = jobs.job_id_for(save_dir)
-        # node1's training process (the python under torchrun there), killed as a crash or the OOM killer would.
-        workers = [p for p in jobs.job_processes(job_id)
-                   if "aquila_pretrain.py" in Path(f"/proc/{p}/cmdline").read_text()
-                   and "torchrun" not in Path(f"/proc/{p}/cmdline").read_text()
-                   and Path(f"/proc/{p}/environ").read_bytes().find(b"GROUP_RANK=1\0") >= 0]  # fmt: skip
-        assert len(workers) == 1, workers
-        os.kill(workers[0], signal.SIGKILL)
+
+        def node1_worker() -> list[int]:  # the python under torchrun on node1
+            return [p for p in jobs.job_processes(job_id)
+                    if "aquila_pretrain.py" in (cmd := Path(f"/proc/{p}/cmdline").read_text()) and "torchrun" not in cmd
+                    and b"GROUP_RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]  # fmt: skip
+
+        wait_for(lambda: len(node1_worker()) == 1, 120, "node1's training process")
+        [worker] = node1_worker()
+        tracker = save_dir / "latest_iteration.txt"
+        deadline = time.monotonic() + 240
+        while not tracker.exists() and time.monotonic() < deadline:  # kill right after the first checkpoint
+            time.sleep(0.02)
+        os.kill(worker, signal.SIGKILL)  # as a crash or the OOM killer would
         t0 = time.monotonic()
         out, err = follow.communicate(timeout=120)
         assert time.monotonic() - t0 < 60
@@ -261,11 +265,10 @@ def test_lost_rank_then_resume_on_two_nodes_gives_the_uninterrupted_losses(clust
     done = int(tracker.read_text().split()[0])
     assert done < STEPS, "the job finished before the kill; nothing was tested"
 
-    # The same command again resumes from the last checkpoint on both nodes.
-    pretrain_yaml(tmp_path, load_dir=str(save_dir))
+    # The same command again resumes from the last complete checkpoint on both nodes (load_dir: auto).
     r = trigger(cluster, tmp_path, "--follow", "hostfile", cfg, "aquila-tiny", "demo", env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"{save_dir}/{done}" in r.stdout
+    assert f"load_dir auto: resuming from {save_dir}/{done}" in r.stdout
     resumed, uninterrupted = losses(save_dir_of(r.stdout)), losses(reference)
     assert {s: resumed[s] for s in range(done + 1, STEPS + 1)} == {
         s: uninterrupted[s] for s in range(done + 1, STEPS + 1)
