@@ -31,7 +31,7 @@ from gpu_check_common import ROOT, ROW_PREFIX, Budget
 from aquila.io_utils import write_text_atomic
 
 PARTS = ("env", "tests", "train", "trainer", "decode", "fit7b")
-BUDGET_S = {"env": 30, "tests": 75, "train": 100, "trainer": 70, "decode": 220, "fit7b": 45}  # CUDA, seconds
+BUDGET_S = {"env": 30, "tests": 75, "train": 100, "trainer": 90, "decode": 200, "fit7b": 45}  # CUDA, seconds
 SMOKE_BUDGET_S = 120  # per part on a shared CPU
 SMOKE = {
     "train_model": "aquila-micro",

@@ -45,6 +45,7 @@ def result(table: str, check: str) -> str:
     raise AssertionError(f"no row {check!r} in:\n{table}")
 
 
+@pytest.mark.slow
 def test_cuda_tests_skip_with_a_reason_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the cuda tests run instead of skipping")
