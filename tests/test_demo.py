@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aquila.inference.predictor import TextAssembler
+from aquila.inference.text import TextAssembler
 from aquila.tokenizer import Tokenizer
 from tests.test_launcher import EXAMPLES
 from tests.test_launcher_train import REPO, real_env, tiny_yaml
