@@ -1,4 +1,4 @@
-# Quick start:  make demo   (venv + install + tiny pretraining through the launcher + generation)
+# Quick start:  make demo   (venv + install + the model card's workflow on a tiny model: pretrain, SFT, chat, plot)
 #               make test   (venv + install with test extras + ruff + pytest)
 PYTHON ?= python3
 VENV   ?= .venv
