@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from aquila.data.indexed_dataset import MMapIndexedDataset
+from aquila.errors import AquilaError
 from aquila.inference.text import TextAssembler
 from aquila.tokenizer import Tokenizer
 from tests.test_launcher import EXAMPLES
@@ -51,3 +54,33 @@ def test_demo_pipeline_pretrain_sft_chat_plot(tmp_path):
     assert not any(token in report for token in ("[CLS]", "</s>", "<|endoftext|>", "[SEP]", "[PAD]", "[UNK]"))
     plots = re.findall(r"^wrote (.*metrics\.png)$", r.stdout, re.M)
     assert len(plots) == 2 and all(Path(p).is_file() for p in plots)
+
+
+def load_report():
+    spec = importlib.util.spec_from_file_location("demo_report", EXAMPLES / "demo_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_prompts_are_in_the_demo_data_and_questions_have_answers():
+    report = load_report()
+    tok = Tokenizer.from_pretrained(DEMO_TOKENIZER)
+    data = MMapIndexedDataset(str(REPO / "examples" / "indexed_dataset" / "data" / "demo_text_document"))
+    docs = [tok.decode(data[i], skip_special_tokens=True) for i in range(len(data))]
+    assert all(report.corpus_continuation(docs, prompt, 20) for prompt in report.PROMPTS)
+    pairs = report.trained_pairs(EXAMPLES / "data" / "demo_chat.jsonl")
+    assert len(pairs) == 8 and ("What is the capital of France?", "The capital of France is Paris.") in pairs
+    assert sum(any("\u4e00" <= c <= "\u9fff" for c in q) for q, _ in pairs) == 4  # half of the questions Chinese
+
+
+def test_report_loss_summary_is_the_trainers_done_line(tmp_path):
+    report = load_report()
+    with pytest.raises(AquilaError, match=r"x\.yaml\.log\.txt: not found"):
+        report.first_last_loss(tmp_path, Path("x.yaml"))
+    log = tmp_path / "x.yaml.log.txt"
+    log.write_text(" iteration 500/ 500 | loss 1.1E+00\n")
+    with pytest.raises(AquilaError, match="no 'done: "):
+        report.first_last_loss(tmp_path, Path("x.yaml"))
+    log.write_text(" done: 500 iterations (1-500) in 604.4s | first loss 9.7385 | last loss 0.3301\n")
+    assert report.first_last_loss(tmp_path, Path("x.yaml")) == (9.7385, 0.3301, 500)
