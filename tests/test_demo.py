@@ -84,3 +84,11 @@ def test_report_loss_summary_is_the_trainers_done_line(tmp_path):
         report.first_last_loss(tmp_path, Path("x.yaml"))
     log.write_text(" done: 500 iterations (1-500) in 604.4s | first loss 9.7385 | last loss 0.3301\n")
     assert report.first_last_loss(tmp_path, Path("x.yaml")) == (9.7385, 0.3301, 500)
+
+
+def test_demo_refuses_an_experiment_name_that_is_a_path(tmp_path):
+    env = real_env() | {"AQUILA_DEMO_HOME": str(tmp_path), "AQUILA_DEMO_EXP": "../x"}
+    (tmp_path / "checkpoints_out" / "keep").mkdir(parents=True)
+    r = subprocess.run(["bash", str(EXAMPLES / "run_demo.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: AQUILA_DEMO_EXP '../x'") and r.stderr.count("\n") == 1
+    assert (tmp_path / "checkpoints_out" / "keep").is_dir()

@@ -22,6 +22,10 @@ latest_run() {  # the newest <version> directory of an experiment (absolute path
   find "$PWD/checkpoints_out/$1" -mindepth 1 -maxdepth 1 -type d -name "[0-9]*" | sort | tail -n 1
 }
 
+[[ "$EXP" =~ ^[A-Za-z0-9._-]+$ && "$EXP" != . && "$EXP" != .. ]] || {
+  echo "error: AQUILA_DEMO_EXP '$EXP' may only contain letters, digits, '.', '_' and '-'" >&2
+  exit 2
+}
 rm -rf "checkpoints_out/$EXP" "checkpoints_out/$SFT_EXP"
 
 echo "== 1/4 pretraining: bash dist_trigger_docker.sh --follow hostfile $PRETRAIN_YAML aquila-tiny $EXP"
