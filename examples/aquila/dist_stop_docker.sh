@@ -25,17 +25,30 @@ hosts="$("$PY" -m aquila.launch hosts --hostfile "$HOSTFILE")" || exit 2
 eval "$hosts"  # NODE_ADDRS NODE_LOCAL
 read -r -a SSH <<<"${AQUILA_SSH:-ssh -o BatchMode=yes -o ConnectTimeout=10}"
 
-rc=0
+# All nodes at once: a trainer that got SIGTERM stops at a step boundary agreed with the other nodes' ranks, so
+# one node's stop must not wait for the next node to be told.
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+started=()
 done_local=0
 for i in "${!NODE_ADDRS[@]}"; do
   if [[ "${NODE_LOCAL[$i]}" == 1 ]]; then
     [[ "$done_local" == 1 ]] && continue
     done_local=1
-    "$PY" -m aquila.launch stop --job-id "$JOB_ID" || rc=1
+    "$PY" -m aquila.launch stop --job-id "$JOB_ID" >"$out/$i.out" 2>"$out/$i.err" &
   else
     remote="cd $(printf '%q' "$PROJ_HOME") && AQUILA_PYTHON=$(printf '%q' "$PY") \
       AQUILA_STOP_TIMEOUT=$(printf '%q' "${AQUILA_STOP_TIMEOUT:-15}") bash $(printf '%q' "$SCRIPT_DIR/local_stop_docker.sh") --job-id $(printf '%q' "$JOB_ID")"
-    "${SSH[@]}" "${NODE_ADDRS[$i]}" "$remote" </dev/null || { echo "error: could not reach ${NODE_ADDRS[$i]}" >&2; rc=1; }
+    { "${SSH[@]}" "${NODE_ADDRS[$i]}" "$remote" </dev/null || { echo "error: could not reach ${NODE_ADDRS[$i]}" >&2; exit 1; }; } \
+      >"$out/$i.out" 2>"$out/$i.err" &
   fi
+  started+=("$i:$!")
+done
+rc=0
+for entry in "${started[@]}"; do
+  i="${entry%%:*}"
+  wait "${entry#*:}" || rc=1
+  cat "$out/$i.out"
+  cat "$out/$i.err" >&2
 done
 exit "$rc"
