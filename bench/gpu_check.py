@@ -78,11 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fit-seq", type=int, default=2048)
     p.add_argument("--run-part", default=None, help=argparse.SUPPRESS)
     p.add_argument("--part-s", type=float, default=None, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    if args.smoke:
-        defaults = p.parse_args([])
+    if args.smoke:  # tiny shapes, except where a flag says otherwise
         for key, value in SMOKE.items():
-            if getattr(args, key) == getattr(defaults, key):
+            flag = "--" + key.replace("_", "-")
+            if not any(a == flag or a.startswith(flag + "=") for a in argv):
                 setattr(args, key, value)
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:

@@ -134,6 +134,7 @@ def decode_part(args, budget: Budget) -> None:
     from aquila.config import ModelArgs
     from aquila.inference.quantize import quantize_model, weight_bytes
 
+    torch._logging.set_logs(perf_hints=True)  # inductor's reasons for skipping CUDA graphs go to the part log
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16

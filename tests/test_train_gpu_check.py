@@ -131,12 +131,22 @@ def test_a_failing_part_keeps_the_other_rows():
     )
 
 
-def test_a_part_past_its_time_limit_is_stopped():
+def import_gpu_check():
     sys.path.insert(0, str(BENCH))
     try:
         import gpu_check
     finally:
         sys.path.remove(str(BENCH))
+    return gpu_check
+
+
+def test_smoke_shapes_yield_to_explicit_flags():
+    args = import_gpu_check().parse_args(["--smoke", "--compile-backend", "inductor", "--decode-tokens=9"])
+    assert (args.compile_backend, args.decode_tokens, args.train_model) == ("inductor", 9, "aquila-micro")
+
+
+def test_a_part_past_its_time_limit_is_stopped():
+    gpu_check = import_gpu_check()
     rows, problem = gpu_check.launch("env", ["--smoke"], 0.3, io.StringIO())
     assert rows == [] and problem == "error: stopped after its 0 s time limit"
 
