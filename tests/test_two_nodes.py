@@ -180,6 +180,20 @@ def train_env(cluster: NetnsCluster) -> dict[str, str]:
     return real_env() | {"AQUILA_SSH": cluster.ssh, "OMP_NUM_THREADS": "1"}
 
 
+def trainers(job_id: str, group_rank: int | None = None) -> list[int]:
+    """The job's training processes (the python under torchrun), on every node or on node `group_rank`."""
+    marker = f"GROUP_RANK={group_rank}\0".encode()
+    return [p for p in jobs.job_processes(job_id)
+            if "aquila_pretrain.py" in (cmd := Path(f"/proc/{p}/cmdline").read_text()) and "torchrun" not in cmd
+            and (group_rank is None or marker in Path(f"/proc/{p}/environ").read_bytes())]  # fmt: skip
+
+
+def sigterm_pending(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    pending = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("ShdPnd:", "SigPnd:"))]
+    return any(mask & (1 << (signal.SIGTERM - 1)) for mask in pending)
+
+
 def losses(save_dir: Path) -> dict[int, float]:
     recs = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in recs if "loss" in r and r.get("kind", "train") == "train"}
@@ -242,13 +256,8 @@ def test_lost_rank_then_resume_on_two_nodes_gives_the_uninterrupted_losses(clust
         save_dir = next(tmp_path.glob("checkpoints_out/demo/*/launch/job.env")).parents[1]
         job_id = jobs.job_id_for(save_dir)
 
-        def node1_worker() -> list[int]:  # the python under torchrun on node1
-            return [p for p in jobs.job_processes(job_id)
-                    if "aquila_pretrain.py" in (cmd := Path(f"/proc/{p}/cmdline").read_text()) and "torchrun" not in cmd
-                    and b"GROUP_RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]  # fmt: skip
-
-        wait_for(lambda: len(node1_worker()) == 1, 120, "node1's training process")
-        [worker] = node1_worker()
+        wait_for(lambda: len(trainers(job_id, group_rank=1)) == 1, 120, "node1's training process")
+        [worker] = trainers(job_id, group_rank=1)
         tracker = save_dir / "latest_iteration.txt"
         deadline = time.monotonic() + 240
         while not tracker.exists() and time.monotonic() < deadline:  # kill right after the first checkpoint
@@ -265,10 +274,44 @@ def test_lost_rank_then_resume_on_two_nodes_gives_the_uninterrupted_losses(clust
     done = int(tracker.read_text().split()[0])
     assert done < STEPS, "the job finished before the kill; nothing was tested"
 
-    # The same command again resumes from the last complete checkpoint on both nodes (load_dir: auto).
+    # The same command again resumes from the last complete checkpoint on both nodes (load_dir: auto) ...
+    follow = cluster.popen("node0", "bash", str(EXAMPLES / "dist_trigger_docker.sh"), "--follow", "hostfile", cfg,
+                           "aquila-tiny", "demo", cwd=tmp_path, env=env)  # fmt: skip
+    try:
+        first_job = job_id
+        wait_for(lambda: jobs.job_id_for(jobs.find_save_dir(tmp_path, "demo", None)) != first_job, 60, "the rerun")
+        save_dir = jobs.find_save_dir(tmp_path, "demo", None)  # the same one unless the hour changed meanwhile
+        job_id = jobs.job_id_for(save_dir)
+        wait_for(lambda: len(trainers(job_id)) == 2, 120, "both training processes")
+        both = trainers(job_id)
+        tracker = save_dir / "latest_iteration.txt"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and (not tracker.exists() or int(tracker.read_text().split()[0]) <= done):
+            time.sleep(0.02)
+        # ... and is stopped gracefully by dist_stop_docker.sh: both trainers are frozen so that its SIGTERM
+        # arrives before the run can finish, then let go; they stop at the same step and write a checkpoint.
+        for pid in both:
+            os.kill(pid, signal.SIGSTOP)
+        stop = cluster.popen("node0", "bash", str(EXAMPLES / "dist_stop_docker.sh"), "hostfile", "demo", cwd=tmp_path,
+                             env=env | {"AQUILA_STOP_TIMEOUT": "120"})  # fmt: skip
+        wait_for(lambda: all(sigterm_pending(pid) for pid in both), 60, "dist_stop's SIGTERM to both trainers")
+        for pid in both:
+            os.kill(pid, signal.SIGCONT)
+        stop_out, stop_err = stop.communicate(timeout=180)
+        out, _ = follow.communicate(timeout=120)
+    finally:
+        follow.kill()
+    assert stop.returncode == 0, stop_out + stop_err
+    assert "node0: stopped job" in stop_out and "node1: stopped job" in stop_out and "SIGKILL" not in stop_out
+    stopped_at = int(tracker.read_text().split()[0])
+    assert done < stopped_at < STEPS
+    assert f"SIGTERM: stopping at iteration {stopped_at} and saving a checkpoint" in out
+    assert f"stopped by SIGTERM at iteration {stopped_at}: checkpoint {save_dir}/{stopped_at}; exit status 75" in out
+
+    # ... and the same command once more finishes; every loss after the kill equals the uninterrupted run's.
     r = trigger(cluster, tmp_path, "--follow", "hostfile", cfg, "aquila-tiny", "demo", env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"load_dir auto: resuming from {save_dir}/{done}" in r.stdout
+    assert f"load_dir auto: resuming from {save_dir}/{stopped_at}" in r.stdout
     resumed, uninterrupted = losses(save_dir_of(r.stdout)), losses(reference)
     assert {s: resumed[s] for s in range(done + 1, STEPS + 1)} == {
         s: uninterrupted[s] for s in range(done + 1, STEPS + 1)
