@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -298,7 +299,7 @@ def test_lost_rank_then_resume_on_two_nodes_gives_the_uninterrupted_losses(clust
         for pid in both:
             os.kill(pid, signal.SIGCONT)
         stop_out, stop_err = stop.communicate(timeout=180)
-        out, _ = follow.communicate(timeout=120)
+        out, err = follow.communicate(timeout=120)
     finally:
         follow.kill()
     assert stop.returncode == 0, stop_out + stop_err
@@ -307,6 +308,9 @@ def test_lost_rank_then_resume_on_two_nodes_gives_the_uninterrupted_losses(clust
     assert done < stopped_at < STEPS
     assert f"SIGTERM: stopping at iteration {stopped_at} and saving a checkpoint" in out
     assert f"stopped by SIGTERM at iteration {stopped_at}: checkpoint {save_dir}/{stopped_at}; exit status 75" in out
+    assert re.search(
+        r"error: node (0|1) \(10\.211\.0\.[12]\) rank \1 \(local_rank 0, exitcode 75\) was stopped", err
+    ), err
 
     # ... and the same command once more finishes; every loss after the kill equals the uninterrupted run's.
     r = trigger(cluster, tmp_path, "--follow", "hostfile", cfg, "aquila-tiny", "demo", env=env, timeout=300)

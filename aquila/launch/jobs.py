@@ -275,7 +275,8 @@ def follow(
         failed = {r: c for r, c in codes.items() if c}
         times = {r: (ldir / f"node{r}.exit").stat().st_mtime for r in failed}
         culprit = _culprit(failed, {r: _read_log(node_log(r)) for r in failed}, times)
-        return fail(culprit, failed[culprit], "failed")
+        code = failed[culprit]
+        return fail(culprit, code, "was stopped (SIGTERM, e.g. by dist_stop_docker.sh)" if code == 143 else "failed")
 
     while True:
         pump()
