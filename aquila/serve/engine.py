@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -81,7 +82,12 @@ class Engine:
         self.admit()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        job = Job(request, lambda kind, value: loop.call_soon_threadsafe(queue.put_nowait, (kind, value)), self.limits.max_time_s)  # fmt: skip
+
+        def emit(kind: str, value: Any) -> None:  # called on the scheduler's thread
+            with contextlib.suppress(RuntimeError):  # the event loop has closed (server shutting down)
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+        job = Job(request, emit, self.limits.max_time_s)
         self.scheduler.submit(job)
         try:
             kind, value = await queue.get()
