@@ -43,7 +43,7 @@ else
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-# gpu_check.py keeps its parts within --total-s (540 s by default); this outer limit only catches a hang of its own.
+# gpu_check.py keeps its parts within --total-s (480 s by default); this outer limit only catches a hang of its own.
 timeout 575 "$PY" bench/gpu_check.py "$@"
 rc=$?
 [[ $rc -eq 124 ]] && echo "bench/gpu_check.py ran past 575 s and was stopped"

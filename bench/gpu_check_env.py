@@ -123,6 +123,16 @@ def junit_rows(path: Path) -> int:
     return bad
 
 
+def verbose_outcomes(out: str) -> list[tuple[str, str]]:
+    """(test name, passed/failed/skipped/error) from `pytest -v` lines of the tests that finished."""
+    found = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].startswith("tests/test_cuda.py::"):
+            found.append((parts[0].split("::", 1)[1], parts[1].lower()))
+    return found
+
+
 def tests_part(args, budget: Budget) -> None:
     """`pytest -m cuda tests/test_cuda.py`; the image's pytest, or one carried in .whl/ (bench/gpu_check.sh)."""
     try:
@@ -132,21 +142,18 @@ def tests_part(args, budget: Budget) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "cuda.xml"
-        cmd = [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-m",
-            "cuda",
-            "tests/test_cuda.py",
-            "-rs",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-        ]
-        cmd += [f"--junitxml={xml}", "-o", "junit_family=xunit1"]
+        cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-rs", "-v"]
+        cmd += ["-p", "no:cacheprovider", f"--junitxml={xml}", "-o", "junit_family=xunit1"]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(budget.left(), 1))
+        try:
+            res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(budget.left(), 1))
+        except subprocess.TimeoutExpired as e:  # no junit file then: the verbose lines say how far it got
+            out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
+            sys.stderr.write(out[-6000:])
+            for name, outcome in verbose_outcomes(out):
+                row(f"cuda test {name}", outcome)
+            row("cuda tests", f"error: pytest stopped after {e.timeout:.0f} s (the part's time limit)")
+            return
         sys.stderr.write(res.stdout[-6000:] + res.stderr[-2000:])
         if not xml.is_file():
             tail = (res.stdout + res.stderr).strip().splitlines() or ["no output"]

@@ -16,7 +16,7 @@ from tests.train_helpers import REPO
 BENCH = REPO / "bench"
 
 
-def gpu_check(*flags: str, timeout: int = 400) -> str:
+def gpu_check(*flags: str, timeout: int = 900) -> str:
     res = subprocess.run(
         [sys.executable, "bench/gpu_check.py", "--smoke", *flags],
         cwd=REPO,
@@ -140,6 +140,24 @@ def import_gpu_check():
     return gpu_check
 
 
+def test_cuda_tests_cut_short_keep_the_finished_outcomes():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from gpu_check_env import verbose_outcomes
+    finally:
+        sys.path.remove(str(BENCH))
+    out = (
+        "collected 10 items\n"
+        "tests/test_cuda.py::test_bf16_logits_match_fp32 PASSED                  [ 10%]\n"
+        "tests/test_cuda.py::test_kv_cache_decode_equals_full_forward[fp32] FAILED [ 20%]\n"
+        "tests/test_cuda.py::test_compiled_decode_step_matches_eager "
+    )
+    assert verbose_outcomes(out) == [
+        ("test_bf16_logits_match_fp32", "passed"),
+        ("test_kv_cache_decode_equals_full_forward[fp32]", "failed"),
+    ]
+
+
 def test_smoke_shapes_yield_to_explicit_flags():
     args = import_gpu_check().parse_args(["--smoke", "--compile-backend", "inductor", "--decode-tokens=9"])
     assert (args.compile_backend, args.decode_tokens, args.train_model) == ("inductor", 9, "aquila-micro")
@@ -151,8 +169,14 @@ def test_a_part_past_its_time_limit_is_stopped():
     assert rows == [] and problem == "error: stopped after its 0 s time limit"
 
 
-def test_unknown_part_is_refused():
-    res = subprocess.run(
-        [sys.executable, "bench/gpu_check.py", "--parts", "env,gpu"], cwd=REPO, capture_output=True, text=True
-    )
-    assert res.returncode == 2 and "--parts: unknown gpu" in res.stderr
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--parts", "env,gpu"], "--parts: unknown gpu"),
+        (["--budget", "decode=soon"], "--budget 'decode=soon': expected PART=SECONDS"),
+        (["--budget", "gpu=10"], "--budget 'gpu=10': expected PART=SECONDS"),
+    ],
+)
+def test_bad_flags_are_refused(flags, message):
+    res = subprocess.run([sys.executable, "bench/gpu_check.py", *flags], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2 and message in res.stderr
