@@ -1,0 +1,39 @@
+"""The decoding core's batch of rows: chunked prompts beside running rows, rows freed and reused."""
+
+import torch
+
+from aquila.checkpoint import build_model
+from aquila.inference.generate import DecodeBatch, Request, run
+from aquila.inference.sampling import SamplingParams
+from tests.conftest import tiny_args
+
+
+def test_a_long_prompt_is_read_in_chunks_while_running_rows_keep_decoding():
+    torch.manual_seed(0)
+    model = build_model(tiny_args(max_seq_len=64), seed=0).eval()
+    running = Request((1, 2, 3), 30)
+    long = Request(tuple(range(5, 35)), 5)  # 30 prompt tokens, read 8 per step
+    batch = DecodeBatch(model, 2, 64, prefill_tokens=8)
+    first = batch.add(running)
+    batch.step()
+    second = batch.add(long)
+    steps_until_second_speaks = 0
+    while not second.completion.token_ids:
+        out = batch.step()
+        steps_until_second_speaks += 1
+        assert any(seq is first for seq, _ in out)  # the running row got its token this step too
+    assert steps_until_second_speaks == 4  # ceil(30 / 8) steps of prompt, the last one also samples
+    while batch.seqs:
+        batch.step()
+    alone = [run(DecodeBatch(model, 1, 64), [r])[0].token_ids for r in (running, long)]
+    assert [first.completion.token_ids, second.completion.token_ids] == alone
+
+
+def test_freed_rows_are_reused_and_rows_stay_independent():
+    model = build_model(tiny_args(max_seq_len=64), seed=0).eval()
+    greedy = SamplingParams(temperature=0)
+    requests = [Request(tuple(range(1 + i, 4 + 2 * i)), 3 + 5 * (i % 3), greedy) for i in range(7)]
+    together = run(DecodeBatch(model, 3, 64), requests)  # 7 requests through 3 rows, finishing at different steps
+    alone = [run(DecodeBatch(model, 1, 64), [r])[0] for r in requests]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert all(len(c.token_ids) == r.max_new_tokens for c, r in zip(together, requests))
