@@ -11,7 +11,8 @@
 # Addresses exist only inside the namespaces: eth0 10.211.0.1 / 10.211.0.2, eth1 10.211.1.1 / 10.211.1.2.
 # Nothing system-wide changes: keys, sshd configs, pid files and known_hosts live in <state_dir>, and sshd reads
 # only its own config (no PAM). The one exception: sshd insists on /run/sshd; it is created if missing and
-# removed again by `down`. Set NETNS_PREFIX to name the namespaces <prefix>node0/<prefix>node1 instead.
+# removed again by `down` (unless some sshd still runs). Set NETNS_PREFIX to name the namespaces
+# <prefix>node0/<prefix>node1 instead.
 set -euo pipefail
 
 ME="$(basename "$0")"
@@ -29,17 +30,31 @@ node_pid() {
   cat "/proc/$upid/task/$upid/children" 2>/dev/null | awk '{print $1}'
 }
 
+sshd_running() {
+  local exe
+  for exe in /proc/[0-9]*/exe; do
+    [[ "$(readlink "$exe" 2>/dev/null)" == /usr/sbin/sshd ]] && return 0
+  done
+  return 1
+}
+
 cmd_down() {
-  local node upid
+  local node upid pids=() pid
   for node in "${NODES[@]}"; do
     upid="$(cat "$STATE/$node/unshare.pid" 2>/dev/null || true)"
     # unshare --kill-child: its death kills sshd, PID 1 of the node, and with it every process of the node.
-    [[ -n "$upid" ]] && kill -9 "$upid" 2>/dev/null || true
+    if [[ -n "$upid" ]] && grep -qa unshare "/proc/$upid/cmdline" 2>/dev/null; then
+      pids+=("$upid" $(cat "/proc/$upid/task/$upid/children" 2>/dev/null))
+      kill -9 "$upid" 2>/dev/null || true
+    fi
     ip netns del "$(ns_of "$node")" 2>/dev/null || true  # also removes the veth ends inside it
+  done
+  for pid in "${pids[@]}"; do  # gone before /run/sshd is judged unused
+    for _ in $(seq 30); do [[ -e "/proc/$pid/exe" ]] || break; sleep 0.1; done
   done
   ip link del "${PREFIX}aq0" 2>/dev/null || true  # ends left in the root namespace by a failed `up`
   ip link del "${PREFIX}aq1" 2>/dev/null || true
-  if [[ -f "$STATE/created_run_sshd" ]]; then
+  if [[ -f "$STATE/created_run_sshd" ]] && ! sshd_running; then  # another cluster's sshd may still need it
     rmdir /run/sshd 2>/dev/null || true
   fi
   # Only what `up` wrote (never a recursive delete of whatever directory was passed).
