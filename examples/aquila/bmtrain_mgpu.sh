@@ -4,7 +4,8 @@
 # Normally started by dist_trigger_docker.sh / local_trigger_docker.sh, which pass node_rank explicitly.
 # Without node_rank the hostfile line that is this machine is used. PROJ_HOME is the current directory.
 # Environment: MASTER_PORT (default 23456), SCRIPT_FILE (default aquila_pretrain.py, or aquila_sft.py for an
-# SFT YAML), AQUILA_PYTHON (the Python environment), OMP_NUM_THREADS, WANDB_MODE (default offline).
+# SFT YAML), AQUILA_PYTHON (the Python environment), OMP_NUM_THREADS, WANDB_MODE (default offline),
+# GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME (default: the interface holding this node's hostfile address).
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
