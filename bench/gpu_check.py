@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trainer-iters", type=int, default=20)
     p.add_argument("--decode-model", default="aquila-7b")
     p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument(
+        "--decode-tuning", action="store_true", help="inductor coordinate-descent tuning, as gpt-fast (longer compile)"
+    )
     p.add_argument("--fit-model", default="aquila-7b")
     p.add_argument("--fit-seq", type=int, default=2048)
     p.add_argument("--run-part", default=None, help=argparse.SUPPRESS)

@@ -135,6 +135,10 @@ def decode_part(args, budget: Budget) -> None:
     from aquila.inference.quantize import quantize_model, weight_bytes
 
     torch._logging.set_logs(perf_hints=True)  # inductor's reasons for skipping CUDA graphs go to the part log
+    if args.decode_tuning:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16
@@ -152,6 +156,7 @@ def decode_part(args, budget: Budget) -> None:
             lambda: row("measured HBM copy bandwidth", f"{copy_bandwidth_tbps(device):.2f} TB/s (read + write)"),
         )
     kind = "compiled reduce-overhead" if args.compile_backend == "inductor" else f"compiled ({args.compile_backend})"
+    kind += ", tuned" if args.decode_tuning else ""
     # Most wanted first; each one only when the part's time budget still holds it.
     bf16_b1 = f"decode bf16 b1 {kind} (target >= 70%)"
     int8_b1 = f"decode int8 b1 {kind} (target >= 1.6x bf16)"

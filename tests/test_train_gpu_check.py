@@ -90,14 +90,19 @@ def test_shell_wrapper_installs_offline_and_writes_the_table(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_env_tests_and_decode_parts():
-    table = gpu_check("--parts", "env,tests,decode")
+    table = gpu_check("--parts", "env,tests,decode", "--decode-tuning")
     assert not problems(table), table
     assert result(table, "SDPA train (causal").startswith("ran FLASH_ATTENTION")
     assert result(table, "SDPA decode (mask").startswith("ran ")
     expected = "passed" if torch.cuda.is_available() else "skipped: no CUDA device"
     assert result(table, "cuda test test_kv_cache_decode_equals_full_forward[fp32]").startswith(expected)
     assert result(table, "cuda test test_fp16_loss_scaler_skips_overflow_steps").startswith(expected)
-    for check in ("decode bf16 b1 eager", "decode bf16 b1 compiled", "decode int8 b1 compiled", "decode bf16 b16"):
+    for check in (
+        "decode bf16 b1 eager",
+        "decode bf16 b1 compiled (eager), tuned",
+        "decode int8 b1",
+        "decode bf16 b16",
+    ):
         assert " tok/s" in result(table, check), table
     assert result(table, "decode int8 / bf16 compiled b1").endswith("x")
 
