@@ -1,8 +1,9 @@
 """env_type `bmtrain`: BMTrain's ZeRO-3 wrapper, CUDA only, imported only when chosen.
 
 BMTrain is not installable on CPU machines; this path is written against BMTrain's public API
-(`init_distributed`, `BMTrainModelWrapper`, `optim.clip_grad_norm`) and is exercised by bench/gpu_check.sh
-only where bmtrain imports. FSDP2 (env_type fsdp) is the tested equivalent and the default.
+(`init_distributed`, `BMTrainModelWrapper`, `optim.clip_grad_norm`) and has not run anywhere yet: bmtrain has
+no wheel for the GPU machine's torch (bench/README.md, GPU). FSDP2 (env_type fsdp) is the tested equivalent and
+the default.
 """
 
 from __future__ import annotations
