@@ -2,7 +2,7 @@
 
 usage: python demo_report.py PRETRAIN_YAML PRETRAIN_RUN SFT_YAML SFT_RUN    (paths in the YAMLs: from the cwd)
 
-- pretraining: continuations of the beginnings of demo-corpus documents, beside what its data says next;
+- pretraining: continuations of sentence beginnings from its data, beside what the data says next;
 - SFT: the answer to each single-turn question it was trained on, beside the trained answer.
 A model this small memorises what it saw many times; it does not generalise (see README, Quick start).
 """
@@ -23,7 +23,7 @@ from aquila.data.sft import record_to_conversation
 from aquila.errors import AquilaError
 from aquila.io_utils import read_yaml
 
-# Beginnings of demo-corpus documents (scripts/build_demo_dataset.py): People's Daily, BBC News, Python.
+# Sentence beginnings from the demo data (scripts/build_demo_dataset.py): People's Daily, BBC News, bisect.py.
 PROMPTS = ["环顾全球，", "同胞们、朋友们、", "Jobs growth still", "def bisect_right("]
 CONTINUATION_CHARS = 40
 DONE_LINE = re.compile(r"done: (\d+) iterations .*\| first loss ([\d.]+) \| last loss ([\d.]+)")
