@@ -369,6 +369,14 @@ def test_official_openai_client(live_server, predictor):
         client.completions.create(model="aquila-test", prompt="Hello", max_tokens=8, top_p=0)
 
 
+def test_engine_reports_its_kv_cache_memory(app):
+    engine = app.state.engine
+    args = engine.predictor.model.args
+    per_row = args.n_layers * 2 * args.kv_heads * args.head_dim * (engine.max_len + 1) * 4  # fp32 k and v
+    assert engine.max_len == min(args.max_seq_len, LIMITS.max_prompt_tokens + LIMITS.max_new_tokens)
+    assert engine.cache_bytes() >= LIMITS.max_batch * per_row
+
+
 def test_serve_verb_rejects_bad_limits(tmp_path, capsys):
     from aquila.cli import main as cli_main
 

@@ -107,6 +107,11 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     app = create_app(load_predictor(args), limits, model_name=args.served_model_name or args.model_name)
+    engine = app.state.engine
+    print(
+        f"KV cache: {limits.max_batch} rows x {engine.max_len} positions = {engine.cache_bytes() / 2**30:.2f} GiB"
+        " (lower --max-batch or --max-prompt-tokens/--max-new-tokens to use less)"
+    )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}: reachable from other machines, without authentication")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

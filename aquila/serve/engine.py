@@ -44,6 +44,11 @@ class Engine:
         self.metrics = ServeMetrics()
         self.scheduler = Scheduler(batch, limits.queue_timeout_s, on_token=self.metrics.token)
 
+    def cache_bytes(self) -> int:
+        """Memory of the KV cache: every row holds a whole context (--max-batch x min(max_seq_len, prompt + new))."""
+        caches = [layer.attention.kv_cache for layer in self.predictor.model.layers]
+        return sum(t.numel() * t.element_size() for c in caches if c is not None for t in (c.k, c.v))
+
     def close(self) -> None:
         self.scheduler.stop()
 
