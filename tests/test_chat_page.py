@@ -65,7 +65,7 @@ def server_url(model_dir):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a loaded CI machine starts torch + uvicorn slowly
         while proc.poll() is None and time.monotonic() < deadline:
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
