@@ -155,8 +155,9 @@ def dist_worker(mode: str, vocab: int, batch: int, seq: int, steps: int) -> None
     import torch.distributed as dist
 
     from aquila.checkpoint import build_model
+    from aquila.train.backends import make_backend
     from aquila.train.config import TrainConfig
-    from aquila.train.distributed import make_backend, resolve_env
+    from aquila.train.distributed import resolve_env
     from aquila.train.optim import build_optimizer
 
     cfg = TrainConfig(env_type=mode, lr=1e-4)

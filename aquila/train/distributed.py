@@ -7,6 +7,7 @@ state dict for checkpoints and the optimizer state's files.
   pytorchDDP  DistributedDataParallel (`DDPBackend`)
   fsdp        FSDP2 `fully_shard` on every transformer block and at the root (`FSDPBackend`)
   bmtrain     BMTrain's ZeRO-3 wrapper, CUDA only (`aquila.train.bmtrain_backend.BMTrainBackend`)
+`aquila.train.backends.make_backend` picks one by env_type.
 Ranks come from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, NCCL on CUDA.
 """
 
@@ -239,11 +240,3 @@ class FSDPBackend(_ProcessGroupBackend):
 
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd if self.env.is_main else None
-
-
-def make_backend(env: DistEnv, cfg: TrainConfig) -> Backend:
-    if env.env_type == "bmtrain":
-        from aquila.train.bmtrain_backend import BMTrainBackend
-
-        return BMTrainBackend(env, cfg)
-    return {"pytorch": Backend, "pytorchDDP": DDPBackend, "fsdp": FSDPBackend}[env.env_type](env, cfg)

@@ -23,9 +23,10 @@ from aquila.config import ModelArgs
 from aquila.errors import AquilaError
 from aquila.tokenizer.files import tokenizer_file
 from aquila.train import checkpointing as ckpt_io
+from aquila.train.backends import make_backend
 from aquila.train.batches import GlobalBatches
 from aquila.train.config import TrainConfig, no_effect_notes
-from aquila.train.distributed import DistEnv, make_backend, resolve_env, shutdown
+from aquila.train.distributed import DistEnv, resolve_env, shutdown
 from aquila.train.loop import PREEMPTED_EXIT, Trainer, TrainState
 from aquila.train.metrics import MetricsLogger, flops_per_token, measure_matmul_tflops
 from aquila.train.model_source import ModelSource, locate_model
