@@ -233,7 +233,7 @@ class Predictor:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
     ) -> list[str]:
-        """predict_generate_randomsample for a list of prompts, run as one left-padded batch."""
+        """predict_generate_randomsample for a list of prompts, decoded together (one cache row each)."""
         if isinstance(texts, str) or not texts:
             raise AquilaError("texts must be a non-empty list of prompts")
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
