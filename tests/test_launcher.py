@@ -354,6 +354,18 @@ def test_single_node_two_processes(proj):
     assert (save_dir / "launch" / "node0.exit").read_text().strip() == "0"
 
 
+def test_yaml_override_warning_is_printed_once_per_launch(proj):
+    (proj / "w.yaml").write_text(f"batch_size: 2\npre_load_dir: {proj / 'checkpoints_in'}\n")
+    r = run("dist_trigger_docker.sh", "--follow", "hostfile", "w.yaml", "aquila-tiny", "exp", cwd=proj)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (r.stdout + r.stderr).count("sets pre_load_dir") == 1
+    save_dir = save_dir_of(r.stdout)
+    node = run("bmtrain_mgpu.sh", "hostfile", "w.yaml", "aquila-tiny", "exp", "by-hand", "0", cwd=proj)
+    assert node.returncode == 0, node.stdout + node.stderr
+    assert node.stderr.count("sets pre_load_dir") == 1  # started by hand: its own check warns
+    assert save_dir.is_dir()
+
+
 @pytest.mark.slow
 def test_two_local_nodes_rendezvous(proj):
     (proj / "two").write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")

@@ -23,16 +23,16 @@ def _emit(**values) -> None:
             print(f"{key}={shlex.quote(str(value))}")
 
 
-def _check_inputs(args) -> tuple[list[hf.Node], Path]:
+def _check_inputs(args, warn: bool = True) -> tuple[list[hf.Node], Path]:
     """Everything both plans validate: hostfile, YAML, model, experiment name, training script."""
     nodes = hf.parse_hostfile(args.hostfile)
     data = read_yaml(args.config)
-    # The YAML wins over the launcher's flags (FlagAI's precedence): say so when it overrides them.
+    # The YAML wins over the launcher's flags (FlagAI's precedence): say so (once) when it overrides them.
     for key, ours in (("model_name", args.model), ("experiment_name", args.exp)):
-        if key in data and str(data[key]) != ours:
+        if warn and key in data and str(data[key]) != ours:
             print(f"warning: {args.config} sets {key}: {data[key]}, which overrides {ours!r}", file=sys.stderr)
     for key in ("save_dir", "pre_load_dir", "wandb_dir"):
-        if data.get(key) is not None:
+        if warn and data.get(key) is not None:
             print(f"warning: {args.config} sets {key}: {data[key]}, which overrides the launcher's", file=sys.stderr)
     hf.check_model(str(data.get("model_name") or args.model), args.proj_home, data)
     hf.check_name("experiment name", args.exp)
@@ -83,7 +83,8 @@ def cmd_trigger_plan(args) -> int:
 
 
 def cmd_node_plan(args) -> int:
-    nodes, script = _check_inputs(args)
+    # dist_trigger_docker.sh has checked the same inputs and printed their warnings; a node started by hand has not.
+    nodes, script = _check_inputs(args, warn=os.environ.get("AQUILA_TRIGGER_CHECKED") != "1")
     if args.rank is None:
         mine = [n for n in nodes if hf.is_local_address(n.address)]
         if len(mine) != 1:

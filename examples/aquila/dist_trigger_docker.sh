@@ -66,7 +66,7 @@ echo "LOGFILE: $LOGFILE"
 # What every node's bmtrain_mgpu.sh gets in its environment (remote shells do not inherit ours): the job's
 # settings, NCCL_* GLOO_* WANDB_* TORCH_* OMP_NUM_THREADS PYTHONPATH, and the variables named in
 # AQUILA_EXPORT_ENV (space-separated, like mpirun -x).
-node_env=("AQUILA_JOB_ID=$JOB_ID" "AQUILA_PYTHON=$PY" "MASTER_PORT=$MASTER_PORT" "SCRIPT_FILE=$SCRIPT_FILE")
+node_env=("AQUILA_JOB_ID=$JOB_ID" "AQUILA_TRIGGER_CHECKED=1" "AQUILA_PYTHON=$PY" "MASTER_PORT=$MASTER_PORT" "SCRIPT_FILE=$SCRIPT_FILE")
 read -r -a exported <<<"${AQUILA_EXPORT_ENV:-}"
 while IFS= read -r name; do
   case " ${exported[*]} " in *" $name "*) node_env+=("$name=${!name}"); continue ;; esac
