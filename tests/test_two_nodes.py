@@ -186,9 +186,15 @@ def train_env(cluster: NetnsCluster) -> dict[str, str]:
 def trainers(job_id: str, group_rank: int | None = None) -> list[int]:
     """The job's training processes (the python under torchrun), on every node or on node `group_rank`."""
     marker = f"GROUP_RANK={group_rank}\0".encode()
-    return [p for p in jobs.job_processes(job_id)
-            if "aquila_pretrain.py" in (cmd := Path(f"/proc/{p}/cmdline").read_text()) and "torchrun" not in cmd
-            and (group_rank is None or marker in Path(f"/proc/{p}/environ").read_bytes())]  # fmt: skip
+    found = []
+    for p in jobs.job_processes(job_id):
+        try:  # a process listed a moment ago may have ended since (e.g. a launcher helper)
+            cmd, environ = Path(f"/proc/{p}/cmdline").read_text(), Path(f"/proc/{p}/environ").read_bytes()
+        except OSError:
+            continue
+        if "aquila_pretrain.py" in cmd and "torchrun" not in cmd and (group_rank is None or marker in environ):
+            found.append(p)
+    return found
 
 
 def sigterm_pending(pid: int) -> bool:
