@@ -36,8 +36,10 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (2j, 2j+1) of x [b, s, h, d], as FlagAI/Meta do."""
+    """Rotate adjacent pairs (2j, 2j+1) of x [b, s, h, d], as FlagAI/Meta do. The rotation runs in fp32 whatever
+    the dtypes of x and of cos/sin (FSDP2 mixed precision casts a block's float inputs, cos/sin among them, to bf16)."""
     xf = x.float().unflatten(-1, (-1, 2))
+    cos, sin = cos.float(), sin.float()  # no copy when already fp32
     if not torch.compiler.is_compiling():
         # Eager: one complex multiply, forward and backward (8x less CPU time in training than the real ops
         # below, whose select/stack backward passes allocate and copy). Inductor has no complex codegen.
@@ -134,6 +136,11 @@ class AquilaModel(nn.Module):
         self.cache_batch = 0
         self.cache_len = 0
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives (read from the final norm, which quantization and packing leave alone)."""
+        return self.norm.weight.device
+
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """FlagAI's init: every matrix N(0, initializer_range), norms at one."""
@@ -153,13 +160,12 @@ class AquilaModel(nn.Module):
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.args.max_seq_len}")
         if max_batch_size <= self.cache_batch and max_seq_len <= self.cache_len:
             return
-        ref = self.output.weight
         if dtype is None:  # the activations' dtype: the token embedding's rows (int8 ones come out in their scales')
             emb = self.tok_embeddings
             dtype = next(t.dtype for t in (*emb.parameters(), *emb.buffers()) if t.is_floating_point())
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(
-                max_batch_size, self.args.kv_heads, max_seq_len, self.args.head_dim, dtype, ref.device
+                max_batch_size, self.args.kv_heads, max_seq_len, self.args.head_dim, dtype, self.device
             )
         self.cache_batch, self.cache_len = max_batch_size, max_seq_len
 
@@ -171,8 +177,7 @@ class AquilaModel(nn.Module):
     def copy_cache_rows(self, src: list[int] | torch.Tensor, dst: list[int] | torch.Tensor, length: int) -> None:
         """Cache row dst[i] becomes a copy of row src[i] (positions < length), in every layer: sharing a prompt,
         reordering beams, or moving a running sequence into a freed row."""
-        device = self.output.weight.device
-        src, dst = (torch.as_tensor(x, dtype=torch.long, device=device) for x in (src, dst))
+        src, dst = (torch.as_tensor(x, dtype=torch.long, device=self.device) for x in (src, dst))
         for layer in self.layers:
             layer.attention.kv_cache.copy_rows(src, dst, length)
 
