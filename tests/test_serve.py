@@ -1,5 +1,6 @@
 """`aquila serve`: OpenAI-compatible and FlagAI endpoints, limits, errors (TestClient and a real uvicorn)."""
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -14,6 +15,8 @@ from fastapi.testclient import TestClient
 from aquila.inference.generate import DecodeBatch
 from aquila.inference.sampling import SamplingParams
 from aquila.serve.app import ServerLimits, create_app, iter_sse
+from aquila.serve.engine import Handoff
+from aquila.serve.openai_routes import PieceEvents, sse
 from aquila.serve.scheduler import Job, Scheduler, admit
 from tests.test_inference import load_predictor, single_thread, write_checkpoint
 
@@ -226,6 +229,63 @@ def test_concurrent_requests_each_give_their_solo_output(predictor):
         assert "".join(v for k, v in got if k == "piece") == completion.text == want.text
 
 
+def test_handoff_delivers_a_steps_pieces_of_all_rows_with_one_wakeup_in_order(predictor):
+    """The engine's hand-off: every row's events of a step reach their asyncio queues with one
+    `call_soon_threadsafe` per step; each request's events stay in order and give its solo output."""
+    texts = ["Hello", "北京是中国的首都，也是", "The quick brown fox", "x y z"]
+    requests = [predictor.request(predictor.encode_prompt(t), 10, SamplingParams(temperature=0)) for t in texts]
+    expected = [predictor.generate([r])[0] for r in requests]
+
+    async def run() -> tuple[list[list], list[int]]:
+        loop, handoff, wakeups = asyncio.get_running_loop(), Handoff(), []
+        real = loop.call_soon_threadsafe
+
+        def counted(callback, events):
+            wakeups.append(len(events))
+            return real(callback, events)
+
+        loop.call_soon_threadsafe = counted
+        queues = [asyncio.Queue() for _ in requests]
+        batch = DecodeBatch(predictor.model, len(requests), 96, predictor.tokenizer)
+        scheduler = Scheduler(batch, 60.0, flush=handoff.flush)
+        try:
+            with scheduler._wake:  # all admitted in the same step, so that they decode side by side
+                for r, q in zip(requests, queues):
+                    scheduler.waiting.append(Job(r, handoff.emitter(loop, q), 60.0))
+                scheduler._wake.notify()
+            events: list[list] = [[] for _ in requests]
+            for got, q in zip(events, queues):
+                while not got or got[-1][0] in ("started", "piece"):
+                    got.append(await asyncio.wait_for(q.get(), 60))
+        finally:
+            scheduler.stop()
+        return events, wakeups
+
+    events, wakeups = asyncio.run(run())
+    for got, want in zip(events, expected):
+        assert got[0] == ("started", None) and got[-1][0] == "done"
+        assert "".join(v for k, v in got if k == "piece") == got[-1][1].text == want.text
+    assert sum(wakeups) == sum(len(got) for got in events)
+    assert len(wakeups) <= 1 + max(len(w.token_ids) for w in expected)  # admission, then one per step
+    assert max(wakeups) >= len(requests)  # a step's pieces of all rows in one hand-off
+
+
+def test_piece_events_are_byte_for_byte_the_full_serialisation():
+    base = {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": 'my "model" é'}
+
+    def text(t, reason):
+        return {"index": 0, "text": t, "logprobs": None, "finish_reason": reason}
+
+    def delta(t, reason):
+        return {"index": 0, "delta": {"content": t} if t else {}, "logprobs": None, "finish_reason": reason}
+
+    for choice in (text, delta):
+        piece = PieceEvents(base, choice)
+        assert piece.parts is not None
+        for t in ("a", ' b\n"q"\\', "中文", "\x00", "\u2028", "", PieceEvents.MARK):
+            assert piece(t) == sse({**base, "choices": [choice(t, None)]})
+
+
 def test_time_limit_and_cancellation_end_a_running_request(predictor):
     events: dict[str, list] = {"slow": [], "gone": []}
     scheduler = Scheduler(DecodeBatch(predictor.model, 2, 96, predictor.tokenizer), 60.0)
@@ -291,6 +351,23 @@ def test_metrics_are_prometheus_text(live_server):
     ttft_count = next(s.value for s in families["aquila_time_to_first_token_seconds"].samples if s.name.endswith("_count"))  # fmt: skip
     assert ttft_count >= 1
     assert "aquila_inter_token_latency_seconds" in families and "aquila_queue_depth" in families
+
+
+def test_requests_are_counted_by_route_and_status_streamed_or_not(app, client):
+    registry = app.state.engine.metrics.registry
+
+    def count(path, status):
+        return registry.get_sample_value("aquila_requests_total", {"path": path, "status": status}) or 0
+
+    before = {k: count(*k) for k in (("/v1/completions", "200"), ("unmatched", "404"), ("/v1/completions", "400"))}
+    body = {"prompt": "Hello", "max_tokens": 3, "temperature": 0, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200 and list(r.iter_lines())
+    assert client.post("/v1/completions", json={**body, "stream": False}).status_code == 200
+    assert client.get("/no/such/path").status_code == 404
+    assert client.post("/v1/completions", json={"prompt": 3}).status_code == 400
+    after = {k: count(*k) for k in before}
+    assert [after[k] - before[k] for k in before] == [2, 1, 1]
 
 
 def test_openai_error_shapes_for_unknown_model_path_method_and_history(client):

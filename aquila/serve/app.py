@@ -16,8 +16,9 @@ import contextlib
 import json
 from collections.abc import Iterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
@@ -25,8 +26,29 @@ from aquila.inference.predictor import Predictor
 from aquila.serve.engine import Engine, ServerLimits
 from aquila.serve.errors import install_error_handlers
 from aquila.serve.flagai_routes import add_flagai_routes
+from aquila.serve.metrics import ServeMetrics
 from aquila.serve.openai_routes import add_openai_routes
 from aquila.serve.page import add_chat_page
+
+
+class CountRequests:
+    """Counts HTTP requests by route and status when the response starts. A plain ASGI middleware: Starlette's
+    `@app.middleware("http")` would re-stream every SSE chunk through an extra task and memory stream."""
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = scope.get("route")  # a route's path, so that unknown paths add no label values
+                self.metrics.requests.labels(route.path if route else "unmatched", str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, send_counted)
 
 
 def create_app(predictor: Predictor, limits: ServerLimits | None = None, model_name: str = "aquila") -> FastAPI:
@@ -41,12 +63,7 @@ def create_app(predictor: Predictor, limits: ServerLimits | None = None, model_n
     app.state.engine = engine
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")  # a route's path, so that unknown paths add no label values
-        engine.metrics.requests.labels(route.path if route else "unmatched", str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=engine.metrics)
 
     @app.get("/health")
     async def health():

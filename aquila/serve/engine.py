@@ -12,7 +12,7 @@ from aquila.inference.generate import Completion, DecodeBatch, Request
 from aquila.inference.predictor import Predictor
 from aquila.serve.errors import ApiError
 from aquila.serve.metrics import ServeMetrics
-from aquila.serve.scheduler import Job, QueueTimeout, Scheduler
+from aquila.serve.scheduler import Emit, Job, QueueTimeout, Scheduler
 from aquila.typed_config import is_int
 
 
@@ -26,6 +26,42 @@ class ServerLimits:
     max_time_s: float = 120.0  # a generation stops (finish_reason "length") after this long
     max_body_bytes: int = 1 << 20
     prefill_tokens: int = 256  # prompt tokens read per step: a long prompt is read in chunks between decode steps
+
+
+Event = tuple[str, Any]
+
+
+class Handoff:
+    """Scheduler-thread events to the requests' asyncio queues, handed over once per scheduler step.
+
+    `emit` only appends (scheduler thread); the scheduler calls `flush` after each admission and each step, which
+    hands each event loop all of its events with one `call_soon_threadsafe`: one wake-up of the loop per step for
+    all rows, not one per text piece (on a 2-core machine every wake-up competes with the model's threads).
+    Both run on the scheduler thread only, so the pending list needs no lock.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
+
+    def emitter(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Emit:
+        def emit(kind: str, value: Any) -> None:
+            self._pending.setdefault(loop, []).append((queue, (kind, value)))
+
+        return emit
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        for loop, events in pending.items():
+            with contextlib.suppress(RuntimeError):  # the event loop has closed (server shutting down)
+                loop.call_soon_threadsafe(deliver, events)
+
+
+def deliver(events: list[tuple[asyncio.Queue, Event]]) -> None:
+    """On the event loop: each event into its request's queue, in the order the scheduler emitted them."""
+    for queue, event in events:
+        queue.put_nowait(event)
 
 
 class Engine:
@@ -42,7 +78,8 @@ class Engine:
             predictor.compile,
         )
         self.metrics = ServeMetrics()
-        self.scheduler = Scheduler(batch, limits.queue_timeout_s, on_token=self.metrics.token)
+        self.handoff = Handoff()
+        self.scheduler = Scheduler(batch, limits.queue_timeout_s, on_token=self.metrics.token, flush=self.handoff.flush)
 
     def cache_bytes(self) -> int:
         """Memory of the KV cache: every row holds a whole context (--max-batch x min(max_seq_len, prompt + new))."""
@@ -85,14 +122,8 @@ class Engine:
     async def start(self, request: Request) -> tuple[Job, asyncio.Queue]:
         """Queue a request and wait until it has a row (429 when full, 503 after the queue timeout)."""
         self.admit()
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(kind: str, value: Any) -> None:  # called on the scheduler's thread
-            with contextlib.suppress(RuntimeError):  # the event loop has closed (server shutting down)
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
-
-        job = Job(request, emit, self.limits.max_time_s)
+        job = Job(request, self.handoff.emitter(asyncio.get_running_loop(), queue), self.limits.max_time_s)
         self.scheduler.submit(job)
         try:
             kind, value = await queue.get()

@@ -24,6 +24,23 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+class PieceEvents:
+    """`sse({**base, "choices": [choice(text, None)]})` for a text piece, byte for byte, without building and
+    serialising the whole object per token: the constant parts around the text are serialised once."""
+
+    MARK = "\x00piece\x00"
+
+    def __init__(self, base: dict, choice: Callable[[str, str | None], dict]) -> None:
+        self.base, self.choice = base, choice
+        parts = sse({**base, "choices": [choice(self.MARK, None)]}).split(json.dumps(self.MARK))
+        self.parts = parts if len(parts) == 2 else None  # the mark elsewhere too (never in practice): no shortcut
+
+    def __call__(self, text: str) -> str:
+        if self.parts is None or not text:  # chat's delta is {} for empty text: another shape
+            return sse({**self.base, "choices": [self.choice(text, None)]})
+        return self.parts[0] + json.dumps(text, ensure_ascii=False) + self.parts[1]
+
+
 def usage(c: Completion) -> dict:
     n = len(c.token_ids)
     return {"prompt_tokens": c.prompt_tokens, "completion_tokens": n, "total_tokens": c.prompt_tokens + n}
@@ -50,12 +67,14 @@ async def stream_events(
     """One SSE generator for completions and chat: a chunk per text piece, a final chunk with the finish reason."""
     job, queue = await engine.start(request)
 
+    piece = PieceEvents(base, choice)
+
     async def events() -> AsyncIterator[str]:
         if first is not None:
             yield sse({**base, "choices": [first]})
         async for kind, value in engine.events(job, queue):
             if kind == "piece":
-                yield sse({**base, "choices": [choice(value, None)]})
+                yield piece(value)
             elif kind == "done":
                 yield sse({**base, "choices": [choice("", value.finish_reason)]})
                 if include_usage:

@@ -7,6 +7,10 @@ HTTP handlers only `submit` jobs and read their events. Each step the scheduler 
 4. runs one `DecodeBatch.step`: a chunk of the new prompts, then one token for every running row,
 5. hands each job its new text (event "piece") and, when it has finished, its completion (event "done").
 
+Jobs' `emit` runs on the scheduler thread; `flush` (if given) runs after the events of each admission and
+each step, so an emitter may collect a step's events and hand them to another thread at once
+(`engine.Handoff`: one event-loop wake-up per step instead of one per piece).
+
 Requests join and leave at step boundaries; a long prompt is read in chunks of `prefill_tokens`, so running
 streams keep going. A request's output does not depend on its neighbours (`aquila.inference.generate`).
 """
@@ -63,10 +67,12 @@ class Scheduler:
         batch: DecodeBatch,
         queue_timeout_s: float,
         on_token: Callable[[Job, float], None] | None = None,
+        flush: Callable[[], None] | None = None,
     ) -> None:
         self.batch = batch
         self.queue_timeout_s = queue_timeout_s
         self.on_token = on_token  # metrics hook, called with (job, now) before job.last_token moves to now
+        self.flush = flush  # called on this thread after each batch of emits (see the module docstring)
         self.waiting: deque[Job] = deque()
         self.running: dict[DecodingSequence, Job] = {}
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
@@ -117,8 +123,14 @@ class Scheduler:
             except Exception as e:  # a failed step fails its jobs, not the server
                 for job in list(self.running.values()):
                     self._end(job, error=e)
+            self._flush()
         for job in [*self.waiting, *self.running.values()]:
             job.emit("error", RuntimeError("server shutting down"))
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.flush is not None:
+            self.flush()
 
     @staticmethod
     def _run_call(fn: Callable[[], Any], future: Future) -> None:
@@ -147,6 +159,8 @@ class Scheduler:
             job.started = now
             self.running[job.seq] = job
             job.emit("started", None)
+        if start or expired:
+            self._flush()  # new streams start (and expired ones fail) before this step's model call
         for job in list(self.running.values()):
             if job.cancelled.is_set():
                 self._end(job, self.batch.cancel(job.seq, "cancelled"))
