@@ -37,7 +37,8 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (2j, 2j+1) of x [b, s, h, d], as FlagAI/Meta do. The rotation runs in fp32 whatever
-    the dtypes of x and of cos/sin (FSDP2 mixed precision casts a block's float inputs, cos/sin among them, to bf16)."""
+    the dtypes of x and of cos/sin (half-precision tables come from callers that cast a block's float inputs, as
+    FSDP2's default cast_forward_inputs=True would; the fsdp backend keeps them fp32)."""
     xf = x.float().unflatten(-1, (-1, 2))
     cos, sin = cos.float(), sin.float()  # no copy when already fp32
     if not torch.compiler.is_compiling():
