@@ -81,7 +81,7 @@ def perplexity(
         )
     if window > model.args.max_seq_len:
         raise AquilaError(f"window {window} exceeds the model's max_seq_len {model.args.max_seq_len}")
-    device = model.output.weight.device
+    device = model.device
     windows = sliding_windows(len(tokens), window, stride)
     nll, count = 0.0, 0
     bar = tqdm(

@@ -55,7 +55,7 @@ class ChoiceScorer:
         self.model = model
         self.batch_size = batch_size
         self.stop_ids = set(stop_ids)
-        self.device = model.output.weight.device
+        self.device = model.device
 
     @torch.no_grad()
     def score(self, requests: Sequence[Request], done: Callable[[list[int]], bool] | None = None) -> list[Scored]:

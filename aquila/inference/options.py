@@ -14,6 +14,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8", action="store_true", help="int8 weight-only quantization at load time")
     parser.add_argument("--adapter-dir", default=None, help="LoRA adapter to merge at load time")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="keep plain nn.Linear weights (fp32 on CPU they are packed for oneDNN once at load: batched decode "
+        "steps then read each weight once; not with --compile)",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, temperature: float = 1.0, top_p: float = 1.0) -> None:
@@ -27,6 +33,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, temperature: float = 1.0,
 
 def load_predictor(args: argparse.Namespace):
     from aquila.inference.loader import AutoLoader
+    from aquila.inference.packing import can_pack, pack_linears
     from aquila.inference.predictor import Predictor
 
     loader = AutoLoader(
@@ -38,7 +45,10 @@ def load_predictor(args: argparse.Namespace):
         adapter_dir=args.adapter_dir,
         quantize="int8" if args.int8 else None,
     )
-    return Predictor(loader.get_model(), loader.get_tokenizer(), compile=args.compile)
+    model = loader.get_model()
+    if not (args.compile or args.no_pack) and can_pack(model):
+        pack_linears(model)
+    return Predictor(model, loader.get_tokenizer(), compile=args.compile)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
