@@ -100,7 +100,7 @@ class TrainConfig:
     pretrain_data: bool = False  # FlagAI SQL YAML key
     enable_pretrain_dataset_prefix: str | None = None  # FlagAI SQL YAML key; used as data_prefix if that is unset
     # --- ours ---
-    bf16: bool | None = None  # None: bf16 autocast on CUDA (unless fp16), fp32 on CPU
+    bf16: bool | None = None  # None: bf16 on CUDA (unless fp16), fp32 on CPU; fsdp: FSDP2 policy, else autocast
     compile: bool = False  # torch.compile each transformer block
     seq_length: int | None = None  # None: the model's max_seq_len
     max_steps: int = 0  # optimizer steps; 0: epochs x steps per epoch

@@ -1,11 +1,13 @@
 """Process group and parallelism, applied to the single-device model from outside (torchtitan style).
 
 One `Backend` object per env_type holds everything the four do differently: starting the process group,
-wrapping the model, skipping the gradient sync on accumulation micro-steps, the gradient-norm clip, the full
-state dict for checkpoints and the optimizer state's files.
+wrapping the model, how bf16/fp16 is applied (torch.autocast, or FSDP2's MixedPrecisionPolicy), skipping the
+gradient sync on accumulation micro-steps, the gradient-norm clip, the full state dict for checkpoints and the
+optimizer state's files.
   pytorch     one process, the bare model (`Backend`)
   pytorchDDP  DistributedDataParallel (`DDPBackend`)
-  fsdp        FSDP2 `fully_shard` on every transformer block and at the root (`FSDPBackend`)
+  fsdp        FSDP2 `fully_shard` on every transformer block and at the root, bf16/fp16 by its
+              MixedPrecisionPolicy (`FSDPBackend`)
   bmtrain     BMTrain's ZeRO-3 wrapper, CUDA only (`aquila.train.bmtrain_backend.BMTrainBackend`)
 `aquila.train.backends.make_backend` picks one by env_type.
 Ranks come from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, NCCL on CUDA.
@@ -104,6 +106,15 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     return all_reduce_sum(torch.tensor([float(flag)], device=env.device)).item() > 0
 
 
+def amp_dtype(cfg: TrainConfig, env: DistEnv) -> torch.dtype | None:
+    """The compute dtype of a run: fp16, bf16 (bf16: None means bf16 on CUDA), or None for fp32."""
+    if cfg.fp16:
+        return torch.float16
+    if cfg.bf16 or (cfg.bf16 is None and env.device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def _checkpointed_forward(block: nn.Module, inner, *args, **kwargs):
     if not torch.is_grad_enabled():
         return inner(*args, **kwargs)
@@ -127,6 +138,18 @@ class Backend:
 
     def __init__(self, env: DistEnv, cfg: TrainConfig) -> None:
         self.env, self.cfg = env, cfg
+        self.compute_dtype = amp_dtype(cfg, env)
+
+    @property
+    def mixed_precision(self) -> str:
+        """How this backend computes in bf16/fp16, for the log: fp32 weights under torch.autocast here."""
+        return "fp32" if self.compute_dtype is None else f"{_short_dtype(self.compute_dtype)} torch.autocast"
+
+    def autocast(self):
+        """The context the loop runs every forward in (backward follows the forward's dtypes)."""
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.compute_dtype)
 
     def start(self) -> None:
         if self.env.device.type == "cuda":
@@ -217,11 +240,40 @@ class DDPBackend(_ProcessGroupBackend):
 
 
 class FSDPBackend(_ProcessGroupBackend):
+    """FSDP2, torchtitan's way: with bf16/fp16 each block and the root get MixedPrecisionPolicy(param_dtype=bf16
+    or fp16, reduce_dtype=fp32): the sharded parameters (master weights, AdamW state) stay fp32, FSDP2 gathers
+    them in the compute dtype for forward and backward and reduces the gradients in fp32 onto the fp32 shards.
+    No autocast: the parameters' dtype decides (RMSNorm statistics, the rotary and the loss upcast themselves)."""
+
+    @property
+    def mixed_precision(self) -> str:
+        if self.compute_dtype is None:
+            return "fp32"
+        return f"FSDP2 MixedPrecisionPolicy(param {_short_dtype(self.compute_dtype)}, reduce fp32)"
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def mp_policy(self):
+        """None for fp32. cast_forward_inputs=False: the blocks' float inputs are the hidden states, already in
+        the compute dtype (the embedding's weight is), and the rotary tables, which stay fp32 (as torchtitan's
+        complex freqs_cis do, which its default cast leaves alone)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if self.compute_dtype is None:
+            return None
+        return MixedPrecisionPolicy(
+            param_dtype=self.compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
+
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
         kwargs = {"mesh": init_device_mesh(self.env.device.type, (self.env.world_size,))}
+        policy = self.mp_policy()
+        if policy is not None:
+            kwargs["mp_policy"] = policy
         if self.cfg.bmt_cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
         n = len(model.layers)
@@ -240,3 +292,7 @@ class FSDPBackend(_ProcessGroupBackend):
 
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd if self.env.is_main else None
+
+
+def _short_dtype(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))

@@ -82,10 +82,6 @@ class Trainer:
     def env(self) -> DistEnv:
         return self.backend.env
 
-    def autocast(self):
-        dtype = amp_dtype(self.cfg, self.env)
-        return contextlib.nullcontext() if dtype is None else torch.autocast(self.env.device.type, dtype=dtype)
-
     def train_step(self, step: int) -> tuple[float, float, str]:
         """One global batch. Returns (loss, grad norm, status): status is "ok", "nan" or "overflow"."""
         device, world = self.env.device, self.env.world_size
@@ -102,7 +98,7 @@ class Trainer:
             ids = batch["input_ids"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
             with self.backend.gradient_sync(self.model, sync=m == last):
-                with self.autocast():
+                with self.backend.autocast():
                     loss = self.model(ids, labels=labels)["loss"]
                 factor = n * world / n_global * self.scaler.scale
                 (loss * factor).backward()
@@ -137,7 +133,7 @@ class Trainer:
             batch = self.valid_batches.micro_batch(step, 0)
             labels = batch["labels"].to(device)
             n = count_targets(labels)
-            with self.autocast():
+            with self.backend.autocast():
                 loss = self.model(batch["input_ids"].to(device), labels=labels)["loss"]
             total += torch.stack([loss.double() * n, torch.tensor(float(n), dtype=torch.float64, device=device)])
         self.model.train()
@@ -237,14 +233,6 @@ class Trainer:
         self.logger.eval(s.step, loss)
         if s.best_eval_loss is None or loss < s.best_eval_loss:
             s.best_eval_loss, s.best_iteration = loss, s.step
-
-
-def amp_dtype(cfg: TrainConfig, env: DistEnv) -> torch.dtype | None:
-    if cfg.fp16:
-        return torch.float16
-    if cfg.bf16 or (cfg.bf16 is None and env.device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def _short(indices: list[int], limit: int = 8) -> str:

@@ -226,7 +226,8 @@ def _train(cfg, backend, args, source, seq_length, tok, resume, resume_state, we
         logger.message(
             f" {env.env_type} on {env.world_size} x {env.device.type} | model {cfg.model_name} from {source.describe()}"
             f" ({args.num_params() / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable) | seq {seq_length}"
-            f" | global batch {gb} | iterations {state.step}->{total} | peak {peak:.3g} TFLOP/s per process"
+            f" | global batch {gb} | iterations {state.step}->{total} | precision {backend.mixed_precision}"
+            f" | peak {peak:.3g} TFLOP/s per process"
         )
         if tok is None and saver is not None:
             logger.message(" note: no tokenizer (set tokenizer_dir): checkpoints will hold no tokenizer files")
