@@ -1,8 +1,9 @@
 """Parts `train` and `fit7b` of bench/gpu_check.py: FSDP2 training as torchtitan sets it up.
 
 The single-device model gets activation checkpointing (aquila.train.distributed), `torch.compile` per block, then
-FSDP2 `fully_shard` per block and at the root with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32):
-fp32 master weights and optimizer state, bf16 compute, fp32 gradient reduction (no autocast).
+the trainer's own FSDP wrapping (`FSDPBackend.wrap`): `fully_shard` per block and at the root with
+MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 master weights and optimizer state, bf16 compute,
+fp32 gradient reduction (no autocast).
 """
 
 from __future__ import annotations
@@ -35,12 +36,18 @@ def start_process_group(device: str):
     return env
 
 
-def shard(model, s: TrainSetup):
-    """Activation checkpointing, compile, then FSDP2 with bf16 params / fp32 reduction (torchtitan's order)."""
-    import torch
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+def fsdp_backend(s: TrainSetup):
+    """The trainer's FSDP backend for this setup (one process; its policy: param s.compute_dtype, reduce fp32)."""
+    from aquila.train.config import TrainConfig
+    from aquila.train.distributed import FSDPBackend, resolve_env
 
+    half = {"bfloat16": {"bf16": True}, "float16": {"fp16": True}}[s.compute_dtype]
+    cfg = TrainConfig(env_type="fsdp", pytorch_device=s.device, bmt_cpu_offload=s.offload, **half)
+    return FSDPBackend(resolve_env(cfg), cfg)
+
+
+def shard(model, s: TrainSetup):
+    """Activation checkpointing, compile, then the trainer's FSDP2 wrapping (torchtitan's order)."""
     from aquila.train.distributed import apply_activation_checkpointing
 
     if s.checkpoint_activations:
@@ -48,22 +55,7 @@ def shard(model, s: TrainSetup):
     if s.compile_backend:
         for block in model.layers:
             block.compile(backend=s.compile_backend, dynamic=False)
-    kwargs = {
-        "mesh": init_device_mesh(torch.device(s.device).type, (1,)),
-        # cast_forward_inputs=False: the blocks' rotary tables (cos, sin) stay fp32; the hidden states are already
-        # bf16 (the embedding's parameters are). With the default cast they become bf16 and the eager rotary's
-        # torch.complex(cos, sin) refuses them.
-        "mp_policy": MixedPrecisionPolicy(
-            param_dtype=getattr(torch, s.compute_dtype), reduce_dtype=torch.float32, cast_forward_inputs=False
-        ),
-    }
-    if s.offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    n = len(model.layers)
-    for i, block in enumerate(model.layers):
-        fully_shard(block, reshard_after_forward=i < n - 1, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
+    return fsdp_backend(s).wrap(model)
 
 
 def train_step(model, optimizer, ids) -> float:
@@ -115,7 +107,7 @@ def run_speed(s: TrainSetup, warmup: int, steps: int, peak_tflops: float, spec_t
     how = f"{'AC, ' if s.checkpoint_activations else ''}{'compiled blocks' if s.compile_backend else 'eager'}"
     row(
         f"train {s.model} FSDP2 {dtype_name(s.compute_dtype)}/fp32",
-        f"batch {s.batch} x seq {s.seq} ({how}): {dt * 1000:.0f} ms/step, loss {loss:.3f}; first step"
+        f"batch {s.batch} x seq {s.seq} ({how}; {fsdp_backend(s).mixed_precision}): {dt * 1000:.0f} ms/step, loss {loss:.3f}; first step"
         f" (compile) {first_s:.0f} s",
     )
     row("train tokens/s", f"{tokens / dt:,.0f}")

@@ -1,13 +1,15 @@
 """Part `trainer` of bench/gpu_check.py: the real `aquila pretrain` (env_type fsdp) in bf16 and fp16.
 
 Each precision: run A trains N iterations from a tiny YAML and saves at N/2 and N; run B resumes from A's
-checkpoint N/2 into a new save_dir and trains to N. B's losses for iterations N/2+1..N must equal A's.
+checkpoint N/2 into a new save_dir and trains to N. B's losses for iterations N/2+1..N must equal A's. The row
+names the mixed-precision mechanism the trainer logged (the fsdp backend: FSDP2 MixedPrecisionPolicy, no autocast).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -50,6 +52,12 @@ def pretrain(yaml_path: Path, log: Path, timeout: float) -> None:
         raise RuntimeError(f"aquila pretrain exit status {res.returncode}: {last.strip()[:200]}")
 
 
+def precision_logged(log: Path) -> str:
+    """The mechanism from the trainer's start line (`... | precision FSDP2 MixedPrecisionPolicy(...) | ...`)."""
+    found = re.search(r"\| precision (.+?) \|", log.read_text(errors="replace"))
+    return found.group(1) if found else "precision not logged"
+
+
 def train_losses(save_dir: Path) -> dict[int, tuple[float, float]]:
     """step -> (loss, loss scale) from metrics.jsonl."""
     out = {}
@@ -69,6 +77,7 @@ def run_precision(base: dict, precision: str, work: Path, iters: int, budget: Bu
     pretrain(write_yaml(work / f"{precision}-a.yaml", {**cfg, "save_dir": str(run_a)}), work / f"{precision}-a.log",
              budget.left())  # fmt: skip
     seconds = time.perf_counter() - t0
+    how = precision_logged(work / f"{precision}-a.log")
     for step in (half, iters):
         if not (run_a / str(step) / "model.safetensors").is_file():
             raise RuntimeError(f"checkpoint {run_a / str(step)} has no model.safetensors")
@@ -89,7 +98,7 @@ def run_precision(base: dict, precision: str, work: Path, iters: int, budget: Bu
     )
     row(
         name,
-        f"ok in {seconds:.0f} s: loss {a[1][0]:.3f} -> {a[iters][0]:.3f}, loss scale {a[iters][1]:g},"
+        f"ok in {seconds:.0f} s ({how}): loss {a[1][0]:.3f} -> {a[iters][0]:.3f}, loss scale {a[iters][1]:g},"
         f" checkpoints {half} and {iters} written; resumed at {half}: {verdict}",
     )
 

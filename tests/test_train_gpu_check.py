@@ -111,7 +111,8 @@ def test_smoke_env_tests_and_decode_parts():
 def test_smoke_train_and_fit_parts():
     table = gpu_check("--parts", "train,fit7b")
     assert not problems(table), table
-    assert "ms/step" in result(table, "train aquila-micro FSDP2 bfloat16/fp32")
+    train = result(table, "train aquila-micro FSDP2 bfloat16/fp32")
+    assert "ms/step" in train and "FSDP2 MixedPrecisionPolicy(param bf16, reduce fp32)" in train
     assert int(result(table, "train tokens/s").replace(",", "")) > 0
     assert result(table, "train MFU vs measured matmul peak").endswith("TFLOP/s)")
     assert "GiB" in result(table, "train peak memory")
@@ -124,6 +125,7 @@ def test_smoke_trainer_part_resumes_exactly():
     table = gpu_check("--parts", "trainer")
     row = result(table, "trainer fsdp bf16 4 it + resume")
     assert row.startswith("ok in") and "checkpoints 2 and 4 written" in row and row.endswith("resumed at 2: exact")
+    assert "(FSDP2 MixedPrecisionPolicy(param bf16, reduce fp32))" in row  # as the trainer logged it
     assert result(table, "trainer fsdp fp16").startswith("skipped: fp16 trains only on CUDA")
 
 
