@@ -270,6 +270,43 @@ def test_handoff_delivers_a_steps_pieces_of_all_rows_with_one_wakeup_in_order(pr
     assert max(wakeups) >= len(requests)  # a step's pieces of all rows in one hand-off
 
 
+def test_sse_stream_writes_a_steps_events_together(app, predictor):
+    """At the ASGI level: the last step's events (piece, finish, usage, [DONE]) go out in one write; the events
+    are the same as ever."""
+    body = {"prompt": "Hello", "max_tokens": 6, "temperature": 0, "stream": True}
+    raw = json.dumps({**body, "stream_options": {"include_usage": True}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+        "root_path": "", "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+
+    async def run() -> list[str]:
+        requests, writes = [{"type": "http.request", "body": raw, "more_body": False}], []
+
+        async def receive():
+            if requests:
+                return requests.pop()
+            await asyncio.sleep(60)
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                writes.append(message["body"].decode())
+
+        await app(scope, receive, send)
+        return writes
+
+    writes = asyncio.run(run())
+    expected = predictor.complete(predictor.encode_prompt("Hello"), 6, SamplingParams(temperature=0))
+    assert writes[-1].count("data: ") >= 3 and len(writes) > 1  # pieces queued behind each other go out together
+    n, p = len(expected.token_ids), expected.prompt_tokens
+    assert writes[-1].endswith(f'"choices": [], "usage": {{"prompt_tokens": {p}, "completion_tokens": {n}, "total_tokens": {p + n}}}}}\n\ndata: [DONE]\n\n')  # fmt: skip
+    chunks = list(iter_sse("".join(writes).split("\n")))
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == expected.text
+
+
 def test_piece_events_are_byte_for_byte_the_full_serialisation():
     base = {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": 'my "model" é'}
 

@@ -64,24 +64,28 @@ def chat_messages_from(body: dict) -> list[dict]:
 async def stream_events(
     engine: Engine, request, choice: Callable[[str, str | None], dict], base: dict, include_usage: bool, first=None
 ) -> StreamingResponse:
-    """One SSE generator for completions and chat: a chunk per text piece, a final chunk with the finish reason."""
+    """One SSE generator for completions and chat: a chunk per text piece, a final chunk with the finish reason.
+    The events one scheduler step handed over go out in one write (the last piece, the finish, usage, [DONE])."""
     job, queue = await engine.start(request)
-
     piece = PieceEvents(base, choice)
 
     async def events() -> AsyncIterator[str]:
         if first is not None:
             yield sse({**base, "choices": [first]})
+        out: list[str] = []
         async for kind, value in engine.events(job, queue):
             if kind == "piece":
-                yield piece(value)
+                out.append(piece(value))
+                if queue.empty():
+                    yield "".join(out)
+                    out.clear()
             elif kind == "done":
-                yield sse({**base, "choices": [choice("", value.finish_reason)]})
+                out.append(sse({**base, "choices": [choice("", value.finish_reason)]}))
                 if include_usage:
-                    yield sse({**base, "choices": [], "usage": usage(value)})
+                    out.append(sse({**base, "choices": [], "usage": usage(value)}))
             else:
-                yield sse(error_body(str(value), "server_error"))
-        yield "data: [DONE]\n\n"
+                out.append(sse(error_body(str(value), "server_error")))
+        yield "".join(out) + "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
