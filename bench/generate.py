@@ -6,12 +6,16 @@
 
 Times are wall-clock, best of --repeats, measured the same way for every row: time to first token (TTFT) is a
 1-token generate call (cache setup + prefill + one sample); decode tokens/s = batch * (N - 1) / (t(N) - t(1)).
-Generation never stops early (no stop ids; transformers gets min_new_tokens = N). "bw limit" is the decode rate if
-every step only read the weights once at the measured copy bandwidth: batch / (weight bytes / bandwidth).
-OMP_WAIT_POLICY=PASSIVE is set before torch loads: on a shared machine, spinning OpenMP workers otherwise slow
-small matmuls by 10-50x. Other processes on the machine still add noise; the load average is printed. With
-`--clock cpu` every time is this process's CPU time instead (steadier when other jobs share the cores; the rates
-are then per CPU-second, and "bw limit" still assumes wall-clock bandwidth).
+Generation never stops early (no stop ids; transformers gets min_new_tokens = N). "read limit" is the decode rate
+if every step only read the weights once at the read bandwidth measured right after that row (`read_bandwidth`:
+all threads summing, or matvec-ing, 512 MiB): batch / (weight bytes / bandwidth); "% of limit" = decode / limit.
+The bandwidth of this shared 2-core VM moves by +-30% from minute to minute, hence the measurement per row.
+"packed" = linear weights packed once for oneDNN (`aquila.inference.packing`, what generate/chat/serve do on CPU).
+OMP_WAIT_POLICY=PASSIVE is set before torch loads unless it is set already: on a shared machine, spinning OpenMP
+workers otherwise slow small matmuls by 10-50x; on an idle one `OMP_WAIT_POLICY=ACTIVE` is faster for every row.
+Other processes on the machine still add noise; the load average is printed. With `--clock cpu` every time is
+this process's CPU time instead (steadier when other jobs share the cores; the rates are then per CPU-second, and
+the limits still assume wall-clock bandwidth).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from aquila.checkpoint import build_model, save_model_dir  # noqa: E402
 from aquila.config import ModelArgs  # noqa: E402
 from aquila.inference.generate import DecodeBatch, Request, cache_length  # noqa: E402
 from aquila.inference.generate import run as run_requests  # noqa: E402
+from aquila.inference.packing import pack_linears, packing_available  # noqa: E402
 from aquila.inference.quantize import quantize_model, weight_bytes  # noqa: E402
 from aquila.inference.sampling import SamplingParams  # noqa: E402
 
@@ -74,6 +79,20 @@ def machine() -> str:
 def load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.1f} {five:.1f} {fifteen:.1f}"
+
+
+def read_bandwidth() -> float:
+    """GB/s at which all threads read a 512 MiB fp32 tensor: the better of a sum over it and a matvec with it as
+    the [rows, 512] matrix (the decode steps' access pattern), best of 5 each. Measured next to every row."""
+    a = torch.ones(128 * 2**20)
+    matrix, x = a.view(-1, 512), torch.ones(512)
+    best = float("inf")
+    for fn in (a.sum, lambda: torch.mv(matrix, x)):
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+    return a.numel() * 4 / best / 1e9
 
 
 def copy_bandwidth() -> float:
@@ -130,7 +149,7 @@ def hf_runner(hf, prompts):
     return run
 
 
-def bench_model(name: str, args: ModelArgs, batches: list[int], n: int, prompt_len: int, repeats: int, bw: float):
+def bench_model(name: str, args: ModelArgs, batches: list[int], n: int, prompt_len: int, repeats: int):
     from transformers import LlamaForCausalLM
 
     model = build_model(args, seed=0).eval()
@@ -138,6 +157,9 @@ def bench_model(name: str, args: ModelArgs, batches: list[int], n: int, prompt_l
         save_model_dir(model, tmp, fmt="hf")
         hf = LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
     int8 = quantize_model(build_model(args, seed=0).eval())
+    packed = build_model(args, seed=0).eval()
+    if packing_available():
+        pack_linears(packed)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for batch in batches:
@@ -147,6 +169,7 @@ def bench_model(name: str, args: ModelArgs, batches: list[int], n: int, prompt_l
         variants = [
             ("transformers generate fp32", hf_runner(hf, prompts), weight_bytes(model)),
             ("ours eager fp32", ours(model, prompts, False), weight_bytes(model)),
+            ("ours eager fp32 packed", ours(packed, prompts, False), weight_bytes(model)),
             ("ours compiled fp32", ours(model, prompts, True), weight_bytes(model)),
             ("ours eager int8", ours(int8, prompts, False), weight_bytes(int8)),
             ("ours compiled int8", ours(int8, prompts, True), weight_bytes(int8)),
@@ -160,17 +183,18 @@ def bench_model(name: str, args: ModelArgs, batches: list[int], n: int, prompt_l
                 print_row(rows[-1])
                 continue
             hf_rate = hf_rate or rate
-            limit = batch * bw * 1e9 / nbytes
+            limit = batch * read_bandwidth() * 1e9 / nbytes  # measured after the row: the same moment's machine
             rows.append((name, batch, label, ttft, rate, rate / hf_rate, limit, ""))
             print_row(rows[-1])
-        model.clear_caches()
-        int8.clear_caches()
+        for m in (model, int8, packed):
+            m.clear_caches()
     return rows
 
 
 def print_header() -> None:
-    print(f"| {'model':<40} | batch | {'implementation':<27} | TTFT ms | decode tok/s | vs HF | bw limit tok/s |")
-    print(f"|{'-' * 42}|-------|{'-' * 29}|---------|--------------|-------|----------------|")
+    print(f"| {'model':<40} | batch | {'implementation':<27} | TTFT ms | decode tok/s | vs HF | read limit tok/s |"
+          " % of limit |")  # fmt: skip
+    print(f"|{'-' * 42}|-------|{'-' * 29}|---------|--------------|-------|------------------|-----------:|")
 
 
 def print_row(row) -> None:
@@ -180,7 +204,7 @@ def print_row(row) -> None:
     else:
         print(
             f"| {name:<40} | {batch:>5} | {label:<27} | {ttft * 1e3:>7.1f} | {rate:>12.1f} | {ratio:>5.2f} |"
-            f" {limit:>14.1f} |",
+            f" {limit:>16.1f} | {100 * rate / limit:>9.0f}% |",
             flush=True,
         )
 
@@ -262,8 +286,8 @@ def main() -> int:
         seven_b_child(a.new_tokens_7b, a.prompt_len_7b)
         return 0
     print(f"machine: {machine()}")
-    bw = copy_bandwidth()
-    print(f"copy bandwidth: {bw:.1f} GB/s (read + write); {load()}\n")
+    print(f"copy bandwidth: {copy_bandwidth():.1f} GB/s (read + write); read bandwidth {read_bandwidth():.1f} GB/s; "
+          f"{load()}\n")  # fmt: skip
     if not a.only_7b:
         print(f"prompt ~{a.prompt_len} tokens, {a.new_tokens} new tokens, greedy, best of {a.repeats}\n")
         print_header()
@@ -271,7 +295,7 @@ def main() -> int:
         for name, args in MODELS.items():
             if name.split()[0] not in chosen:
                 continue
-            bench_model(name, args, [int(b) for b in a.batches.split(",")], a.new_tokens, a.prompt_len, a.repeats, bw)
+            bench_model(name, args, [int(b) for b in a.batches.split(",")], a.new_tokens, a.prompt_len, a.repeats)
         print(f"\n{load()}")
     if a.seven_b or a.only_7b:
         seven_b(a.new_tokens_7b, a.prompt_len_7b)
