@@ -37,3 +37,14 @@ def test_freed_rows_are_reused_and_rows_stay_independent():
     alone = [run(DecodeBatch(model, 1, 64), [r])[0] for r in requests]
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     assert all(len(c.token_ids) == r.max_new_tokens for c, r in zip(together, requests))
+
+
+def test_prompts_arriving_together_are_read_in_one_step_when_no_row_is_decoding():
+    model = build_model(tiny_args(max_seq_len=64), seed=0).eval()
+    batch = DecodeBatch(model, 5, 64, prefill_tokens=8)  # 4 prompts of 6 tokens: 24 tokens, 3x the budget
+    seqs = [batch.add(Request(tuple(range(1 + i, 7 + i)), 3)) for i in range(4)]
+    out = batch.step()
+    assert {seq for seq, _ in out} == set(seqs)  # all four read their prompt and sampled in the first step
+    late = batch.add(Request(tuple(range(10, 30)), 2))  # 20 tokens while rows decode: 8 per step again
+    batch.step()
+    assert late.cached == 8

@@ -185,8 +185,9 @@ def pick(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[flo
 class DecodeBatch:
     """Sequences in rows of the model's KV cache: rows [0, d) are decoding, rows [d, n) are reading their prompt.
 
-    `prefill_tokens` bounds the prompt tokens run per step (chunked prefill), so a long prompt joining a running
-    batch delays the running rows by one chunk at a time; None runs every prompt whole.
+    `prefill_tokens` bounds the prompt tokens run per step (chunked prefill) while rows are decoding, so a long
+    prompt joining a running batch delays the running rows by one chunk at a time; with no row decoding nobody waits
+    on a step, and the budget grows to all waiting prompt tokens. None reads every prompt whole.
     """
 
     def __init__(
@@ -259,9 +260,10 @@ class DecodeBatch:
         remaining = [len(s.request.prompt) - s.cached for s in waiting]
         if self.prefill_tokens is None:
             width, take = max(remaining), len(waiting)
-        else:  # padded tokens of this step's forward stay within the budget
-            width = min(max(remaining), self.prefill_tokens)
-            take = max(1, min(len(waiting), self.prefill_tokens // width))
+        else:  # padded tokens of this step's forward stay within the budget (all prompt tokens when none decodes)
+            budget = self.prefill_tokens if self.decoding else max(self.prefill_tokens, sum(remaining))
+            width = min(max(remaining), budget)
+            take = max(1, min(len(waiting), budget // width))
         chunks = [list(s.request.prompt[s.cached : s.cached + width]) for s in waiting[:take]]
         logits = prefill(self.model, chunks, [s.cached for s in waiting[:take]], first)
         for s, chunk, row_logits in zip(waiting[:take], chunks, logits):
