@@ -95,13 +95,14 @@ def _cli_args(ckpt, *extra: str) -> argparse.Namespace:
     return parser.parse_args(["--model-dir", str(ckpt.parent), "--model-name", ckpt.name, *extra])
 
 
-def test_cli_loading_packs_by_default_and_no_pack_keeps_linears(tmp_path):
+def test_cli_loading_packs_for_several_rows_and_no_pack_keeps_linears(tmp_path):
     ckpt = write_checkpoint(tmp_path)
-    packed = load_predictor(_cli_args(ckpt))
-    plain = load_predictor(_cli_args(ckpt, "--no-pack"))
+    packed = load_predictor(_cli_args(ckpt), rows=4)
+    plain = load_predictor(_cli_args(ckpt, "--no-pack"), rows=4)
+    one_row = load_predictor(_cli_args(ckpt))  # a single stream (chat) decodes faster unpacked
     assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
-    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
-    half = load_predictor(_cli_args(ckpt, "--dtype", "float16"))  # not fp32: left as it is
+    assert not any(isinstance(m, PackedLinear) for m in [*plain.model.modules(), *one_row.model.modules()])
+    half = load_predictor(_cli_args(ckpt, "--dtype", "float16"), rows=4)  # not fp32: left as it is
     assert not any(isinstance(m, PackedLinear) for m in half.model.modules())
     kwargs = dict(out_max_length=12, temperature=0)
     assert packed.predict_generate_randomsample("The city", **kwargs) == plain.predict_generate_randomsample(

@@ -56,8 +56,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     check_combination(args)
 
-    predictor = load_predictor(args)
     texts = read_prompts(args.prompt_file) if args.prompt_file else [args.prompt]
+    predictor = load_predictor(args, rows=args.beam_size or len(texts))
     stop = (*STOP_STRINGS, *(args.stop or ())) if args.chat else tuple(args.stop or ())
     if args.chat:
         prompts = [predictor.encode_chat(t) for t in texts]

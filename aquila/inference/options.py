@@ -17,8 +17,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-pack",
         action="store_true",
-        help="keep plain nn.Linear weights (fp32 on CPU they are packed for oneDNN once at load: batched decode "
-        "steps then read each weight once; not with --compile)",
+        help="keep plain nn.Linear weights. Where several rows decode together (serve with --max-batch > 1, "
+        "generate with several prompts or beams) fp32 CPU weights are packed once for oneDNN, so a step of many "
+        "rows reads each weight once; one row decodes faster unpacked. Never with --compile",
     )
 
 
@@ -31,7 +32,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, temperature: float = 1.0,
     parser.add_argument("--seed", type=int, default=None)
 
 
-def load_predictor(args: argparse.Namespace):
+def load_predictor(args: argparse.Namespace, rows: int = 1):
+    """The Predictor for these flags; `rows` = how many sequences will decode together (packing pays from 2)."""
     from aquila.inference.loader import AutoLoader
     from aquila.inference.packing import can_pack, pack_linears
     from aquila.inference.predictor import Predictor
@@ -46,7 +48,7 @@ def load_predictor(args: argparse.Namespace):
         quantize="int8" if args.int8 else None,
     )
     model = loader.get_model()
-    if not (args.compile or args.no_pack) and can_pack(model):
+    if rows > 1 and not (args.compile or args.no_pack) and can_pack(model):
         pack_linears(model)
     return Predictor(model, loader.get_tokenizer(), compile=args.compile)
 

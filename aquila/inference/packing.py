@@ -5,6 +5,8 @@ on every call. For the few rows of a decode step that repack is an extra read an
 medium model (dim 512, vocab 100,008) a 4-row step costs about 2x a 1-row step and a 16-row step about 3x, although
 all of them read the same weights once. Packing at load time (what inductor's "freezing" does for compiled
 graphs) leaves one read per step: 16 rows then cost about 1.6x one row, which is what continuous batching needs.
+A single row (a matrix-vector product, which never repacked) runs 10-20% slower packed, so the CLI packs only
+where several rows decode together (`options.load_predictor`).
 
 A packed layer's output for a row does not depend on the other rows of its batch (tested), which a plain GEMM does
 not promise; it differs from `nn.Linear`'s in the last bits (another summation order).

@@ -123,7 +123,9 @@ def main(argv: list[str]) -> int:
     )
     import uvicorn
 
-    app = create_app(load_predictor(args), limits, model_name=args.served_model_name or args.model_name)
+    app = create_app(
+        load_predictor(args, rows=args.max_batch), limits, model_name=args.served_model_name or args.model_name
+    )
     engine = app.state.engine
     print(
         f"KV cache: {limits.max_batch} rows x {engine.max_len} positions = {engine.cache_bytes() / 2**30:.2f} GiB"
