@@ -22,7 +22,9 @@ def test_a_long_prompt_is_read_in_chunks_while_running_rows_keep_decoding():
         out = batch.step()
         steps_until_second_speaks += 1
         assert any(seq is first for seq, _ in out)  # the running row got its token this step too
-    assert steps_until_second_speaks == 4  # ceil(30 / 8) steps of prompt, the last one also samples
+    # ceil(30 / 8) = 4 chunks, each read in the same forward as the running row's token; the step after the last
+    # chunk samples the first token (right after that forward, so no later in time than reading it alone would be)
+    assert steps_until_second_speaks == 5
     while batch.seqs:
         batch.step()
     alone = [run(DecodeBatch(model, 1, 64), [r])[0].token_ids for r in (running, long)]
@@ -48,3 +50,24 @@ def test_prompts_arriving_together_are_read_in_one_step_when_no_row_is_decoding(
     late = batch.add(Request(tuple(range(10, 30)), 2))  # 20 tokens while rows decode: 8 per step again
     batch.step()
     assert late.cached == 8
+
+
+def test_a_joining_prompt_is_read_in_the_running_rows_forward():
+    model = build_model(tiny_args(max_seq_len=64), seed=0).eval()
+    batch = DecodeBatch(model, 3, 64, prefill_tokens=8)
+    running = [batch.add(Request((1, 2, 3), 12)), batch.add(Request((4, 5), 12))]
+    batch.step()
+    joining = batch.add(Request(tuple(range(6, 26)), 4))  # 20 prompt tokens: 3 chunks of at most 8
+    forwards = []
+    real = model.rows_hidden_states
+    model.rows_hidden_states = lambda groups: forwards.append([g.ids.shape for g in groups]) or real(groups)
+    for _ in range(3):
+        batch.step()
+    model.rows_hidden_states = real
+    # one forward per step: the 2 running rows' tokens and the joining row's chunk
+    assert forwards == [[(2, 1), (1, 8)], [(2, 1), (1, 8)], [(2, 1), (1, 4)]]
+    assert joining.logits is not None and not joining.completion.token_ids
+    while batch.seqs:
+        batch.step()
+    alone = [run(DecodeBatch(model, 1, 64), [s.request])[0].token_ids for s in (*running, joining)]
+    assert [s.completion.token_ids for s in (*running, joining)] == alone

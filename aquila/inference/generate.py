@@ -26,6 +26,7 @@ from aquila.errors import AquilaError
 from aquila.inference.sampling import SamplingParams, sample
 from aquila.inference.text import TextAssembler
 from aquila.model import AquilaModel
+from aquila.model.aquila_model import CacheRows
 
 
 @dataclass(frozen=True)
@@ -137,16 +138,25 @@ def prefill(model: AquilaModel, chunks: list[list[int]], starts: list[int], firs
     """Prompt chunks of rows first_row.. (right-padded, row i from position starts[i]) into the cache; the logits
     [b, V] after each row's last chunk token."""
     device = model_device(model)
+    ids, pos, last = _right_padded(chunks, starts, model.cache_len)
+    kv_len = max(s + len(c) for c, s in zip(chunks, starts))
+    last = torch.tensor(last, device=device)
+    out = model(ids.to(device), input_pos=pos.to(device), first_row=first_row, kv_len=kv_len, logits_at=last)
+    return out["logits"]
+
+
+def _right_padded(
+    chunks: list[list[int]], starts: list[int], pad_pos: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """ids [b, width] and positions [b, width] of prompt chunks (row i from position starts[i]), padding at the
+    scratch position `pad_pos`; and each row's last real index."""
     width = max(len(c) for c in chunks)
     ids = torch.zeros(len(chunks), width, dtype=torch.long)
-    pos = torch.full((len(chunks), width), model.cache_len, dtype=torch.long)  # padding -> the scratch slot
+    pos = torch.full((len(chunks), width), pad_pos, dtype=torch.long)
     for i, (chunk, start) in enumerate(zip(chunks, starts)):
         ids[i, : len(chunk)] = torch.tensor(chunk)
         pos[i, : len(chunk)] = torch.arange(start, start + len(chunk))
-    last = torch.tensor([len(c) - 1 for c in chunks], device=device)
-    kv_len = max(s + len(c) for c, s in zip(chunks, starts))
-    out = model(ids.to(device), input_pos=pos.to(device), first_row=first_row, kv_len=kv_len, logits_at=last)
-    return out["logits"]
+    return ids, pos, [len(c) - 1 for c in chunks]
 
 
 @torch.no_grad()
@@ -231,9 +241,11 @@ class DecodeBatch:
         self.seqs.append(seq)
 
     def step(self) -> list[tuple[Sequence, str]]:
-        """Prefill a chunk of the waiting prompts, then one token for every decoding row: returns (sequence, new
-        text) for each row that sampled, finished ones included (they have left the batch)."""
-        self._prefill()
+        """One token for every decoding row, then one forward: the rows' new tokens and a chunk of the waiting
+        prompts (read alone first when no row is decoding). Returns (sequence, new text) for each row that sampled,
+        finished ones included (they have left the batch)."""
+        if not self.decoding:
+            self._prefill()
         d = self.decoding
         if not d:
             return []
@@ -253,36 +265,70 @@ class DecodeBatch:
 
     # --- internals -------------------------------------------------------------------------------------------
     def _prefill(self) -> None:
-        waiting = [s for s in self.seqs if s.prefilling]
-        if not waiting:
-            return
-        first = len(self.seqs) - len(waiting)
+        """Read a chunk of the waiting prompts alone (no row is decoding)."""
+        waiting, chunks = self._prompt_chunks()
+        logits = prefill(self.model, chunks, [s.cached for s in waiting], len(self.seqs) - len(self.waiting))
+        self._read(waiting, chunks, list(logits))
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        return [s for s in self.seqs if s.prefilling]
+
+    def _prompt_chunks(self) -> tuple[list[Sequence], list[list[int]]]:
+        """The waiting rows to read this step and their prompt chunks, within the token budget."""
+        waiting = self.waiting
         remaining = [len(s.request.prompt) - s.cached for s in waiting]
+        if not waiting:
+            return [], []
         if self.prefill_tokens is None:
             width, take = max(remaining), len(waiting)
         else:  # padded tokens of this step's forward stay within the budget (all prompt tokens when none decodes)
             budget = self.prefill_tokens if self.decoding else max(self.prefill_tokens, sum(remaining))
             width = min(max(remaining), budget)
             take = max(1, min(len(waiting), budget // width))
-        chunks = [list(s.request.prompt[s.cached : s.cached + width]) for s in waiting[:take]]
-        logits = prefill(self.model, chunks, [s.cached for s in waiting[:take]], first)
-        for s, chunk, row_logits in zip(waiting[:take], chunks, logits):
+        return waiting[:take], [list(s.request.prompt[s.cached : s.cached + width]) for s in waiting[:take]]
+
+    def _read(self, seqs: list[Sequence], chunks: list[list[int]], logits: list[torch.Tensor | None]) -> None:
+        """Account for prompt chunks just read (logits[i]: after seqs[i]'s chunk, None where not computed); a row
+        whose prompt is in takes its logits and joins the decoding rows [0, d)."""
+        for s, chunk, row_logits in zip(seqs, chunks, logits):
             s.cached += len(chunk)
-            if not s.prefilling:  # its prompt is in: it joins the decoding rows [0, d)
+            if not s.prefilling:
                 s.logits = row_logits
                 self._move(self.seqs.index(s), self.decoding - 1)
 
     def _decode(self, tokens: dict[Sequence, int]) -> None:
-        """Feed each decoding row its sampled token at its own position."""
+        """Feed each decoding row its sampled token at its own position, with a chunk of the waiting prompts in the
+        same forward (every weight read once for both)."""
         running = self.seqs[: self.decoding]
         if not running:
             return
         pos = torch.tensor([[s.cached] for s in running], device=self.device)
         x = torch.tensor([tokens[s] for s in running], device=self.device)[:, None]
-        logits = self.step_fn(self.model, x, pos, max(s.cached for s in running) + 1)
+        kv_len = max(s.cached for s in running) + 1
+        waiting, chunks = self._prompt_chunks()
+        if not waiting:
+            logits = self.step_fn(self.model, x, pos, kv_len)
+        else:
+            starts = [s.cached for s in waiting]
+            ids, prompt_pos, last = _right_padded(chunks, starts, self.model.cache_len)
+            prompt_kv = max(start + len(c) for start, c in zip(starts, chunks))
+            groups = [
+                CacheRows(0, x, pos, kv_len),
+                CacheRows(len(running), ids.to(self.device), prompt_pos.to(self.device), prompt_kv),
+            ]
+            d, width = len(running), ids.shape[1]
+            ends = [i for i, (s, c) in enumerate(zip(waiting, chunks)) if s.cached + len(c) == len(s.request.prompt)]
+            with torch.no_grad():
+                logits = self.model.rows_logits(groups, [*range(d), *(d + i * width + last[i] for i in ends)])
+            prompt_logits: list[torch.Tensor | None] = [None] * len(waiting)
+            for i, row_logits in zip(ends, logits[d:]):
+                prompt_logits[i] = row_logits
         for s, row_logits in zip(running, logits):
             s.cached += 1
             s.logits = row_logits
+        if waiting:
+            self._read(waiting, chunks, prompt_logits)
 
     def _free(self, gone: list[Sequence]) -> None:
         """Drop finished rows, keeping the rest dense: decoding rows first, then prompt readers."""

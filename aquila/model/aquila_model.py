@@ -6,6 +6,8 @@ checkpointing, compilation and quantization are applied to this model from outsi
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,6 +82,30 @@ class KVCache(nn.Module):
         self.v[dst, :, :length] = self.v[src, :, :length]
 
 
+class CacheRows(NamedTuple):
+    """Tokens of cache rows first_row..first_row+b-1: ids [b, s] at each row's own positions [b, s].
+
+    A position equal to the cache length marks a padding token (it writes the scratch slot). `kv_len` bounds the
+    slots read (default: the largest position + 1)."""
+
+    first_row: int
+    ids: torch.Tensor
+    positions: torch.Tensor
+    kv_len: int | None = None
+
+
+class _AttendRows(NamedTuple):
+    """One group of a cached forward, as the attention layers use it: its span of the flattened tokens."""
+
+    offset: int
+    rows: int
+    width: int
+    first_row: int
+    positions: torch.Tensor
+    kv_len: int
+    mask: torch.Tensor  # bool [rows, 1, width, kv_len]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -90,16 +116,28 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, causal: bool, cache_at: tuple | None = None) -> torch.Tensor:
-        """`cache_at` = (first_row, input_pos, kv_len): write this step into the cache and attend over it."""
+    def forward(self, x, cos, sin, mask, causal: bool, cache_at: list[_AttendRows] | None = None) -> torch.Tensor:
+        """x [b, s, dim]. With `cache_at`, x is [1, T, dim]: the tokens of several row groups, flattened; each group
+        writes its k/v into its cache rows and attends over them (one matmul per weight for all groups)."""
         b, s, _ = x.shape
-        q = apply_rotary(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rotary(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if cache_at is not None:
-            k, v = self.kv_cache.update(*cache_at[:2], k, v, cache_at[2])
-        out = attention(q, k, v, mask, causal)
+        q = apply_rotary(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
+        if cache_at is None:
+            out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, causal)
+        else:
+            out = torch.cat([self._attend_cached(g, q[0], k[0], v[0]) for g in cache_at])
         return self.wo(out.reshape(b, s, -1))
+
+    def _attend_cached(self, g: _AttendRows, q, k, v) -> torch.Tensor:
+        """Group g's tokens (q/k/v [T, heads, head_dim]) into its cache rows, attending over them: [rows*width, ...]"""
+        span = slice(g.offset, g.offset + g.rows * g.width)
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t[span].view(g.rows, g.width, *t.shape[1:]).transpose(1, 2)
+
+        kc, vc = self.kv_cache.update(g.first_row, g.positions, rows(k), rows(v), g.kv_len)
+        return attention(rows(q), kc, vc, g.mask, False).flatten(0, 1)
 
 
 class FeedForward(nn.Module):
@@ -121,7 +159,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, causal: bool = True, cache_at: tuple | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask=None, causal: bool = True, cache_at: list | None = None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, causal, cache_at)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -193,28 +231,50 @@ class AquilaModel(nn.Module):
 
         Without `input_pos`: a plain causal forward from position 0 that leaves the cache alone. With `input_pos`
         [b, s] (each row's own positions): the tokens go into cache rows first_row..first_row+b-1 at those
-        positions and attend to the slots at or before their own position; `kv_len` (default max position + 1)
-        bounds the slots read. A position equal to the cache length marks a padding token (scratch slot).
+        positions and attend to the slots at or before their own position (see `CacheRows`).
         """
         b, s = input_ids.shape
-        if input_pos is None:
-            positions, mask, causal, cache_at = torch.arange(s, device=input_ids.device).expand(b, s), None, True, None
-        else:
-            if not self.cache_len:
-                raise ValueError("input_pos needs a KV cache: call setup_caches() first")
-            if first_row + b > self.cache_batch:
-                raise ValueError(f"rows {first_row}..{first_row + b - 1} exceed the KV cache's {self.cache_batch}")
-            kv_len = kv_len or int(input_pos.max()) + 1
-            if kv_len > self.cache_len + 1:
-                raise ValueError(f"positions up to {kv_len} exceed the KV cache length {self.cache_len}")
-            slots = torch.arange(kv_len, device=input_ids.device)
-            mask = (slots[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [b, 1, s, kv_len]
-            positions, causal, cache_at = input_pos, False, (first_row, input_pos, kv_len)
+        if input_pos is not None:
+            return self.rows_hidden_states([CacheRows(first_row, input_ids, input_pos, kv_len)]).view(b, s, -1)
+        positions = torch.arange(s, device=input_ids.device).expand(b, s)
         cos, sin = rotary_tables(positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, causal, cache_at)
+            h = layer(h, cos, sin)
         return self.norm(h)
+
+    def rows_hidden_states(self, groups: list[CacheRows]) -> torch.Tensor:
+        """Final-norm hidden states [T, dim] of several groups of cache rows in one forward (T = their tokens, group
+        after group, row after row): running rows decoding one token each beside a prompt chunk of new rows read
+        every weight once."""
+        if not self.cache_len:
+            raise ValueError("input_pos needs a KV cache: call setup_caches() first")
+        attend, offset = [], 0
+        for g in groups:
+            rows, width = g.ids.shape
+            if g.first_row + rows > self.cache_batch:
+                raise ValueError(
+                    f"rows {g.first_row}..{g.first_row + rows - 1} exceed the KV cache's {self.cache_batch}"
+                )
+            kv_len = g.kv_len or int(g.positions.max()) + 1
+            if kv_len > self.cache_len + 1:
+                raise ValueError(f"positions up to {kv_len} exceed the KV cache length {self.cache_len}")
+            slots = torch.arange(kv_len, device=g.ids.device)
+            mask = (slots[None, None, :] <= g.positions[:, :, None]).unsqueeze(1)  # [rows, 1, width, kv_len]
+            attend.append(_AttendRows(offset, rows, width, g.first_row, g.positions, kv_len, mask))
+            offset += rows * width
+        ids = torch.cat([g.ids.reshape(-1) for g in groups])[None]
+        positions = torch.cat([g.positions.reshape(-1) for g in groups])[None]
+        cos, sin = rotary_tables(positions, self.args.head_dim, self.args.rope_theta)
+        h = self.tok_embeddings(ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, None, False, attend)
+        return self.norm(h)[0]
+
+    def rows_logits(self, groups: list[CacheRows], logits_at: list[int] | torch.Tensor) -> torch.Tensor:
+        """fp32 logits [len(logits_at), vocab] of the tokens at these indices of `rows_hidden_states`' order."""
+        h = self.rows_hidden_states(groups)
+        return self.output(h[torch.as_tensor(logits_at, device=h.device)]).float()
 
     def forward(
         self,
