@@ -71,3 +71,17 @@ def test_a_joining_prompt_is_read_in_the_running_rows_forward():
         batch.step()
     alone = [run(DecodeBatch(model, 1, 64), [s.request])[0].token_ids for s in (*running, joining)]
     assert [s.completion.token_ids for s in (*running, joining)] == alone
+
+
+def test_rows_finishing_together_are_freed_without_copying_cache_rows():
+    model = build_model(tiny_args(max_seq_len=64), seed=0).eval()
+    batch = DecodeBatch(model, 4, 64)
+    for i in range(4):
+        batch.add(Request((1 + i, 2, 3), 3))
+    copies = []
+    real = model.copy_cache_rows
+    model.copy_cache_rows = lambda *a: copies.append(a) or real(*a)
+    while batch.seqs:
+        batch.step()
+    model.copy_cache_rows = real
+    assert copies == []

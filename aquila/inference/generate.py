@@ -331,8 +331,9 @@ class DecodeBatch:
             self._read(waiting, chunks, prompt_logits)
 
     def _free(self, gone: list[Sequence]) -> None:
-        """Drop finished rows, keeping the rest dense: decoding rows first, then prompt readers."""
-        for seq in gone:
+        """Drop finished rows, keeping the rest dense: decoding rows first, then prompt readers. Last rows first:
+        a freed last row needs no copy, so a batch finishing together moves nothing."""
+        for seq in sorted(gone, key=self.seqs.index, reverse=True):
             row = self.seqs.index(seq)
             d = self.decoding
             if row < d:  # the last decoding row fills the hole, the last prompt reader fills its place
