@@ -203,6 +203,8 @@ def main() -> int:
                     samples = asyncio.run(soak(server, a.soak, max(counts)))
                     rss = [mb for _, mb in samples]
                     print(f"# soak {a.soak:.0f}s: RSS MB first {rss[0]:.0f}, max {max(rss):.0f}, last {rss[-1]:.0f}")
+                    marks = [samples[round(q * (len(samples) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)]
+                    print("# RSS over the soak: " + ", ".join(f"{t:.0f} s {mb:.0f} MB" for t, mb in marks))
                     health = httpx.get(f"{server.url}/health").json()
                     print(f"# after soak: running {health['running']}, waiting {health['waiting']}")
             finally:
