@@ -267,6 +267,8 @@ class DecodeBatch:
     def _prefill(self) -> None:
         """Read a chunk of the waiting prompts alone (no row is decoding)."""
         waiting, chunks = self._prompt_chunks()
+        if not waiting:
+            return
         logits = prefill(self.model, chunks, [s.cached for s in waiting], len(self.seqs) - len(self.waiting))
         self._read(waiting, chunks, list(logits))
 
