@@ -62,7 +62,8 @@ def test_bmtrain_backend_without_bmtrain(monkeypatch, capsys):
     from aquila.train import bmtrain_backend
 
     monkeypatch.setitem(sys.modules, "bmtrain", None)
-    backend = bmtrain_backend.BMTrainBackend(None, SimpleNamespace(seed=0))
+    env = SimpleNamespace(device=torch.device("cuda", 0))  # bmtrain runs on CUDA only; nothing here touches it
+    backend = bmtrain_backend.BMTrainBackend(env, SimpleNamespace(seed=0, fp16=False, bf16=None))
     assert run_command(backend.start) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: env_type bmtrain needs the 'bmtrain' extra: pip install \"aquila[bmtrain]\"")
