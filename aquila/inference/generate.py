@@ -138,8 +138,7 @@ def prefill(model: AquilaModel, chunks: list[list[int]], starts: list[int], firs
     """Prompt chunks of rows first_row.. (right-padded, row i from position starts[i]) into the cache; the logits
     [b, V] after each row's last chunk token."""
     device = model_device(model)
-    ids, pos, last = _right_padded(chunks, starts, model.cache_len)
-    kv_len = max(s + len(c) for c, s in zip(chunks, starts))
+    ids, pos, last, kv_len = _right_padded(chunks, starts, model.cache_len)
     last = torch.tensor(last, device=device)
     out = model(ids.to(device), input_pos=pos.to(device), first_row=first_row, kv_len=kv_len, logits_at=last)
     return out["logits"]
@@ -147,16 +146,16 @@ def prefill(model: AquilaModel, chunks: list[list[int]], starts: list[int], firs
 
 def _right_padded(
     chunks: list[list[int]], starts: list[int], pad_pos: int
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
     """ids [b, width] and positions [b, width] of prompt chunks (row i from position starts[i]), padding at the
-    scratch position `pad_pos`; and each row's last real index."""
+    scratch position `pad_pos`; each row's last real index; the cache slots they span (kv_len)."""
     width = max(len(c) for c in chunks)
     ids = torch.zeros(len(chunks), width, dtype=torch.long)
     pos = torch.full((len(chunks), width), pad_pos, dtype=torch.long)
     for i, (chunk, start) in enumerate(zip(chunks, starts)):
         ids[i, : len(chunk)] = torch.tensor(chunk)
         pos[i, : len(chunk)] = torch.arange(start, start + len(chunk))
-    return ids, pos, [len(c) - 1 for c in chunks]
+    return ids, pos, [len(c) - 1 for c in chunks], max(s + len(c) for c, s in zip(chunks, starts))
 
 
 @torch.no_grad()
@@ -269,7 +268,7 @@ class DecodeBatch:
         waiting, chunks = self._prompt_chunks()
         if not waiting:
             return
-        logits = prefill(self.model, chunks, [s.cached for s in waiting], len(self.seqs) - len(self.waiting))
+        logits = prefill(self.model, chunks, [s.cached for s in waiting], self.decoding)  # readers start at row d
         self._read(waiting, chunks, list(logits))
 
     @property
@@ -312,9 +311,7 @@ class DecodeBatch:
         if not waiting:
             logits = self.step_fn(self.model, x, pos, kv_len)
         else:
-            starts = [s.cached for s in waiting]
-            ids, prompt_pos, last = _right_padded(chunks, starts, self.model.cache_len)
-            prompt_kv = max(start + len(c) for start, c in zip(starts, chunks))
+            ids, prompt_pos, last, prompt_kv = _right_padded(chunks, [s.cached for s in waiting], self.model.cache_len)
             groups = [
                 CacheRows(0, x, pos, kv_len),
                 CacheRows(len(running), ids.to(self.device), prompt_pos.to(self.device), prompt_kv),
