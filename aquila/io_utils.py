@@ -80,8 +80,37 @@ def read_json(path: str | os.PathLike) -> dict:
     return data
 
 
+def _unique_key_loader():
+    """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges; its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: let PyYAML report it
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise _DuplicateKey(key, first, key_node.start_mark.line + 1)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, first: int, second: int) -> None:
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
-    """A YAML config as a dict (empty file: {}), or an AquilaError naming the file and, for syntax, the line."""
+    """A YAML config as a dict (empty file: {}), or an AquilaError naming the file and, for syntax, the line.
+    A key given twice in one mapping is an error naming both lines."""
     import yaml
 
     path = Path(path)
@@ -92,7 +121,12 @@ def read_yaml(path: str | os.PathLike) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise AquilaError(f"config {path}: cannot read ({e})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKey as e:
+        raise AquilaError(
+            f"config {path}:{e.second}: key {e.key!r} is given twice (lines {e.first} and {e.second});"
+            " keep one (YAML would silently take the last)"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -70,6 +70,11 @@ def _run_bad(tmp_path, capsys, **overrides):
         ({"model_name": "nope"}, "model_name 'nope'"),
         ({"lr": "3e-4"}, "YAML 1.1"),
         ({"max_steps": 0, "epochs": 1, "batch_size": 4096}, "fewer than one global batch"),
+        ({"seed": -1}, "seed must be in 0..4294967295"),
+        ({"seed": 2**32}, "seed must be in 0..4294967295"),
+        ({"data_prefix": [1.0]}, "data_prefix [1.0]: expected [prefix] or [weight1, prefix1"),
+        ({"data_prefix": ["a", 1.0]}, "got 'a', 1.0 where a weight and a path belong"),
+        ({"clip_grad": -1.0}, "clip_grad must be >= 0 (0: no clipping), got -1.0"),
     ],
 )
 def test_bad_inputs_one_line_before_training(tmp_path, capsys, overrides, needle):
@@ -114,6 +119,30 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
         parse_config(["--yaml_config", str(bad)], "t")
     with pytest.raises(AquilaError, match=rf"config {tmp_path / 'missing.yaml'}: file not found"):
         parse_config(["--yaml_config", str(tmp_path / "missing.yaml")], "t")
+
+
+def test_duplicate_yaml_key_names_both_lines(tmp_path):
+    bad = tmp_path / "dup.yaml"
+    bad.write_text("batch_size: 2\nlr: 1.0e-4\nseed: 1\nlr: 3.0e-4\n")
+    with pytest.raises(AquilaError, match=rf"config {bad}:4: key 'lr' is given twice \(lines 2 and 4\)"):
+        parse_config(["--yaml_config", str(bad)], "t")
+    merged = tmp_path / "merge.yaml"  # a YAML merge key may still be overridden
+    merged.write_text("base: &b {x: 1}\nm:\n  <<: *b\n  x: 2\n")
+    from aquila.io_utils import read_yaml
+
+    assert read_yaml(merged)["m"] == {"x": 2}
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_empty_yaml_says_it_is_empty(tmp_path, text):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(text)
+    with pytest.raises(AquilaError, match=rf"config {empty}: the file is empty"):
+        parse_config(["--yaml_config", str(empty)], "t")
+
+
+def test_cli_data_prefix_weights_are_text(tmp_path):
+    assert parse_config(["--data_prefix", "[0.5,a,0.5,b]"], "t").data_prefix == ["0.5", "a", "0.5", "b"]
 
 
 def test_model_parallel_size_above_one_is_an_error(tmp_path):

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
 from aquila.io_utils import read_yaml
-from aquila.typed_config import coerce, from_dict
+from aquila.typed_config import coerce, from_dict, is_number
 
 EnvType = Literal["auto", "pytorch", "pytorchDDP", "fsdp", "bmtrain"]
 
@@ -232,6 +232,8 @@ def parse_config(argv: list[str], prog: str, script_defaults: dict[str, Any] | N
     cfg = dataclasses.replace(cfg, **cli)
     if cfg.yaml_config:
         data = read_yaml(cfg.yaml_config)
+        if not data:
+            raise AquilaError(f"config {cfg.yaml_config}: the file is empty (expected keys such as model_name)")
         cfg = from_dict(TrainConfig, data, str(cfg.yaml_config), base=cfg)
     if cfg.data_prefix is None and cfg.enable_pretrain_dataset_prefix:
         cfg = dataclasses.replace(cfg, data_prefix=cfg.enable_pretrain_dataset_prefix)
@@ -249,6 +251,12 @@ def validate(cfg: TrainConfig) -> None:
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise AquilaError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.seed < 2**32:
+        raise AquilaError(f"seed must be in 0..{2**32 - 1} (numpy's range), got {cfg.seed}")
+    if not cfg.clip_grad >= 0:  # also NaN
+        raise AquilaError(f"clip_grad must be >= 0 (0: no clipping), got {cfg.clip_grad}")
+    if isinstance(cfg.data_prefix, list):
+        _check_data_prefix(cfg.data_prefix)
     if cfg.epochs == 0 and cfg.max_steps == 0:
         raise AquilaError("set epochs or max_steps to a positive number")
     if cfg.num_checkpoints < 1:
@@ -273,6 +281,27 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.env_type == "bmtrain" and cfg.lora:
         raise AquilaError("lora is not supported with env_type bmtrain; use fsdp or pytorchDDP")
+
+
+def _check_data_prefix(items: list[Any]) -> None:
+    """[prefix] or [w1, prefix1, w2, prefix2, ...]: numbers before paths."""
+    shape = "expected [prefix] or [weight1, prefix1, weight2, prefix2, ...]"
+    if len(items) == 1:
+        if not isinstance(items[0], str):
+            raise AquilaError(f"data_prefix {items!r}: {shape} (a single item must be a path)")
+        return
+    if not items or len(items) % 2:
+        raise AquilaError(f"data_prefix {items!r}: {shape}")
+    for w, p in zip(items[0::2], items[1::2]):
+        if not (is_number(w) or _is_float_text(w)) or not isinstance(p, str):
+            raise AquilaError(f"data_prefix {items!r}: {shape}; got {w!r}, {p!r} where a weight and a path belong")
+
+
+def _is_float_text(value: Any) -> bool:  # a weight given on the command line: --data_prefix [0.5,a,0.5,b]
+    try:
+        return isinstance(value, str) and math.isfinite(float(value))
+    except ValueError:
+        return False
 
 
 def no_effect_notes(cfg: TrainConfig) -> list[str]:
