@@ -27,6 +27,7 @@ from aquila.config import ModelArgs
 from aquila.errors import AquilaError
 from aquila.hf import args_from_hf_config, from_hf_state_dict, hf_config, to_hf_state_dict, write_hf_tokenizer
 from aquila.io_utils import atomic_dir, atomic_path, read_json
+from aquila.manifest import verify_manifest
 from aquila.model import AquilaModel
 from aquila.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
 
@@ -157,6 +158,7 @@ class ModelDir:
         path = Path(path)
         if not path.is_dir():
             raise AquilaError(f"{path}: model directory not found")
+        verify_manifest(path, top_level_only=True)  # a training step's manifest.json: its files are intact
         config = path / CONFIG_NAME
         if not config.is_file():
             raise AquilaError(

@@ -249,3 +249,111 @@ def test_full_disk_on_one_rank_stops_both_without_a_hang(tmp_path):
     assert (out / "latest_iteration.txt").read_text().split()[0] == "2"
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["2"]
     assert checkpointing.verify_checkpoint(out / "2")
+
+
+def _flip_a_bit(path: Path) -> Path:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # inside the last tensor's data: same size, still a valid file
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_full_disk_during_the_optimizer_save_is_one_line(tmp_path, monkeypatch, capsys):
+    """save_optim True: DCP wraps the OSError in a CheckpointException, a BaseException."""
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    real_write_item = dcp_fs._write_item
+
+    def write_item_until_full(transforms, stream, data, write_item, *args):
+        if ".4.partial" in str(getattr(stream, "name", "")):
+            stream.write(b"x" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_item(transforms, stream, data, write_item, *args)
+
+    monkeypatch.setattr(dcp_fs, "_write_item", write_item_until_full)
+    out = tmp_path / "out"
+    assert _pretrain(tmp_path, max_steps=4, save_interval=2, num_checkpoints=1, save_optim=True) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot write checkpoint {out / '4'}: "), err
+    assert "No space left on device" in err and f"{out / '2'} is still the latest checkpoint" in err
+    assert sorted(p.name for p in out.iterdir()) == ["2", "latest_iteration.txt", "metrics.jsonl"]  # no .partial
+    assert checkpointing.verify_checkpoint(out / "2")
+
+    monkeypatch.setattr(dcp_fs, "_write_item", real_write_item)  # space freed: the same command continues
+    before = losses(out)
+    assert _pretrain(tmp_path, max_steps=4, save_interval=2, num_checkpoints=1, save_optim=True) == 0
+    assert losses(out)[3] == before[3] and (out / "latest_iteration.txt").read_text().split()[0] == "4"
+
+
+def test_step_without_manifest_is_not_trusted(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _pretrain(tmp_path, max_steps=4, save_interval=2) == 0
+    full = losses(out)
+    (out / "4" / "manifest.json").unlink()
+    _flip_a_bit(out / "4" / "model.safetensors")
+    capsys.readouterr()
+
+    assert _pretrain(tmp_path, "x.yaml", max_steps=4, save_interval=2, load_dir=str(out / "4")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {out / '4'}: no manifest.json, so its files cannot be checked" in err
+    assert f"python -m aquila.manifest write {out / '4'}" in err
+
+    assert _pretrain(tmp_path, max_steps=4, save_interval=2) == 0  # load_dir auto: falls back to step 2
+    text = capsys.readouterr().out
+    assert f"warning: skipping checkpoint {out / '4'}: {out / '4'}: no manifest.json" in text
+    assert f"load_dir auto: resuming from {out / '2'}" in text
+    again = losses(out)
+    assert again[3] == full[3] and again[4] == full[4]
+    assert checkpointing.verify_checkpoint(out / "4")  # rewritten by the resumed run, with a manifest
+
+
+def test_nan_stop_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    from tests.test_train_run import _nan_on
+
+    _nan_on(monkeypatch, lambda n: n >= 2)  # iterations 1-2 train, then every step is non-finite
+    out = tmp_path / "out"
+    assert _pretrain(tmp_path, max_steps=10, save_interval=2, num_checkpoints=1, nan_skip_limit=2) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint saved in {out / '4'} (older checkpoints are kept)" in err
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["2", "4"]
+    assert checkpointing.verify_checkpoint(out / "2")
+
+
+def test_every_checkpoint_corrupt_refuses_to_start_over(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _pretrain(tmp_path, max_steps=4, save_interval=2) == 0
+    before = (out / "metrics.jsonl").read_text()
+    for step in ("2", "4"):
+        _truncate(out / step)
+    capsys.readouterr()
+    assert _pretrain(tmp_path, max_steps=4, save_interval=2) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count("warning: skipping checkpoint") == 2
+    err = captured.err
+    assert err.count("\n") == 1 and "all 2 checkpoints of" in err and "refusing to start over" in err
+    assert "set load_dir: null (or --load_dir null)" in err
+    assert (out / "metrics.jsonl").read_text() == before  # nothing touched
+    assert _pretrain(tmp_path, max_steps=4, save_interval=2, load_dir=None) == 0  # the user asks to start over
+    assert "load_dir null: starting fresh" in capsys.readouterr().out
+
+
+def test_loaders_check_a_steps_manifest(tmp_path, capsys):
+    from aquila.checkpoint import ModelDir
+    from aquila.cli import main as cli_main
+    from aquila.errors import AquilaError
+
+    assert _pretrain(tmp_path, max_steps=2, save_interval=2) == 0
+    step = tmp_path / "out" / "2"
+    ModelDir.open(step)  # intact
+    bad = _flip_a_bit(step / "model.safetensors")
+    capsys.readouterr()
+    assert cli_main(["convert", str(step), str(tmp_path / "hf"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {bad}: checksum differs from {step / 'manifest.json'} (corrupt file)\n"
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(AquilaError, match="checksum differs"):
+        load_model_dir(step)
+    _flip_a_bit(bad)  # restored: the cache of verified directories notices the change
+    load_model_dir(step)
+    shutil.rmtree(step / "optim")  # a step's optim/ and rng/ states are not a model loader's concern
+    load_model_dir(step)

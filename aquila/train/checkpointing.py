@@ -20,8 +20,6 @@ import json
 import os
 import random
 import shutil
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from aquila.checkpoint import CONFIG_NAME, save_weights
 from aquila.config import ModelArgs
 from aquila.errors import AquilaError
 from aquila.io_utils import read_json, write_text_atomic
+from aquila.manifest import MANIFEST, verify_manifest, write_manifest
 from aquila.train.config import TrainConfig
 from aquila.train.distributed import Backend, DistEnv, any_rank, barrier
 
@@ -41,7 +41,6 @@ TRACKER = "latest_iteration.txt"
 STATE_NAME = "trainer_state.json"
 OPTIM_DIR = "optim"
 RNG_DIR = "rng"
-MANIFEST = "manifest.json"
 
 
 # -- RNG ------------------------------------------------------------------------------------------
@@ -115,43 +114,14 @@ def read_train_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def _crc32s(paths: list[Path]) -> list[int]:
-    """CRC32 of each file, several at once (zlib releases the GIL): a 7B checkpoint is ~100 GB to read."""
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(_crc32, paths))
-
-
-def write_manifest(directory: Path) -> None:
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    crcs = _crc32s(files)
-    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "crc32": c} for p, c in zip(files, crcs)}
-    write_text_atomic(directory / MANIFEST, json.dumps({"files": entries}, indent=1) + "\n")
-
-
 def verify_checkpoint(ckpt: Path) -> bool:
-    """Check every file against manifest.json: one error naming the first bad file. False: no manifest to check."""
-    path = ckpt / MANIFEST
-    if not path.is_file():
-        return False
-    wanted = read_json(path).get("files", {})
-    for name, want in wanted.items():  # sizes first: cheap, and they catch truncation and missing shards
-        f = ckpt / name
-        if not f.is_file():
-            raise AquilaError(f"{f}: missing (listed in {path})")
-        if f.stat().st_size != want["bytes"]:
-            raise AquilaError(f"{f}: {f.stat().st_size} bytes, expected {want['bytes']} (truncated or overwritten)")
-    files = [ckpt / name for name in wanted]
-    for f, crc, want in zip(files, _crc32s(files), wanted.values()):
-        if crc != want["crc32"]:
-            raise AquilaError(f"{f}: checksum differs from {path} (corrupt file)")
+    """Check every file of a training step against its manifest.json (one error naming the first bad file).
+    A step without one is not trusted: every complete save writes it, so its files may be anything."""
+    if not verify_manifest(ckpt):
+        raise AquilaError(
+            f"{ckpt}: no {MANIFEST}, so its files cannot be checked (every complete save writes one); if you trust"
+            f" this step, record its files as they are with `python -m aquila.manifest write {ckpt}`"
+        )
     return True
 
 
@@ -164,7 +134,10 @@ def experiment_runs(save_dir: Path) -> list[Path]:
 
 
 def find_latest(save_dir: Path, warn) -> Path | None:
-    """The experiment's newest checkpoint that passes its manifest check; `warn` is told about each one skipped."""
+    """The experiment's newest checkpoint that passes its manifest check; `warn` is told about each one skipped.
+    None when there is none; an error when there are some but every one fails (starting over would silently
+    throw the run's progress away)."""
+    skipped = []
     for run in experiment_runs(save_dir):
         if not run.is_dir():
             continue
@@ -176,6 +149,13 @@ def find_latest(save_dir: Path, warn) -> Path | None:
                 return step
             except AquilaError as e:
                 warn(f"warning: skipping checkpoint {step}: {e}")
+                skipped.append(step)
+    if skipped:
+        raise AquilaError(
+            f"load_dir auto: all {len(skipped)} checkpoints of {save_dir} (and its experiment's earlier runs) fail"
+            f" their check (see the warnings above; the newest is {skipped[0]}); refusing to start over from"
+            " iteration 0; to start over anyway set load_dir: null (or --load_dir null)"
+        )
     return None
 
 
@@ -187,7 +167,7 @@ def clean_partials(save_dir: str | os.PathLike) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def prune(save_dir: Path, keep: int, protect: set[int]) -> None:
+def prune_steps(save_dir: Path, keep: int, protect: set[int]) -> None:
     steps = sorted(int(p.name) for p in save_dir.iterdir() if p.is_dir() and p.name.isdigit())
     for step in steps[: max(0, len(steps) - keep)]:
         if step not in protect:
@@ -209,7 +189,10 @@ class Saver:
     def save_dir(self) -> Path:
         return Path(self.cfg.save_dir)
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+    def save(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], prune: bool = True
+    ) -> Path:
+        """Write checkpoint `step`; `prune` False keeps every older step (a NaN stop's weights may be bad)."""
         env = self.backend.env
         final = self.save_dir / str(step)
         tmp = self.save_dir / f".{step}.partial"
@@ -235,7 +218,8 @@ class Saver:
             if best != step and not (self.save_dir / str(best)).is_dir():
                 best = step  # the best evaluation fell between checkpoints: "best" is the newest one then
             write_text_atomic(self.save_dir / TRACKER, f"{step}\t{best}\n")
-            prune(self.save_dir, self.cfg.num_checkpoints, protect={step, best})
+            if prune:
+                prune_steps(self.save_dir, self.cfg.num_checkpoints, protect={step, best})
         barrier()
         return final
 
@@ -255,8 +239,8 @@ class Saver:
         error = None
         try:
             write()
-        except Exception as e:  # ENOSPC surfaces as OSError, RuntimeError (torch.save) or DCP's exception
-            error = e
+        except (Exception, CheckpointException) as e:  # ENOSPC: OSError, RuntimeError (torch.save) or DCP's
+            error = e  # CheckpointException, a BaseException
         if not any_rank(error is not None, self.backend.env):
             return
         if self.backend.env.is_main:
@@ -269,7 +253,7 @@ class Saver:
         free = shutil.disk_usage(self.save_dir).free
         need = self.model_args.num_params() * 4 * (4 if self.cfg.save_optim else 2)  # fp32 .bin + .safetensors (+ Adam)
         raise AquilaError(
-            f"cannot write checkpoint {final}: {str(error)[:200]}; it needs about {need} bytes and {free} are free"
+            f"cannot write checkpoint {final}: {_describe(error)[:200]}; it needs about {need} bytes and {free} are free"
             f" on {self.save_dir}; {kept}"
         ) from None
 
@@ -283,6 +267,14 @@ class Saver:
             write_adapter(adapter_state(full), self.lora_config, directory)
         else:
             save_weights(full, directory)
+
+
+def _describe(error: BaseException) -> str:
+    """The error's own line; for DCP's CheckpointException (a traceback per rank), the first rank's error."""
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, (inner, _) = next(iter(sorted(error.failures.items(), key=lambda item: item[0])))
+        return f"{_describe(inner)} (rank {rank}, in the optimizer state)"
+    return str(error) or type(error).__name__
 
 
 def _fsync_tree(root: Path) -> None:

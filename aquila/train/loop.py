@@ -159,12 +159,13 @@ class Trainer:
             "best_iteration": s.best_iteration,
         }
 
-    def save(self) -> Path | None:
-        """Write a checkpoint of the current step, once (a later call at the same step returns its path)."""
+    def save(self, prune: bool = True) -> Path | None:
+        """Write a checkpoint of the current step, once (a later call at the same step returns its path);
+        `prune` False keeps all older checkpoints."""
         if self.saver is None:
             return None
         if self.last_save is None or self.last_save[0] != self.state.step:
-            path = self.saver.save(self.state.step, self.model, self.optimizer, self.checkpoint_state())
+            path = self.saver.save(self.state.step, self.model, self.optimizer, self.checkpoint_state(), prune)
             self.logger.message(f" saved checkpoint {path}")
             self.last_save = (self.state.step, path)
         return self.last_save[1]
@@ -190,12 +191,12 @@ class Trainer:
                     f" ({s.nan_consecutive} in a row, {s.nan_total} in all); data samples {_short(samples, 64)}"
                 )
                 if cfg.nan_skip_limit and s.nan_consecutive >= cfg.nan_skip_limit:
-                    path = self.save()
+                    path = self.save(prune=False)  # the weights may be what went wrong: keep the older steps
                     raise AquilaError(
                         f"stopping at iteration {s.step}: {s.nan_consecutive} consecutive non-finite steps"
                         f" (nan_skip_limit {cfg.nan_skip_limit}); data samples by iteration:"
                         f" {'; '.join(bad_samples[-s.nan_consecutive :])}; lower lr or check the data;"
-                        f" checkpoint saved in {path}"
+                        f" checkpoint saved in {path} (older checkpoints are kept)"
                     )
             else:
                 s.nan_consecutive = 0

@@ -131,8 +131,7 @@ def resume_point(cfg: TrainConfig, env: DistEnv) -> Path | None:
         return None
     if cfg.load_dir != "auto":
         ckpt = ckpt_io.resolve_checkpoint(cfg.load_dir, cfg.load_type)
-        if not ckpt_io.verify_checkpoint(ckpt):
-            say(f" warning: {ckpt} has no {ckpt_io.MANIFEST}: its files are not verified")
+        ckpt_io.verify_checkpoint(ckpt)
         return ckpt
     found = ckpt_io.find_latest(Path(cfg.save_dir), say) if cfg.save_dir else None
     say(f" load_dir auto: resuming from {found}" if found else f" load_dir auto: no checkpoint in {cfg.save_dir}"
