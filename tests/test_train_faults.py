@@ -357,3 +357,24 @@ def test_loaders_check_a_steps_manifest(tmp_path, capsys):
     load_model_dir(step)
     shutil.rmtree(step / "optim")  # a step's optim/ and rng/ states are not a model loader's concern
     load_model_dir(step)
+
+
+def test_second_run_on_one_save_dir_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _pretrain(tmp_path, max_steps=2, save_interval=2) == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert checkpointing.LOCK_NAME not in before  # released and removed
+    metrics = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    with checkpointing.save_dir_lock(out, is_main=True):  # the first run, still training
+        assert _pretrain(tmp_path, max_steps=4, save_interval=2) == 2
+        err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: save_dir {out} is in use by another run (pid {os.getpid()} on " in err
+    assert "choose another save_dir" in err
+    assert (out / "metrics.jsonl").read_text() == metrics and sorted(p.name for p in out.iterdir()) == before
+
+
+def test_save_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "out").write_text("not a directory")
+    assert _pretrain(tmp_path, max_steps=1) == 2
+    assert capsys.readouterr().err == f"error: save_dir {tmp_path / 'out'}: exists and is not a directory\n"

@@ -232,3 +232,17 @@ def test_epochs_mode_runs_one_pass_over_the_train_split(tmp_path):
     )
     state = json.loads((tmp_path / "out" / str(per_epoch // 8) / "trainer_state.json").read_text())
     assert state["total_iterations"] == per_epoch // 8 and state["consumed_samples"] == per_epoch // 8 * 8
+
+
+def test_tokenizer_smaller_than_the_vocabulary_warns_once(tmp_path, capsys):
+    from aquila.tokenizer import Tokenizer
+
+    n = len(Tokenizer.from_pretrained(DEMO_TOKENIZER))
+    micro_model_dir(tmp_path / "pre" / "m", vocab=n + 92)
+    common = dict(pre_load_dir=str(tmp_path / "pre"), model_name="m", tokenizer_dir=str(DEMO_TOKENIZER), max_steps=1)
+    assert _pretrain(tmp_path, **common) == 0
+    warned = [line for line in capsys.readouterr().out.splitlines() if "warning: tokenizer" in line]
+    assert len(warned) == 1 and f"has {n} tokens but the model's vocab_size is {n + 92}" in warned[0]
+    micro_model_dir(tmp_path / "pre" / "m", vocab=n)
+    assert _pretrain(tmp_path, save_dir=str(tmp_path / "o2"), **common) == 0
+    assert "warning: tokenizer" not in capsys.readouterr().out

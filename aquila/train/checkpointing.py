@@ -15,9 +15,13 @@ at the previous complete checkpoint and no step directory behind. Loading checks
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import os
+import socket
+import time
 import random
 import shutil
 from dataclasses import dataclass
@@ -38,6 +42,7 @@ from aquila.train.config import TrainConfig
 from aquila.train.distributed import Backend, DistEnv, any_rank, barrier
 
 TRACKER = "latest_iteration.txt"
+LOCK_NAME = ".aquila.lock"
 STATE_NAME = "trainer_state.json"
 OPTIM_DIR = "optim"
 RNG_DIR = "rng"
@@ -172,6 +177,66 @@ def prune_steps(save_dir: Path, keep: int, protect: set[int]) -> None:
     for step in steps[: max(0, len(steps) - keep)]:
         if step not in protect:
             shutil.rmtree(save_dir / str(step), ignore_errors=True)
+
+
+# -- one run per save_dir ------------------------------------------------------------------------
+@contextlib.contextmanager
+def save_dir_lock(save_dir: str | os.PathLike | None, is_main: bool):
+    """Hold an exclusive lock on `save_dir` for the run (rank 0; the OS releases it when the process dies): a
+    second run on the same save_dir would interleave metrics.jsonl and race on `.<step>.partial`. The lock file
+    is removed on exit, and save_dir too if this created it and left it empty."""
+    if not save_dir or not is_main:
+        yield
+        return
+    directory = Path(save_dir)
+    if directory.exists() and not directory.is_dir():
+        raise AquilaError(f"save_dir {directory}: exists and is not a directory")
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AquilaError(f"save_dir {directory}: cannot create it ({e.strerror or e})") from None
+    path = directory / LOCK_NAME
+    fd = _take_lock(path, directory)
+    try:
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}\n".encode())
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()  # while still holding it: a waiting opener sees the inode change and retries
+            os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only if empty
+
+
+def _take_lock(path: Path, directory: Path) -> int | None:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise AquilaError(
+                f"save_dir {directory} is in use by another run ({holder}; lock {path}); two runs on one save_dir"
+                " would mix their metrics.jsonl and checkpoints: wait for it, stop it, or choose another save_dir"
+            ) from None
+        except OSError as e:  # a file system without locks
+            os.close(fd)
+            print(f" warning: save_dir {directory}: cannot lock {path} ({e.strerror}); nothing stops a second run"
+                  " on it", flush=True)  # fmt: skip
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder removed it as we opened it: take the new one
 
 
 # -- saving ---------------------------------------------------------------------------------------

@@ -99,16 +99,24 @@ def run(
     if seq_length > args.max_seq_len:
         raise AquilaError(f"seq_length {seq_length} is above the model's max_seq_len {args.max_seq_len}")
     tok = load_tokenizer(tokenizer_dir(cfg), args)
+    if tok is not None and len(tok) < args.vocab_size and env.is_main:
+        print(
+            f" warning: tokenizer {tokenizer_dir(cfg)} has {len(tok)} tokens but the model's vocab_size is"
+            f" {args.vocab_size}: ids {len(tok)}..{args.vocab_size - 1} never occur in the data (fine if the"
+            " vocabulary was padded on purpose; otherwise check tokenizer_dir and the model's config)",
+            flush=True,
+        )
     precheck(cfg)
-    resume = resume_point(cfg, env)
-    resume_state = ckpt_io.read_train_state(resume) if resume else None
-    weights = initial_weights(cfg, args, source, resume)
-    backend = make_backend(env, cfg)
-    backend.start()
-    try:
-        return _train(cfg, backend, args, source, seq_length, tok, resume, resume_state, weights, build_data)
-    finally:
-        shutdown()
+    with ckpt_io.save_dir_lock(cfg.save_dir, env.is_main):
+        resume = resume_point(cfg, env)
+        resume_state = ckpt_io.read_train_state(resume) if resume else None
+        weights = initial_weights(cfg, args, source, resume)
+        backend = make_backend(env, cfg)
+        backend.start()
+        try:
+            return _train(cfg, backend, args, source, seq_length, tok, resume, resume_state, weights, build_data)
+        finally:
+            shutdown()
 
 
 def runtime_config(cfg: TrainConfig, env: DistEnv) -> TrainConfig:
