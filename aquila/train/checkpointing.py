@@ -20,10 +20,10 @@ import fcntl
 import functools
 import json
 import os
-import socket
-import time
 import random
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
