@@ -56,7 +56,6 @@ class TrainState:
     nan_total: int = 0
     best_eval_loss: float | None = None
     best_iteration: int | None = None
-    losses: list[float] = field(default_factory=list)  # global-batch loss of each iteration run in this process
     stopped_by: str | None = None  # the signal that stopped the run early
 
 
@@ -77,6 +76,7 @@ class Trainer:
     stop: StopFlag = field(default_factory=StopFlag)
     last_tokens: float = 0.0  # tokens (padding included) in the last global batch, for tokens/s and MFU
     last_save: tuple[int, Path] | None = None  # (step, path) of the last checkpoint this process wrote
+    seq_length: int | None = None  # recorded in checkpoints (the perplexity window default)
 
     @property
     def env(self) -> DistEnv:
@@ -157,6 +157,8 @@ class Trainer:
             "nan_skipped_total": s.nan_total,
             "best_eval_loss": s.best_eval_loss,
             "best_iteration": s.best_iteration,
+            "seq_length": self.seq_length,
+            "log_window": self.logger.window_state(),
         }
 
     def save(self, prune: bool = True) -> Path | None:
@@ -190,18 +192,8 @@ class Trainer:
                     f" iteration {s.step}: non-finite loss/gradients ({loss:.4g}, grad norm {norm:.4g}), step skipped"
                     f" ({s.nan_consecutive} in a row, {s.nan_total} in all); data samples {_short(samples, 64)}"
                 )
-                if cfg.nan_skip_limit and s.nan_consecutive >= cfg.nan_skip_limit:
-                    path = self.save(prune=False)  # the weights may be what went wrong: keep the older steps
-                    raise AquilaError(
-                        f"stopping at iteration {s.step}: {s.nan_consecutive} consecutive non-finite steps"
-                        f" (nan_skip_limit {cfg.nan_skip_limit}); data samples by iteration:"
-                        f" {'; '.join(bad_samples[-s.nan_consecutive :])}; lower lr or check the data;"
-                        f" checkpoint saved in {path} (older checkpoints are kept)"
-                    )
             else:
                 s.nan_consecutive = 0
-                if status == "ok":
-                    s.losses.append(loss)
             self.logger.step(
                 s.step,
                 loss,
@@ -211,6 +203,14 @@ class Trainer:
                 status != "ok",
                 self.last_tokens,
             )
+            if status == "nan" and cfg.nan_skip_limit and s.nan_consecutive >= cfg.nan_skip_limit:
+                path = self.save(prune=False)  # the weights may be what went wrong: keep the older steps
+                raise AquilaError(
+                    f"stopping at iteration {s.step}: {s.nan_consecutive} consecutive non-finite steps"
+                    f" (nan_skip_limit {cfg.nan_skip_limit}); data samples by iteration:"
+                    f" {'; '.join(bad_samples[-s.nan_consecutive :])}; lower lr or check the data;"
+                    f" checkpoint saved in {path} (older checkpoints are kept)"
+                )
             if self.valid_batches is not None and self.valid_steps and s.step % cfg.eval_interval == 0:
                 self._eval()
             if s.step % cfg.save_interval == 0:

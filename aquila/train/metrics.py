@@ -88,6 +88,7 @@ class MetricsLogger:
         self.path = Path(cfg.save_dir) / "metrics.jsonl" if (enabled and cfg.save_dir) else None
         tensorboard_dir = str(Path(cfg.tensorboard_dir) / cfg.experiment_name) if cfg.tensorboard else None
         self._reset(time.perf_counter())
+        self.logged_losses: list[float] = []  # the loss of each window logged by this process
         self.writer = None
         self.bar = None
         if not enabled:
@@ -106,7 +107,19 @@ class MetricsLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="it", dynamic_ncols=True, leave=False)
 
     def _reset(self, now: float) -> None:
-        self._t0, self._n, self._loss, self._norm, self._skipped, self._tokens = now, 0, 0.0, 0.0, 0, 0.0
+        self._t0, self._iters, self._tokens = now, 0, 0.0  # timing: iterations run by this process
+        self._n, self._loss, self._norm, self._skipped = 0, 0.0, 0.0, 0  # the window's averages
+
+    def window_state(self) -> dict[str, Any]:
+        """The open logging window's sums, for a checkpoint: a resumed run then logs the same averages as an
+        uninterrupted one (floats survive JSON exactly)."""
+        return {"log_interval": self.log_interval, "n": self._n, "loss": self._loss, "norm": self._norm,
+                "skipped": self._skipped}  # fmt: skip
+
+    def restore_window(self, saved: dict[str, Any] | None) -> None:
+        """Reopen the window saved with a checkpoint (ignored when log_interval changed: other boundaries)."""
+        if saved and saved.get("log_interval") == self.log_interval:
+            self._n, self._loss, self._norm, self._skipped = saved["n"], saved["loss"], saved["norm"], saved["skipped"]
 
     def step(
         self, step: int, loss: float, grad_norm: float, lr: float, loss_scale: float, skipped: bool, tokens: float
@@ -115,6 +128,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._tokens += tokens
+        self._iters += 1
         if skipped:
             self._skipped += 1
         else:
@@ -126,9 +140,8 @@ class MetricsLogger:
         if step % self.log_interval and step != self.total:
             return
         now = time.perf_counter()
-        iters = self._n + self._skipped
         elapsed = max(now - self._t0, 1e-9)
-        dt = elapsed / max(1, iters)
+        dt = elapsed / max(1, self._iters)
         mean_loss = self._loss / self._n if self._n else float("nan")
         rec = {
             "step": step,
@@ -145,6 +158,7 @@ class MetricsLogger:
             "time": time.time(),
         }
         self._emit(format_line(step, self.total, rec, self.accum), rec, "train")
+        self.logged_losses.append(mean_loss)
         self._reset(now)
 
     def eval(self, step: int, loss: float) -> None:

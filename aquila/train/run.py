@@ -228,6 +228,7 @@ def _train(cfg, backend, args, source, seq_length, tok, resume, resume_state, we
     peak = cfg.peak_tflops or (measure_matmul_tflops(env.device) if env.is_main else 0.0)
     flops = flops_per_token(args, seq_length) / env.world_size
     logger = MetricsLogger(cfg, env, total, state.step, flops, peak * 1e12)
+    logger.restore_window((resume_state or {}).get("log_window"))
     if env.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.message(
@@ -251,6 +252,7 @@ def _train(cfg, backend, args, source, seq_length, tok, resume, resume_state, we
         saver=saver,
         logger=logger,
         state=state,
+        seq_length=seq_length,
     )
     t0, first = time.perf_counter(), state.step + 1
     try:
@@ -258,10 +260,12 @@ def _train(cfg, backend, args, source, seq_length, tok, resume, resume_state, we
             trainer.fit()
     finally:
         logger.close()
-    if env.is_main and state.losses:
+    logged = logger.logged_losses
+    if env.is_main and state.step >= first:
+        losses = f" | first loss {logged[0]:.4f} | last loss {logged[-1]:.4f}" if logged else ""
         logger.message(
             f" done: {state.step - first + 1} iterations ({first}-{state.step}) in {time.perf_counter() - t0:.1f}s"
-            f" | first loss {state.losses[0]:.4f} | last loss {state.losses[-1]:.4f}"
+            f"{losses} (logged means over log_interval {cfg.log_interval})"
         )
     return PREEMPTED_EXIT if state.stopped_by else 0
 
