@@ -95,6 +95,24 @@ def test_eval_perplexity_default_window_is_the_models_max_seq_len(model_root, tm
     assert main(argv + ["--stride", "500"]) == 0 and "(window 512, stride 500)" in capsys.readouterr().out
 
 
+def test_eval_perplexity_default_window_is_the_trained_seq_length_and_progress_shows_when_piped(
+    model_root, tmp_path, capsys
+):
+    from aquila.data.indexed_dataset import MMapIndexedDatasetBuilder
+
+    step = tmp_path / "step"
+    shutil.copytree(model_root / "tiny", step)
+    (step / "trainer_state.json").write_text(json.dumps({"iteration": 10, "seq_length": 128}))
+    with MMapIndexedDatasetBuilder(tmp_path / "ppl", dtype=np.uint16) as builder:
+        builder.add_document(np.random.default_rng(0).integers(0, 265, size=700))
+    argv = ["eval", "--model-dir", str(step), "--perplexity", str(tmp_path / "ppl"), "--device", "cpu"]
+    assert main(argv + ["--batch-size", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "(window 128, stride 64)" in out
+    progress = [line for line in err.splitlines() if line.startswith("perplexity: ")]  # stderr is not a terminal
+    assert progress[-1].startswith("perplexity: 10/10 windows (100%) in ") and len(progress) == 5, err
+
+
 def _run_error(argv: list[str], capsys) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

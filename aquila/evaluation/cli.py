@@ -38,7 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="score at most N items of each subject/sub-task")
     p.add_argument("--output", help="write the results as JSON here")
     p.add_argument("--perplexity", metavar="PREFIX", help="perplexity of <PREFIX>.bin/.idx instead of the tasks")
-    p.add_argument("--window", type=int, default=None, help="perplexity window in tokens (default: max_seq_len)")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="perplexity window in tokens (default: the checkpoint's training seq_length, else max_seq_len)",
+    )
     p.add_argument("--stride", type=int, default=None, help="perplexity stride in tokens (default: window / 2)")
     p.add_argument("--max-tokens", type=int, default=None, help="perplexity over the first N tokens only")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -136,13 +141,14 @@ def main(argv: list[str]) -> int:
 
 
 def _run_perplexity(opts: argparse.Namespace, name: str, device: str, dtype: torch.dtype) -> int:
-    from aquila.evaluation.perplexity import perplexity, read_stream, sliding_windows
+    from aquila.evaluation.perplexity import default_window, perplexity, read_stream, sliding_windows
 
     if opts.window:
         sliding_windows(0, opts.window, opts.stride or opts.window // 2)  # check before reading anything
     tokens = read_stream(opts.perplexity, opts.max_tokens)
-    model, _ = load_model(resolve_model_dir(opts.model_dir, opts.model_name), device, dtype)
-    window = opts.window or model.args.max_seq_len
+    model_dir = resolve_model_dir(opts.model_dir, opts.model_name)
+    model, _ = load_model(model_dir, device, dtype)
+    window = opts.window or default_window(model_dir, model.args.max_seq_len)
     stride = opts.stride or window // 2
     result = perplexity(model, tokens, window, stride, opts.batch_size, progress=True)
     print(

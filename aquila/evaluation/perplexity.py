@@ -3,14 +3,19 @@
 The dataset's sequences are read as one token stream (as pretraining reads them). Windows of `window` tokens
 advance by `stride` tokens; each window scores only the tokens after the previous window's end, so every token
 after the first is scored exactly once, with at least `window - stride` tokens of context carried over.
+The default window is the length the model was trained at when its checkpoint records it (`seq_length` in
+trainer_state.json), else its max_seq_len.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,6 +63,33 @@ def read_stream(prefix: str | os.PathLike, max_tokens: int | None = None) -> np.
     return tokens[:max_tokens] if max_tokens is not None else tokens
 
 
+def default_window(model_dir: str | os.PathLike, max_seq_len: int) -> int:
+    """The checkpoint's training `seq_length` (trainer_state.json) when it records one, else `max_seq_len`."""
+    path = Path(model_dir) / "trainer_state.json"
+    try:
+        seq_length = json.loads(path.read_text(encoding="utf-8")).get("seq_length")
+    except (OSError, ValueError, AttributeError):
+        return max_seq_len
+    if isinstance(seq_length, int) and not isinstance(seq_length, bool) and 2 <= seq_length <= max_seq_len:
+        return seq_length
+    return max_seq_len
+
+
+class _PipedProgress:
+    """A line on stderr every `every` windows when stderr is not a terminal (a log file, a pipe), where tqdm's
+    bar would be silent: a long run must not look like a hang."""
+
+    def __init__(self, total: int, every: int) -> None:
+        self.total, self.every, self.done, self.t0 = total, every, 0, time.perf_counter()
+
+    def update(self, n: int) -> None:
+        before, self.done = self.done, self.done + n
+        if self.done // self.every > before // self.every or self.done == self.total:
+            elapsed = time.perf_counter() - self.t0
+            print(f"perplexity: {self.done}/{self.total} windows ({100 * self.done / self.total:.0f}%)"
+                  f" in {elapsed:.0f}s", file=sys.stderr, flush=True)  # fmt: skip
+
+
 @torch.no_grad()
 def perplexity(
     model: AquilaModel,
@@ -66,10 +98,12 @@ def perplexity(
     stride: int = 512,
     batch_size: int = 1,
     progress: bool = False,
+    progress_every: int | None = None,
 ) -> dict[str, float]:
     """{'perplexity', 'nll' (mean per token), 'tokens' (scored)} from the model's own loss over sliding windows.
 
-    With `progress`, a bar of windows done is shown on stderr when it is a terminal.
+    With `progress`, a bar of windows done on stderr when it is a terminal, else a line every `progress_every`
+    windows (default: every 5% of them, at most 100).
     """
     tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
     if len(tokens) < 2:
@@ -87,6 +121,9 @@ def perplexity(
     bar = tqdm(
         total=len(windows), unit="window", desc="perplexity", disable=None if progress else True, file=sys.stderr
     )
+    piped = None
+    if progress and bar.disable:
+        piped = _PipedProgress(len(windows), progress_every or min(100, max(1, math.ceil(len(windows) / 20))))
     for start in range(0, len(windows), batch_size):
         group = windows[start : start + batch_size]
         # Rows of one forward need one length: the last, shorter window goes on its own.
@@ -100,6 +137,8 @@ def perplexity(
             nll += float(loss) * n
             count += n
             bar.update(len(same))
+            if piped is not None:
+                piped.update(len(same))
     bar.close()
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
 
