@@ -414,3 +414,25 @@ def test_resumed_run_logs_the_same_windows_as_an_uninterrupted_one(tmp_path, mon
     assert done.endswith(
         f"| first loss {ref[1]['loss']:.4f} | last loss {ref[2]['loss']:.4f} (logged means over log_interval 2)"
     )
+
+
+@pytest.mark.slow
+def test_an_error_only_rank_1_sees_reaches_the_log(tmp_path):
+    """rng/rank1.pt is read by rank 1 alone; its error used to die with rank 1 (only rank 0 prints)."""
+    from aquila.manifest import write_manifest
+
+    common = dict(max_steps=2, save_interval=2, env_type="pytorchDDP", batch_size=2)
+    cfg = write_yaml(tmp_path / "c.yaml", pretrain_config(tmp_path, **common))
+    assert torchrun(["--yaml_config", str(cfg)]).returncode == 0
+    step = tmp_path / "out" / "2"
+    (step / "rng" / "rank1.pt").unlink()
+    write_manifest(step)  # the manifest agrees: only the rank that reads the file can notice
+    cfg = write_yaml(tmp_path / "c.yaml", pretrain_config(tmp_path, **{**common, "max_steps": 4}))
+    res = torchrun(["--yaml_config", str(cfg)])
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode != 0 and len(errors) == 1, res.stderr[-3000:]
+    assert (
+        errors[0] == f"error: rank 1: {step}: load_rng is set but rng/rank1.pt is missing (lost or deleted:"
+        " the other ranks' files are there)"
+    )
+    assert "iteration        3" not in res.stdout

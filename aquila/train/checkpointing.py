@@ -355,7 +355,8 @@ def load_rng(ckpt: Path, env: DistEnv, saved_world: int) -> bool:
     if saved_world != env.world_size:
         return False
     if not path.is_file():
-        raise AquilaError(f"{ckpt}: load_rng is set but {path.name} is missing (save_rng was off)")
+        why = "lost or deleted: the other ranks' files are there" if path.parent.is_dir() else "save_rng was off"
+        raise AquilaError(f"{ckpt}: load_rng is set but {RNG_DIR}/{path.name} is missing ({why})")
     try:
         state = torch.load(path, weights_only=True)
     except Exception as e:

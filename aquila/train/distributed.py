@@ -106,6 +106,27 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     return all_reduce_sum(torch.tensor([float(flag)], device=env.device)).item() > 0
 
 
+def on_every_rank(body, env: DistEnv):
+    """Run `body` on every rank (all must call this: it is a collective). An AquilaError on any rank is raised
+    on all of them, so rank 0 (the one that prints) reports a failure that only another rank saw, naming it;
+    the other ranks stop instead of waiting in the next collective."""
+    result, error = None, None
+    try:
+        result = body()
+    except AquilaError as e:
+        error = str(e)
+    errors = [error]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, first = failed[0]
+        everywhere = len(failed) == len(errors) and all(e == first for _, e in failed)
+        raise AquilaError(first if everywhere else f"rank {rank}: {first}")
+    return result
+
+
 def amp_dtype(cfg: TrainConfig, env: DistEnv) -> torch.dtype | None:
     """The compute dtype of a run: fp16, bf16 (bf16: None means bf16 on CUDA), or None for fp32."""
     if cfg.fp16:

@@ -26,7 +26,7 @@ from aquila.train import checkpointing as ckpt_io
 from aquila.train.backends import make_backend
 from aquila.train.batches import GlobalBatches
 from aquila.train.config import TrainConfig, no_effect_notes
-from aquila.train.distributed import DistEnv, resolve_env, shutdown
+from aquila.train.distributed import DistEnv, on_every_rank, resolve_env, shutdown
 from aquila.train.loop import PREEMPTED_EXIT, Trainer, TrainState
 from aquila.train.metrics import MetricsLogger, flops_per_token, measure_matmul_tflops
 from aquila.train.model_source import ModelSource, locate_model
@@ -207,7 +207,8 @@ def _train(cfg, backend, args, source, seq_length, tok, resume, resume_state, we
     state = TrainState()
     offset = cfg.skip_iters * gb
     if resume is not None:
-        offset = _restore(cfg, backend, wrapped, optimizer, scaler, state, resume, resume_state, gb)
+        restore = functools.partial(_restore, cfg, backend, wrapped, optimizer, scaler, state, resume, resume_state, gb)
+        offset = on_every_rank(restore, env)  # a file only one rank reads (rng/rank<r>.pt) may be what fails
 
     saver = None
     if cfg.save_dir:
