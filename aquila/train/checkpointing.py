@@ -138,10 +138,21 @@ def experiment_runs(save_dir: Path) -> list[Path]:
     return sorted(runs, key=lambda p: p.name, reverse=True)
 
 
-def find_latest(save_dir: Path, warn) -> Path | None:
-    """The experiment's newest checkpoint that passes its manifest check; `warn` is told about each one skipped.
-    None when there is none; an error when there are some but every one fails (starting over would silently
-    throw the run's progress away)."""
+def check_rng_files(ckpt: Path, state: dict[str, Any], world_size: int) -> None:
+    """With load_rng: every rank's rng/rank<r>.pt is there (when the rank count is the saved one and save_rng was
+    on), checked by every rank before any reads its own, so one rank cannot fail alone."""
+    if state.get("world_size", world_size) != world_size or not (ckpt / RNG_DIR).is_dir():
+        return
+    for rank in range(world_size):
+        path = ckpt / RNG_DIR / f"rank{rank}.pt"
+        if not path.is_file():
+            raise AquilaError(f"{path}: missing (load_rng is set; the other ranks' RNG files are there)")
+
+
+def find_latest(save_dir: Path, warn, check=None) -> Path | None:
+    """The experiment's newest checkpoint that passes its manifest check (and `check(step, train_state)`);
+    `warn` is told about each one skipped. None when there is none; an error when there are some but every one
+    fails (starting over would silently throw the run's progress away)."""
     skipped = []
     for run in experiment_runs(save_dir):
         if not run.is_dir():
@@ -150,7 +161,9 @@ def find_latest(save_dir: Path, warn) -> Path | None:
         for step in steps:
             try:
                 verify_checkpoint(step)
-                read_train_state(step)
+                state = read_train_state(step)
+                if check is not None:
+                    check(step, state)
                 return step
             except AquilaError as e:
                 warn(f"warning: skipping checkpoint {step}: {e}")

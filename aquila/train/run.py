@@ -134,14 +134,20 @@ def runtime_config(cfg: TrainConfig, env: DistEnv) -> TrainConfig:
 def resume_point(cfg: TrainConfig, env: DistEnv) -> Path | None:
     """The checkpoint to continue from, checked against its manifest; the log says whether the run resumes."""
     say = functools.partial(print, flush=True) if env.is_main else lambda *_: None
+
+    def check(ckpt: Path, state: dict) -> None:
+        if cfg.load_rng:
+            ckpt_io.check_rng_files(ckpt, state, env.world_size)
+
     if cfg.load_dir is None:
         say(" load_dir null: starting fresh")
         return None
     if cfg.load_dir != "auto":
         ckpt = ckpt_io.resolve_checkpoint(cfg.load_dir, cfg.load_type)
         ckpt_io.verify_checkpoint(ckpt)
+        check(ckpt, ckpt_io.read_train_state(ckpt))
         return ckpt
-    found = ckpt_io.find_latest(Path(cfg.save_dir), say) if cfg.save_dir else None
+    found = ckpt_io.find_latest(Path(cfg.save_dir), say, check) if cfg.save_dir else None
     say(f" load_dir auto: resuming from {found}" if found else f" load_dir auto: no checkpoint in {cfg.save_dir}"
         " or its experiment's earlier runs: starting fresh")  # fmt: skip
     return found
