@@ -48,7 +48,7 @@ def test_demo_pipeline_pretrain_sft_chat_plot(tmp_path):
     r = subprocess.run(["bash", str(EXAMPLES / "run_demo.sh")], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     report = r.stdout.split("== 3/4", 1)[1]
-    summary = r"first -> last iteration: pretraining: [\d.]+ -> [\d.]+ \(2 iterations\) +SFT: [\d.]+ -> [\d.]+ \("
+    summary = r"first -> last logged window: pretraining: [\d.]+ -> [\d.]+ \(2 iterations\) +SFT: [\d.]+ -> [\d.]+ \("
     assert re.search(summary, r.stdout) and r.stdout.count("first -> last") == 1, r.stdout
     assert "2/2 answers are exactly the trained ones" in report, report
     assert not any(token in report for token in ("[CLS]", "</s>", "<|endoftext|>", "[SEP]", "[PAD]", "[UNK]"))

@@ -98,10 +98,11 @@ def run(
     seq_length = cfg.seq_length or args.max_seq_len
     if seq_length > args.max_seq_len:
         raise AquilaError(f"seq_length {seq_length} is above the model's max_seq_len {args.max_seq_len}")
-    tok = load_tokenizer(tokenizer_dir(cfg), args)
+    tok_dir = tokenizer_dir(cfg)
+    tok = load_tokenizer(tok_dir, args)
     if tok is not None and len(tok) < args.vocab_size and env.is_main:
         print(
-            f" warning: tokenizer {tokenizer_dir(cfg)} has {len(tok)} tokens but the model's vocab_size is"
+            f" warning: tokenizer {tok_dir} has {len(tok)} tokens but the model's vocab_size is"
             f" {args.vocab_size}: ids {len(tok)}..{args.vocab_size - 1} never occur in the data (fine if the"
             " vocabulary was padded on purpose; otherwise check tokenizer_dir and the model's config)",
             flush=True,
@@ -269,10 +270,13 @@ def _train(cfg, backend, args, source, seq_length, tok, resume, resume_state, we
         logger.close()
     logged = logger.logged_losses
     if env.is_main and state.step >= first:
-        losses = f" | first loss {logged[0]:.4f} | last loss {logged[-1]:.4f}" if logged else ""
+        losses = ""
+        if logged:
+            losses = (f" | first loss {logged[0]:.4f} | last loss {logged[-1]:.4f} (logged means over log_interval"
+                      f" {cfg.log_interval})")  # fmt: skip
         logger.message(
             f" done: {state.step - first + 1} iterations ({first}-{state.step}) in {time.perf_counter() - t0:.1f}s"
-            f"{losses} (logged means over log_interval {cfg.log_interval})"
+            f"{losses}"
         )
     return PREEMPTED_EXIT if state.stopped_by else 0
 

@@ -30,7 +30,7 @@ DONE_LINE = re.compile(r"done: (\d+) iterations .*\| first loss ([\d.]+) \| last
 
 
 def first_last_loss(run: Path, config: Path) -> tuple[float, float, int]:
-    """(first loss, last loss, iterations) from the trainer's closing 'done:' line in the run's log."""
+    """(first loss, last loss: logged window means; iterations) from the trainer's closing 'done:' line in the run's log."""
     log = run / f"{config.name}.log.txt"
     if not log.is_file():
         raise AquilaError(f"{log}: not found (the launcher writes the run's log there)")
@@ -94,7 +94,7 @@ def yaml_value(path: Path, key: str) -> str:
 
 def report(pretrain_yaml: Path, pretrain_run: Path, sft_yaml: Path, sft_run: Path) -> None:
     pre, sft = first_last_loss(pretrain_run, pretrain_yaml), first_last_loss(sft_run, sft_yaml)
-    print(f"   loss, first -> last iteration: pretraining: {pre[0]:.2f} -> {pre[1]:.2f} ({pre[2]} iterations)"
+    print(f"   loss, first -> last logged window: pretraining: {pre[0]:.2f} -> {pre[1]:.2f} ({pre[2]} iterations)"
           f"    SFT: {sft[0]:.2f} -> {sft[1]:.2f} ({sft[2]} iterations)")  # fmt: skip
 
     predictor = load_predictor(pretrain_run)
