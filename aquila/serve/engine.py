@@ -224,12 +224,13 @@ class Engine:
         return job, queue
 
     async def events(self, job: Job, queue: asyncio.Queue) -> AsyncIterator[tuple[str, Any]]:
-        """("piece", text)... then ("done", Completion) or ("error", exception); leaving early cancels the job."""
+        """("piece", text) and, with logprobs, ("tokens", count so far)... then ("done", Completion) or ("error",
+        exception); leaving early cancels the job."""
         try:
             while True:
                 kind, value = await queue.get()
                 yield kind, value
-                if kind != "piece":
+                if kind in ("done", "error"):
                     return
         finally:
             job.cancel()  # client gone or stream over: the scheduler frees the row within one step

@@ -101,28 +101,49 @@ async def stream_events(
     base: dict,
     include_usage: bool,
     first=None,
+    logprobs: Callable[[list[int], list[float], list], dict] | None = None,
 ) -> StreamingResponse:
     """One SSE generator for completions and chat: a chunk per text piece, a final chunk with the finish reason.
-    The events one scheduler step handed over go out in one write (the last piece, the finish, usage, [DONE])."""
+    The events one scheduler step handed over go out in one write (the last piece, the finish, usage, [DONE]).
+
+    With `logprobs` (the request has `logprobs`), each chunk carries the log-probabilities of the tokens generated
+    since the previous chunk (the scheduler's "tokens" events say how many there are; a token whose text is held
+    back goes with the chunk that brings its text, the rest with the finish)."""
     job, queue = await engine.while_connected(http, engine.start(generation))
     piece = PieceEvents(base, choice)
+    sent = upto = 0
+
+    def with_logprobs(text: str, reason: str | None) -> str:
+        nonlocal sent
+        c = job.seq.completion  # its lists only grow; [sent, upto) were filled before their event was handed over
+        tops = c.top_logprobs[sent:upto] if c.top_logprobs is not None else [None] * (upto - sent)
+        lp = logprobs(c.token_ids[sent:upto], c.logprobs[sent:upto], tops)
+        sent = upto
+        return sse({**base, "choices": [choice(text, reason, lp=lp)]})
 
     async def events() -> AsyncIterator[str]:
+        nonlocal upto
         if first is not None:
             yield sse({**base, "choices": [first]})
         out: list[str] = []
         async for kind, value in engine.events(job, queue):
-            if kind == "piece":
-                out.append(piece(value))
-                if queue.empty():
-                    yield "".join(out)
-                    out.clear()
+            if kind == "tokens":
+                upto = value
+            elif kind == "piece":
+                out.append(piece(value) if logprobs is None else with_logprobs(value, None))
             elif kind == "done":
-                out.append(sse({**base, "choices": [choice("", value.finish_reason)]}))
+                if logprobs is None:
+                    out.append(sse({**base, "choices": [choice("", value.finish_reason)]}))
+                else:
+                    upto = len(value.token_ids)
+                    out.append(with_logprobs("", value.finish_reason))
                 if include_usage:
                     out.append(sse({**base, "choices": [], "usage": usage(value)}))
             else:
                 out.append(sse(error_body(str(value), "server_error")))
+            if out and kind in ("piece", "tokens") and queue.empty():
+                yield "".join(out)
+                out.clear()
         yield "".join(out) + "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -206,9 +227,9 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
             if given is None:  # OpenAI's default of 16, within the context
                 max_tokens = min(max_tokens, engine.max_len - len(ids))
             engine.check_context(len(ids), max_tokens)
-        if stream and (echo or logprobs is not None or len(prompts) > 1):
-            name = "echo" if echo else "logprobs" if logprobs is not None else "prompt"
-            raise ApiError(400, f"{name}: streaming serves one prompt without echo or logprobs; use stream false")
+        if stream and (echo or len(prompts) > 1):
+            name = "echo" if echo else "prompt"
+            raise ApiError(400, f"{name}: streaming serves one prompt without echo; use stream false", param=name)
         reqs = [
             replace(
                 predictor.request(ids, max(max_tokens, 1), params, seed, stop, logprobs=logprobs is not None),
@@ -222,7 +243,17 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
             return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
 
         if stream:
-            return await stream_events(engine, request, reqs[0], choice, base, include_usage)
+            lp_chunk = None
+            if logprobs is not None:
+                at = 0  # text_offset runs on across chunks
+
+                def lp_chunk(ids: list[int], lps: list[float], tops: list) -> dict:
+                    nonlocal at
+                    out = formatter.completion(ids, lps, tops, offset=at)
+                    at += sum(len(t) for t in out["tokens"])
+                    return out
+
+            return await stream_events(engine, request, reqs[0], choice, base, include_usage, logprobs=lp_chunk)
         scored: list = [None] * len(prompts)
         if echo and logprobs is not None:  # the prompts' own log-probabilities, on the model's thread between steps
 
@@ -258,8 +289,6 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
         top = top_count(body, "top_logprobs")
         if top and not logprobs:
             raise ApiError(400, "top_logprobs needs logprobs true")
-        if stream and logprobs:
-            raise ApiError(400, "logprobs: streaming does not return log-probabilities; use stream false")
         ids = engine.check_prompt(predictor.encode_chat(messages))
         room = engine.max_len - len(ids)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -269,13 +298,14 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
         req = replace(req, top_logprobs=top)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": engine.model_name}  # fmt: skip
 
-        def delta(text: str, reason: str | None) -> dict:
-            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": reason}
+        def delta(text: str, reason: str | None, lp: dict | None = None) -> dict:
+            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": reason}
 
         if stream:
             first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             chunk = {**base, "object": "chat.completion.chunk"}
-            return await stream_events(engine, request, req, delta, chunk, include_usage, first)
+            lp_chunk = formatter.chat if logprobs else None
+            return await stream_events(engine, request, req, delta, chunk, include_usage, first, lp_chunk)
         c = await engine.while_connected(request, engine.complete(req))
         message = {"role": "assistant", "content": c.text}
         lp = None

@@ -28,7 +28,8 @@ from typing import Any
 from aquila.inference.generate import DecodeBatch, Request
 from aquila.inference.generate import Sequence as DecodingSequence
 
-# emit(kind, value): kind is "started", "piece" (text), "done" (Completion) or "error" (an exception).
+# emit(kind, value): kind is "started", "piece" (text), "tokens" (with logprobs: how many generated so far), "done"
+# (Completion) or "error" (an exception).
 Emit = Callable[[str, Any], None]
 
 
@@ -181,6 +182,8 @@ class Scheduler:
                 if self.on_token is not None:
                     self.on_token(job, t)
                 job.last_token = t
+                if job.request.logprobs:  # the stream's log-probabilities go with the text they belong to
+                    job.emit("tokens", job.tokens)
             if piece:
                 job.emit("piece", piece)
             if seq.finished:
