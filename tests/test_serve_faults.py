@@ -151,6 +151,21 @@ def test_more_connections_than_files_keep_health_answering_and_the_log_small(tmp
         proc.wait(timeout=30)
 
 
+def test_failed_accepts_are_logged_once_per_interval():
+    import logging
+
+    from aquila.serve.connections import OncePerInterval
+
+    f = OncePerInterval("socket.accept() out of system resource", interval_s=60)
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, (OSError, OSError(24, "x"), None))
+
+    passed = [r for r in (record("socket.accept() out of system resource\nsocket: ...") for _ in range(1000)) if f.filter(r)]  # fmt: skip
+    assert len(passed) == 1 and passed[0].exc_info is None and f.dropped == 999
+    assert f.filter(record("another error"))
+
+
 def _health(port: int, timeout: float) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=timeout).status_code == 200

@@ -161,7 +161,12 @@ def main(argv: list[str]) -> int:
     # stalls for a step); frozen, a collection only walks what requests allocate.
     gc.collect()
     gc.freeze()
-    uvicorn.run(app, **server_options(limits, args.host, args.port))
+    options = server_options(limits, args.host, args.port)
+    print(
+        f"connections: at most {options['limit_concurrency']} (--max-connections, under the open-file limit);"
+        f" {limits.read_timeout_s:g} s for a request's headers and for its body (--read-timeout)"
+    )
+    uvicorn.run(app, **options)
     return 0
 
 
