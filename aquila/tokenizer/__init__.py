@@ -5,8 +5,15 @@ holds and their readers/writers; `bpe`: the byte-level BPE and `load_tokenizer`;
 `train`: `aquila train-tokenizer`. Nothing here imports upward: base <- files <- bpe, base <- sp, bpe <- train.
 """
 
-from aquila.tokenizer.base import COMMAND_TOKENS, ENDOFTEXT, SPECIAL_TOKENS, BaseTokenizer, encodable_text  # noqa: F401
-from aquila.tokenizer.bpe import Tokenizer, bytes_to_unicode, load_tokenizer  # noqa: F401
+from aquila.tokenizer.base import (  # noqa: F401
+    COMMAND_TOKENS,
+    ENDOFTEXT,
+    SPECIAL_TOKENS,
+    BaseTokenizer,
+    bytes_to_unicode,
+    encodable_text,
+)
+from aquila.tokenizer.bpe import Tokenizer, load_tokenizer  # noqa: F401
 from aquila.tokenizer.files import (  # noqa: F401 (re-exports, as are the lines above)
     MERGES_HEADER,
     SP_MODEL_FILES,

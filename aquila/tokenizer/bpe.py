@@ -23,11 +23,19 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from aquila.errors import AquilaError
 from aquila.io_utils import write_text_atomic
-from aquila.tokenizer.base import COMMAND_TOKENS, ENDOFTEXT, SPECIAL_TOKENS, BaseTokenizer, encodable_text
+from aquila.tokenizer.base import (  # noqa: F401 (bytes_to_unicode is re-exported from here, as before)
+    COMMAND_TOKENS,
+    ENDOFTEXT,
+    SPECIAL_TOKENS,
+    BaseTokenizer,
+    bytes_to_unicode,
+    encodable_text,
+)
 from aquila.tokenizer.files import (
     SP_MODEL_FILES,
     added_token,
     check_merges,
+    check_tokenizer_json_matches,
     check_vocab,
     read_merges_txt,
     read_tokenizer_json,
@@ -35,19 +43,6 @@ from aquila.tokenizer.files import (
     tokenizer_file,
     write_flagai_files,
 )
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table: printable Latin-1 bytes map to themselves, the rest to 256+."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 class Tokenizer(BaseTokenizer):
@@ -216,6 +211,8 @@ def load_tokenizer(directory: str | os.PathLike, split_special_tokens: bool = Fa
     if path.name == "merges.txt":
         vocab = read_vocab_json(path.parent / "vocab.json")
         merges = read_merges_txt(path, vocab=vocab)
+        if (path.parent / "tokenizer.json").is_file():  # merges.txt decides (FlagAI's rule); the other must agree
+            check_tokenizer_json_matches(path.parent / "tokenizer.json", vocab, merges)
     else:
         vocab, merges = read_tokenizer_json(path)
     return Tokenizer(vocab, merges, split_special_tokens=split_special_tokens, source=str(path))
