@@ -1,8 +1,9 @@
 """Aquila's tokenizers (docs/tokenizer.md).
 
 `base`: FlagAI's tokenizer API as a Protocol and the special tokens; `files`: which files a tokenizer directory
-holds and their readers/writers; `bpe`: the byte-level BPE and `load_tokenizer`; `sp`: sentencepiece models;
-`train`: `aquila train-tokenizer`. Nothing here imports upward: base <- files <- bpe, base <- sp, bpe <- train.
+holds and their readers/writers; `fast`: the tiktoken encoder and the checks that it gives the BPE's ids; `bpe`: the
+byte-level BPE and `load_tokenizer`; `sp`: sentencepiece models; `train`: `aquila train-tokenizer`. Nothing here
+imports upward: base <- files <- bpe, base <- fast <- bpe, base <- sp, bpe <- train.
 """
 
 from aquila.tokenizer.base import (  # noqa: F401
