@@ -197,3 +197,14 @@ def test_saved_files_reload_on_the_fast_path(tmp_path):
     data = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
     assert [t["id"] for t in data["added_tokens"]] == [0, *range(16000, 16000 + len(SPECIAL_TOKENS))]
     assert Tokenizer.from_pretrained(tmp_path).encoder == "tiktoken"
+
+
+def test_pickled_tokenizer_keeps_the_fast_path():
+    """Spawned worker processes (DataLoader, preprocess with spawn) receive the tokenizer pickled."""
+    import pickle
+
+    tok = Tokenizer.from_pretrained(DEMO, split_special_tokens=True)
+    again = pickle.loads(pickle.dumps(tok))
+    text = "a </s> 中文 😀"
+    assert (again.encoder, again.split_special_tokens) == ("tiktoken", True)
+    assert again.encode(text) == tok.encode(text) and again.encode_with_offsets(text) == tok.encode_with_offsets(text)
