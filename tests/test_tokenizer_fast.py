@@ -208,3 +208,16 @@ def test_pickled_tokenizer_keeps_the_fast_path():
     text = "a </s> 中文 😀"
     assert (again.encoder, again.split_special_tokens) == ("tiktoken", True)
     assert again.encode(text) == tok.encode(text) and again.encode_with_offsets(text) == tok.encode_with_offsets(text)
+
+
+def test_rank_encoder_refuses_unmade_or_non_byte_entries():
+    """Tokenizer rejects such vocabularies itself (check_merges); rank_encoder does not rely on it."""
+    from tokenizers import models
+
+    from aquila.tokenizer.fast import rank_encoder
+
+    vocab, merges = with_merges([("a", "b")])
+    for extra, reason in (("filler", "neither byte symbols nor made by a merge"), ("中", "is not a byte-level string")):
+        v = {**vocab, extra: len(vocab)}
+        encoder, why = rank_encoder(v, merges, models.BPE(v, merges), {})
+        assert encoder is None and reason in why

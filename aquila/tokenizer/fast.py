@@ -95,6 +95,8 @@ def rank_encoder(
         return None, f"vocabulary entry {token!r} (id {vocab[token]}) is not a byte-level string"
     if not _SYMBOLS <= set(vocab):
         return None, f"the vocabulary lacks byte symbol {min(_SYMBOLS - set(vocab))!r}"
+    if len(tokens) != len(_SYMBOLS) + len(made):  # Tokenizer's check_merges rules this out; tiktoken would use them
+        return None, "some vocabulary entries are neither byte symbols nor made by a merge"
     ranks = {t.translate(_SYMBOL_TO_LATIN1).encode("latin-1"): vocab[t] for t in tokens}
     word = _first_not_made_whole(list(made), vocab, model)
     if word is not None:
@@ -116,5 +118,5 @@ def _first_not_made_whole(words: list[str], vocab: dict[str, int], model: models
     for part, encoding in zip(parts, encodings):
         want = [vocab[w] for w in part]
         if encoding.ids != want:
-            return next(w for w, got, id_ in zip(part, encoding.ids, want) if got != id_)
+            return next((w for w, got, id_ in zip(part, encoding.ids, want) if got != id_), part[-1])
     return None
