@@ -16,6 +16,7 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.4",
         "tokenizers>=0.15",
+        "tiktoken>=0.7",  # the default byte-level BPE encoder (aquila/tokenizer/fast.py), ~3x tokenizers
         "sentencepiece>=0.1.99",
         "pyyaml>=6.0",
         "tqdm>=4.60",

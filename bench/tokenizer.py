@@ -1,10 +1,12 @@
-"""Tokenizer benchmark: compression on held-out Chinese / English / code, and encode throughput.
+"""Tokenizer benchmark: compression on held-out Chinese / English / code, and encode speed per core.
 
-    python bench/tokenizer.py [--corpus /tmp/aquila_demo_corpus] [--update-readme]
+    python bench/tokenizer.py [--corpus /tmp/aquila_demo_corpus] [--tokenizer DIR] [--update-readme]
 
-Compares the committed demo tokenizer (byte-level BPE, 16,000 base entries) with a sentencepiece BPE of the same
-size with byte fallback, LLaMA-style settings, trained here on the same train.jsonl (cached next to the corpus),
-and measures encode speed against the pure-Python reference BPE of tests/test_tokenizer_reference.py.
+Compares the committed demo tokenizer (byte-level BPE, 16,000 base entries; or --tokenizer) with a sentencepiece BPE
+of the same size with byte fallback, LLaMA-style settings, trained here on the same train.jsonl (cached next to the
+corpus), and measures encode speed per core of FlagAI's BPE (the pure-Python reference of
+tests/test_tokenizer_reference.py), HF tokenizers, bare tiktoken, sentencepiece and ours, checking the ids of every
+held-out document.
 Builds the demo corpus first if it is missing. --update-readme rewrites the `## Tokenizer` section of
 bench/README.md with the figures measured.
 """
@@ -17,10 +19,12 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # per-core figures: tokenizers encodes in the calling thread
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -89,22 +93,48 @@ def train_sentencepiece(corpus: Path) -> Path:
     return model
 
 
-def throughput(runs: dict[str, tuple], repeats: int = 5) -> dict[str, float]:
-    """Best UTF-8 MB/s of each `name: (fn, texts)` over `repeats` rounds, the methods interleaved within a round so
-    that load from other jobs on a shared machine hits them alike (the best run is the least disturbed)."""
+def per_core(runs: dict[str, tuple], repeats: int = 7) -> dict[str, float]:
+    """UTF-8 MB per CPU-second of each `name: (fn, texts)`, one thread each: the least CPU time of `repeats` rounds,
+    the methods interleaved within a round. CPU time, not wall-clock, because the machine is shared (a job that is
+    switched out accrues none); tokenizers' thread pool is off (TOKENIZERS_PARALLELISM=false, set above) so every
+    method runs in the calling thread."""
     sizes = {name: sum(len(t.encode("utf-8")) for t in texts) for name, (_, texts) in runs.items()}
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
         for name, (fn, texts) in runs.items():
-            start = time.perf_counter()
+            start = time.process_time()
             fn(texts)
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], time.process_time() - start)
     return {name: sizes[name] / best[name] / 1e6 for name in runs}
+
+
+def wall(fn, texts: list[str], repeats: int = 3) -> float:
+    """UTF-8 MB/s of fn(texts), best wall-clock of `repeats` (for all-core batch calls)."""
+    size = sum(len(t.encode("utf-8")) for t in texts)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(texts)
+        best = min(best, time.perf_counter() - start)
+    return size / best / 1e6
+
+
+def raw_tiktoken(tok: Tokenizer):
+    """tiktoken built straight from the vocabulary's ranks and GPT-2's pattern, no aquila code around it."""
+    import tiktoken
+
+    from aquila.tokenizer import bytes_to_unicode
+    from aquila.tokenizer.fast import GPT2_PATTERN
+
+    byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
+    ranks = {bytes(byte_of[c] for c in t): i for t, i in tok.vocab.items() if t != "<|endoftext|>"}
+    return tiktoken.Encoding("raw", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=Path("/tmp/aquila_demo_corpus"))
+    parser.add_argument("--tokenizer", type=Path, default=DEMO, help="byte-level BPE directory to measure")
     parser.add_argument("--update-readme", action="store_true", help="write the figures into bench/README.md")
     args = parser.parse_args(argv)
 
@@ -118,46 +148,59 @@ def main(argv: list[str] | None = None) -> int:
 
     from aquila.tokenizer.sp import SentencePieceTokenizer
 
-    ours = Tokenizer.from_pretrained(DEMO)
+    ours = Tokenizer.from_pretrained(args.tokenizer)
+    hf = Tokenizer.from_pretrained(args.tokenizer, fast=False)  # the tokenizers path, kept as reference/fallback
+    tt = raw_tiktoken(hf)
     sp = SentencePieceTokenizer(train_sentencepiece(args.corpus))
-    reference = _load_module("tokenizer_reference", ROOT / "tests" / "test_tokenizer_reference.py").ReferenceBPE(DEMO)
+    reference = _load_module("tokenizer_reference", ROOT / "tests" / "test_tokenizer_reference.py")
+    flagai = reference.ReferenceBPE(args.tokenizer)
+    name = f"{args.tokenizer.name} ({len(ours.vocab):,} + 8)"
 
     # Compression: tokens per 1,000 characters (fewer is better).
     rows = []
-    for name, tok in (("aquila demo byte-level BPE 16k (+8)", ours), ("sentencepiece BPE 16k, byte fallback", sp)):
-        row = [name]
+    for label, tok in ((f"aquila byte-level BPE {name}", ours), ("sentencepiece BPE 16k, byte fallback", sp)):
+        row = [label]
         for lang in LANGS:
             chars = sum(map(len, held[lang]))
             tokens = sum(map(len, tok.encode_batch(held[lang])))
             row.append(f"{1000 * tokens / chars:.0f}")
         rows.append(row)
 
-    # Throughput on all held-out text together.
     texts = [t for lang in LANGS for t in held[lang]]
+    # Ids: every held-out document through every BPE implementation.
+    want = [hf.encode(t) for t in texts]
+    same = {
+        "ours": sum(ours.encode(t) == w for t, w in zip(texts, want)),
+        "ours_batch": sum(a == w for a, w in zip(ours.encode_batch(texts), want)),
+        "tiktoken": sum(tt.encode_ordinary(t) == w for t, w in zip(texts, want)),
+        "flagai": sum(flagai.encode(t) == w for t, w in zip(texts, want)),
+    }
     sample = texts[::8]  # the pure-Python reference is slow: time it on a subset
 
-    def reference_encode(ts: list[str]) -> None:
-        reference.cache.clear()  # every run starts with an empty word cache
+    def flagai_encode(ts: list[str]) -> None:
+        flagai.cache.clear()  # every run starts with an empty word cache
         for t in ts:
-            reference.encode(t)
+            flagai.encode(t)
 
-    speed = throughput(
+    uptime_before = uptime()
+    speed = per_core(
         {
-            "ours_single": (lambda ts: [ours.encode(t) for t in ts], texts),
-            "ours_batch": (ours.encode_batch, texts),
-            "sp_single": (lambda ts: [sp.encode(t) for t in ts], texts),
-            "sp_batch": (sp.encode_batch, texts),
-            "reference": (reference_encode, sample),
+            "flagai": (flagai_encode, sample),
+            "hf": (lambda ts: [hf.encode(t) for t in ts], texts),
+            "sp": (lambda ts: [sp.encode(t) for t in ts], texts),
+            "tiktoken": (lambda ts: [tt.encode_ordinary(t) for t in ts], texts),
+            "ours": (lambda ts: [ours.encode(t) for t in ts], texts),
         }
     )
-    ref_mbs = speed["reference"]
-    for t in sample[:20]:
-        assert ours.encode(t) == reference.encode(t), "demo tokenizer and reference BPE disagree"
+    batched = wall(ours.encode_batch, texts)
+    uptime_after = uptime()
 
     held_sizes = ", ".join(f"{lang} {sum(map(len, held[lang])):,} chars" for lang in LANGS)
+    n = len(texts)
     lines = [
-        f"Machine: {machine()}.",
-        f"Held-out text (scripts/build_demo_corpus.py, every 20th document): {held_sizes}.",
+        f"Machine: {machine()}; tiktoken {version('tiktoken')}, sentencepiece {version('sentencepiece')}.",
+        f"`uptime` before: {uptime_before}; after: {uptime_after}.",
+        f"Held-out text (scripts/build_demo_corpus.py, every 20th document): {held_sizes}; tokenizer {name}.",
         "",
         "Tokens per 1,000 characters (fewer is better):",
         "",
@@ -165,22 +208,48 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---:|---:|",
         *(f"| {' | '.join(r)} |" for r in rows),
         "",
-        "Encode throughput (UTF-8 MB/s over all held-out text, best of 5 interleaved runs; batched = `encode_batch` on all cores):",
+        "Encode speed per core: UTF-8 MB per CPU-second, one thread, all held-out text, least CPU time of 7",
+        "interleaved rounds (CPU time because the machine is shared). Ids against the tokenizers path, per document:",
         "",
-        "| tokenizer | single thread | batched |",
-        "|---|---:|---:|",
-        f"| aquila demo (HF tokenizers) | {speed['ours_single']:.1f} | {speed['ours_batch']:.1f} |",
-        f"| sentencepiece BPE 16k | {speed['sp_single']:.1f} | {speed['sp_batch']:.1f} |",
-        f"| pure-Python reference BPE (word cache, emptied per run; 1/8 sample) | {ref_mbs:.2f} | - |",
+        "| encoder | MB/s per core | vs tokenizers | ids identical |",
+        "|---|---:|---:|---:|",
+        f"| FlagAI's BPE (pure Python, tests/test_tokenizer_reference.py; word cache emptied per round; 1/8 sample) "
+        f"| {speed['flagai']:.2f} | {speed['flagai'] / speed['hf']:.2f}x | {same['flagai']}/{n} |",
+        f"| HF tokenizers (`fast=False`, the reference and fallback) | {speed['hf']:.1f} | 1.00x | {n}/{n} |",
+        f"| tiktoken from the ranks + GPT-2 pattern, bare | {speed['tiktoken']:.1f} | "
+        f"{speed['tiktoken'] / speed['hf']:.2f}x | {same['tiktoken']}/{n} |",
+        f"| sentencepiece BPE 16k (other ids) | {speed['sp']:.1f} | {speed['sp'] / speed['hf']:.2f}x | - |",
+        f"| **ours: `Tokenizer.encode` ({ours.encoder})** | **{speed['ours']:.1f}** | "
+        f"**{speed['ours'] / speed['hf']:.2f}x** | {same['ours']}/{n} |",
         "",
-        f"Single-thread speed-up over the reference: {speed['ours_single'] / ref_mbs:.0f}x "
-        f"(ids identical on the sample checked).",
+        "Ours is bare tiktoken plus a scan of non-ASCII text for lone surrogates (~1.5% of its time) and two Python "
+        "calls; the rest of the gap between the two rows varies from run to run on this shared machine.",
+        "",
+        f"`Tokenizer.encode_batch` on all {n_cores()} cores (tiktoken threads; wall-clock, so it shows the load): "
+        f"{batched:.1f} MB/s, ids identical on {same['ours_batch']}/{n}.",
     ]
     report = "\n".join(lines)
     print(report)
     if args.update_readme:
         update_readme(ROOT / "bench" / "README.md", report)
     return 0
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return load_average()
+
+
+def version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _version
+
+    try:
+        return _version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def update_readme(path: Path, body: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,27 +42,37 @@ COMMANDS = {
 
 
 def write_flagai_files(d: Path, base: int, merges: list[str] | None = None, special_map: bool = False) -> Path:
-    """A FlagAI-layout directory: <|endoftext|> = 0, the 256 byte symbols, filler tokens up to `base` entries."""
+    """A FlagAI-layout directory: <|endoftext|> = 0, the 256 byte symbols, `merges`, then filler merges of printable
+    symbols (never of the space/newline ones) up to `base` entries, each entry made by its merge as in a trained BPE."""
     d.mkdir(parents=True, exist_ok=True)
     vocab = {"<|endoftext|>": 0}
     for ch in bytes_to_unicode().values():
         vocab[ch] = len(vocab)
-    for m in merges or []:
-        a, b = m.split(" ")
+    pairs = [tuple(m.split(" ")) for m in merges or []]
+    for a, b in pairs:
         vocab.setdefault(a + b, len(vocab))
-    i = 0
+    fillers = filler_merges()
     while len(vocab) < base:
-        vocab[f"filler{i}"] = len(vocab)
-        i += 1
+        a, b = next(fillers)
+        if a + b not in vocab:
+            vocab[a + b] = len(vocab)
+            pairs.append((a, b))
     (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (d / "merges.txt").write_text(
-        "\n".join(["#version: 0.2 - Trained by huggingface/tokenizers", *(merges or [])]) + "\n"
+        "\n".join(["#version: 0.2 - Trained by huggingface/tokenizers", *(f"{a} {b}" for a, b in pairs)]) + "\n"
     )
     if special_map:
         (d / "special_tokens_map.json").write_text(
             json.dumps({"cls_token": {"content": "[CLS]"}, "sep_token": {"content": "</s>"}})
         )
     return d
+
+
+def filler_merges():
+    """Merges of two printable byte symbols, then of those with a third."""
+    printable = [ch for ch in bytes_to_unicode().values() if ord(ch) < 256]
+    yield from ((x, y) for x in printable for y in printable)
+    yield from ((x + y, z) for x in printable for y in printable for z in printable)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +148,10 @@ def test_encode_plus_truncation_keeps_bos_and_eos(aquila_sized):
     assert ids == [100006, *tok.encode("abcdefghij")[:3], 100007]
     pair = tok.encode_plus("abcdefghij", "xy", max_length=7)["input_ids"]
     assert len(pair) == 7 and pair[0] == 100006 and pair[-1] == 100007 and pair.count(100007) == 2
-    assert len(tok.encode_plus("abcdefghij", max_length=5, truncation=False)["input_ids"]) == 12
+    assert (
+        len(tok.encode_plus("abcdefghij", max_length=5, truncation=False)["input_ids"])
+        == len(tok.encode("abcdefghij")) + 2
+    )
     with pytest.raises(AquilaError, match="max_length=1"):
         tok.encode_plus("abc", max_length=1)
 
@@ -336,7 +350,7 @@ def test_vocab_json_wrong_shape(tmp_path):
 
 
 def test_merges_line_with_unknown_token(tmp_path):
-    write_flagai_files(tmp_path, 300, ["h e"])
+    write_flagai_files(tmp_path, 258, ["h e"])
     with open(tmp_path / "merges.txt", "a") as f:
         f.write("zz q\n")
     with pytest.raises(AquilaError, match=r"merges\.txt:3: merge 'zz' 'q' uses 'zz'") as e:
@@ -362,7 +376,7 @@ def test_directory_without_tokenizer_files(tmp_path):
 def test_vocab_ids_with_gap(tmp_path):
     write_flagai_files(tmp_path, 300)
     vocab = json.loads((tmp_path / "vocab.json").read_text())
-    vocab["filler0"] = 5000
+    vocab[max(vocab, key=vocab.get)] = 5000
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     with pytest.raises(AquilaError, match="ids must be exactly 0..299"):
         Tokenizer.from_pretrained(tmp_path)
@@ -372,6 +386,89 @@ def test_tokenizer_json_not_bpe(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece"}}))
     with pytest.raises(AquilaError, match=r"tokenizer\.json: expected a byte-level BPE"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def demo_copy(tmp_path: Path) -> Path:
+    d = tmp_path / "tok"
+    shutil.copytree(DEMO, d)
+    return d
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+def test_truncated_or_empty_merges_txt(tmp_path, keep):
+    d = demo_copy(tmp_path)
+    lines = (d / "merges.txt").read_text(encoding="utf-8").splitlines()
+    (d / "merges.txt").write_text("\n".join(lines[: int(len(lines) * keep)]) + "\n" if keep else "", encoding="utf-8")
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(
+        AquilaError, match=r"merges\.txt: [\d,]+ of the 16,000 vocabulary entries are made by none"
+    ) as e:
+        Tokenizer.from_pretrained(d)
+    assert "\n" not in str(e.value) and "truncated" in str(e.value)
+
+
+def test_byte_vocabulary_needs_no_merges(tmp_path):
+    tok = Tokenizer.from_pretrained(write_flagai_files(tmp_path, 257))
+    assert len(tok) == 265 and tok.decode(tok.encode("中 x")) == "中 x"
+
+
+def test_merges_txt_and_vocab_json_with_a_byte_order_mark(demo, tmp_path):
+    d = demo_copy(tmp_path)
+    for name in ("merges.txt", "vocab.json", "tokenizer.json"):
+        (d / name).write_bytes(b"\xef\xbb\xbf" + (d / name).read_bytes())
+    text = "BOM 中文 x = 1\n"
+    assert Tokenizer.from_pretrained(d).encode(text) == demo.encode(text)
+
+
+def test_broken_tokenizer_json_beside_merges_txt(tmp_path):
+    d = demo_copy(tmp_path)
+    (d / "tokenizer.json").write_text((d / "tokenizer.json").read_text(encoding="utf-8")[:1000], encoding="utf-8")
+    with pytest.raises(AquilaError, match=r"tok/tokenizer\.json is not valid JSON"):
+        Tokenizer.from_pretrained(d)
+
+
+def edit_tokenizer_json(d: Path, edit) -> None:
+    data = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+    edit(data)
+    (d / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+
+def swap_merges(data: dict) -> None:
+    m = data["model"]["merges"]
+    m[10], m[11] = m[11], m[10]
+
+
+def drop_last_merge(data: dict) -> None:
+    data["model"]["merges"].pop()
+    data["model"]["vocab"] = {t: i for t, i in data["model"]["vocab"].items() if i < 15999}
+
+
+def renumber_cls(data: dict) -> None:
+    next(t for t in data["added_tokens"] if t["content"] == "[CLS]")["id"] = 7
+
+
+def swap_ids(data: dict) -> None:
+    vocab = data["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (swap_merges, r"merge 11 is .* there, .* in merges\.txt"),
+        (drop_last_merge, r"vocab\.json entry .* \(id 15999\) is not in its model\.vocab"),
+        (renumber_cls, r"added token '\[CLS\]' is id 7 there, but 16006 by Aquila's rule"),
+        (swap_ids, r"'a' is id 66 there, 65 in vocab\.json"),
+    ],
+)
+def test_tokenizer_json_that_disagrees_with_merges_txt(tmp_path, edit, message):
+    d = demo_copy(tmp_path)
+    edit_tokenizer_json(d, edit)
+    with pytest.raises(
+        AquilaError, match=r"tok/tokenizer\.json does not match vocab\.json \+ merges\.txt beside it: " + message
+    ) as e:
+        Tokenizer.from_pretrained(d)
+    assert "\n" not in str(e.value)
 
 
 # --- package structure ----------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def test_plain_text_keeps_newlines(tmp_path):
     assert "".join(iter_corpus([p])) == "line one\n\nline two\n"
 
 
-def run_cli(tmp_path, inputs: list[str], vocab: int = 300) -> int:
+def run_cli(tmp_path, inputs: list[str], vocab: int = 257) -> int:
     return cli(["train-tokenizer", "--input", *inputs, "--vocab-size", str(vocab), "--output", str(tmp_path / "o"),
                 "--no-progress"])  # fmt: skip
 
@@ -80,10 +80,44 @@ def test_vocab_size_too_small(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_vocab_size_beyond_what_the_corpus_can_teach(tmp_path, capsys):
+    jsonl, _ = write_corpus(tmp_path)
+    assert run_cli(tmp_path, [str(jsonl)], vocab=1_000_000_000) == 2  # aborted on a 70 GB allocation before
+    err = capsys.readouterr().err
+    assert err.startswith("error: --vocab-size 1,000,000,000 ") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+    size = jsonl.stat().st_size
+    assert run_cli(tmp_path, [str(jsonl)], vocab=257 + size + 1) == 2
+    assert f"cannot be learned from {size:,} bytes of input" in capsys.readouterr().err
+
+
+def test_vocab_size_beyond_memory(monkeypatch):
+    from aquila.tokenizer import train
+
+    monkeypatch.setattr(train, "physical_memory", lambda: 8 * 10**9)
+    with pytest.raises(AquilaError, match=r"--vocab-size 200,000,000 needs about 14 GB .* machine's 8 GB"):
+        train.check_vocab_size(200_000_000)
+    train.check_vocab_size(100_000_000)
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_output_is_an_existing_file(tmp_path, capsys, below):
+    jsonl, _ = write_corpus(tmp_path)
+    (tmp_path / "o").write_text("not a directory")
+    out = tmp_path / "o" / "tok" if below else tmp_path / "o"
+    assert (
+        cli(["train-tokenizer", "--input", str(jsonl), "--vocab-size", "300", "--output", str(out), "--no-progress"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output {out}") and "expected a directory" in err and err.count("\n") == 1
+    assert (tmp_path / "o").read_text() == "not a directory"
+
+
 def test_empty_corpus(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "empty.txt").write_text("")
-    assert run_cli(tmp_path, [str(tmp_path / "empty.jsonl"), str(tmp_path / "empty.txt")]) == 2
+    assert run_cli(tmp_path, [str(tmp_path / "empty.jsonl"), str(tmp_path / "empty.txt")], vocab=257) == 2
     assert "training corpus is empty" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 

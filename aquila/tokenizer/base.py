@@ -1,4 +1,5 @@
-"""What every tokenizer offers (FlagAI's API as a Protocol), Aquila's special tokens, and text clean-up.
+"""What every tokenizer offers (FlagAI's API as a Protocol), Aquila's special tokens, GPT-2's byte table and text
+clean-up.
 
 Text that is not valid Unicode scalar values (lone surrogates, e.g. from a broken JSON "\\ud83d" escape) cannot be
 UTF-8 encoded; tokenizers encode each lone surrogate as U+FFFD (`encodable_text`), so `decode(encode(s)) == s` holds
@@ -31,6 +32,19 @@ COMMAND_TOKENS: dict[str, str] = {
     "sep": "</s>",
 }
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table: printable Latin-1 bytes map to themselves, the rest to 256+."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def encodable_text(text: object) -> str:

@@ -24,6 +24,9 @@ from aquila.tokenizer.base import ENDOFTEXT
 from aquila.tokenizer.bpe import Tokenizer
 
 MIN_VOCAB_SIZE = 256 + 1  # the byte alphabet + <|endoftext|>
+# tokenizers' BpeTrainer reserves a word->id map and an id->word list of vocab_size entries before it merges:
+# --vocab-size 1,000,000,000 asked for ~70 GB and aborted the process.
+TRAINER_BYTES_PER_ENTRY = 72
 _PLAIN_CHUNK_CHARS = 1 << 16
 
 
@@ -94,11 +97,49 @@ def _is_jsonl(path: Path) -> bool:
 
 
 def check_vocab_size(vocab_size: int) -> None:
+    """At least the byte alphabet, and no more than this machine can reserve for the trainer."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise AquilaError(
             f"--vocab-size {vocab_size} is smaller than {MIN_VOCAB_SIZE} (256 byte symbols + {ENDOFTEXT}); "
             "the 8 Aquila special tokens are appended after the base vocabulary"
         )
+    need, have = vocab_size * TRAINER_BYTES_PER_ENTRY, physical_memory()
+    if have and need > have:
+        raise AquilaError(
+            f"--vocab-size {vocab_size:,} needs about {need / 1e9:,.0f} GB before training starts (tokenizers' trainer "
+            f"reserves ~{TRAINER_BYTES_PER_ENTRY} bytes per entry), more than this machine's {have / 1e9:,.0f} GB"
+        )
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not on Linux/macOS
+        return None
+
+
+def check_learnable(vocab_size: int, files: Sequence[str | os.PathLike]) -> None:
+    """Each merge adds one entry and joins two adjacent symbols of the text, so a corpus of B bytes has fewer than B
+    merges to learn: asking for more is a mistake, found before reading the input."""
+    size = sum(p.stat().st_size for p in _existing(files))
+    limit = MIN_VOCAB_SIZE + size
+    if vocab_size > limit:
+        raise AquilaError(
+            f"--vocab-size {vocab_size:,} cannot be learned from {size:,} bytes of input: each merge joins two "
+            f"symbols of the text, so at most {limit:,} entries ({MIN_VOCAB_SIZE} + one per input byte)"
+        )
+
+
+def check_output(output: str | os.PathLike) -> None:
+    """--output must be a directory or a path one can create (not an existing file, nor below one)."""
+    out = Path(output)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == out else f" ({p} is a file)"
+                raise AquilaError(f"--output {out}{where}: expected a directory to write the tokenizer files into")
+            return
 
 
 def train_bpe(
@@ -150,6 +191,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     check_vocab_size(args.vocab_size)  # fail before reading any input
+    check_output(args.output)
+    check_learnable(args.vocab_size, args.input)
     progress = not args.no_progress
     length = estimate_documents(args.input) if progress else None
     texts = iter_corpus(args.input, json_key=args.json_key)
