@@ -5,8 +5,11 @@
 writes `out/corpus_text_document.{bin,idx}`. Each document becomes one sequence wrapped as
 [BOS] + ids + [EOS], as FlagAI's `encode_plus` does (`--append-eod`: ids + [EOS] only).
 
-The input is streamed in chunks of `--chunk-size` lines; worker processes tokenize chunks while the main
-process writes them in input order, so any number of workers gives byte-identical output. Outputs are
+`--input` takes one or more jsonl files, or a directory (its `*.jsonl` files, sorted by name); documents
+are written in that order. The input is streamed in chunks of at most `--chunk-size` lines and 1 MB
+(`--chunk-bytes`); worker processes tokenize chunks while the main process writes them in input order,
+so any number of workers gives byte-identical output and memory stays bounded by the chunks in flight
+(2 per worker), not the input's size. `--checksum` also writes `<prefix>.crc32.json` (see check-dataset). Outputs are
 written under temporary names and renamed at the end: an interrupted run leaves no file with a final name.
 Blank lines are ignored and documents whose text is empty are skipped (both counted in the summary).
 A line that is not a JSON object is an error naming the file and line (`--skip-bad-lines`: skipped and
@@ -87,7 +90,10 @@ def encode_chunk(
             res.blank_lines += 1
             continue
         try:
-            obj = json.loads(line)
+            try:
+                obj = json.loads(line)
+            except RecursionError:
+                raise ValueError("nested too deeply") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
         except (ValueError, UnicodeDecodeError) as e:
@@ -136,16 +142,41 @@ def _encode_task(args: tuple) -> ChunkResult:
     return encode_chunk(*args)
 
 
-def iter_chunks(path: Path, chunk_size: int) -> Iterator[tuple[int, list[bytes]]]:
-    """(number of the first line, lines) for consecutive chunks of `chunk_size` lines, streamed."""
+CHUNK_BYTES = 1 << 20
+
+
+def iter_chunks(path: Path, chunk_size: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, list[bytes]]]:
+    """(number of the first line, lines) for consecutive chunks of at most `chunk_size` lines and about
+    `chunk_bytes` bytes (a longer line is a chunk of its own), streamed."""
     with open(path, "rb") as f:
-        lineno = 1
-        while True:
-            lines = list(itertools.islice(f, chunk_size))
-            if not lines:
-                return
+        lineno, lines, nbytes = 1, [], 0
+        for line in f:
+            if lines and (len(lines) >= chunk_size or nbytes + len(line) > chunk_bytes):
+                yield lineno, lines
+                lineno, lines, nbytes = lineno + len(lines), [], 0
+            lines.append(line)
+            nbytes += len(line)
+        if lines:
             yield lineno, lines
-            lineno += len(lines)
+
+
+def input_files(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The jsonl files named by `inputs`, in order; a directory stands for its `*.jsonl` files sorted by name."""
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not items:
+        raise AquilaError("--input: give at least one jsonl file or directory")
+    files: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = sorted(p for p in item.glob("*.jsonl") if p.is_file())
+            if not found:
+                raise AquilaError(f"{item}: a directory with no *.jsonl files (give jsonl files or such a directory)")
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise AquilaError(f"{item}: input file not found")
+    return files
 
 
 def _progress(total_bytes: int, quiet: bool):
@@ -155,7 +186,7 @@ def _progress(total_bytes: int, quiet: bool):
 
 
 def preprocess(
-    input_path: str | os.PathLike,
+    input_path: str | os.PathLike | Sequence[str | os.PathLike],
     tokenizer_dir: str | os.PathLike,
     output_prefix: str | os.PathLike,
     json_keys: Sequence[str] = ("text",),
@@ -166,14 +197,17 @@ def preprocess(
     dtype: str | np.dtype | None = None,
     log_interval: int = 100,
     quiet: bool = True,
+    chunk_bytes: int = CHUNK_BYTES,
+    checksum: bool = False,
 ) -> PreprocessStats:
-    """Tokenize `input_path` (jsonl) into `{output_prefix}_{key}_document.{bin,idx}` for each key."""
+    """Tokenize `input_path` (jsonl files, or directories of them) into `{output_prefix}_{key}_document.{bin,idx}`
+    for each key, documents in input order."""
     global _TOKENIZER
-    path = Path(input_path)
-    if not path.is_file():
-        raise AquilaError(f"{path}: input file not found")
-    if workers < 1 or chunk_size < 1:
-        raise AquilaError(f"--workers and --chunk-size must be >= 1 (got {workers}, {chunk_size})")
+    paths = input_files(input_path)
+    if workers < 1 or chunk_size < 1 or chunk_bytes < 1:
+        raise AquilaError(
+            f"--workers, --chunk-size and --chunk-bytes must be >= 1 (got {workers}, {chunk_size}, {chunk_bytes})"
+        )
     if not json_keys:
         raise AquilaError("--json-keys: give at least one key")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -181,18 +215,19 @@ def preprocess(
     out_dtype = np.dtype(dtype) if dtype else best_dtype(max(len(tokenizer), len(tokenizer.get_vocab())))
     stats = PreprocessStats()
     start = time.perf_counter()
-    bar = _progress(path.stat().st_size, quiet)
+    bar = _progress(sum(p.stat().st_size for p in paths), quiet)
     last_log = 0
 
     def tasks() -> Iterator[tuple]:
-        for first, lines in iter_chunks(path, chunk_size):
-            yield (str(path), first, lines, tuple(json_keys), append_eod, skip_bad_lines)
+        for path in paths:
+            for first, lines in iter_chunks(path, chunk_size, chunk_bytes):
+                yield (str(path), first, lines, tuple(json_keys), append_eod, skip_bad_lines)
 
     with contextlib.ExitStack() as stack:
         builders = {}
         for k in json_keys:
             out = f"{os.fspath(output_prefix)}_{k}_document"
-            builders[k] = stack.enter_context(MMapIndexedDatasetBuilder(out, out_dtype))
+            builders[k] = stack.enter_context(MMapIndexedDatasetBuilder(out, out_dtype, checksum=checksum))
 
         def consume(res: ChunkResult) -> None:
             nonlocal last_log
@@ -235,7 +270,8 @@ def preprocess(
             if bar is not None:
                 bar.close()
         if stats.docs == 0:
-            raise AquilaError(f"{path}: no documents (empty input, or every line blank, bad or with empty text)")
+            where = paths[0] if len(paths) == 1 else f"{len(paths)} input files"
+            raise AquilaError(f"{where}: no documents (empty input, or every line blank, bad or with empty text)")
         stats.outputs = [b.prefix for b in builders.values()]
     stats.seconds = time.perf_counter() - start
     return stats
@@ -243,14 +279,18 @@ def preprocess(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aquila preprocess", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--input", required=True, help="jsonl file, one document per line")
+    p.add_argument(
+        "--input", required=True, nargs="+", help="jsonl files (one document per line), or directories of *.jsonl"
+    )
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract")
     p.add_argument("--tokenizer", help="tokenizer directory (vocab.json + merges.txt or tokenizer.json)")
     p.add_argument("--model-dir", help="FlagAI style: tokenizer at MODEL_DIR/MODEL_NAME")
     p.add_argument("--model-name", help="FlagAI style: tokenizer at MODEL_DIR/MODEL_NAME")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--chunk-size", type=int, default=256, help="lines per task given to a worker")
+    p.add_argument("--chunk-size", type=int, default=256, help="at most this many lines per task given to a worker")
+    p.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES, help="and at most about this many bytes")
+    p.add_argument("--checksum", action="store_true", help="also write <prefix>.crc32.json (check-dataset verifies)")
     p.add_argument("--append-eod", action="store_true", help="ids + [EOS] instead of [BOS] + ids + [EOS]")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count lines that are not JSON objects")
     p.add_argument("--dtype", choices=["uint16", "int32", "int64"], help="token dtype (default: by vocabulary size)")
@@ -286,6 +326,8 @@ def main(argv: list[str]) -> int:
         dtype=args.dtype,
         log_interval=args.log_interval,
         quiet=args.quiet,
+        chunk_bytes=args.chunk_bytes,
+        checksum=args.checksum,
     )
     secs = max(stats.seconds, 1e-9)
     print(
