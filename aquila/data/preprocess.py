@@ -299,6 +299,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split-sentences", action="store_true", help="FlagAI flag; not supported (documents stay whole)")
     p.add_argument("--keep-newlines", action="store_true", help="accepted for FlagAI compatibility (always true)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("many machines: one shard per input file, then a merge (see docs/data.md)")
+    g.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: each shard a Ray task, then merge")
+    g.add_argument("--ray-address", default=None, help="Ray cluster to join (default: a running one, or a local one)")
+    g.add_argument("--max-retries", type=int, default=3, help="Ray retries of a task whose worker died")
+    g.add_argument("--shard-index", type=int, default=None, help="run shard I only (e.g. $SLURM_ARRAY_TASK_ID)")
+    g.add_argument("--merge-shards", action="store_true", help="merge the complete shards into the output")
+    g.add_argument("--keep-shards", action="store_true", help="keep <output-prefix>_shards/ after merging")
     return p
 
 
@@ -314,6 +321,8 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.split_sentences:
         raise AquilaError("--split-sentences is not supported: documents are tokenized whole (FlagAI's Aquila data)")
+    if args.engine == "ray" or args.shard_index is not None or args.merge_shards:
+        return _sharded(args)
     stats = preprocess(
         args.input,
         tokenizer_location(args),
@@ -334,5 +343,44 @@ def main(argv: list[str]) -> int:
         f"wrote {', '.join(stats.outputs)}: {stats.docs} documents, {stats.tokens} tokens "
         f"in {stats.seconds:.1f}s ({stats.nbytes / secs / 1e6:.2f} MB/s, {stats.docs / secs:.0f} docs/s); "
         f"skipped {stats.bad_lines} bad lines, {stats.blank_lines} blank lines, {stats.empty_docs} empty documents"
+    )
+    return 0
+
+
+def _sharded(args: argparse.Namespace) -> int:
+    from aquila.data import shards
+
+    if sum([args.engine == "ray", args.shard_index is not None, args.merge_shards]) > 1:
+        raise AquilaError("give one of --engine ray, --shard-index and --merge-shards")
+    files = input_files(args.input)
+    job = shards.ShardJob(
+        tokenizer_location(args),
+        os.fspath(args.output_prefix),
+        tuple(args.json_keys),
+        args.append_eod,
+        args.skip_bad_lines,
+        args.dtype,
+        args.checksum,
+    )
+    if args.shard_index is not None:
+        if not 0 <= args.shard_index < len(files):
+            raise AquilaError(
+                f"--shard-index {args.shard_index}: the input has {len(files)} files (0..{len(files) - 1})"
+            )
+        c = shards.run_shard(job, args.shard_index, os.fspath(files[args.shard_index]))
+        what = "already complete" if c["skipped"] else "wrote"
+        print(
+            f"shard {args.shard_index} ({files[args.shard_index]}): {what}, {c['docs']} documents, {c['tokens']} tokens"
+        )
+        return 0
+    if args.merge_shards:
+        outputs = shards.merge_shards(job, files, keep_shards=args.keep_shards)
+        print(f"merged {len(files)} shards into {', '.join(outputs)}")
+        return 0
+    outputs, results = shards.run_with_ray(job, files, args.ray_address, args.max_retries, args.keep_shards)
+    docs, tokens, skipped = (sum(r[k] for r in results) for k in ("docs", "tokens", "skipped"))
+    print(
+        f"wrote {', '.join(outputs)}: {docs} documents, {tokens} tokens from {len(files)} shards "
+        f"({skipped} already complete)"
     )
     return 0
