@@ -80,9 +80,17 @@ def _init_worker(tokenizer_dir: str | None) -> None:
 
 
 def encode_chunk(
-    path: str, first_line: int, lines: Sequence[bytes], keys: Sequence[str], append_eod: bool, skip_bad: bool
+    path: str,
+    first_line: int,
+    lines: Sequence[bytes],
+    keys: Sequence[str],
+    append_eod: bool,
+    skip_bad: bool,
+    dtype: str = "int64",
 ) -> ChunkResult:
-    """Parse and tokenize `lines` (line numbers start at `first_line`) with this process's tokenizer."""
+    """Parse and tokenize `lines` (line numbers start at `first_line`) with this process's tokenizer.
+
+    Ids come back in the output's `dtype` (a quarter of int64's bytes through the pipe for uint16)."""
     res = ChunkResult(nbytes=sum(len(line) for line in lines))
     texts: dict[str, list[str]] = {k: [] for k in keys}
     for lineno, line in enumerate(lines, start=first_line):
@@ -134,7 +142,11 @@ def encode_chunk(
             dtype=np.int64,
             count=int(lengths.sum()),
         )
-        res.tokens[k] = (flat, lengths)
+        out = np.dtype(dtype)
+        if flat.size and out != flat.dtype and int(flat.max()) > np.iinfo(out).max:
+            res.error = f"{path}:{first_line}..: token id {int(flat.max())} does not fit --dtype {out}"
+            return res
+        res.tokens[k] = (flat.astype(out, copy=False), lengths)
     return res
 
 
@@ -221,7 +233,7 @@ def preprocess(
     def tasks() -> Iterator[tuple]:
         for path in paths:
             for first, lines in iter_chunks(path, chunk_size, chunk_bytes):
-                yield (str(path), first, lines, tuple(json_keys), append_eod, skip_bad_lines)
+                yield (str(path), first, lines, tuple(json_keys), append_eod, skip_bad_lines, out_dtype.name)
 
     with contextlib.ExitStack() as stack:
         builders = {}
