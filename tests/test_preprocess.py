@@ -302,3 +302,54 @@ def test_memory_flat_in_the_input_size(tmp_path, workers):
         peaks.append(int(r.stdout.split()[-1]) / 1024)
     # Holding the input would add its 6 MB more bytes at least (and several times that as str and ids).
     assert peaks[1] - peaks[0] < 6, peaks
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_long_document_encoded_in_pieces_has_the_documents_ids(tmp_path, tok, monkeypatch, workers):
+    import aquila.data.preprocess as pp
+
+    monkeypatch.setattr(pp, "PIECE_CHARS", 300)  # forked workers inherit it
+    doc = "\n".join(TEXTS * 40)
+    assert len(list(pp.text_pieces(doc, 300))) > 10
+    src = write_jsonl(tmp_path / "in.jsonl", [TEXTS[0], doc, TEXTS[1]])
+    preprocess(src, TOKENIZER, tmp_path / "o", workers=workers, chunk_size=1)
+    ds = MMapIndexedDataset(tmp_path / "o_text_document")
+    assert [ds[i].tolist() for i in range(3)] == [tok.encode_plus(t)["input_ids"] for t in (TEXTS[0], doc, TEXTS[1])]
+
+
+def test_tokenizer_whose_ids_change_at_cuts_is_not_cut():
+    from aquila.data.preprocess import cuts_keep_ids
+
+    class PrefixPerCall:  # like sentencepiece: every encode call starts a word ('▁')
+        def encode(self, text):
+            return [0] + [ord(c) for c in text]
+
+    assert cuts_keep_ids(PrefixPerCall()) is False
+
+
+def random_text(nbytes, rng):
+    """Words of random latin and CJK letters: many distinct pre-tokens, like real text (unlike repeats)."""
+    alphabet = list("abcdefghijklmnopqrstuvwxyz") + [chr(c) for c in range(0x4E00, 0x4E00 + 200)]
+    words = ["".join(rng.choice(alphabet, size=int(rng.integers(2, 9)))) for _ in range(nbytes // 6)]
+    seps = rng.choice([" ", " ", " ", "\n"], size=len(words))
+    return "".join(w + s for w, s in zip(words, seps)).encode()[:nbytes].decode(errors="ignore")
+
+
+@pytest.mark.slow
+def test_memory_flat_in_the_size_of_one_document(tmp_path):
+    """Peak RSS for one document of 0.5 MB and of 2 MB. Encoded whole, the tokenizer's bookkeeping grew by
+    ~120 bytes per input byte (+370 MB from 1 to 4 MB; 1.7 GB for a 15 MB document of the demo corpus)."""
+    rng = np.random.default_rng(0)
+    peaks = []
+    for mb in (0.5, 2):
+        src = tmp_path / f"one{mb}.jsonl"
+        src.write_text(json.dumps({"text": random_text(int(mb * 1_000_000), rng)}, ensure_ascii=False) + "\n", "utf-8")
+        r = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, str(src), str(TOKENIZER), str(tmp_path / f"o{mb}"), "1"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        peaks.append(int(r.stdout.split()[-1]) / 1024)
+    # What must grow with the 1.5 MB more: the line's bytes (1 per byte), its str (<= 2 per byte here) and its ids,
+    # at most one per byte (byte-level BPE), held as int32 pieces, int64 and the output dtype, then written (<= 16):
+    # 19 bytes per input byte, bounded by 24.
+    assert peaks[1] - peaks[0] < 1.5 * 24, peaks

@@ -24,6 +24,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -134,20 +135,63 @@ def encode_chunk(
     tok = _TOKENIZER
     bos, eos = tok.token_start_id, tok.token_end_id
     for k in keys:
-        encoded = tok.encode_batch(texts[k]) if texts[k] else []
+        long = {i for i, t in enumerate(texts[k]) if len(t) > PIECE_CHARS and cuts_keep_ids(tok)}
+        short = [t for i, t in enumerate(texts[k]) if i not in long]
+        encoded_short = iter(tok.encode_batch(short) if short else [])
+        encoded = [encode_long(tok, t) if i in long else next(encoded_short) for i, t in enumerate(texts[k])]
         head = [] if append_eod else [bos]
         lengths = np.fromiter((len(ids) + len(head) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
-        flat = np.fromiter(
-            itertools.chain.from_iterable(itertools.chain(head, ids, (eos,)) for ids in encoded),
-            dtype=np.int64,
-            count=int(lengths.sum()),
-        )
+        if long:
+            head_ids, eos_ids = np.asarray(head, np.int64), np.asarray([eos], np.int64)
+            flat = np.concatenate([a for ids in encoded for a in (head_ids, ids, eos_ids)], dtype=np.int64)
+        else:
+            flat = np.fromiter(
+                itertools.chain.from_iterable(itertools.chain(head, ids, (eos,)) for ids in encoded),
+                dtype=np.int64,
+                count=int(lengths.sum()),
+            )
         out = np.dtype(dtype)
         if flat.size and out != flat.dtype and int(flat.max()) > np.iinfo(out).max:
             res.error = f"{path}:{first_line}..: token id {int(flat.max())} does not fit --dtype {out}"
             return res
         res.tokens[k] = (flat.astype(out, copy=False), lengths)
     return res
+
+
+# A document longer than this is encoded in pieces of about this many characters (memory bounded by the piece,
+# not the document: the tokenizer's per-token bookkeeping ran at ~120 bytes per input byte, 1.7 GB for 15 MB).
+PIECE_CHARS = 1 << 16
+# A cut right after a newline between two non-blank characters: byte-level BPE pre-tokenizers (GPT-2, NeoX,
+# cl100k regexes) already split there, so the pieces' ids are the document's ids. Checked per tokenizer.
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+_PROBES = ("ab\ncd\nef", "def f():\n    return 1\nx = 2", "中文\n文本\n混合 text\n</s>\n[CLS]")
+
+
+def cuts_keep_ids(tok) -> bool:
+    """Whether cutting at `_SAFE_CUT` leaves `tok`'s ids unchanged (false e.g. for sentencepiece's leading '▁')."""
+    cached = getattr(tok, "_aquila_cuts_keep_ids", None)
+    if cached is None:
+        cached = all(tok.encode(p) == [i for piece in _SAFE_CUT.split(p) for i in tok.encode(piece)] for p in _PROBES)
+        with contextlib.suppress(AttributeError):
+            tok._aquila_cuts_keep_ids = cached
+    return cached
+
+
+def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at least `size` characters, cut only at `_SAFE_CUT` (the last may be shorter)."""
+    start = 0
+    while len(text) - start > size:
+        m = _SAFE_CUT.search(text, start + size)
+        if m is None:
+            break
+        yield text[start : m.start()]
+        start = m.start()
+    yield text[start:]
+
+
+def encode_long(tok, text: str) -> np.ndarray:
+    """Ids of a long `text`, encoded piece by piece (as int32: ids of any vocabulary fit)."""
+    return np.concatenate([np.asarray(tok.encode(piece), dtype=np.int32) for piece in text_pieces(text)])
 
 
 def _encode_task(args: tuple) -> ChunkResult:
