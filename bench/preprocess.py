@@ -1,6 +1,6 @@
 """Data pipeline benchmark: `aquila preprocess` throughput and random-access sample rates.
 
-    python bench/preprocess.py [--corpus /tmp/aquila_demo_corpus] [--mb 4] [--rounds 2] [--no-ray] [--update-readme]
+    python bench/preprocess.py [--corpus /tmp/aquila_demo_corpus] [--mb 6] [--rounds 2] [--no-ray] [--update-readme]
 
 Preprocessing: MB/s and docs/s of `preprocess()` with 1 and 2 workers on a few MB of the bilingual demo corpus
 (zh news, en news, Python code), against a reference run in the same process: the plain FlagAI-style loop
@@ -141,7 +141,7 @@ def reference_reads(prefix: str, ds: MMapIndexedDataset, order: np.ndarray) -> N
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", type=Path, default=Path("/tmp/aquila_demo_corpus"))
-    p.add_argument("--mb", type=float, default=4.0, help="megabytes of jsonl to preprocess")
+    p.add_argument("--mb", type=float, default=6.0, help="megabytes of jsonl to preprocess")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the preprocessing runs (best kept)")
     p.add_argument("--no-ray", action="store_true", help="skip the engine run")
     p.add_argument("--update-readme", action="store_true")
