@@ -36,6 +36,7 @@ setup(
         "gpu": ["flash-attn>=2.0"],
         "bmtrain": ["bmtrain>=0.2.3"],
         "bminf": ["bminf>=2.0"],
+        "ray": ["ray>=2.9"],
     },
     entry_points={"console_scripts": ["aquila=aquila.cli:main"]},
 )

@@ -1,12 +1,22 @@
-"""Atomic writes: nothing half-written ever carries a final name."""
+"""Atomic writes: nothing half-written ever carries a final name.
+
+A temporary is named `.<name>.<pid>@<host>.<random>.tmp` beside its target. The next write of the same
+target removes the temporaries a dead process left behind (kill -9, power loss): same host, pid no
+longer running. A live writer's temporary, or one from another host of a shared filesystem, is kept.
+Temporaries of the older `.<name>.<random>.tmp` form are removed once untouched for a day.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,21 +29,114 @@ def _umask() -> int:
     return mask
 
 
+LEGACY_TMP_AGE_S = 24 * 3600
+# The disk, not the code: a write failing with these is one line naming the target instead of a traceback.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host"
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}@{_host()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of `path` left by dead writers (see the module docstring); returns them."""
+    path = Path(path)
+    ours = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)@([A-Za-z0-9_-]+)\.[^.]+\.tmp$")
+    legacy = re.compile(rf"^\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}\.tmp$")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    host, now = _host(), time.time()
+    for entry in entries:
+        m = ours.match(entry.name)
+        if m:
+            stale = m.group(2) == host and not _pid_alive(int(m.group(1)))
+        elif legacy.match(entry.name):
+            try:
+                stale = now - entry.stat(follow_symlinks=False).st_mtime > LEGACY_TMP_AGE_S
+            except OSError:
+                continue
+        else:
+            continue
+        if not stale:
+            continue
+        p = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        removed.append(p)
+    return removed
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        above = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+        raise AquilaError(f"cannot write {path}: {above} is a file, not a directory") from None
+    except OSError as e:
+        raise AquilaError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _disk_error(path: Path, e: OSError) -> AquilaError:
+    return AquilaError(f"cannot write {path}: {e.strerror or e} (nothing written under that name)")
+
+
+@contextlib.contextmanager
+def disk_errors_name(path: str | os.PathLike) -> Iterator[None]:
+    """Inside the block, a write failing for the disk's sake (full, quota, read-only) is an AquilaError naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_ERRNOS:
+            raise _disk_error(Path(path), e) from None
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    A full disk (or quota, read-only filesystem, permission) while writing becomes one AquilaError naming
+    `path`; the temporary is removed either way."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _make_parent(path)
+    remove_stale_temporaries(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _disk_error(path, e) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with disk_errors_name(path):
+            yield tmp_path
         # mkstemp makes 0600, and writers such as safetensors recreate the file 0600: final files get the usual mode.
         os.chmod(tmp_path, 0o666 & ~_umask())
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
+        try:
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, path)
+        except OSError as e:
+            raise _disk_error(path, e) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -43,8 +146,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _make_parent(path)
+    remove_stale_temporaries(path)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise _disk_error(path, e) from None
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp

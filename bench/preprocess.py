@@ -1,10 +1,13 @@
 """Data pipeline benchmark: `aquila preprocess` throughput and random-access sample rates.
 
-    python bench/preprocess.py [--corpus /tmp/aquila_demo_corpus] [--mb 4] [--update-readme]
+    python bench/preprocess.py [--corpus /tmp/aquila_demo_corpus] [--mb 6] [--rounds 2] [--no-ray] [--update-readme]
 
 Preprocessing: MB/s and docs/s of `preprocess()` with 1 and 2 workers on a few MB of the bilingual demo corpus
 (zh news, en news, Python code), against a reference run in the same process: the plain FlagAI-style loop
-(json.loads, encode_plus, add_document per line, single process). Reading: random sequences/s from
+(json.loads, encode_plus, add_document per line, single process). Then the engine run: the same input as 4 files,
+each a Ray task on a local 2-CPU Ray cluster, merged (`--engine ray`); the cluster's start is timed apart.
+Runs are interleaved over `--rounds` rounds (best of each kept), the load average printed beside them, and the
+1-worker rate projected to 1 TB of jsonl in core-hours (1e12 bytes / rate / 3600 s). Reading: random sequences/s from
 MMapIndexedDataset (reference: seek + np.fromfile per sequence) and random samples/s from the GPT dataset
 (seq_length 1024). Builds the demo corpus first if it is missing. --update-readme rewrites the
 `## Preprocessing` section of bench/README.md.
@@ -39,10 +42,22 @@ from aquila.tokenizer import Tokenizer  # noqa: E402
 
 TOKENIZER = ROOT / "examples" / "aquila" / "demo_tokenizer"
 NOTE = (
-    "The tokenizer bounds preprocessing (its `encode_batch` ran at about 2 MB/s on one idle core here); workers "
-    "split chunks across processes, so throughput scales with free cores. On this shared 2-core machine, busy with "
-    "other jobs during the run, the second worker found no free core. Output bytes are identical for any worker count."
+    "The tokenizer bounds preprocessing; workers split chunks across processes, so throughput scales with free "
+    "cores. This shared 2-core machine ran other jobs (see the load average): the wall-clock rows cannot show "
+    "scaling, and the target (N workers >= 0.85 x N x one worker's rate) is not demonstrated here; it needs an "
+    "idle many-core machine. The 2-worker run's higher CPU per MB is not explained by this run (the pool's fixed "
+    "costs over a few MB, and contention on an oversubscribed machine, are candidates). The engine row pays, per "
+    "task, a tokenizer load and Ray's "
+    "scheduling, and the merge (a copy of the output): small against real shards (GBs each). Output bytes are "
+    "identical for any worker count and for the engine run."
 )
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "n/a"
 
 
 def machine() -> str:
@@ -68,12 +83,43 @@ def make_input(corpus: Path, dst: Path, mb: float) -> tuple[int, int]:
     return docs, nbytes
 
 
+def split_input(src: Path, parts: int) -> list[Path]:
+    """`src` cut into `parts` files of about equal size at line boundaries (the shards of the engine run)."""
+    lines = src.read_bytes().splitlines(keepends=True)
+    total, files, acc, start = sum(map(len, lines)), [], 0, 0
+    for i, line in enumerate(lines):
+        acc += len(line)
+        if acc >= total * (len(files) + 1) / parts and len(files) < parts - 1:
+            files.append(lines[start : i + 1])
+            start = i + 1
+    files.append(lines[start:])
+    paths = []
+    for i, chunk in enumerate(files):
+        paths.append(src.with_name(f"part{i}.jsonl"))
+        paths[-1].write_bytes(b"".join(chunk))
+    return paths
+
+
+def ray_run(parts: list[Path], prefix: str) -> None:
+    from aquila.data.shards import ShardJob, run_with_ray
+
+    run_with_ray(ShardJob(str(TOKENIZER), prefix), parts)
+
+
 def reference_preprocess(src: Path, prefix: str) -> None:
     tok = Tokenizer.from_pretrained(TOKENIZER)
     with MMapIndexedDatasetBuilder(prefix, best_dtype(len(tok))) as b:
         with open(src, encoding="utf-8") as f:
             for line in f:
                 b.add_document(tok.encode_plus(json.loads(line)["text"])["input_ids"])
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(this process's CPU seconds, its reaped children's), user + system."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 def timed(fn, *args, repeat: int = 1, **kwargs) -> float:
@@ -95,7 +141,9 @@ def reference_reads(prefix: str, ds: MMapIndexedDataset, order: np.ndarray) -> N
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", type=Path, default=Path("/tmp/aquila_demo_corpus"))
-    p.add_argument("--mb", type=float, default=4.0, help="megabytes of jsonl to preprocess")
+    p.add_argument("--mb", type=float, default=6.0, help="megabytes of jsonl to preprocess")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the preprocessing runs (best kept)")
+    p.add_argument("--no-ray", action="store_true", help="skip the engine run")
     p.add_argument("--update-readme", action="store_true")
     args = p.parse_args(argv)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -105,18 +153,64 @@ def main(argv: list[str] | None = None) -> int:
         src = Path(tmp) / "in.jsonl"
         docs, nbytes = make_input(args.corpus, src, args.mb)
         preprocess(src, TOKENIZER, f"{tmp}/warm", workers=1)  # warm the page cache and imports
-        t_ref = timed(reference_preprocess, src, f"{tmp}/ref_text_document")
-        results = [("reference: encode_plus loop, 1 process", t_ref)]
-        for w in (1, 2):
-            results.append(
-                (f"aquila preprocess --workers {w}", timed(preprocess, src, TOKENIZER, f"{tmp}/w{w}", workers=w))
-            )
+        parts = split_input(src, 4)
+        runs = {
+            "reference: encode_plus loop, 1 process": lambda: reference_preprocess(src, f"{tmp}/ref_text_document"),
+            "aquila preprocess --workers 1": lambda: preprocess(src, TOKENIZER, f"{tmp}/w1", workers=1),
+            "aquila preprocess --workers 2": lambda: preprocess(src, TOKENIZER, f"{tmp}/w2", workers=2),
+        }
+        ray_start = None
+        if not args.no_ray:
+            import ray
+
+            t = time.perf_counter()
+            ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+            ray.get(ray.remote(lambda: 0).remote())  # a worker is up
+            ray_start = time.perf_counter() - t
+            runs["--engine ray: 4 files as Ray tasks (2 CPUs) + merge"] = lambda: ray_run(parts, f"{tmp}/ray")
+        best = dict.fromkeys(runs, float("inf"))
+        cpu: dict[str, tuple[float, float]] = {}  # label -> (main process, worker processes) CPU s, best round
+        loads = []
+        try:
+            for _ in range(args.rounds):  # interleaved, so a change of load hits every run alike
+                for label, fn in runs.items():
+                    loads.append(os.getloadavg()[0])
+                    c0 = cpu_seconds()
+                    secs = timed(fn)
+                    c1 = cpu_seconds()
+                    if secs < best[label]:
+                        best[label], cpu[label] = secs, (c1[0] - c0[0], c1[1] - c0[1])
+        finally:
+            if ray_start is not None:
+                ray.shutdown()
+        outs = ["w1", "w2"] + (["ray"] if ray_start is not None else [])
         same = all(
-            Path(f"{tmp}/ref_text_document.{e}").read_bytes() == Path(f"{tmp}/w2_text_document.{e}").read_bytes()
+            Path(f"{tmp}/ref_text_document.{e}").read_bytes() == Path(f"{tmp}/{o}_text_document.{e}").read_bytes()
             for e in ("bin", "idx")
+            for o in outs
         )
-        for label, secs in results:
-            rows.append((label, f"{nbytes / secs / 1e6:.2f} MB/s", f"{docs / secs:,.0f} docs/s", f"{secs:.2f} s"))
+        for label, secs in best.items():
+            main_cpu, kids_cpu = cpu[label]
+            cpu_note = "" if label.startswith("--engine") else f"{(main_cpu + kids_cpu) / (nbytes / 1e6):.2f} CPU-s/MB"
+            rows.append(
+                (label, f"{nbytes / secs / 1e6:.2f} MB/s", f"{docs / secs:,.0f} docs/s", f"{secs:.2f} s", cpu_note)
+            )
+        rate1 = nbytes / best["aquila preprocess --workers 1"]
+        scaling = best["aquila preprocess --workers 1"] / best["aquila preprocess --workers 2"] / 2
+        c1, c2 = (sum(cpu[f"aquila preprocess --workers {w}"]) for w in (1, 2))
+        main2, kids2 = cpu["aquila preprocess --workers 2"]
+        saturate = kids2 / max(main2, 1e-9)
+        projection = (
+            f"Projection from the 1-worker rate ({rate1 / 1e6:.2f} MB/s per core): 1 TB of jsonl = "
+            f"{1e12 / rate1 / 3600:,.0f} core-hours (e.g. {1e12 / rate1 / 3600 / 64:,.1f} h on 64 cores). "
+            f"2 workers ran at {scaling:.2f} x 2 x the 1-worker wall-clock rate on this loaded machine, while their "
+            f"CPU time per MB was {c2 / c1:.2f} x one worker's. The writing process (reading, handing out chunks, "
+            f"writing; its tokenizer load and the pool's start included) used {main2 / (nbytes / 1e6):.3f} CPU-s/MB "
+            f"against the workers' {kids2 / (nbytes / 1e6):.2f}: it would saturate one core at about {saturate:.0f} "
+            f"workers, so on free cores throughput grows with workers up to there"
+            + (f"; the Ray cluster took {ray_start:.1f} s to start (not in its row)" if ray_start is not None else "")
+            + f". Load average during the runs: {min(loads):.1f}..{max(loads):.1f} on {n_cores()} cores."
+        )
 
         prefix = f"{tmp}/w2_text_document"
         ds = MMapIndexedDataset(prefix)
@@ -151,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
 
     header = f"Input: {nbytes / 1e6:.1f} MB jsonl, {docs} documents of the demo corpus; demo tokenizer; output identical to the reference: {same}."
-    table = ["| run | throughput | | time |", "|---|---|---|---|"] + [f"| {' | '.join(r)} |" for r in rows]
-    text = "\n".join([header, "", *table, "", f"Machine: {where}."])
+    rows = [r + ("",) * (5 - len(r)) for r in rows]
+    table = ["| run | throughput | | time | CPU |", "|---|---|---|---|---|"] + [f"| {' | '.join(r)} |" for r in rows]
+    text = "\n".join([header, "", *table, "", projection, "", f"Machine: {where}; `uptime`: {uptime()}."])
     print(text)
     if args.update_readme:
         readme = ROOT / "bench" / "README.md"

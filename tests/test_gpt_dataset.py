@@ -95,11 +95,11 @@ def test_multi_epoch_and_cache_files(tmp_path):
     counts = np.bincount(train.doc_idx, minlength=30)
     assert counts[:27].min() == counts.max() and counts[27:].sum() == 0  # whole epochs of the train split
     assert set(valid.doc_idx.tolist()) == {27, 28, 29}
-    names = sorted(p for p in os.listdir(tmp_path) if p.endswith(".npy"))
+    names = sorted(p for p in os.listdir(tmp_path) if p.startswith("d_"))
     assert names == sorted(
-        f"d_{split}_indexmap_{n}ns_8sl_2023s_{k}_idx.npy"
+        f"d_{split}_indexmap_{n}ns_8sl_2023s_{k}"
         for split, n in (("train", 500), ("valid", 20))
-        for k in ("doc", "sample", "shuffle")
+        for k in ("doc_idx.npy", "sample_idx.npy", "shuffle_idx.npy", "key.txt")
     )
     # Second build loads the cache (memory-mapped) and serves the same samples.
     again, _, _ = build_pretrain_datasets(prefix, "90,10", (500, 20, 0), 8, seed=2023)
@@ -121,6 +121,46 @@ def test_stale_cache_is_rebuilt(tmp_path):
     second, _, _ = build_pretrain_datasets(prefix, "1", (10, 0, 0), 4, seed=0)
     assert int(second[0]["input_ids"][0]) >= 5000
     assert max(second.doc_idx) == 24
+
+
+def test_cache_keyed_on_content_not_mtime(tmp_path):
+    """Data replaced by a copy with an OLDER mtime (cp -p, rsync -a) must not reuse the old cache."""
+    rng = np.random.default_rng(4)
+    prefix = make_data(tmp_path / "d", numbered_docs(20, rng))
+    first, _, _ = build_pretrain_datasets(prefix, "1", (10, 0, 0), 4, seed=0)
+    assert max(first.doc_idx) == 19
+    make_data(tmp_path / "d", numbered_docs(25, rng, base=5000))
+    for ext in ("bin", "idx"):
+        os.utime(f"{prefix}.{ext}", (1_000_000, 1_000_000))  # 1970: older than the cache
+    second, _, _ = build_pretrain_datasets(prefix, "1", (10, 0, 0), 4, seed=0)
+    assert max(second.doc_idx) == 24 and int(second[0]["input_ids"][0]) >= 5000
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "drop_key"])
+def test_damaged_cache_is_rebuilt(tmp_path, damage):
+    rng = np.random.default_rng(5)
+    prefix = make_data(tmp_path / "d", numbered_docs(30, rng))
+    first, _, _ = build_pretrain_datasets(prefix, "1", (40, 0, 0), 4, seed=0)
+    expected = [first[i]["input_ids"].tolist() for i in range(len(first))]
+    sample = tmp_path / "d_train_indexmap_40ns_4sl_0s_sample_idx.npy"
+    if damage == "truncate":
+        sample.write_bytes(sample.read_bytes()[:-16])
+    elif damage == "garbage":
+        sample.write_bytes(b"not an npy file at all")
+    else:
+        (tmp_path / "d_train_indexmap_40ns_4sl_0s_key.txt").unlink()
+    again, _, _ = build_pretrain_datasets(prefix, "1", (40, 0, 0), 4, seed=0)
+    assert [again[i]["input_ids"].tolist() for i in range(len(again))] == expected
+    third, _, _ = build_pretrain_datasets(prefix, "1", (40, 0, 0), 4, seed=0)  # the rebuilt cache is whole again
+    assert isinstance(third.sample_idx, np.memmap)
+
+
+def test_token_id_beyond_vocab_is_one_error_when_the_data_opens(tmp_path):
+    prefix = make_data(tmp_path / "d", [np.array([1, 2, 3]), np.array([4, 999, 5])])
+    with pytest.raises(AquilaError, match=r"d\.bin: token ids span \[1, 999\], outside the vocabulary of 100$"):
+        build_pretrain_datasets(prefix, "1", (2, 0, 0), 2, seed=0, vocab_size=100)
+    train, _, _ = build_pretrain_datasets(prefix, "1", (2, 0, 0), 2, seed=0, vocab_size=1000)
+    assert train is not None
 
 
 def test_blending_respects_weights(tmp_path):

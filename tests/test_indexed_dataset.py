@@ -196,3 +196,32 @@ def test_shipped_demo_data_is_demo_tokenizer_ids():
     ends = starts + ds.sizes - 1
     assert (tokens[starts] == 16006).all() and (tokens[ends] == 16007).all()  # [CLS] ... </s> of the demo tokenizer
     assert int(tokens.max()) <= 16007
+
+
+def test_checksum_sidecar_detects_an_in_range_bit_flip(tmp_path, monkeypatch):
+    """The .bin has no checksum of its own: --checksum writes per-chunk CRC-32s that check-dataset verifies."""
+    import aquila.data.indexed_dataset as idx
+    from aquila.data.check import check
+
+    monkeypatch.setattr(idx, "CHECKSUM_CHUNK", 1000)  # several chunks from a small dataset
+    rng = np.random.default_rng(7)
+    docs = random_docs(rng, 80, vocab=1000)
+    prefix = tmp_path / "d"
+    with MMapIndexedDatasetBuilder(prefix, np.uint16, checksum=True) as b:
+        for d in docs:
+            b.add_document(d)
+    assert check(str(prefix))["checksum"] == "verified"
+    data = bytearray((tmp_path / "d.bin").read_bytes())
+    assert len(data) > 3000
+    data[2500] ^= 0x01  # token id stays < 1000 (even low byte flipped): invisible to --vocab-size
+    (tmp_path / "d.bin").write_bytes(bytes(data))
+    r = run_cli("check-dataset", prefix, "--vocab-size", "1024")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "d.bin: bytes 2000..3000 differ from d.crc32.json" in r.stderr
+    # merge-datasets --checksum writes one for its output; rewriting without --checksum drops a stale sidecar
+    r = run_cli("merge-datasets", "--prefixes", prefix, prefix, "--output-prefix", tmp_path / "m", "--checksum")
+    assert r.returncode == 0 and (tmp_path / "m.crc32.json").is_file()
+    assert "checksum: verified" in run_cli("check-dataset", tmp_path / "m").stdout
+    r = run_cli("merge-datasets", "--prefixes", prefix, "--output-prefix", tmp_path / "m")
+    assert r.returncode == 0 and not (tmp_path / "m.crc32.json").exists()
+    assert "checksum: none" in run_cli("check-dataset", tmp_path / "m").stdout

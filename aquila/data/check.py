@@ -1,4 +1,7 @@
-"""`aquila check-dataset PREFIX...`: validate indexed datasets and print their counts."""
+"""`aquila check-dataset PREFIX...`: validate indexed datasets and print their counts.
+
+The `.bin` itself carries no checksum; when `<prefix>.crc32.json` exists (written by `aquila preprocess
+--checksum` or `aquila merge-datasets --checksum`) every 64 MiB chunk is verified against it."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import argparse
 import numpy as np
 
 from aquila.cli_help import HelpFormatter
-from aquila.data.indexed_dataset import MMapIndexedDataset
+from aquila.data.indexed_dataset import MMapIndexedDataset, verify_checksums
 from aquila.errors import AquilaError
 
 
@@ -23,11 +26,22 @@ def token_range(ds: MMapIndexedDataset, chunk: int = 1 << 24) -> tuple[int, int]
     return lo, hi
 
 
+def check_vocab(ds: MMapIndexedDataset, vocab_size: int) -> None:
+    """AquilaError unless every token id of `ds` is in [0, vocab_size) (one pass over the memmapped tokens)."""
+    _raise_outside(ds, *token_range(ds), vocab_size)
+
+
+def _raise_outside(ds: MMapIndexedDataset, lo: int, hi: int, vocab_size: int) -> None:
+    if ds.num_tokens and (lo < 0 or hi >= vocab_size):
+        raise AquilaError(f"{ds.prefix}.bin: token ids span [{lo}, {hi}], outside the vocabulary of {vocab_size}")
+
+
 def check(prefix: str, vocab_size: int | None = None) -> dict[str, int | str]:
     ds = MMapIndexedDataset(prefix)
     lo, hi = token_range(ds)
-    if vocab_size is not None and ds.num_tokens and (lo < 0 or hi >= vocab_size):
-        raise AquilaError(f"{prefix}.bin: token ids span [{lo}, {hi}], outside the vocabulary of {vocab_size}")
+    if vocab_size is not None:
+        _raise_outside(ds, lo, hi, vocab_size)
+    verified = verify_checksums(prefix)
     return {
         "prefix": prefix,
         "dtype": str(ds.dtype),
@@ -36,6 +50,7 @@ def check(prefix: str, vocab_size: int | None = None) -> dict[str, int | str]:
         "tokens": ds.num_tokens,
         "min_id": lo,
         "max_id": hi,
+        "checksum": "verified" if verified else "none (no .crc32.json sidecar)",
     }
 
 
@@ -49,7 +64,7 @@ def main(argv: list[str]) -> int:
         info = check(prefix, args.vocab_size)
         total += int(info["tokens"])
         print(f"{prefix}:")
-        for key in ("dtype", "sequences", "documents", "tokens"):
+        for key in ("dtype", "sequences", "documents", "tokens", "checksum"):
             print(f"  {key}: {info[key]}")
         if int(info["tokens"]):
             print(f"  token ids: {info['min_id']}..{info['max_id']}")

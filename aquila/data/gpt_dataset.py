@@ -15,6 +15,7 @@ waiting at a barrier), so the samples do not depend on the number of ranks.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ import torch
 
 from aquila.data.indexed_dataset import MMapIndexedDataset, index_file_path
 from aquila.errors import AquilaError
-from aquila.io_utils import atomic_path
+from aquila.io_utils import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,26 @@ def build_index_mappings(
 # -- caching --------------------------------------------------------------------------------------
 def index_cache_paths(prefix: str, name: str, num_samples: int, seq_length: int, seed: int) -> dict[str, Path]:
     base = f"{prefix}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s"
-    return {k: Path(f"{base}_{k}_idx.npy") for k in ("doc", "sample", "shuffle")}
+    paths = {k: Path(f"{base}_{k}_idx.npy") for k in ("doc", "sample", "shuffle")}
+    paths["key"] = Path(f"{base}_key.txt")
+    return paths
+
+
+def cache_key(sizes: np.ndarray, documents: np.ndarray, num_samples: int, seq_length: int, seed: int) -> str:
+    """What the index arrays are a function of: the split's sequence sizes (content, not mtime: `cp -p` and
+    `rsync -a` keep an older mtime on new data) and the parameters. Token ids do not enter the arrays."""
+    h = hashlib.blake2b(digest_size=16)
+    docs = np.asarray(documents, dtype=np.int64)
+    h.update(np.asarray([CACHE_VERSION, len(sizes), len(docs), num_samples, seq_length, seed], dtype="<i8").tobytes())
+    if len(docs) and docs[-1] - docs[0] + 1 == len(docs) and (np.diff(docs) == 1).all():
+        h.update(np.ascontiguousarray(np.asarray(sizes)[docs[0] : docs[-1] + 1], dtype="<i4").tobytes())
+    else:
+        h.update(docs.astype("<i8").tobytes())
+        h.update(np.asarray(sizes)[docs].astype("<i4").tobytes())
+    return h.hexdigest()
+
+
+CACHE_VERSION = 1
 
 
 def _dist_rank() -> int | None:
@@ -144,12 +164,27 @@ def _dist_rank() -> int | None:
     return None
 
 
-def _cache_fresh(paths: dict[str, Path], prefix: str) -> bool:
-    if not all(p.is_file() for p in paths.values()):
-        return False
-    # A cache older than the index belongs to a previous version of the data: rebuild it.
-    idx_mtime = index_file_path(prefix).stat().st_mtime
-    return all(p.stat().st_mtime >= idx_mtime for p in paths.values())
+def _load_cache(paths: dict[str, Path], key: str, num_samples: int) -> tuple[np.ndarray, ...] | None:
+    """The cached arrays if their key matches and they are whole and consistent, else None (rebuild)."""
+    try:
+        if paths["key"].read_text(encoding="ascii").strip() != key:
+            return None
+        doc, sample, shuffle = (
+            np.load(paths[k], mmap_mode="r", allow_pickle=False) for k in ("doc", "sample", "shuffle")
+        )
+    except (OSError, ValueError, UnicodeDecodeError):  # missing, truncated or not .npy
+        return None
+    total = sample.shape[0] - 1 if sample.ndim == 2 else -1
+    if (
+        doc.ndim != 1
+        or sample.ndim != 2
+        or sample.shape[1] != 2
+        or total < num_samples
+        or shuffle.shape != (total,)
+        or (total >= 0 and not 0 <= int(sample[-1, 0]) < len(doc))
+    ):
+        return None
+    return doc, sample, shuffle
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -160,24 +195,28 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 def load_or_build_index_mappings(
     prefix: str, name: str, sizes: np.ndarray, documents: np.ndarray, num_samples: int, seq_length: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The cached (doc, sample, shuffle) index arrays, building and saving them on rank 0 if missing."""
+    """The cached (doc, sample, shuffle) index arrays, building and saving them on rank 0 if missing or stale."""
     paths = index_cache_paths(prefix, name, num_samples, seq_length, seed)
+    key = cache_key(sizes, documents, num_samples, seq_length, seed)
     rank = _dist_rank()
     arrays = None
-    if rank in (None, 0) and not _cache_fresh(paths, prefix):
+    if rank in (None, 0) and _load_cache(paths, key, num_samples) is None:
         arrays = build_index_mappings(sizes, documents, num_samples, seq_length, seed)
         try:
-            for key, arr in zip(("doc", "sample", "shuffle"), arrays):
-                _save_npy(paths[key], arr)
+            paths["key"].unlink(missing_ok=True)  # the key goes last: arrays without it are never trusted
+            for k, arr in zip(("doc", "sample", "shuffle"), arrays):
+                _save_npy(paths[k], arr)
+            write_text_atomic(paths["key"], key + "\n")
             log.info("built %s index mappings: %s", name, paths["doc"].parent)
-        except OSError as e:  # read-only data directory: keep the arrays in memory
+        except (OSError, AquilaError) as e:  # read-only or full data directory: keep the arrays in memory
             log.warning("cannot cache index mappings next to %s (%s); keeping them in memory", prefix, e)
     if rank is not None:
         torch.distributed.barrier()
     if arrays is not None:
         return arrays
-    if all(p.is_file() for p in paths.values()):
-        return tuple(np.load(paths[k], mmap_mode="r", allow_pickle=False) for k in ("doc", "sample", "shuffle"))
+    cached = _load_cache(paths, key, num_samples)
+    if cached is not None:
+        return cached
     # Rank 0 could not write a shared cache (or the filesystem is not shared): the build is deterministic.
     return build_index_mappings(sizes, documents, num_samples, seq_length, seed)
 
@@ -304,6 +343,7 @@ def build_pretrain_datasets(
     num_samples: Sequence[int],
     seq_length: int,
     seed: int,
+    vocab_size: int | None = None,
 ) -> tuple[torch.utils.data.Dataset | None, torch.utils.data.Dataset | None, torch.utils.data.Dataset | None]:
     """(train, valid, test) datasets of {"input_ids": int64[seq_length + 1]}; None for an empty split.
 
@@ -311,6 +351,8 @@ def build_pretrain_datasets(
     test), missing trailing counts being 0 (FlagAI's [90, 10] works). A split holding documents
     has at least `num_samples[i]` samples (a whole number of epochs, like Megatron); blended splits
     have exactly `num_samples[i]` (None when 0), each dataset contributing about its weight's share.
+    With `vocab_size`, every token id is checked to be below it when the data opens (one memmapped pass),
+    so a bad id is one error line before training rather than an index error mid-run.
     """
     try:
         num_samples = tuple(int(n) for n in num_samples) + (0,) * (3 - len(num_samples))
@@ -326,6 +368,10 @@ def build_pretrain_datasets(
         for path in (index_file_path(prefix), Path(f"{prefix}.bin")):
             if not path.is_file():
                 raise AquilaError(f"{path}: indexed dataset not found (data prefix {prefix!r})")
+        if vocab_size is not None:
+            from aquila.data.check import check_vocab
+
+            check_vocab(MMapIndexedDataset(prefix), vocab_size)
     if len(pairs) == 1:
         return tuple(_build_single(pairs[0][1], splits_string, num_samples, seq_length, seed))
     per_dataset = [

@@ -11,14 +11,19 @@
     int64[N]  pointers   byte offset of each sequence in `.bin`
     int64[D]  doc_idx    sequence index where each document starts; first 0, last N
 
-`.bin` is the raw concatenation of the sequences, no header.
+`.bin` is the raw concatenation of the sequences, no header, and no checksum: a bit flip that keeps a
+token id in range cannot be told from real data by the files alone. `MMapIndexedDatasetBuilder(...,
+checksum=True)` (`aquila preprocess/merge-datasets --checksum`) also writes `<prefix>.crc32.json`, the
+CRC-32 of every 64 MiB chunk of `.bin` and of the whole `.idx`, which `aquila check-dataset` verifies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import struct
+import zlib
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -26,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from aquila.errors import AquilaError
-from aquila.io_utils import atomic_path
+from aquila.io_utils import atomic_path, disk_errors_name, write_text_atomic
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -55,6 +60,36 @@ def data_file_path(prefix: str | os.PathLike) -> Path:
 
 def index_file_path(prefix: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(prefix)}.idx")
+
+
+def checksum_file_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.crc32.json")
+
+
+CHECKSUM_FORMAT = "aquila-indexed-dataset-crc32"
+CHECKSUM_CHUNK = 64 << 20
+
+
+class ChunkedCRC:
+    """CRC-32 of each `chunk`-byte piece of a byte stream fed in arbitrary pieces."""
+
+    def __init__(self, chunk: int | None = None) -> None:
+        self.chunk, self.crcs, self._crc, self._fill, self.nbytes = chunk or CHECKSUM_CHUNK, [], 0, 0, 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self.nbytes += len(view)
+        while len(view):
+            take = min(len(view), self.chunk - self._fill)
+            self._crc = zlib.crc32(view[:take], self._crc)
+            self._fill += take
+            view = view[take:]
+            if self._fill == self.chunk:
+                self.crcs.append(self._crc)
+                self._crc, self._fill = 0, 0
+
+    def digest(self) -> list[int]:
+        return self.crcs + ([self._crc] if self._fill else [])
 
 
 def dataset_exists(prefix: str | os.PathLike) -> bool:
@@ -97,10 +132,13 @@ class MMapIndexedDatasetBuilder:
             b.finalize()
     """
 
-    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type | str = np.int32) -> None:
+    def __init__(
+        self, prefix: str | os.PathLike, dtype: np.dtype | type | str = np.int32, checksum: bool = False
+    ) -> None:
         self.prefix = os.fspath(prefix)
         self.dtype = np.dtype(dtype)
         dtype_code(self.dtype)
+        self._crc = ChunkedCRC() if checksum else None
         self._stack = contextlib.ExitStack()
         self._bin_tmp = self._stack.enter_context(atomic_path(data_file_path(prefix)))
         self._idx_stack = contextlib.ExitStack()
@@ -128,8 +166,14 @@ class MMapIndexedDatasetBuilder:
     def add_item(self, tokens: Sequence[int] | np.ndarray) -> None:
         """Append one sequence (part of the current document)."""
         arr = self._check(tokens)
-        self._bin.write(arr.tobytes(order="C"))
+        self._write(arr.tobytes(order="C"))
         self._sizes.append(arr.size)
+
+    def _write(self, data: bytes) -> None:
+        with disk_errors_name(data_file_path(self.prefix)):
+            self._bin.write(data)
+        if self._crc is not None:
+            self._crc.update(data)
 
     def end_document(self) -> None:
         """Close the current document: the next item starts a new one."""
@@ -146,7 +190,7 @@ class MMapIndexedDatasetBuilder:
         lengths = np.asarray(lengths, dtype=np.int64)
         if int(lengths.sum()) != arr.size:
             raise AquilaError(f"indexed dataset {self.prefix}: lengths sum to {int(lengths.sum())}, not {arr.size}")
-        self._bin.write(arr.tobytes(order="C"))
+        self._write(arr.tobytes(order="C"))
         start = len(self._sizes)
         self._sizes.extend(lengths.astype(np.int32).tolist())
         self._doc_idx.extend(range(start + 1, start + len(lengths) + 1))
@@ -163,7 +207,7 @@ class MMapIndexedDatasetBuilder:
         self._doc_idx.extend((other.doc_idx[1:] + offset).tolist())
         with open(data_file_path(prefix), "rb") as src:
             while chunk := src.read(16 << 20):
-                self._bin.write(chunk)
+                self._write(chunk)
         other.close()
 
     # -- finishing -------------------------------------------------------------------------------
@@ -173,14 +217,26 @@ class MMapIndexedDatasetBuilder:
             return
         if self._doc_idx[-1] != len(self._sizes):
             self.end_document()  # a trailing add_item without end_document closes its document
-        self._bin.close()
-        with open(self._idx_tmp, "wb") as f:
-            f.write(
-                encode_index(np.frombuffer(self._sizes, np.int32), np.frombuffer(self._doc_idx, np.int64), self.dtype)
-            )
+        index = encode_index(np.frombuffer(self._sizes, np.int32), np.frombuffer(self._doc_idx, np.int64), self.dtype)
+        with disk_errors_name(data_file_path(self.prefix)):
+            self._bin.close()
+        with disk_errors_name(index_file_path(self.prefix)), open(self._idx_tmp, "wb") as f:
+            f.write(index)
         self._done = True
+        sidecar = checksum_file_path(self.prefix)
+        sidecar.unlink(missing_ok=True)  # an older dataset's checksums must not outlive it
         self._stack.close()
         self._idx_stack.close()
+        if self._crc is not None:
+            record = {
+                "format": CHECKSUM_FORMAT,
+                "chunk_bytes": self._crc.chunk,
+                "bin_bytes": self._crc.nbytes,
+                "bin_crc32": self._crc.digest(),
+                "idx_bytes": len(index),
+                "idx_crc32": zlib.crc32(index),
+            }
+            write_text_atomic(sidecar, json.dumps(record) + "\n")
 
     def abort(self) -> None:
         """Discard the temporary files; nothing with a final name is written."""
@@ -341,6 +397,7 @@ def merge_datasets(
     prefixes: Sequence[str | os.PathLike],
     output_prefix: str | os.PathLike,
     on_merged: Callable[[str | os.PathLike], object] | None = None,
+    checksum: bool = False,
 ) -> MMapIndexedDataset:
     """Concatenate several datasets (same dtype) into `output_prefix`; returns the merged reader.
 
@@ -354,9 +411,40 @@ def merge_datasets(
         ds.close()
     if len(set(dtypes.values())) > 1:
         raise AquilaError(f"merge: inputs have different dtypes: {', '.join(f'{k}={v}' for k, v in dtypes.items())}")
-    with MMapIndexedDatasetBuilder(output_prefix, next(iter(dtypes.values()))) as builder:
+    with MMapIndexedDatasetBuilder(output_prefix, next(iter(dtypes.values())), checksum=checksum) as builder:
         for p in prefixes:
             builder.add_index(p)
             if on_merged is not None:
                 on_merged(p)
     return MMapIndexedDataset(output_prefix)
+
+
+def verify_checksums(prefix: str | os.PathLike) -> bool:
+    """Check `.bin/.idx` against `<prefix>.crc32.json`: False when there is no sidecar, True when every chunk
+    matches, an AquilaError naming the first damaged byte range otherwise."""
+    sidecar = checksum_file_path(prefix)
+    if not sidecar.is_file():
+        return False
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+        chunk, bin_bytes, bin_crcs = int(record["chunk_bytes"]), int(record["bin_bytes"]), list(record["bin_crc32"])
+        idx_bytes, idx_crc = int(record["idx_bytes"]), int(record["idx_crc32"])
+        if record.get("format") != CHECKSUM_FORMAT or chunk <= 0:
+            raise ValueError(f"format {record.get('format')!r}, expected {CHECKSUM_FORMAT!r}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise AquilaError(f"{sidecar}: not a checksum file of this format ({e})") from None
+    idx_path, bin_path = index_file_path(prefix), data_file_path(prefix)
+    for path, expected in ((idx_path, idx_bytes), (bin_path, bin_bytes)):
+        size = path.stat().st_size
+        if size != expected:
+            raise AquilaError(f"{path}: {size} bytes, but {sidecar.name} recorded {expected} (changed since written)")
+    if zlib.crc32(idx_path.read_bytes()) != idx_crc:
+        raise AquilaError(f"{idx_path}: CRC-32 differs from {sidecar.name} (the index is damaged)")
+    with open(bin_path, "rb") as f:
+        for i, want in enumerate(bin_crcs):
+            if zlib.crc32(f.read(chunk)) != want:
+                end = min((i + 1) * chunk, bin_bytes)
+                raise AquilaError(
+                    f"{bin_path}: bytes {i * chunk}..{end} differ from {sidecar.name} (CRC-32 of chunk {i}; damaged data)"
+                )
+    return True

@@ -30,12 +30,17 @@ def main(argv: list[str]) -> int:
     src.add_argument("--input", help="directory: merge every prefix in it (sorted by name)")
     src.add_argument("--prefixes", nargs="+", help="explicit prefixes, merged in this order")
     parser.add_argument("--output-prefix", required=True)
+    parser.add_argument(
+        "--checksum", action="store_true", help="also write <prefix>.crc32.json (check-dataset verifies)"
+    )
     args = parser.parse_args(argv)
     prefixes = args.prefixes or prefixes_in_dir(args.input)
     out = str(Path(args.output_prefix))
     prefixes = [p for p in prefixes if str(Path(p)) != out]
     total = sum(Path(f"{p}.bin").stat().st_size for p in prefixes if Path(f"{p}.bin").is_file())
     with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None, file=sys.stderr) as bar:  # on a tty
-        merged = merge_datasets(prefixes, out, on_merged=lambda p: bar.update(Path(f"{p}.bin").stat().st_size))
+        merged = merge_datasets(
+            prefixes, out, on_merged=lambda p: bar.update(Path(f"{p}.bin").stat().st_size), checksum=args.checksum
+        )
     print(f"merged {len(prefixes)} datasets into {out}: {len(merged)} sequences, {merged.num_tokens} tokens")
     return 0

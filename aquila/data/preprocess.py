@@ -5,8 +5,11 @@
 writes `out/corpus_text_document.{bin,idx}`. Each document becomes one sequence wrapped as
 [BOS] + ids + [EOS], as FlagAI's `encode_plus` does (`--append-eod`: ids + [EOS] only).
 
-The input is streamed in chunks of `--chunk-size` lines; worker processes tokenize chunks while the main
-process writes them in input order, so any number of workers gives byte-identical output. Outputs are
+`--input` takes one or more jsonl files, or a directory (its `*.jsonl` files, sorted by name); documents
+are written in that order. The input is streamed in chunks of at most `--chunk-size` lines and 1 MB
+(`--chunk-bytes`); worker processes tokenize chunks while the main process writes them in input order,
+so any number of workers gives byte-identical output and memory stays bounded by the chunks in flight
+(2 per worker), not the input's size. `--checksum` also writes `<prefix>.crc32.json` (see check-dataset). Outputs are
 written under temporary names and renamed at the end: an interrupted run leaves no file with a final name.
 Blank lines are ignored and documents whose text is empty are skipped (both counted in the summary).
 A line that is not a JSON object is an error naming the file and line (`--skip-bad-lines`: skipped and
@@ -21,6 +24,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -77,9 +81,17 @@ def _init_worker(tokenizer_dir: str | None) -> None:
 
 
 def encode_chunk(
-    path: str, first_line: int, lines: Sequence[bytes], keys: Sequence[str], append_eod: bool, skip_bad: bool
+    path: str,
+    first_line: int,
+    lines: Sequence[bytes],
+    keys: Sequence[str],
+    append_eod: bool,
+    skip_bad: bool,
+    dtype: str = "int64",
 ) -> ChunkResult:
-    """Parse and tokenize `lines` (line numbers start at `first_line`) with this process's tokenizer."""
+    """Parse and tokenize `lines` (line numbers start at `first_line`) with this process's tokenizer.
+
+    Ids come back in the output's `dtype` (a quarter of int64's bytes through the pipe for uint16)."""
     res = ChunkResult(nbytes=sum(len(line) for line in lines))
     texts: dict[str, list[str]] = {k: [] for k in keys}
     for lineno, line in enumerate(lines, start=first_line):
@@ -87,7 +99,10 @@ def encode_chunk(
             res.blank_lines += 1
             continue
         try:
-            obj = json.loads(line)
+            try:
+                obj = json.loads(line)
+            except RecursionError:
+                raise ValueError("nested too deeply") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
         except (ValueError, UnicodeDecodeError) as e:
@@ -120,32 +135,104 @@ def encode_chunk(
     tok = _TOKENIZER
     bos, eos = tok.token_start_id, tok.token_end_id
     for k in keys:
-        encoded = tok.encode_batch(texts[k]) if texts[k] else []
+        long = {i for i, t in enumerate(texts[k]) if len(t) > PIECE_CHARS and cuts_keep_ids(tok)}
+        short = [t for i, t in enumerate(texts[k]) if i not in long]
+        encoded_short = iter(tok.encode_batch(short) if short else [])
+        encoded = [encode_long(tok, t) if i in long else next(encoded_short) for i, t in enumerate(texts[k])]
         head = [] if append_eod else [bos]
         lengths = np.fromiter((len(ids) + len(head) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
-        flat = np.fromiter(
-            itertools.chain.from_iterable(itertools.chain(head, ids, (eos,)) for ids in encoded),
-            dtype=np.int64,
-            count=int(lengths.sum()),
-        )
-        res.tokens[k] = (flat, lengths)
+        if long:
+            head_ids, eos_ids = np.asarray(head, np.int64), np.asarray([eos], np.int64)
+            flat = np.concatenate([a for ids in encoded for a in (head_ids, ids, eos_ids)], dtype=np.int64)
+        else:
+            flat = np.fromiter(
+                itertools.chain.from_iterable(itertools.chain(head, ids, (eos,)) for ids in encoded),
+                dtype=np.int64,
+                count=int(lengths.sum()),
+            )
+        out = np.dtype(dtype)
+        if flat.size and out != flat.dtype and int(flat.max()) > np.iinfo(out).max:
+            res.error = f"{path}:{first_line}..: token id {int(flat.max())} does not fit --dtype {out}"
+            return res
+        res.tokens[k] = (flat.astype(out, copy=False), lengths)
     return res
+
+
+# A document longer than this is encoded in pieces of about this many characters (memory bounded by the piece,
+# not the document: the tokenizer's per-token bookkeeping ran at ~120 bytes per input byte, 1.7 GB for 15 MB).
+PIECE_CHARS = 1 << 16
+# A cut right after a newline between two non-blank characters: byte-level BPE pre-tokenizers (GPT-2, NeoX,
+# cl100k regexes) already split there, so the pieces' ids are the document's ids. Checked per tokenizer.
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+_PROBES = ("ab\ncd\nef", "def f():\n    return 1\nx = 2", "中文\n文本\n混合 text\n</s>\n[CLS]")
+
+
+def cuts_keep_ids(tok) -> bool:
+    """Whether cutting at `_SAFE_CUT` leaves `tok`'s ids unchanged (false e.g. for sentencepiece's leading '▁')."""
+    cached = getattr(tok, "_aquila_cuts_keep_ids", None)
+    if cached is None:
+        cached = all(tok.encode(p) == [i for piece in _SAFE_CUT.split(p) for i in tok.encode(piece)] for p in _PROBES)
+        with contextlib.suppress(AttributeError):
+            tok._aquila_cuts_keep_ids = cached
+    return cached
+
+
+def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at least `size` characters, cut only at `_SAFE_CUT` (the last may be shorter)."""
+    start = 0
+    while len(text) - start > size:
+        m = _SAFE_CUT.search(text, start + size)
+        if m is None:
+            break
+        yield text[start : m.start()]
+        start = m.start()
+    yield text[start:]
+
+
+def encode_long(tok, text: str) -> np.ndarray:
+    """Ids of a long `text`, encoded piece by piece (as int32: ids of any vocabulary fit)."""
+    return np.concatenate([np.asarray(tok.encode(piece), dtype=np.int32) for piece in text_pieces(text)])
 
 
 def _encode_task(args: tuple) -> ChunkResult:
     return encode_chunk(*args)
 
 
-def iter_chunks(path: Path, chunk_size: int) -> Iterator[tuple[int, list[bytes]]]:
-    """(number of the first line, lines) for consecutive chunks of `chunk_size` lines, streamed."""
+CHUNK_BYTES = 1 << 20
+
+
+def iter_chunks(path: Path, chunk_size: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, list[bytes]]]:
+    """(number of the first line, lines) for consecutive chunks of at most `chunk_size` lines and about
+    `chunk_bytes` bytes (a longer line is a chunk of its own), streamed."""
     with open(path, "rb") as f:
-        lineno = 1
-        while True:
-            lines = list(itertools.islice(f, chunk_size))
-            if not lines:
-                return
+        lineno, lines, nbytes = 1, [], 0
+        for line in f:
+            if lines and (len(lines) >= chunk_size or nbytes + len(line) > chunk_bytes):
+                yield lineno, lines
+                lineno, lines, nbytes = lineno + len(lines), [], 0
+            lines.append(line)
+            nbytes += len(line)
+        if lines:
             yield lineno, lines
-            lineno += len(lines)
+
+
+def input_files(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The jsonl files named by `inputs`, in order; a directory stands for its `*.jsonl` files sorted by name."""
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not items:
+        raise AquilaError("--input: give at least one jsonl file or directory")
+    files: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = sorted(p for p in item.glob("*.jsonl") if p.is_file())
+            if not found:
+                raise AquilaError(f"{item}: a directory with no *.jsonl files (give jsonl files or such a directory)")
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise AquilaError(f"{item}: input file not found")
+    return files
 
 
 def _progress(total_bytes: int, quiet: bool):
@@ -155,7 +242,7 @@ def _progress(total_bytes: int, quiet: bool):
 
 
 def preprocess(
-    input_path: str | os.PathLike,
+    input_path: str | os.PathLike | Sequence[str | os.PathLike],
     tokenizer_dir: str | os.PathLike,
     output_prefix: str | os.PathLike,
     json_keys: Sequence[str] = ("text",),
@@ -166,14 +253,17 @@ def preprocess(
     dtype: str | np.dtype | None = None,
     log_interval: int = 100,
     quiet: bool = True,
+    chunk_bytes: int = CHUNK_BYTES,
+    checksum: bool = False,
 ) -> PreprocessStats:
-    """Tokenize `input_path` (jsonl) into `{output_prefix}_{key}_document.{bin,idx}` for each key."""
+    """Tokenize `input_path` (jsonl files, or directories of them) into `{output_prefix}_{key}_document.{bin,idx}`
+    for each key, documents in input order."""
     global _TOKENIZER
-    path = Path(input_path)
-    if not path.is_file():
-        raise AquilaError(f"{path}: input file not found")
-    if workers < 1 or chunk_size < 1:
-        raise AquilaError(f"--workers and --chunk-size must be >= 1 (got {workers}, {chunk_size})")
+    paths = input_files(input_path)
+    if workers < 1 or chunk_size < 1 or chunk_bytes < 1:
+        raise AquilaError(
+            f"--workers, --chunk-size and --chunk-bytes must be >= 1 (got {workers}, {chunk_size}, {chunk_bytes})"
+        )
     if not json_keys:
         raise AquilaError("--json-keys: give at least one key")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -181,18 +271,19 @@ def preprocess(
     out_dtype = np.dtype(dtype) if dtype else best_dtype(max(len(tokenizer), len(tokenizer.get_vocab())))
     stats = PreprocessStats()
     start = time.perf_counter()
-    bar = _progress(path.stat().st_size, quiet)
+    bar = _progress(sum(p.stat().st_size for p in paths), quiet)
     last_log = 0
 
     def tasks() -> Iterator[tuple]:
-        for first, lines in iter_chunks(path, chunk_size):
-            yield (str(path), first, lines, tuple(json_keys), append_eod, skip_bad_lines)
+        for path in paths:
+            for first, lines in iter_chunks(path, chunk_size, chunk_bytes):
+                yield (str(path), first, lines, tuple(json_keys), append_eod, skip_bad_lines, out_dtype.name)
 
     with contextlib.ExitStack() as stack:
         builders = {}
         for k in json_keys:
             out = f"{os.fspath(output_prefix)}_{k}_document"
-            builders[k] = stack.enter_context(MMapIndexedDatasetBuilder(out, out_dtype))
+            builders[k] = stack.enter_context(MMapIndexedDatasetBuilder(out, out_dtype, checksum=checksum))
 
         def consume(res: ChunkResult) -> None:
             nonlocal last_log
@@ -235,7 +326,8 @@ def preprocess(
             if bar is not None:
                 bar.close()
         if stats.docs == 0:
-            raise AquilaError(f"{path}: no documents (empty input, or every line blank, bad or with empty text)")
+            where = paths[0] if len(paths) == 1 else f"{len(paths)} input files"
+            raise AquilaError(f"{where}: no documents (empty input, or every line blank, bad or with empty text)")
         stats.outputs = [b.prefix for b in builders.values()]
     stats.seconds = time.perf_counter() - start
     return stats
@@ -243,14 +335,18 @@ def preprocess(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aquila preprocess", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--input", required=True, help="jsonl file, one document per line")
+    p.add_argument(
+        "--input", required=True, nargs="+", help="jsonl files (one document per line), or directories of *.jsonl"
+    )
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract")
     p.add_argument("--tokenizer", help="tokenizer directory (vocab.json + merges.txt or tokenizer.json)")
     p.add_argument("--model-dir", help="FlagAI style: tokenizer at MODEL_DIR/MODEL_NAME")
     p.add_argument("--model-name", help="FlagAI style: tokenizer at MODEL_DIR/MODEL_NAME")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--chunk-size", type=int, default=256, help="lines per task given to a worker")
+    p.add_argument("--chunk-size", type=int, default=256, help="at most this many lines per task given to a worker")
+    p.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES, help="and at most about this many bytes")
+    p.add_argument("--checksum", action="store_true", help="also write <prefix>.crc32.json (check-dataset verifies)")
     p.add_argument("--append-eod", action="store_true", help="ids + [EOS] instead of [BOS] + ids + [EOS]")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count lines that are not JSON objects")
     p.add_argument("--dtype", choices=["uint16", "int32", "int64"], help="token dtype (default: by vocabulary size)")
@@ -259,6 +355,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split-sentences", action="store_true", help="FlagAI flag; not supported (documents stay whole)")
     p.add_argument("--keep-newlines", action="store_true", help="accepted for FlagAI compatibility (always true)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("many machines: one shard per input file, then a merge (see docs/data.md)")
+    g.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: each shard a Ray task, then merge")
+    g.add_argument("--ray-address", default=None, help="Ray cluster to join (default: a running one, or a local one)")
+    g.add_argument("--max-retries", type=int, default=3, help="Ray retries of a task whose worker died")
+    g.add_argument("--shard-index", type=int, default=None, help="run shard I only (e.g. $SLURM_ARRAY_TASK_ID)")
+    g.add_argument("--merge-shards", action="store_true", help="merge the complete shards into the output")
+    g.add_argument("--keep-shards", action="store_true", help="keep <output-prefix>_shards/ after merging")
     return p
 
 
@@ -274,6 +377,8 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.split_sentences:
         raise AquilaError("--split-sentences is not supported: documents are tokenized whole (FlagAI's Aquila data)")
+    if args.engine == "ray" or args.shard_index is not None or args.merge_shards:
+        return _sharded(args)
     stats = preprocess(
         args.input,
         tokenizer_location(args),
@@ -286,11 +391,52 @@ def main(argv: list[str]) -> int:
         dtype=args.dtype,
         log_interval=args.log_interval,
         quiet=args.quiet,
+        chunk_bytes=args.chunk_bytes,
+        checksum=args.checksum,
     )
     secs = max(stats.seconds, 1e-9)
     print(
         f"wrote {', '.join(stats.outputs)}: {stats.docs} documents, {stats.tokens} tokens "
         f"in {stats.seconds:.1f}s ({stats.nbytes / secs / 1e6:.2f} MB/s, {stats.docs / secs:.0f} docs/s); "
         f"skipped {stats.bad_lines} bad lines, {stats.blank_lines} blank lines, {stats.empty_docs} empty documents"
+    )
+    return 0
+
+
+def _sharded(args: argparse.Namespace) -> int:
+    from aquila.data import shards
+
+    if sum([args.engine == "ray", args.shard_index is not None, args.merge_shards]) > 1:
+        raise AquilaError("give one of --engine ray, --shard-index and --merge-shards")
+    files = input_files(args.input)
+    job = shards.ShardJob(
+        tokenizer_location(args),
+        os.fspath(args.output_prefix),
+        tuple(args.json_keys),
+        args.append_eod,
+        args.skip_bad_lines,
+        args.dtype,
+        args.checksum,
+    )
+    if args.shard_index is not None:
+        if not 0 <= args.shard_index < len(files):
+            raise AquilaError(
+                f"--shard-index {args.shard_index}: the input has {len(files)} files (0..{len(files) - 1})"
+            )
+        c = shards.run_shard(job, args.shard_index, os.fspath(files[args.shard_index]))
+        what = "already complete" if c["skipped"] else "wrote"
+        print(
+            f"shard {args.shard_index} ({files[args.shard_index]}): {what}, {c['docs']} documents, {c['tokens']} tokens"
+        )
+        return 0
+    if args.merge_shards:
+        outputs = shards.merge_shards(job, files, keep_shards=args.keep_shards)
+        print(f"merged {len(files)} shards into {', '.join(outputs)}")
+        return 0
+    outputs, results = shards.run_with_ray(job, files, args.ray_address, args.max_retries, args.keep_shards)
+    docs, tokens, skipped = (sum(r[k] for r in results) for k in ("docs", "tokens", "skipped"))
+    print(
+        f"wrote {', '.join(outputs)}: {docs} documents, {tokens} tokens from {len(files)} shards "
+        f"({skipped} already complete)"
     )
     return 0

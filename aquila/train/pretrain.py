@@ -58,7 +58,7 @@ def build_data(ctx: RunContext) -> DataBundle:
     micro_world = cfg.batch_size * ctx.env.world_size
     n_valid = cfg.eval_iters * micro_world if cfg.eval_iters else 1
     train, valid, _ = build_pretrain_datasets(
-        cfg.data_prefix, cfg.data_splits, (n_train, n_valid, 0), ctx.seq_length, cfg.seed
+        cfg.data_prefix, cfg.data_splits, (n_train, n_valid, 0), ctx.seq_length, cfg.seed, ctx.model_args.vocab_size
     )
     if train is None:
         raise AquilaError(f"data_splits {cfg.data_splits!r} leaves no documents for training")
