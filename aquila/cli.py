@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-dataset": ("aquila.data.check", "validate a .bin/.idx prefix and print its counts"),
     "pretrain": ("aquila.train.pretrain", "pretrain from indexed datasets (YAML config)"),
     "sft": ("aquila.train.sft", "supervised fine-tuning on conversations (YAML config)"),
+    "estimate": ("aquila.train.estimate", "per-device peak memory of a training YAML: does it fit?"),
     "plot": ("aquila.train.plot", "plot loss and learning rate of a run to PNG"),
     "generate": ("aquila.inference.cli", "generate text from a prompt"),
     "chat": ("aquila.inference.chat", "interactive multi-turn chat"),

@@ -287,11 +287,19 @@ class FSDPBackend(_ProcessGroupBackend):
             param_dtype=self.compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
         )
 
+    mesh = None  # made by start(), outside any FakeTensorMode (aquila estimate wraps a fake model)
+
+    def start(self) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        super().start()
+        self.mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-        kwargs = {"mesh": init_device_mesh(self.env.device.type, (self.env.world_size,))}
+        kwargs = {"mesh": self.mesh or init_device_mesh(self.env.device.type, (self.env.world_size,))}
         policy = self.mp_policy()
         if policy is not None:
             kwargs["mp_policy"] = policy
