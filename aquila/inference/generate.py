@@ -41,6 +41,7 @@ class Request:
     stop_ids: tuple[int, ...] = ()
     strip: bool = False  # chat answers: no leading/trailing whitespace
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: also the most likely ids and their log-probabilities at each step
     stop_when: Callable[[list[int]], bool] | None = None  # extra stop test on the ids so far (evaluation)
 
 
@@ -51,6 +52,7 @@ class Completion:
     finish_reason: str | None = None  # "stop" (a stop id, a stop string) or "length"
     prompt_tokens: int = 0
     logprobs: list[float] | None = None  # per generated id, from the model's distribution
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per generated id: the request's top_logprobs best
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -93,6 +95,8 @@ class Sequence:
             self.seen[0, torch.tensor(request.prompt, device=device)] = True
         self.text = TextAssembler(tokenizer, request.stop, request.strip) if tokenizer is not None else None
         self.completion = Completion(prompt_tokens=len(request.prompt), logprobs=[] if request.logprobs else None)
+        if request.logprobs and request.top_logprobs:
+            self.completion.top_logprobs = []
         self.steps = 0  # tokens sampled (stop ids included)
 
     @property
@@ -103,7 +107,7 @@ class Sequence:
     def finished(self) -> bool:
         return self.completion.finish_reason is not None
 
-    def accept(self, token: int, logprob: float | None = None) -> str:
+    def accept(self, token: int, logprob: float | None = None, top: list[tuple[int, float]] | None = None) -> str:
         """Take a sampled token: the stop checks, then the newly safe text ("" when none or no tokenizer)."""
         c, r = self.completion, self.request
         self.steps += 1
@@ -112,6 +116,8 @@ class Sequence:
         c.token_ids.append(token)
         if c.logprobs is not None and logprob is not None:
             c.logprobs.append(logprob)
+        if c.top_logprobs is not None and top is not None:
+            c.top_logprobs.append(top)
         piece = self.text.push([token]) if self.text is not None else ""
         if self.text is not None and self.text.stopped:
             return piece + self.finish("stop")
@@ -174,8 +180,12 @@ def compiled_decode_step() -> Callable:
     return _COMPILED["decode"]
 
 
-def pick(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[float | None]]:
-    """One token per row from logits [b, V], each row with its own sampling parameters, seed and history."""
+def pick(
+    logits: torch.Tensor, seqs: Seq[Sequence]
+) -> tuple[list[int], list[float | None], list[list[tuple[int, float]] | None]]:
+    """One token per row from logits [b, V], each row with its own sampling parameters, seed and history; with
+    `logprobs`, the chosen token's log-probability under the model (before any penalty or temperature) and the
+    row's `top_logprobs` most likely (id, log-probability)."""
     want_lp = any(s.request.logprobs for s in seqs)
     lps = torch.log_softmax(logits, -1) if want_lp else None
     if all(s.request.params.greedy and s.seen is None for s in seqs):
@@ -188,7 +198,12 @@ def pick(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[flo
                 s.seen[0, token] = True
             tokens.append(token)
     chosen = [float(lps[i, t]) if lps is not None else None for i, t in enumerate(tokens)]
-    return tokens, chosen
+    tops: list[list[tuple[int, float]] | None] = [None] * len(seqs)
+    for i, s in enumerate(seqs):
+        if lps is not None and s.request.logprobs and s.request.top_logprobs:
+            best = torch.topk(lps[i], min(s.request.top_logprobs, lps.shape[-1]))
+            tops[i] = list(zip(best.indices.tolist(), best.values.tolist()))
+    return tokens, chosen, tops
 
 
 class DecodeBatch:
@@ -249,8 +264,8 @@ class DecodeBatch:
         if not d:
             return []
         running = self.seqs[:d]
-        tokens, lps = pick(torch.stack([s.logits for s in running]), running)
-        out = [(s, s.accept(t, lp)) for s, t, lp in zip(running, tokens, lps)]
+        tokens, lps, tops = pick(torch.stack([s.logits for s in running]), running)
+        out = [(s, s.accept(t, lp, top)) for s, t, lp, top in zip(running, tokens, lps, tops)]
         self._free([s for s in running if s.finished])
         self._decode(dict(zip(running, tokens)))
         return out

@@ -117,11 +117,11 @@ class Engine:
             raise ApiError(400, f"prompt has {len(ids)} tokens; the limit is {limit}", code="context_length_exceeded")
         return ids
 
-    def check_max_tokens(self, value: Any, default: int) -> int:
+    def check_max_tokens(self, value: Any, default: int, minimum: int = 1) -> int:
         if value is None:
             return default
-        if not is_int(value, 1):
-            raise ApiError(400, f"max_tokens must be an integer >= 1, got {value!r}")
+        if not is_int(value, minimum):
+            raise ApiError(400, f"max_tokens must be an integer >= {minimum}, got {value!r}")
         if value > self.limits.max_new_tokens:
             raise ApiError(400, f"max_tokens {value} is above this server's limit of {self.limits.max_new_tokens}")
         return value

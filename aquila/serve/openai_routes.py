@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,7 +17,9 @@ from aquila.chat_template import STOP_STRINGS
 from aquila.inference.generate import Completion
 from aquila.serve.engine import Engine
 from aquila.serve.errors import ApiError, error_body
+from aquila.serve.logprobs import MAX_TOP_LOGPROBS, LogprobFormatter, prompt_logprobs
 from aquila.serve.parsing import field, message_text, parse_body, sampling_from, stop_from
+from aquila.typed_config import is_int
 
 ROLES = ("system", "user", "assistant")
 
@@ -90,18 +94,60 @@ async def stream_events(
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+def prompts_from(body: dict, encode: Callable[[str], list[int]], limit: int) -> list[tuple[list[int], str | None]]:
+    """`prompt` as OpenAI and vLLM take it: a string, a list of strings, a list of token ids or a list of such
+    lists. (ids, text) per prompt; a string is encoded with BOS (as `/func`), ids are used as given (text None)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of those")
+    if len(prompt) > limit:
+        raise ApiError(400, f"prompt: {len(prompt)} prompts in one request; the limit is {limit} (--max-batch)")
+    out: list[tuple[list[int], str | None]] = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            out.append((encode(p), p))
+        elif isinstance(p, list) and p and all(is_int(t) for t in p):
+            out.append((list(p), None))
+        else:
+            raise ApiError(400, f"prompt[{i}] must be a string or a non-empty list of token ids")
+    return out
+
+
+async def gather_all(coros: list) -> list:
+    """Run coroutines together; if one fails (or the caller is cancelled), the others are cancelled too."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def add_openai_routes(app: FastAPI, engine: Engine) -> None:
     predictor = engine.predictor
+    formatter = LogprobFormatter(predictor.tokenizer)
 
     def common(body: dict) -> tuple:
         engine.check_model(body)
         if field(body, "n", int, 1) != 1:
             raise ApiError(400, "n must be 1")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return sampling_from(body), stop_from(body), field(body, "seed", int), field(body, "stream", bool, False), include_usage  # fmt: skip
+        params = sampling_from(body, "top_k", {"temperature": 1.0, "top_p": 1.0, "top_k": 0})
+        stop = stop_from(body)
+        return params, stop, field(body, "seed", int), field(body, "stream", bool, False), include_usage
 
     async def read(request: Request) -> dict:
         return parse_body(await request.body(), engine.limits.max_body_bytes)
+
+    def top_count(body: dict, name: str) -> int:
+        value = field(body, name, int, 0)
+        if not 0 <= value <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}], got {value!r}")
+        return value
 
     @app.get("/v1/models")
     async def models():
@@ -111,35 +157,68 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "prompt must be a string (or a list of one string)")
         params, stop, seed, stream, include_usage = common(body)
-        ids = engine.check_prompt(predictor.encode_prompt(prompt))
-        max_tokens = engine.check_max_tokens(body.get("max_tokens"), 16)
-        req = predictor.request(ids, max_tokens, params, seed, stop)
+        prompts = [(engine.check_prompt(ids), text) for ids, text in prompts_from(body, predictor.encode_prompt, engine.limits.max_batch)]  # fmt: skip
+        echo = field(body, "echo", bool, False)
+        logprobs = None if body.get("logprobs") is None else top_count(body, "logprobs")
+        # max_tokens 0 with echo: the prompt's log-probabilities only (lm-eval's loglikelihood requests)
+        max_tokens = engine.check_max_tokens(body.get("max_tokens"), 16, minimum=0 if echo else 1)
+        if stream and (echo or logprobs is not None or len(prompts) > 1):
+            name = "echo" if echo else "logprobs" if logprobs is not None else "prompt"
+            raise ApiError(400, f"{name}: streaming serves one prompt without echo or logprobs; use stream false")
+        reqs = [
+            replace(
+                predictor.request(ids, max(max_tokens, 1), params, seed, stop, logprobs=logprobs is not None),
+                top_logprobs=logprobs or 0,
+            )  # fmt: skip
+            for ids, _ in prompts
+        ]
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": engine.model_name}  # fmt: skip
 
-        def choice(text: str, reason: str | None) -> dict:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        def choice(text: str, reason: str | None, index: int = 0, lp: dict | None = None) -> dict:
+            return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
 
         if stream:
-            return await stream_events(engine, req, choice, base, include_usage)
-        c = await engine.complete(req)
-        return {**base, "choices": [choice(c.text, c.finish_reason)], "usage": usage(c)}
+            return await stream_events(engine, reqs[0], choice, base, include_usage)
+        scored: list = [None] * len(prompts)
+        if echo and logprobs is not None:  # the prompts' own log-probabilities, on the model's thread between steps
+            scored = await engine.call(lambda: [prompt_logprobs(predictor.model, ids, logprobs) for ids, _ in prompts])
+        if max_tokens == 0:
+            completions = [Completion(finish_reason="length", prompt_tokens=len(ids), logprobs=[], top_logprobs=[]) for ids, _ in prompts]  # fmt: skip
+        else:
+            completions = await gather_all([engine.complete(r) for r in reqs])
+        choices = []
+        for i, ((ids, text), c, prompt_lps) in enumerate(zip(prompts, completions, scored)):
+            out_text = c.text
+            if echo:
+                out_text = (text if text is not None else predictor.tokenizer.decode(ids)) + c.text
+            lp = None
+            if logprobs is not None:
+                tokens, lps, tops = list(c.token_ids), list(c.logprobs or []), list(c.top_logprobs or [None] * len(c.token_ids))  # fmt: skip
+                if echo:
+                    tokens, lps, tops = ids + tokens, [None, *prompt_lps[0], *lps], [None, *prompt_lps[1], *tops]
+                lp = formatter.completion(tokens, lps, tops)
+            choices.append(choice(out_text, c.finish_reason, i, lp))
+        n_prompt, n_new = sum(c.prompt_tokens for c in completions), sum(len(c.token_ids) for c in completions)
+        return {**base, "choices": choices, "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}}  # fmt: skip
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read(request)
         messages = chat_messages_from(body)
         params, stop, seed, stream, include_usage = common(body)
+        logprobs = field(body, "logprobs", bool, False)
+        top = top_count(body, "top_logprobs")
+        if top and not logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs true")
+        if stream and logprobs:
+            raise ApiError(400, "logprobs: streaming does not return log-probabilities; use stream false")
         ids = engine.check_prompt(predictor.encode_chat(messages))
         room = engine.max_len - len(ids)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         max_tokens = engine.check_max_tokens(limit, min(engine.limits.max_new_tokens, room))
-        req = predictor.request(ids, max_tokens, params, seed, STOP_STRINGS + stop, strip=True)
+        req = predictor.request(ids, max_tokens, params, seed, STOP_STRINGS + stop, strip=True, logprobs=logprobs)
+        req = replace(req, top_logprobs=top)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": engine.model_name}  # fmt: skip
 
         def delta(text: str, reason: str | None) -> dict:
@@ -151,5 +230,8 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
             return await stream_events(engine, req, delta, chunk, include_usage, first)
         c = await engine.complete(req)
         message = {"role": "assistant", "content": c.text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": c.finish_reason}
+        lp = None
+        if logprobs:
+            lp = formatter.chat(c.token_ids, c.logprobs or [], c.top_logprobs or [None] * len(c.token_ids))
+        choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": c.finish_reason}
         return {**base, "choices": [choice], "usage": usage(c)}
