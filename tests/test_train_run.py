@@ -161,7 +161,7 @@ def test_sft_lora_run_saves_adapters_and_merge(tmp_path):
 @pytest.mark.slow
 def test_shipped_lora_yaml_teaches_the_demo_model(tmp_path):
     """Aquila-sft-lora.yaml's rank, targets and lr on aquila-tiny (random weights, as Aquila-sft-tiny.yaml starts)
-    over two demo questions, 40 passes: the merged model answers both with their trained answers. As FlagAI
+    over two demo questions, its passes: the merged model answers both with their trained answers. As FlagAI
     shipped it (lr 4e-5, 200 warm-up steps, wq/wv) it learned nothing."""
     import yaml
 
