@@ -8,7 +8,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from aquila.inference.sampling import SamplingParams
-from aquila.serve.app import ServerLimits, create_app
+from aquila.serve.app import ServerLimits, create_app, iter_sse
 from tests.test_inference import load_predictor, single_thread, write_checkpoint
 
 LIMITS = ServerLimits(max_prompt_tokens=60, max_new_tokens=30, max_batch=3, max_queue=2, max_time_s=30)
@@ -109,6 +109,28 @@ def test_chat_logprobs_and_top_logprobs(client, predictor):
     assert plain["logprobs"] is None and plain["message"] == data["choices"][0]["message"]
 
 
+def streamed(client, path: str, body: dict) -> list[dict]:
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        return list(iter_sse(r.iter_lines()))
+
+
+def test_streamed_logprobs_are_the_plain_answers_in_pieces(client):
+    """Each chunk carries the log-probabilities of the tokens since the previous one: together they are the plain
+    answer's, text offsets running on."""
+    body = {"prompt": "北京是中国的首都", "max_tokens": 12, "temperature": 0.8, "seed": 5, "logprobs": 2}
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]
+    chunks = [c["choices"][0] for c in streamed(client, "/v1/completions", body)]
+    assert "".join(c["text"] for c in chunks) == plain["text"]
+    joined = {k: [x for c in chunks if c["logprobs"] for x in c["logprobs"][k]] for k in plain["logprobs"]}
+    assert joined == plain["logprobs"] and sum(c["logprobs"] is not None for c in chunks) > 2  # spread over chunks
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 1}  # fmt: skip
+    plain = client.post("/v1/chat/completions", json=chat).json()["choices"][0]["logprobs"]["content"]
+    chunks = [c["choices"][0] for c in streamed(client, "/v1/chat/completions", chat)]
+    assert [x for c in chunks if c["logprobs"] for x in c["logprobs"]["content"]] == plain
+
+
 @pytest.mark.parametrize(
     "path, body, message",
     [
@@ -116,16 +138,12 @@ def test_chat_logprobs_and_top_logprobs(client, predictor):
         ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs must be an integer in [0, 20]"),
         ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs must be an integer"),
         ("/v1/completions", {"prompt": "hi", "echo": "yes"}, "echo must be true or false"),
-        ("/v1/completions", {"prompt": "hi", "logprobs": 1, "stream": True}, "logprobs: streaming"),
+        ("/v1/completions", {"prompt": "hi", "echo": True, "stream": True}, "echo: streaming"),
+        ("/v1/completions", {"prompt": ["a", "b"], "stream": True}, "prompt: streaming"),
         ("/v1/completions", {"prompt": [[1, 2], "x", [3]] * 2}, "prompt: 6 prompts"),
         ("/v1/completions", {"prompt": [[1, "a"]]}, "prompt[0]"),
         ("/v1/completions", {"prompt": [5, 99999]}, "outside"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "needs logprobs"),
-        (
-            "/v1/chat/completions",
-            {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "stream": True},
-            "logprobs: streaming",
-        ),  # fmt: skip
     ],
 )
 def test_bad_logprob_requests_get_400_naming_the_field(client, path, body, message):

@@ -70,6 +70,8 @@ def check_request(model: AquilaModel, r: Request, name: str = "prompt") -> None:
         raise AquilaError(f"{name} has token ids outside [0, {vocab}): {bad[:5]}")
     if r.max_new_tokens < 1:
         raise AquilaError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
+    if r.seed is not None and not -(2**63) <= r.seed < 2**64:  # torch.Generator.manual_seed's range
+        raise AquilaError(f"seed must be an integer in [-2**63, 2**64), got {r.seed}")
 
 
 def cache_length(needed: int, limit: int) -> int:
@@ -93,6 +95,9 @@ class Sequence:
         if request.params.repetition_penalty != 1.0:
             self.seen = torch.zeros(1, model.args.vocab_size, dtype=torch.bool, device=device)
             self.seen[0, torch.tensor(request.prompt, device=device)] = True
+        self.counts = None  # float [1, V]: generated tokens, only with a presence or frequency penalty
+        if request.params.counts_tokens:
+            self.counts = torch.zeros(1, model.args.vocab_size, device=device)
         self.text = TextAssembler(tokenizer, request.stop, request.strip) if tokenizer is not None else None
         self.completion = Completion(prompt_tokens=len(request.prompt), logprobs=[] if request.logprobs else None)
         if request.logprobs and request.top_logprobs:
@@ -188,14 +193,16 @@ def pick(
     row's `top_logprobs` most likely (id, log-probability)."""
     want_lp = any(s.request.logprobs for s in seqs)
     lps = torch.log_softmax(logits, -1) if want_lp else None
-    if all(s.request.params.greedy and s.seen is None for s in seqs):
+    if all(s.request.params.greedy and s.seen is None and s.counts is None for s in seqs):
         tokens = logits.argmax(-1).tolist()
     else:
         tokens = []
         for i, s in enumerate(seqs):
-            token = int(sample(logits[i : i + 1], s.request.params, s.seen, s.generator)[0])
+            token = int(sample(logits[i : i + 1], s.request.params, s.seen, s.generator, s.counts)[0])
             if s.seen is not None:
                 s.seen[0, token] = True
+            if s.counts is not None:
+                s.counts[0, token] += 1
             tokens.append(token)
     chosen = [float(lps[i, t]) if lps is not None else None for i, t in enumerate(tokens)]
     tops: list[list[tuple[int, float]] | None] = [None] * len(seqs)

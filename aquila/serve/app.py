@@ -18,7 +18,7 @@ import json
 from collections.abc import Iterator
 
 from fastapi import FastAPI
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aquila.cli_help import HelpFormatter
@@ -43,13 +43,25 @@ class CountRequests:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
 
+        started = False
+
+        def count(status: int) -> None:
+            route = scope.get("route")  # a route's path, so that unknown paths add no label values
+            self.metrics.requests.labels(route.path if route else "unmatched", str(status)).inc()
+
         async def send_counted(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                route = scope.get("route")  # a route's path, so that unknown paths add no label values
-                self.metrics.requests.labels(route.path if route else "unmatched", str(message["status"])).inc()
+                started = True
+                count(message["status"])
             await send(message)
 
-        await self.app(scope, receive, send_counted)
+        try:
+            await self.app(scope, receive, send_counted)
+        except Exception:
+            if not started:  # Starlette's outermost middleware answers 500 after this one has let go
+                count(500)
+            raise
 
 
 def create_app(predictor: Predictor, limits: ServerLimits | None = None, model_name: str = "aquila") -> FastAPI:
@@ -70,7 +82,7 @@ def create_app(predictor: Predictor, limits: ServerLimits | None = None, model_n
     async def health():
         return engine.health()
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
     async def metrics():
         body = engine.metrics.render(*engine.scheduler.counts)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -106,13 +118,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--queue-timeout", type=float, default=d.queue_timeout_s, help="seconds; then 503")
     parser.add_argument("--max-time", type=float, default=d.max_time_s, help="seconds per generation")
     parser.add_argument("--prefill-tokens", type=int, default=d.prefill_tokens, help="prompt tokens read per step")
+    parser.add_argument(
+        "--read-timeout", type=float, default=d.read_timeout_s, help="seconds for a request's headers, and for its body"
+    )
+    parser.add_argument(
+        "--max-connections", type=int, default=d.max_connections, help="open connections (kept below the file limit)"
+    )
     args = parser.parse_args(argv)
     positive = ("max_prompt_tokens", "max_new_tokens", "max_batch", "queue_timeout", "max_time", "prefill_tokens")
-    for name in positive:
+    for name in (*positive, "read_timeout", "max_connections"):
         if getattr(args, name) <= 0:
             raise AquilaError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.max_queue < 0:
         raise AquilaError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not 0 <= args.port <= 65535:
+        raise AquilaError(f"--port must be in 0..65535, got {args.port}")
     limits = ServerLimits(
         args.max_prompt_tokens,
         args.max_new_tokens,
@@ -121,6 +141,8 @@ def main(argv: list[str]) -> int:
         args.queue_timeout,
         args.max_time,
         prefill_tokens=args.prefill_tokens,
+        read_timeout_s=args.read_timeout,
+        max_connections=args.max_connections,
     )
     import uvicorn
 
@@ -139,5 +161,31 @@ def main(argv: list[str]) -> int:
     # stalls for a step); frozen, a collection only walks what requests allocate.
     gc.collect()
     gc.freeze()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    options = server_options(limits, args.host, args.port)
+    print(
+        f"connections: at most {options['limit_concurrency']} (--max-connections, under the open-file limit);"
+        f" {limits.read_timeout_s:g} s for a request's headers and for its body (--read-timeout)"
+    )
+    uvicorn.run(app, **options)
     return 0
+
+
+def server_options(limits: ServerLimits, host: str, port: int) -> dict:
+    """uvicorn's settings for `aquila serve`: its h11 protocol with a deadline for each request's head and a cap on
+    connections (`connections.bounded_h11`), `limit_concurrency` (503 beyond the cap), `timeout_keep_alive` 5 s,
+    h11's 16 KiB limit on a request head (`h11_max_incomplete_event_size`), and a rate-limited log of failed
+    accepts."""
+    from aquila.serve.connections import bounded_h11, connection_cap, quiet_accept_errors
+
+    cap = connection_cap(limits.max_connections)
+    quiet_accept_errors()
+    return {
+        "host": host,
+        "port": port,
+        "log_level": "info",
+        "http": bounded_h11(limits.read_timeout_s, cap + 8),  # the 8 over limit_concurrency get uvicorn's 503
+        "limit_concurrency": cap,
+        "timeout_keep_alive": 5,
+        "h11_max_incomplete_event_size": 16 * 1024,
+        "backlog": 128,
+    }

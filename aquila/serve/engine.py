@@ -10,6 +10,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.requests import ClientDisconnect
+from starlette.requests import Request as HttpRequest
+
 from aquila.inference.generate import Completion, DecodeBatch, Request
 from aquila.inference.predictor import Predictor
 from aquila.serve.errors import ApiError
@@ -26,8 +29,10 @@ class ServerLimits:
     max_queue: int = 16  # requests waiting for a row; more get 429
     queue_timeout_s: float = 60.0  # waiting longer for a row gets 503
     max_time_s: float = 120.0  # a generation stops (finish_reason "length") after this long
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = 1 << 20  # reading stops there: 413
     prefill_tokens: int = 256  # prompt tokens read per step: a long prompt is read in chunks between decode steps
+    read_timeout_s: float = 15.0  # for a request's head (from connect or the previous response), and for its body
+    max_connections: int = 512  # open connections; also kept below the open-file limit (connections.connection_cap)
 
 
 Event = tuple[str, Any]
@@ -79,6 +84,12 @@ def deliver(events: list[tuple[asyncio.Queue, Event]], done: threading.Event) ->
     asyncio.get_running_loop().call_soon(done.set)
 
 
+async def until_disconnected(request: HttpRequest) -> None:
+    """Returns when the client has gone (the body must have been read: later messages are only the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class Engine:
     def __init__(self, predictor: Predictor, limits: ServerLimits, model_name: str) -> None:
         self.predictor, self.limits, self.model_name = predictor, limits, model_name
@@ -94,7 +105,13 @@ class Engine:
         )
         self.metrics = ServeMetrics()
         self.handoff = Handoff()
-        self.scheduler = Scheduler(batch, limits.queue_timeout_s, on_token=self.metrics.token, flush=self.handoff.flush)
+        self.scheduler = Scheduler(
+            batch,
+            limits.queue_timeout_s,
+            on_token=self.metrics.token,
+            flush=self.handoff.flush,
+            on_end=self.metrics.ended,
+        )
 
     def cache_bytes(self) -> int:
         """Memory of the KV cache: every row holds a whole context (--max-batch x min(max_seq_len, prompt + new))."""
@@ -126,6 +143,61 @@ class Engine:
             raise ApiError(400, f"max_tokens {value} is above this server's limit of {self.limits.max_new_tokens}")
         return value
 
+    def check_context(self, prompt_tokens: int, max_tokens: int) -> None:
+        """A prompt plus max_tokens beyond the context is a 400, as OpenAI's (not a silently shorter answer)."""
+        if prompt_tokens + max_tokens > self.max_len:
+            message = (
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {prompt_tokens + max_tokens} is above"
+                f" this server's context of {self.max_len} tokens"
+            )
+            raise ApiError(400, message, code="context_length_exceeded")
+
+    async def read_body(self, request: HttpRequest) -> bytes:
+        """The body, read until `max_body_bytes` and no further (413: a 1 GiB upload costs 1 MiB, not 1 GiB) and
+        within `read_timeout_s` (408)."""
+        limit = self.limits.max_body_bytes
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"request body of {int(length)} bytes is above the limit of {limit}")
+        chunks: list[bytes] = []
+        size = 0
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body of over {limit} bytes is above the limit of {limit}")
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), self.limits.read_timeout_s)
+        except TimeoutError:
+            raise ApiError(408, f"request body not received within {self.limits.read_timeout_s:g} s") from None
+        return b"".join(chunks)
+
+    @staticmethod
+    async def while_connected(request: HttpRequest, awaitable: Any) -> Any:
+        """Await `awaitable` (a request's generation, its wait for a row) unless the client leaves first: then it is
+        cancelled, which frees its row or queue place at the scheduler's next step, and ClientDisconnect is raised.
+        A handler is not cancelled when its client goes (Starlette only notices at the next write), so without this
+        a non-streaming request decodes to its end for nobody and a queued one keeps its place."""
+        work = asyncio.ensure_future(awaitable)
+        gone = asyncio.ensure_future(until_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await work
+            gone.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await gone
+        if work.cancelled():
+            raise ClientDisconnect()
+        return work.result()
+
     # --- running requests ------------------------------------------------------------------------------------
     def admit(self) -> None:
         running, waiting = self.scheduler.counts
@@ -152,12 +224,13 @@ class Engine:
         return job, queue
 
     async def events(self, job: Job, queue: asyncio.Queue) -> AsyncIterator[tuple[str, Any]]:
-        """("piece", text)... then ("done", Completion) or ("error", exception); leaving early cancels the job."""
+        """("piece", text) and, with logprobs, ("tokens", count so far)... then ("done", Completion) or ("error",
+        exception); leaving early cancels the job."""
         try:
             while True:
                 kind, value = await queue.get()
                 yield kind, value
-                if kind != "piece":
+                if kind in ("done", "error"):
                     return
         finally:
             job.cancel()  # client gone or stream over: the scheduler frees the row within one step

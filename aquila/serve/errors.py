@@ -12,20 +12,33 @@ from aquila.errors import AquilaError
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
 
 
-def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+def error_body(
+    message: str, kind: str = "invalid_request_error", code: str | None = None, param: str | None = None
+) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-        return JSONResponse(error_body(exc.message, exc.kind, exc.code), status_code=exc.status, headers=headers)
+        if exc.status in (408, 413):  # the body's unread rest: close rather than read it to reach the next request
+            headers = {"Connection": "close"}
+        return JSONResponse(
+            error_body(exc.message, exc.kind, exc.code, exc.param), status_code=exc.status, headers=headers
+        )
 
     @app.exception_handler(AquilaError)
     async def _aquila_error(request: Request, exc: AquilaError):
@@ -40,6 +53,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         return JSONResponse(error_body(f"invalid request: {exc.errors()[:1]}"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception):  # a bug: OpenAI's shape, and uvicorn logs it
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
     @app.exception_handler(ClientDisconnect)
     async def _client_gone(request: Request, exc: ClientDisconnect):  # nobody to answer; nothing to log

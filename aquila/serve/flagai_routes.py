@@ -7,13 +7,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from aquila.chat_template import DEFAULT_SYSTEM, STOP_STRINGS
 from aquila.inference.generate import Request as GenerationRequest
 from aquila.serve.engine import Engine
 from aquila.serve.errors import ApiError
-from aquila.serve.parsing import field, parse_body, sampling_from
+from aquila.serve.parsing import field, parse_body, sampling_from, seed_from
+from aquila.serve.schema import ERRORS, FlagAIRequest, request_body
+from aquila.typed_config import is_int
 
 FLAGAI_STOPS = ("###", "[UNK]", "</s>")
 
@@ -22,7 +24,7 @@ def add_flagai_routes(app: FastAPI, engine: Engine) -> None:
     predictor, tokenizer = engine.predictor, engine.predictor.tokenizer
 
     async def read(request: Request) -> dict:
-        return parse_body(await request.body(), engine.limits.max_body_bytes, json_string_ok=True)
+        return parse_body(await engine.read_body(request), engine.limits.max_body_bytes, json_string_ok=True)
 
     def prompt_of(body: dict) -> str:
         prompt = body.get("prompt")
@@ -35,7 +37,7 @@ def add_flagai_routes(app: FastAPI, engine: Engine) -> None:
         defaults = {"temperature": 0.9, "top_p": 0.9 if stream else 0.95, "top_k": 20 if stream else 1000}
         params = sampling_from(body, "top_k_per_token", defaults)
         max_new = engine.check_max_tokens(body.get("max_new_tokens"), min(256, engine.limits.max_new_tokens))
-        seed = field(body, "seed", int, 1234)
+        seed = seed_from(body, 1234)
         if field(body, "sft", bool, False):
             history = field(body, "history", list, [])
             ids = predictor.encode_chat(prompt, history=history, system=DEFAULT_SYSTEM)
@@ -57,23 +59,28 @@ def add_flagai_routes(app: FastAPI, engine: Engine) -> None:
         }
         return {"completions": [completion], "input_length": len(ids), "model_info": engine.model_name}
 
-    @app.post("/func")
+    @app.post("/func", openapi_extra=request_body(FlagAIRequest), responses=ERRORS)
     async def func(request: Request):
         body = await read(request)
-        if body.get("max_new_tokens") == 0:  # FlagAI's scoring mode: log-probabilities of the prompt's own tokens
+        value = body.get("max_new_tokens")
+        if value is not None and not is_int(value):  # false == 0 would switch to scoring
+            raise ApiError(400, f"max_new_tokens must be an integer (0 = score the prompt), got {value!r}")
+        if value == 0:  # FlagAI's scoring mode: log-probabilities of the prompt's own tokens
             prompt = prompt_of(body)
             ids = engine.check_prompt(predictor.encode_prompt(prompt))
-            lps = await engine.call(lambda: predictor.score(ids))
+            lps = await engine.while_connected(request, engine.call(lambda: predictor.score(ids)))
             return answer(prompt, ids, "", ids[1:], lps)
         req = generation_request(body, stream=False, logprobs=True)
-        c = await engine.complete(req)
+        c = await engine.while_connected(request, engine.complete(req))
         text = c.text[1:] if c.text.startswith(" ") else c.text
         return answer(body["prompt"], list(req.prompt), text, c.token_ids, c.logprobs or [])
 
-    @app.post("/stream_func")
+    @app.post(
+        "/stream_func", openapi_extra=request_body(FlagAIRequest), responses=ERRORS, response_class=PlainTextResponse
+    )
     async def stream_func(request: Request):
         body = await read(request)
-        job, queue = await engine.start(generation_request(body, stream=True))
+        job, queue = await engine.while_connected(request, engine.start(generation_request(body, stream=True)))
 
         async def chunks() -> AsyncIterator[str]:
             first = True

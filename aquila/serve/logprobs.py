@@ -47,10 +47,13 @@ class LogprobFormatter:
             s = self._strings[token_id] = self.tokenizer.decode([token_id])
         return s
 
-    def completion(self, ids: Sequence[int], lps: Sequence[float | None], tops: Sequence[Top | None]) -> dict:
-        """`logprobs` of a completions choice; lps[i] None (the first echoed prompt token) gives nulls."""
+    def completion(
+        self, ids: Sequence[int], lps: Sequence[float | None], tops: Sequence[Top | None], offset: int = 0
+    ) -> dict:
+        """`logprobs` of a completions choice (or a streamed chunk of it, whose first token is at text `offset`);
+        lps[i] None (the first echoed prompt token) gives nulls."""
         tokens = [self.token(t) for t in ids]
-        offsets, at = [], 0
+        offsets, at = [], offset
         for s in tokens:
             offsets.append(at)
             at += len(s)

@@ -12,6 +12,12 @@ class ServeMetrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("aquila_requests", "HTTP requests by path and status", ["path", "status"], registry=r)
         self.tokens = Counter("aquila_generated_tokens", "tokens generated", registry=r)
+        self.finished = Counter(
+            "aquila_finished_requests",
+            "generations ended, by how: stop, length, cancelled (the client left), queue_timeout, error",
+            ["reason"],
+            registry=r,
+        )
         self.queue_depth = Gauge("aquila_queue_depth", "requests waiting for a free row", registry=r)
         self.running = Gauge("aquila_running_requests", "requests decoding", registry=r)
         self.ttft = Histogram(
@@ -28,6 +34,10 @@ class ServeMetrics:
             self.ttft.observe(now - job.submitted)
         else:
             self.itl.observe(now - job.last_token)
+
+    def ended(self, job, how: str) -> None:
+        """Scheduler hook: a job ended (finished, cancelled, expired in the queue or failed)."""
+        self.finished.labels(how).inc()
 
     def render(self, running: int, waiting: int) -> bytes:
         self.running.set(running)

@@ -18,10 +18,38 @@ from aquila.inference.generate import Completion
 from aquila.serve.engine import Engine
 from aquila.serve.errors import ApiError, error_body
 from aquila.serve.logprobs import MAX_TOP_LOGPROBS, LogprobFormatter, prompt_logprobs
-from aquila.serve.parsing import field, message_text, parse_body, sampling_from, stop_from
+from aquila.serve.parsing import field, message_text, parse_body, sampling_from, seed_from, stop_from
+from aquila.serve.schema import ERRORS, ChatCompletionRequest, CompletionRequest, request_body
 from aquila.typed_config import is_int
 
 ROLES = ("system", "user", "assistant")
+
+# The fields each route reads; `user` is accepted and ignored (an end-user id for abuse tracking).
+COMMON_FIELDS = {
+    "model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "logprobs",
+    "presence_penalty", "frequency_penalty", "user", "top_k", "repetition_penalty",
+}  # fmt: skip
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+# OpenAI fields this server does not implement, with the values that ask for nothing (accepted).
+UNSUPPORTED = {
+    "tools": [], "tool_choice": "none", "functions": [], "function_call": "none", "parallel_tool_calls": None,
+    "response_format": {"type": "text"}, "logit_bias": {}, "best_of": 1, "suffix": "", "modalities": ["text"],
+    "audio": None, "prediction": None, "store": False, "metadata": None, "service_tier": None, "reasoning_effort": None,
+}  # fmt: skip
+
+
+def check_fields(body: dict, known: set[str]) -> None:
+    """Unknown fields and unsupported options are a 400 naming the field, never silently ignored."""
+    for name, value in body.items():
+        if name in known or value is None:
+            continue
+        if name in UNSUPPORTED:
+            neutral = UNSUPPORTED[name]
+            if neutral is not None and type(value) is type(neutral) and value == neutral:
+                continue
+            raise ApiError(400, f"{name}: not supported by this server (got {json.dumps(value)[:80]})", code="unsupported_parameter", param=name)  # fmt: skip
+        raise ApiError(400, f"{name}: unknown field", code="unknown_parameter", param=name)
 
 
 def sse(obj: Any) -> str:
@@ -66,29 +94,56 @@ def chat_messages_from(body: dict) -> list[dict]:
 
 
 async def stream_events(
-    engine: Engine, request, choice: Callable[[str, str | None], dict], base: dict, include_usage: bool, first=None
+    engine: Engine,
+    http: Request,
+    generation,
+    choice: Callable[[str, str | None], dict],
+    base: dict,
+    include_usage: bool,
+    first=None,
+    logprobs: Callable[[list[int], list[float], list], dict] | None = None,
 ) -> StreamingResponse:
     """One SSE generator for completions and chat: a chunk per text piece, a final chunk with the finish reason.
-    The events one scheduler step handed over go out in one write (the last piece, the finish, usage, [DONE])."""
-    job, queue = await engine.start(request)
+    The events one scheduler step handed over go out in one write (the last piece, the finish, usage, [DONE]).
+
+    With `logprobs` (the request has `logprobs`), each chunk carries the log-probabilities of the tokens generated
+    since the previous chunk (the scheduler's "tokens" events say how many there are; a token whose text is held
+    back goes with the chunk that brings its text, the rest with the finish)."""
+    job, queue = await engine.while_connected(http, engine.start(generation))
     piece = PieceEvents(base, choice)
+    sent = upto = 0
+
+    def with_logprobs(text: str, reason: str | None) -> str:
+        nonlocal sent
+        c = job.seq.completion  # its lists only grow; [sent, upto) were filled before their event was handed over
+        tops = c.top_logprobs[sent:upto] if c.top_logprobs is not None else [None] * (upto - sent)
+        lp = logprobs(c.token_ids[sent:upto], c.logprobs[sent:upto], tops)
+        sent = upto
+        return sse({**base, "choices": [choice(text, reason, lp=lp)]})
 
     async def events() -> AsyncIterator[str]:
+        nonlocal upto
         if first is not None:
             yield sse({**base, "choices": [first]})
         out: list[str] = []
         async for kind, value in engine.events(job, queue):
-            if kind == "piece":
-                out.append(piece(value))
-                if queue.empty():
-                    yield "".join(out)
-                    out.clear()
+            if kind == "tokens":
+                upto = value
+            elif kind == "piece":
+                out.append(piece(value) if logprobs is None else with_logprobs(value, None))
             elif kind == "done":
-                out.append(sse({**base, "choices": [choice("", value.finish_reason)]}))
+                if logprobs is None:
+                    out.append(sse({**base, "choices": [choice("", value.finish_reason)]}))
+                else:
+                    upto = len(value.token_ids)
+                    out.append(with_logprobs("", value.finish_reason))
                 if include_usage:
                     out.append(sse({**base, "choices": [], "usage": usage(value)}))
             else:
                 out.append(sse(error_body(str(value), "server_error")))
+            if out and kind in ("piece", "tokens") and queue.empty():
+                yield "".join(out)
+                out.clear()
         yield "".join(out) + "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -131,17 +186,21 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
     predictor = engine.predictor
     formatter = LogprobFormatter(predictor.tokenizer)
 
-    def common(body: dict) -> tuple:
+    def common(body: dict, known: set[str]) -> tuple:
+        check_fields(body, known)
         engine.check_model(body)
         if field(body, "n", int, 1) != 1:
-            raise ApiError(400, "n must be 1")
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            raise ApiError(400, "n must be 1 (one choice per prompt)", code="unsupported_parameter")
+        options = field(body, "stream_options", dict, {})
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise ApiError(400, f"stream_options.include_usage must be true or false, got {include_usage!r}")
         params = sampling_from(body, "top_k", {"temperature": 1.0, "top_p": 1.0, "top_k": 0})
         stop = stop_from(body)
-        return params, stop, field(body, "seed", int), field(body, "stream", bool, False), include_usage
+        return params, stop, seed_from(body), field(body, "stream", bool, False), include_usage
 
     async def read(request: Request) -> dict:
-        return parse_body(await request.body(), engine.limits.max_body_bytes)
+        return parse_body(await engine.read_body(request), engine.limits.max_body_bytes)
 
     def top_count(body: dict, name: str) -> int:
         value = field(body, name, int, 0)
@@ -154,18 +213,23 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
         card = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "aquila"}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest), responses=ERRORS)
     async def completions(request: Request):
         body = await read(request)
-        params, stop, seed, stream, include_usage = common(body)
+        params, stop, seed, stream, include_usage = common(body, COMPLETION_FIELDS)
         prompts = [(engine.check_prompt(ids), text) for ids, text in prompts_from(body, predictor.encode_prompt, engine.limits.max_batch)]  # fmt: skip
         echo = field(body, "echo", bool, False)
         logprobs = None if body.get("logprobs") is None else top_count(body, "logprobs")
         # max_tokens 0 with echo: the prompt's log-probabilities only (lm-eval's loglikelihood requests)
-        max_tokens = engine.check_max_tokens(body.get("max_tokens"), 16, minimum=0 if echo else 1)
-        if stream and (echo or logprobs is not None or len(prompts) > 1):
-            name = "echo" if echo else "logprobs" if logprobs is not None else "prompt"
-            raise ApiError(400, f"{name}: streaming serves one prompt without echo or logprobs; use stream false")
+        given = body.get("max_tokens")
+        max_tokens = engine.check_max_tokens(given, 16, minimum=0 if echo else 1)
+        for ids, _ in prompts:
+            if given is None:  # OpenAI's default of 16, within the context
+                max_tokens = min(max_tokens, engine.max_len - len(ids))
+            engine.check_context(len(ids), max_tokens)
+        if stream and (echo or len(prompts) > 1):
+            name = "echo" if echo else "prompt"
+            raise ApiError(400, f"{name}: streaming serves one prompt without echo; use stream false", param=name)
         reqs = [
             replace(
                 predictor.request(ids, max(max_tokens, 1), params, seed, stop, logprobs=logprobs is not None),
@@ -179,14 +243,28 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
             return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
 
         if stream:
-            return await stream_events(engine, reqs[0], choice, base, include_usage)
+            lp_chunk = None
+            if logprobs is not None:
+                at = 0  # text_offset runs on across chunks
+
+                def lp_chunk(ids: list[int], lps: list[float], tops: list) -> dict:
+                    nonlocal at
+                    out = formatter.completion(ids, lps, tops, offset=at)
+                    at += sum(len(t) for t in out["tokens"])
+                    return out
+
+            return await stream_events(engine, request, reqs[0], choice, base, include_usage, logprobs=lp_chunk)
         scored: list = [None] * len(prompts)
         if echo and logprobs is not None:  # the prompts' own log-probabilities, on the model's thread between steps
-            scored = await engine.call(lambda: [prompt_logprobs(predictor.model, ids, logprobs) for ids, _ in prompts])
+
+            def score() -> list:
+                return [prompt_logprobs(predictor.model, ids, logprobs) for ids, _ in prompts]
+
+            scored = await engine.while_connected(request, engine.call(score))
         if max_tokens == 0:
             completions = [Completion(finish_reason="length", prompt_tokens=len(ids), logprobs=[], top_logprobs=[]) for ids, _ in prompts]  # fmt: skip
         else:
-            completions = await gather_all([engine.complete(r) for r in reqs])
+            completions = await engine.while_connected(request, gather_all([engine.complete(r) for r in reqs]))
         choices = []
         for i, ((ids, text), c, prompt_lps) in enumerate(zip(prompts, completions, scored)):
             out_text = c.text
@@ -202,33 +280,33 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
         n_prompt, n_new = sum(c.prompt_tokens for c in completions), sum(len(c.token_ids) for c in completions)
         return {**base, "choices": choices, "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}}  # fmt: skip
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest), responses=ERRORS)
     async def chat_completions(request: Request):
         body = await read(request)
         messages = chat_messages_from(body)
-        params, stop, seed, stream, include_usage = common(body)
+        params, stop, seed, stream, include_usage = common(body, CHAT_FIELDS)
         logprobs = field(body, "logprobs", bool, False)
         top = top_count(body, "top_logprobs")
         if top and not logprobs:
             raise ApiError(400, "top_logprobs needs logprobs true")
-        if stream and logprobs:
-            raise ApiError(400, "logprobs: streaming does not return log-probabilities; use stream false")
         ids = engine.check_prompt(predictor.encode_chat(messages))
         room = engine.max_len - len(ids)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         max_tokens = engine.check_max_tokens(limit, min(engine.limits.max_new_tokens, room))
+        engine.check_context(len(ids), max_tokens)
         req = predictor.request(ids, max_tokens, params, seed, STOP_STRINGS + stop, strip=True, logprobs=logprobs)
         req = replace(req, top_logprobs=top)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": engine.model_name}  # fmt: skip
 
-        def delta(text: str, reason: str | None) -> dict:
-            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": reason}
+        def delta(text: str, reason: str | None, lp: dict | None = None) -> dict:
+            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": reason}
 
         if stream:
             first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             chunk = {**base, "object": "chat.completion.chunk"}
-            return await stream_events(engine, req, delta, chunk, include_usage, first)
-        c = await engine.complete(req)
+            lp_chunk = formatter.chat if logprobs else None
+            return await stream_events(engine, request, req, delta, chunk, include_usage, first, lp_chunk)
+        c = await engine.while_connected(request, engine.complete(req))
         message = {"role": "assistant", "content": c.text}
         lp = None
         if logprobs:

@@ -16,11 +16,41 @@ def parse_body(raw: bytes, limit: int, json_string_ok: bool = False) -> dict:
         data = json.loads(raw)
         if json_string_ok and isinstance(data, str):
             data = json.loads(data)  # FlagAI: a JSON string containing the JSON object
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise ApiError(400, "body is not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise ApiError(400, f"body is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ApiError(400, "body must be a JSON object")
+    if b"\\u" in raw:  # only an escape can carry a lone surrogate
+        check_unicode(data)
     return data
+
+
+def check_unicode(data: Any) -> None:
+    """Every string (and key) is encodable as UTF-8: a lone surrogate (`"\\ud800"`) is a 400 naming its field,
+    not an error inside the tokenizer. Iterative: the nesting depth is whatever json.loads accepted."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                name = f"{path}.{k}" if path else str(k)
+                if not _utf8(k):
+                    raise ApiError(400, f"a key in {path or 'the body'} is not valid Unicode (a lone surrogate)")
+                stack.append((name, v))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, str) and not _utf8(value):
+            raise ApiError(400, f"{path} is not valid Unicode (a lone surrogate)")
+
+
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def field(body: dict, name: str, kinds: type | tuple, default: Any = None) -> Any:
@@ -34,18 +64,43 @@ def field(body: dict, name: str, kinds: type | tuple, default: Any = None) -> An
 
 
 def _kind_names(kinds: tuple) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", list: "a list", bool: "true or false"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        bool: "true or false",
+        dict: "an object",
+    }
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
 def sampling_from(body: dict, top_k_key: str = "top_k", defaults: dict | None = None) -> SamplingParams:
     d = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, **(defaults or {})}
     return SamplingParams(
-        temperature=float(field(body, "temperature", (int, float), d["temperature"])),
+        temperature=number(body, "temperature", d["temperature"]),
         top_k=field(body, top_k_key, int, d["top_k"]),
-        top_p=float(field(body, "top_p", (int, float), d["top_p"])),
-        repetition_penalty=float(field(body, "repetition_penalty", (int, float), d["repetition_penalty"])),
+        top_p=number(body, "top_p", d["top_p"]),
+        repetition_penalty=number(body, "repetition_penalty", d["repetition_penalty"]),
+        presence_penalty=number(body, "presence_penalty", 0.0),
+        frequency_penalty=number(body, "frequency_penalty", 0.0),
     )
+
+
+def number(body: dict, name: str, default: float) -> float:
+    value = field(body, name, (int, float), default)
+    try:
+        return float(value)
+    except OverflowError:  # an integer too large for a float
+        raise ApiError(400, f"{name} must be a finite number, got an integer of {len(str(value))} digits") from None
+
+
+def seed_from(body: dict, default: int | None = None) -> int | None:
+    """A seed torch takes: [-2**63, 2**64)."""
+    seed = field(body, "seed", int, default)
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise ApiError(400, f"seed must be an integer in [-2**63, 2**64), got one of {len(str(seed))} digits")
+    return seed
 
 
 def stop_from(body: dict) -> tuple[str, ...]:

@@ -28,7 +28,8 @@ from typing import Any
 from aquila.inference.generate import DecodeBatch, Request
 from aquila.inference.generate import Sequence as DecodingSequence
 
-# emit(kind, value): kind is "started", "piece" (text), "done" (Completion) or "error" (an exception).
+# emit(kind, value): kind is "started", "piece" (text), "tokens" (with logprobs: how many generated so far), "done"
+# (Completion) or "error" (an exception).
 Emit = Callable[[str, Any], None]
 
 
@@ -68,8 +69,10 @@ class Scheduler:
         queue_timeout_s: float,
         on_token: Callable[[Job, float], None] | None = None,
         flush: Callable[[], None] | None = None,
+        on_end: Callable[[Job, str], None] | None = None,
     ) -> None:
         self.batch = batch
+        self.on_end = on_end  # metrics hook: (job, how it ended: stop, length, cancelled, queue_timeout, error)
         self.queue_timeout_s = queue_timeout_s
         self.on_token = on_token  # metrics hook, called with (job, now) before job.last_token moves to now
         self.flush = flush  # called on this thread after each batch of emits (see the module docstring)
@@ -103,8 +106,8 @@ class Scheduler:
 
     @property
     def counts(self) -> tuple[int, int]:
-        """(running, waiting)"""
-        return len(self.running), len(self.waiting)
+        """(running, waiting); a waiting job whose client has gone no longer counts (it leaves at the next step)."""
+        return len(self.running), sum(not j.cancelled.is_set() for j in list(self.waiting))
 
     # --- the model thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -143,10 +146,14 @@ class Scheduler:
         now = time.monotonic()
         with self._wake:
             start, expired = admit(list(self.waiting), self.batch.free_rows, now, self.queue_timeout_s)
-            for job in [*start, *expired, *(j for j in self.waiting if j.cancelled.is_set())]:
+            gone = [j for j in self.waiting if j.cancelled.is_set()]
+            for job in [*start, *expired, *gone]:
                 if job in self.waiting:
                     self.waiting.remove(job)
+        for job in gone:
+            self._ended(job, "cancelled")
         for job in expired:
+            self._ended(job, "queue_timeout")
             job.emit("error", QueueTimeout(f"waited {self.queue_timeout_s:g} s for a free slot"))
         if start:
             self.batch.model.setup_caches(self.batch.rows, self.batch.max_len)  # kept unless someone cleared it
@@ -154,6 +161,7 @@ class Scheduler:
             try:
                 job.seq = self.batch.add(job.request)
             except Exception as e:
+                self._ended(job, "error")
                 job.emit("error", e)
                 continue
             job.started = now
@@ -174,13 +182,20 @@ class Scheduler:
                 if self.on_token is not None:
                     self.on_token(job, t)
                 job.last_token = t
+                if job.request.logprobs:  # the stream's log-probabilities go with the text they belong to
+                    job.emit("tokens", job.tokens)
             if piece:
                 job.emit("piece", piece)
             if seq.finished:
                 self._end(job)
 
+    def _ended(self, job: Job, how: str) -> None:
+        if self.on_end is not None:
+            self.on_end(job, how)
+
     def _end(self, job: Job, tail: str = "", error: Exception | None = None) -> None:
         self.running.pop(job.seq, None)
+        self._ended(job, "error" if error is not None else job.seq.completion.finish_reason or "error")
         if error is not None:
             if job.seq in self.batch.seqs:
                 self.batch.cancel(job.seq, "error")
