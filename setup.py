@@ -30,6 +30,8 @@ setup(
             "httpx>=0.24",
             "openai>=1.0",
             "selenium>=4.10",
+            "lm-eval[api]>=0.4.13",  # tests/test_lm_eval.py: the field's evaluation tool against serve and HF exports
+            "accelerate>=0.26",  # lm-eval's --model hf imports it (its [hf] extra would also pull peft)
         ],
         "serve": ["fastapi>=0.100", "uvicorn>=0.20", "prometheus-client>=0.17"],
         "logging": ["tensorboard>=2.10", "matplotlib>=3.5"],

@@ -95,6 +95,27 @@ def test_chat_reads_turns_from_stdin(ckpt, predictor, monkeypatch, capsys):
     assert out == f"{first}\n(history cleared)\n{second}\n"
 
 
+class TerminalInput(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_chat_help_command_banner_and_usage(ckpt, predictor, monkeypatch, capsys):
+    from aquila.inference.chat import commands_help
+
+    monkeypatch.setattr(sys, "stdin", TerminalInput("/help\nhi\n/exit\nnever read\n"))
+    assert cli_main(["chat", *model_args(ckpt), "--max-new-tokens", "10", "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    first = predictor.predict_chat("hi", out_max_length=10, temperature=0)  # /help did not become a turn
+    assert captured.out == f"> {commands_help()}\n> {first}\n> "
+    banner = captured.err.strip().splitlines()
+    assert len(banner) == 1 and ckpt.name in banner[0] and all(c in banner[0] for c in ("/help", "/reset", "/exit"))
+    with pytest.raises(SystemExit):
+        cli_main(["chat", "--help"])
+    usage = capsys.readouterr().out
+    assert all(c in usage for c in ("/help", "/reset", "/exit", "clear the conversation history"))
+
+
 @pytest.mark.slow
 def test_chat_with_piped_input_in_a_subprocess(ckpt):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

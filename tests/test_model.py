@@ -102,7 +102,11 @@ def test_loss_equals_cross_entropy_and_ignores_minus_100():
     labels[0, :4] = -100
     out = model(ids, labels=labels, return_logits=True)
     ref = F.cross_entropy(out["logits"][:, :-1].reshape(-1, 300), labels[:, 1:].reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(out["loss"], ref, atol=1e-6, rtol=1e-6)
+    # The fused loss recomputes the logits in chunks and sums its own exps: each row's log-sum-exp over V = 300
+    # terms may round differently (eps * sqrt(V) absolute), and the mean over n = 16 rows adds eps * sqrt(n) * loss.
+    eps, n = torch.finfo(torch.float32).eps, int((labels[:, 1:] != -100).sum())
+    bound = 2 * eps * (300**0.5 + n**0.5 * ref.item())  # ~1e-5 here; a wrong mask or shift is off by ~0.1
+    torch.testing.assert_close(out["loss"], ref, atol=bound, rtol=0)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

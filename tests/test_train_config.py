@@ -165,7 +165,7 @@ def test_keys_without_effect_get_one_warning_each(tmp_path, capsys):
 
 
 def test_shipped_lora_yaml_with_fp16_trains_on_cpu_in_fp32(tmp_path, capsys):
-    """Aquila-sft-lora.yaml as shipped (fp16: True, fsdp) on a laptop: one warning, then fp32 training."""
+    """Aquila-sft-lora.yaml as shipped (fp16: True, pytorchDDP) on a laptop: one warning, then fp32 training."""
     import yaml
 
     from aquila.checkpoint import build_model, save_model_dir

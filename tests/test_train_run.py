@@ -158,6 +158,50 @@ def test_sft_lora_run_saves_adapters_and_merge(tmp_path):
         torch.testing.assert_close(auto.eval()(ids)["logits"], adapted(ids)["logits"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_shipped_lora_yaml_teaches_the_demo_model(tmp_path):
+    """Aquila-sft-lora.yaml's rank, targets and lr on aquila-tiny (random weights, as Aquila-sft-tiny.yaml starts)
+    over two demo questions, its passes: the merged model answers both with their trained answers. As FlagAI
+    shipped it (lr 4e-5, 200 warm-up steps, wq/wv) it learned nothing."""
+    import yaml
+
+    from aquila.checkpoint import build_model, save_model_dir
+    from aquila.config import ModelArgs
+    from aquila.inference.loader import AutoLoader
+    from aquila.inference.predictor import Predictor
+    from aquila.lora import merge_adapter_dir
+    from tests.train_helpers import EXAMPLES
+
+    data = yaml.safe_load((EXAMPLES / "Aquila-sft-lora.yaml").read_text())
+    assert data["env_type"] == "pytorchDDP"  # adapters only: one small all-reduce, not FSDP's gathers of the base
+    base = tmp_path / "pre" / "m"
+    save_model_dir(build_model(ModelArgs.from_name("aquila-tiny"), seed=5), base)
+    chat = (EXAMPLES / "data" / data["enable_sft_dataset_file"]).read_text(encoding="utf-8").splitlines()
+    two = [json.loads(chat[i]) for i in (1, 2)]
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in two), "utf-8")
+    data.update(
+        pre_load_dir=str(tmp_path / "pre"),
+        model_name="m",
+        tokenizer_dir=str(DEMO_TOKENIZER),
+        fp16=False,
+        enable_sft_dataset_dir=str(tmp_path),
+        enable_sft_dataset_file="two.jsonl",
+        save_dir=str(tmp_path / "out"),
+        env_type="pytorch",
+        batch_size=1,
+        peak_tflops=1.0,
+    )  # fmt: skip  one process, batch 1: the 2 steps a pass that 2 processes x batch_size 2 take over 8 questions
+    assert sft_main(["--yaml_config", str(write_yaml(tmp_path / "lora.yaml", data))]) == 0
+    steps = data["epochs"] * 2
+    merge_adapter_dir(base, tmp_path / "out" / str(steps), tmp_path / "merged")
+    loader = AutoLoader("lm", model_dir=str(tmp_path), model_name="merged")
+    predictor = Predictor(loader.get_model().eval(), loader.get_tokenizer())
+    with torch.no_grad():
+        for c in two:
+            question, answer = (turn["value"] for turn in c["conversations"])
+            assert predictor.predict_chat(question, out_max_length=40, temperature=0) == answer
+
+
 def test_sft_needs_data_file(tmp_path, capsys):
     _tiny_vocab_model(tmp_path)
     y = _sft_cfg(tmp_path, enable_sft_dataset_file="missing.jsonl")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
-from aquila.evaluation.tasks import CARD_COLUMNS, TASKS, check_task_names, load_task
+from aquila.evaluation.tasks import CARD_COLUMNS, LOCAL_TASKS, TASKS, check_task_names, load_task
 from aquila.io_utils import write_text_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,7 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aquila eval", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model-dir", required=True, help="directory holding the model (or its parent, with --model-name)")
     p.add_argument("--model-name", default=None, help="FlagAI style: the model is <model-dir>/<model-name> if present")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
+    p.add_argument(
+        "--tasks",
+        default=",".join(TASKS),
+        help=f"comma-separated, from {','.join(TASKS)} (the card) and {','.join(LOCAL_TASKS)} (a local jsonl)",
+    )
     p.add_argument("--data-dir", help="holds one directory per task (see docs/evaluation.md)")
     p.add_argument("--shots", type=int, default=5, help="few-shot examples per prompt")
     p.add_argument("--seed", type=int, default=0, help="fixes the few-shot draws and TruthfulQA's choice order")
@@ -125,6 +129,8 @@ def main(argv: list[str]) -> int:
             for t, subsets in data.items()
         }
     print(format_table(name, results))
+    for t in (t for t in results if t in LOCAL_TASKS):  # no column on the card: one line each
+        print(f"{t}: acc {results[t]['acc']:.3f}, em {results[t]['em']:.3f} ({results[t]['n']} items)")
     if opts.output:
         report = {
             "model": {"dir": opts.model_dir, "name": opts.model_name},

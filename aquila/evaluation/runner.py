@@ -9,7 +9,7 @@ from typing import Any
 
 from aquila.evaluation.prompts import fit_context, select_shots
 from aquila.evaluation.scoring import ChoiceScorer, Request
-from aquila.evaluation.tasks import TASKS, Item, Subset
+from aquila.evaluation.tasks import ALL_TASKS, Item, Subset
 from aquila.tokenizer.base import BaseTokenizer
 
 ANSWER_PUNCTUATION = " \t\r\n.。:：)）、,，"
@@ -84,7 +84,7 @@ def evaluate_task(
         log(f"{task}/{subset.name}: {res['n']} items, acc {res['acc']:.3f}, em {res['em']:.3f}")
         if advance is not None:
             advance(res["n"])
-    aggregate = TASKS[task][2]
+    aggregate = ALL_TASKS[task][2]
     out: dict[str, Any] = {"aggregate": aggregate, "n": sum(r["n"] for r in results.values())}
     for metric in ("acc", "em"):
         if aggregate == "micro":

@@ -330,6 +330,29 @@ def _load_clue(task: str, task_dir: Path, seed: int) -> list[Subset]:
     return subsets
 
 
+# --- a local multiple-choice jsonl (not on the card) -----------------------------------------------------------
+def _choice_items(path: Path) -> list[Item]:
+    """{"question", "choices": [...], "answer": index} a line: the usual local lm-evaluation-harness task."""
+    items = []
+    for where, rec in read_json_records(path):
+        question = get_field(where, rec, "question").strip()
+        choices = get_field(where, rec, "choices", kind=list)
+        answer = get_field(where, rec, "answer", kind=int)
+        if len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+            raise AquilaError(f"{where}: choices should be a list of at least 2 non-empty strings")
+        if isinstance(answer, bool) or not 0 <= answer < len(choices):
+            raise AquilaError(f"{where}: answer should be the index of the right choice (0-{len(choices) - 1})")
+        items.append(Item(f"Question: {question}\nAnswer:", tuple(f" {c.strip()}" for c in choices), answer, where))
+    return items
+
+
+def _load_choice(task: str, task_dir: Path, seed: int) -> list[Subset]:
+    path = _require(task_dir, ("test.jsonl", "validation.jsonl"))
+    items = _choice_items(path)
+    pool, source, loo = _leave_one_out_or(first_existing(task_dir, ("train.jsonl", "dev.jsonl")), _choice_items, items)
+    return [Subset(task, path.stem, "", items, pool, source, "label", loo)]
+
+
 # --- registry --------------------------------------------------------------------------------------------------
 def _require(directory: Path, names: tuple[str, ...]) -> Path:
     path = first_existing(directory, names)
@@ -350,12 +373,15 @@ TASKS: dict[str, tuple[str, Loader, str]] = {
     "raft": ("RAFT-EM", _load_raft, "macro"),
 }
 CARD_COLUMNS: list[tuple[str, str]] = [(column, task) for task, (column, _, _) in TASKS.items()]
+# Tasks beyond the card (not in the default --tasks, no column in the table; their scores are in --output)
+LOCAL_TASKS: dict[str, tuple[str, Loader, str]] = {"multiple_choice": ("-", _load_choice, "micro")}
+ALL_TASKS = {**TASKS, **LOCAL_TASKS}
 
 
 def check_task_names(names: list[str]) -> None:
     for name in names:
-        if name not in TASKS:
-            raise AquilaError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+        if name not in ALL_TASKS:
+            raise AquilaError(f"unknown task {name!r}; known tasks: {', '.join(ALL_TASKS)}")
 
 
 def load_task(name: str, data_dir: str | Path, seed: int = 0) -> list[Subset]:
@@ -364,4 +390,4 @@ def load_task(name: str, data_dir: str | Path, seed: int = 0) -> list[Subset]:
     task_dir = Path(data_dir) / name
     if not task_dir.is_dir():
         raise AquilaError(f"{task_dir}: task directory not found (see docs/evaluation.md for the layout)")
-    return TASKS[name][1](name, task_dir, seed)
+    return ALL_TASKS[name][1](name, task_dir, seed)

@@ -1,8 +1,10 @@
 """`aquila chat`: multi-turn chat on stdin/stdout with streamed answers.
 
 Each input line is one user turn; the answer streams back and joins the history (the SFT template,
-`aquila.chat_template`). Commands: `/reset` clears the history, `/exit` (or end of input) quits. Works with
-piped input: `printf 'hi\\nand then?\\n' | aquila chat --model-name aquilachat-7b`.
+`aquila.chat_template`). Commands (`COMMANDS`): `/help` lists them, `/reset` clears the history, `/exit` (or end
+of input) quits; any other line, even one starting with `/`, is a user turn. On a terminal a one-line banner
+(stderr) names the model and the commands. Works with piped input (no banner, no prompt):
+`printf 'hi\\nand then?\\n' | aquila chat --model-name aquilachat-7b`.
 """
 
 from __future__ import annotations
@@ -14,10 +16,23 @@ from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
 from aquila.inference.options import add_model_args, add_sampling_args, load_predictor, sampling_kwargs
 
+COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "clear the conversation history",
+    "/exit": "quit (so does end of input, Ctrl-D)",
+}
+
+
+def commands_help() -> str:
+    return "\n".join(f"  {name:<8}{what}" for name, what in COMMANDS.items())
+
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="aquila chat", description="interactive multi-turn chat", formatter_class=HelpFormatter
+        prog="aquila chat",
+        description="interactive multi-turn chat: each line you type is one user turn",
+        epilog="commands typed at the prompt:\n" + commands_help(),
+        formatter_class=HelpFormatter,
     )
     add_model_args(parser)
     add_sampling_args(parser, temperature=0.8, top_p=0.95)
@@ -34,6 +49,9 @@ def main(argv: list[str]) -> int:
     if args.system is not None:
         extra["system"] = args.system
     interactive = sys.stdin.isatty()
+    if interactive:
+        name = f"{args.model_dir}/{args.model_name}"
+        print(f"aquila chat: {name}; /help for commands, /reset clears the history, /exit quits", file=sys.stderr)
     history: list[dict] = []
     while True:
         if interactive:
@@ -47,6 +65,9 @@ def main(argv: list[str]) -> int:
             continue
         if text == "/exit":
             break
+        if text == "/help":
+            print(commands_help())
+            continue
         if text == "/reset":
             history.clear()
             print("(history cleared)")
