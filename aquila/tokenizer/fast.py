@@ -44,6 +44,10 @@ def _clean(text: str) -> str:
 
 
 def _threads() -> int:
+    """Threads for a batch: one where TOKENIZERS_PARALLELISM=false (preprocess workers, one process per core, set
+    it, as HF tokenizers honours it), else every core this process may use."""
+    if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("false", "0", "off", "no"):
+        return 1
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
