@@ -166,6 +166,7 @@ def _jinja_roles(canonical: str) -> str:
 # `encode_prompt` prepends: Hugging Face's `apply_chat_template` and llama.cpp (GGUF `tokenizer.chat_template`) give
 # the ids aquila gives. A leading system message replaces DEFAULT_SYSTEM; the template errors where
 # normalize_messages does (unknown role, empty turn, late system message, generation prompt after the assistant).
+# Their tokenizers match special-token text inside messages ("</s>" -> EOS), as aquila's split_special_tokens=True.
 JINJA_CHAT_TEMPLATE = (
     "{%- set system = " + _jinja_str(DEFAULT_SYSTEM) + " -%}"
     "{%- set turns = messages -%}"
