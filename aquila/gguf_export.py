@@ -5,8 +5,9 @@ Architecture "llama". llama.cpp's llama rotary rotates adjacent pairs (2j, 2j+1)
 FlagAI's: q/k rows are written as aquila holds them (llama.cpp's own HF converter un-permutes HF's rotate-half rows
 back to this layout). Tensor names come from gguf's own HF -> GGUF map (through aquila.hf's names).
 
-Tokenizer: byte-level BPE as llama.cpp's "gpt2" model with the "gpt2" pre-tokenizer (GPT-2's regex, which is ours:
-no normalizer, no prefix space); the 8 specials and `<|endoftext|>` are control tokens; BOS `[CLS]` is added to
+Tokenizer: byte-level BPE as llama.cpp's "gpt2" model with the "gpt-2" pre-tokenizer (GPT-2's regex, which is ours:
+no normalizer, no prefix space; llama.cpp's `llama_detokenize` also removes a space before `?!.,` for it, as HF's
+clean_up_tokenization_spaces did, while generated text, piece by piece, is not touched); the 8 specials and `<|endoftext|>` are control tokens; BOS `[CLS]` is added to
 prompts (as aquila's Predictor does), EOS `</s>`, unk/pad `<|endoftext|>` (which llama.cpp also treats as an
 end-of-generation token, as aquila stops at id 0). A model vocabulary larger than the tokenizer's is padded with
 unused `[PAD<id>]` tokens.
@@ -34,6 +35,9 @@ from aquila.optional import require
 from aquila.tokenizer import Tokenizer, load_tokenizer
 
 OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
+# llama.cpp's name for GPT-2's split regex (llama-vocab.cpp maps "gpt-2" to LLAMA_VOCAB_PRE_TYPE_GPT2; "gpt2" is
+# refused as an unknown pre-tokenizer).
+PRE_TOKENIZER = "gpt-2"
 
 
 def _types(gguf):
@@ -86,7 +90,7 @@ def tokenizer_vocab(gguf, tokenizer: Tokenizer, vocab_size: int, source: str) ->
 def _add_tokenizer(writer, gguf, tokenizer: Tokenizer, vocab_size: int, source: str) -> None:
     tokens, types = tokenizer_vocab(gguf, tokenizer, vocab_size, source)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre(PRE_TOKENIZER)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges([f"{a} {b}" for a, b in tokenizer.merges])

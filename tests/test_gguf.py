@@ -79,7 +79,7 @@ def test_f32_file_holds_the_weights_in_flagai_layout_and_the_tokenizer(source, t
 def test_tokenizer_metadata_is_ours(source, tmp_path):
     reader = export(source, tmp_path / "m.gguf")
     tok = load_tokenizer(DEMO_TOKENIZER)
-    assert (field(reader, "tokenizer.ggml.model"), field(reader, "tokenizer.ggml.pre")) == ("gpt2", "gpt2")
+    assert (field(reader, "tokenizer.ggml.model"), field(reader, "tokenizer.ggml.pre")) == ("gpt2", "gpt-2")
     tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
     assert tokens == [tok.id_to_token(i) for i in range(len(tok))]
     control = {i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL}
