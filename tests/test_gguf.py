@@ -162,9 +162,19 @@ def test_gguf_errors_are_one_line(source, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_f32_export_reads_back_from_hf_and_flagai_sources(source, tmp_path):
-    """FlagAI, ours and HF directories give the same GGUF tensors (the HF q/k permutation is undone on the way in)."""
+    """FlagAI's files (pytorch_model.bin, vocab.json, merges.txt), ours and HF directories give the same GGUF tensors
+    and tokens (the HF q/k permutation is undone on the way in)."""
     assert main(["convert", str(source), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    flagai = tmp_path / "flagai"
+    assert main(["convert", str(source), str(flagai), "--to", "flagai"]) == 0
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (flagai / name).unlink(missing_ok=True)
     a = export(source, tmp_path / "a.gguf")
-    b = export(tmp_path / "hf", tmp_path / "b.gguf")
-    for ta, tb in zip(sorted(a.tensors, key=lambda t: t.name), sorted(b.tensors, key=lambda t: t.name)):
-        assert ta.name == tb.name and np.array_equal(ta.data, tb.data)
+    for other in (tmp_path / "hf", flagai):
+        b = export(other, tmp_path / f"{other.name}.gguf")
+        assert field(a, "tokenizer.ggml.tokens") == field(b, "tokenizer.ggml.tokens")
+        assert field(a, "tokenizer.ggml.merges") == field(b, "tokenizer.ggml.merges")
+        assert sorted(t.name for t in a.tensors) == sorted(t.name for t in b.tensors)
+        theirs = {t.name: t for t in b.tensors}
+        for t in a.tensors:
+            assert np.array_equal(t.data, theirs[t.name].data), (other.name, t.name)
