@@ -32,6 +32,9 @@ setup(
             "selenium>=4.10",
             "lm-eval[api]>=0.4.13",  # tests/test_lm_eval.py: the field's evaluation tool against serve and HF exports
             "accelerate>=0.26",  # lm-eval's --model hf imports it (its [hf] extra would also pull peft)
+            "gguf>=0.10",
+            # compiles llama.cpp from source on first install (about 25 minutes on 2 cores; pip caches the wheel)
+            "llama-cpp-python>=0.3",
         ],
         "serve": ["fastapi>=0.100", "uvicorn>=0.20", "prometheus-client>=0.17"],
         "logging": ["tensorboard>=2.10", "matplotlib>=3.5"],
@@ -39,6 +42,7 @@ setup(
         "bmtrain": ["bmtrain>=0.2.3"],
         "bminf": ["bminf>=2.0"],
         "ray": ["ray>=2.9"],
+        "gguf": ["gguf>=0.10"],
     },
     entry_points={"console_scripts": ["aquila=aquila.cli:main"]},
 )

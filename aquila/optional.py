@@ -18,6 +18,7 @@ EXTRAS: dict[str, str] = {
     "bminf": "bminf",
     "flash_attn": "gpu",
     "ray": "ray",
+    "gguf": "gguf",
 }
 
 

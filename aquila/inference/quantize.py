@@ -208,7 +208,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--keep-embeddings", action="store_true", help="leave the token embedding in fp32")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     args = parser.parse_args(argv)
-    check_destination(args.dst, args.overwrite)
+    check_destination(args.dst, args.overwrite, source=args.src)
     quantize_dir(args.src, args.dst, embeddings=not args.keep_embeddings)
     print(f"wrote int8 model to {args.dst}")
     return 0
