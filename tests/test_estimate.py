@@ -124,3 +124,14 @@ def test_parse_size():
     assert parse_size("512MiB") == 512 * 2**20
     assert parse_size("24g") == 24 * 2**30
     assert parse_size("1000") == 1000
+
+
+def test_cpu_offload_moves_shards_and_optimizer_state_to_the_host():
+    args = from_dict(ModelArgs, TINY, "model")
+    target = Target(2, "cpu", None, 0)
+    on_device = estimate(config({"env_type": "fsdp", "batch_size": 2}), args, target, SEQ)
+    offload = estimate(config({"env_type": "fsdp", "batch_size": 2, "bmt_cpu_offload": True}), args, target, SEQ)
+    shard = args.num_params() * 4 // 2  # fp32 parameters, half on rank 0
+    assert offload.host == pytest.approx(2 * shard + on_device.phases["optimizer step"]["Optstate"], rel=0.01)
+    assert offload.peak < on_device.peak - shard
+    assert offload.phases["optimizer step"]["Optstate"] == 0

@@ -114,7 +114,9 @@ def fake_process_group(world_size: int) -> Iterator[None]:
 
 
 def _trainable_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    """Bytes of this rank's trainable parameters (for FSDP2's DTensors: the local shard, not the global size)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 def step_memory(cfg: TrainConfig, args: ModelArgs, target: Target, seq_length: int, fake: bool = True) -> StepMemory:
@@ -187,7 +189,7 @@ def step_memory(cfg: TrainConfig, args: ModelArgs, target: Target, seq_length: i
         if offload:
             # FSDP2's CPUOffloadPolicy keeps the sharded fp32 parameters, their gradients and the optimizer state
             # (and so the optimizer step) on the host; the device holds what is gathered for compute.
-            shard = _trainable_bytes(wrapped)  # DTensor parameters: numel() and element_size() of the local shard
+            shard = _trainable_bytes(wrapped)
             host = shard * 2 + phases[PHASES[1]].get("Optstate", 0)
             for kinds in phases.values():
                 kinds["Parameter"] = max(0, kinds.get("Parameter", 0) - shard)
