@@ -191,3 +191,15 @@ def test_stop_and_preemption_are_stops_with_the_step_and_the_same_command_resume
         f"{step2}; checkpoint {save_dir2}/{step2} saved; {again}"
     ], err
     assert "ChildFailedError" not in out and "FAILED" not in out
+
+
+@pytest.mark.slow
+def test_an_empty_yaml_is_one_error_line_from_the_trigger(tmp_path):
+    """Whatever the trainer's parser says about it (its message is the trainer's), it says it before anything starts."""
+    (tmp_path / "hostfile").write_text("127.0.0.1 slots=1\n")
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    r = run("dist_trigger_docker.sh", "hostfile", "empty.yaml", "aquila-tiny", "demo", cwd=tmp_path, env=real_env())
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert r.stdout == "" and not (tmp_path / "checkpoints_out").exists()

@@ -104,11 +104,12 @@ rc=0
 "${cmd[@]}" || rc=$?
 TRAINING=0
 stopped=("$STOP_RECORD".local*)
-if [[ "$rc" == 0 && -e "${stopped[0]}" && "${#stopped[@]}" == "$NPROC_PER_NODE" ]]; then
-  # Every local process saved a checkpoint and stopped: say who stopped it (the stop scripts signal this script
-  # too; a preemption that signals only the training processes does not).
+if [[ -e "${stopped[0]}" && "${#stopped[@]}" == "$NPROC_PER_NODE" ]]; then
+  # Every local process saved a checkpoint and stopped (whatever torchrun's own status: a preemption that signals
+  # every process gives it SIGTERM too). Say who stopped it: the stop scripts signal this script and spare
+  # torchrun; a preemption signals the training processes (and perhaps torchrun).
   by=preemption
-  [[ "$TERMED" == 1 ]] && by=stop
+  [[ "$TERMED" == 1 && "$rc" == 0 ]] && by=stop
   echo "by=$by" >"$STOP_RECORD.tmp" && mv -f "$STOP_RECORD.tmp" "$STOP_RECORD"
   rm -f "$STOP_RECORD".local*
   echo "[$(date '+%F %T')] node $NODE_RANK: the training processes stopped on SIGTERM ($by) after saving a checkpoint; run the same command to resume"
