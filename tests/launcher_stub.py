@@ -42,6 +42,7 @@ def main() -> int:
 
     def on_term(signum, frame):
         (out / f"term{rank}").write_text("SIGTERM")
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as the trainer absorbs later signals (torchrun forwards one)
         if stop_step is None:
             sys.exit(143)
         if rank == 0:

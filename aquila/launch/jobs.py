@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -239,12 +240,11 @@ def _relative(path: str, proj_home: Path) -> str:
 
 def resume_command(save_dir: str | os.PathLike, env: dict[str, str]) -> str:
     """The trigger command that started the job recorded in `env` (job.env): running it again resumes."""
-    import shlex
-
     proj_home = Path(save_dir).resolve().parents[2]  # <proj_home>/checkpoints_out/<exp>/<version>
-    exp = env.get("JOB_ID", "").split("/")[0]
-    words = [_relative(env.get("HOSTFILE", "<hostfile>"), proj_home), _relative(env.get("CONFIG", "<config>"),
-             proj_home), env.get("MODEL_NAME", "<model>"), exp or "<exp>"]  # fmt: skip
+    hostfile = _relative(env.get("HOSTFILE", "<hostfile>"), proj_home)
+    config = _relative(env.get("CONFIG", "<config>"), proj_home)
+    exp = env.get("JOB_ID", "").split("/")[0] or "<exp>"
+    words = [hostfile, config, env.get("MODEL_NAME", "<model>"), exp]
     return f"bash dist_trigger_docker.sh {' '.join(shlex.quote(w) for w in words)} (from {proj_home})"
 
 
@@ -266,9 +266,14 @@ def stop_report(save_dir: str | os.PathLike, codes: dict[int, int | None]) -> st
         if "by=stop" in reasons
         else "by SIGTERM to its training processes (a preemption)"
     )
+    head, resume = f"stopped: job {job_id} was stopped {how}", f"run the same command to resume: {again}"
     found = trainer_stop(_read_log(env.get("LOGFILE", "")))
-    at = f" at iteration {found[1]}; {found[2]} saved" if found else " after saving a checkpoint"
-    return f"stopped: job {job_id} was stopped {how}{at}; run the same command to resume: {again}"
+    if found is None:  # a script of your own (SCRIPT_FILE) that exits 75 without the trainer's line
+        return f"{head} after saving a checkpoint; {resume}"
+    _, step, saved = found
+    if not saved.startswith("checkpoint "):  # "no checkpoint (save_dir is not set)"
+        return f"{head} at iteration {step} with {saved}; nothing to resume from"
+    return f"{head} at iteration {step}; {saved} saved; {resume}"
 
 
 def stop_summary(proj_home: str | os.PathLike, job_id: str) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
 import sys
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def main() -> None:
     except SystemExit as e:
         if e.code != STOPPED_EXIT or not record:
             raise
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # the stop is done: a later signal (torchrun's) must not cut
+            signal.signal(sig, signal.SIG_IGN)  # the record short (the trainer has restored the default handlers)
         write_text_atomic(f"{record}.local{os.environ.get('LOCAL_RANK', '0')}", f"{STOPPED_EXIT}\n")
         sys.exit(0)
 
