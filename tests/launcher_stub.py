@@ -4,7 +4,9 @@ joins the torchrun job over gloo, all-reduces (rank + 1) and writes `<save_dir>/
 Environment knobs: STUB_FAIL_RANK=<r> makes global rank r print an `error:` line and exit with status 3 before
 joining; STUB_SLEEP=<s> sleeps s seconds after writing its record (for the stop tests); STUB_LOOP=1 keeps
 all-reducing after its record until a peer is lost (for the lost-rank tests). On SIGTERM a rank writes
-`stub/term<r>` and exits 143; STUB_IGNORE_TERM=1 makes it ignore SIGTERM instead."""
+`stub/term<r>` and exits 143; STUB_IGNORE_TERM=1 makes it ignore SIGTERM instead; STUB_STOP_STEP=<n> makes it
+act like the trainer instead (rank 0 logs "stopped by SIGTERM at iteration <n>: checkpoint <save_dir>/<n>; exit
+status 75", every rank exits 75)."""
 
 from __future__ import annotations
 
@@ -36,9 +38,17 @@ def main() -> int:
         print(f"stub: rank {rank} about to fail\nerror: stub rank {rank} failing on purpose", file=sys.stderr)
         return 3
 
+    stop_step = os.environ.get("STUB_STOP_STEP")
+
     def on_term(signum, frame):
         (out / f"term{rank}").write_text("SIGTERM")
-        sys.exit(143)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as the trainer absorbs later signals (torchrun forwards one)
+        if stop_step is None:
+            sys.exit(143)
+        if rank == 0:
+            where = Path(args.save_dir) / stop_step
+            print(f" stopped by SIGTERM at iteration {stop_step}: checkpoint {where}; exit status 75", flush=True)
+        sys.exit(75)
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN if os.environ.get("STUB_IGNORE_TERM") else on_term)
     import torch

@@ -4,9 +4,11 @@ The end-to-end runs with the real training script are in test_launcher_train.py.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import pytest
 from aquila.config import PRESETS
 from aquila.errors import AquilaError
 from aquila.launch import hostfile as hf
-from aquila.launch import jobs
+from aquila.launch import jobs, ports
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "aquila"
@@ -160,6 +162,18 @@ def test_model_name_preset_or_checkpoints_in(tmp_path):
         ("127.0.0.1 slots=1\n", "bad.yaml", "aquila-tiny", "e", "not valid YAML"),
         ("127.0.0.1 slots=1\n", "cfg.yaml", "aquila-8b", "e", "model_name 'aquila-8b': no "),
         ("127.0.0.1 slots=1\n", "cfg.yaml", "aquila-tiny", "a/b", "experiment name 'a/b' may only contain"),
+        # names that used to reach argparse ('-rf'), get a message listing '.' as allowed, or a traceback (300)
+        ("127.0.0.1 slots=1\n", "cfg.yaml", "aquila-tiny", "-rf", "experiment name '-rf' must not start with '-'"),
+        ("127.0.0.1 slots=1\n", "cfg.yaml", "-x", "e", "model name '-x' must not start with '-'"),
+        ("127.0.0.1 slots=1\n", "cfg.yaml", "aquila-tiny", ".", "experiment name '.' is not allowed: '.' and '..'"),
+        ("127.0.0.1 slots=1\n", "cfg.yaml", "aquila-tiny", "..", "experiment name '..' is not allowed"),
+        (
+            "127.0.0.1 slots=1\n",
+            "cfg.yaml",
+            "aquila-tiny",
+            "a" * 300,
+            "experiment name is 300 characters long; it names a directory, so at most 255 are allowed",
+        ),
         (
             "127.0.0.1 slots=1\n10.255.255.1 slots=1\n",
             "cfg.yaml",
@@ -181,6 +195,62 @@ def test_trigger_rejects_bad_input(proj, hostfile, config, model, exp, message):
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert message.format(proj=proj) in lines[0]
     assert not (proj / "checkpoints_out").exists()
+
+
+@pytest.mark.parametrize("args", [["-rf"], [".", "v"], ["e", "-v"]])
+def test_stop_scripts_reject_bad_names_in_one_line(proj, args):
+    for script, hostfile in (("local_stop_docker.sh", []), ("dist_stop_docker.sh", ["hostfile"])):
+        r = run(script, *hostfile, *args, cwd=proj)
+        assert r.returncode == 2, r.stdout + r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: experiment "), r.stderr
+
+
+def test_trigger_refuses_a_master_port_another_trigger_claimed(proj):
+    """The claim is a lock on the port's file, taken before the port check: here another trigger holds it (its
+    job has not bound the port yet, so a bind test alone would pass)."""
+    env = launcher_env()
+    port = int(env["MASTER_PORT"])
+    with open(ports.lock_path(port), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write("other/2026120100/1764.42\n")
+        f.flush()
+        r = run("dist_trigger_docker.sh", "hostfile", "cfg.yaml", "aquila-tiny", "e", cwd=proj, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip() == (
+        f"error: master port {port} on 127.0.0.1 is already taken by job other/2026120100/1764.42, started by "
+        f"another trigger; set MASTER_PORT to a free port, or stop that job first (dist_stop_docker.sh <hostfile> "
+        f"--job-id other/2026120100/1764.42)"
+    )
+    assert r.stdout == "" and not (proj / "checkpoints_out").exists()
+
+
+@pytest.mark.slow
+def test_two_triggers_at_once_only_one_gets_the_master_port(proj):
+    env = launcher_env(STUB_SLEEP="300")
+    port = env["MASTER_PORT"]
+    cmd = ["bash", str(EXAMPLES / "dist_trigger_docker.sh"), "hostfile", "cfg.yaml", "aquila-tiny"]
+    procs = [subprocess.Popen([*cmd, f"exp{i}"], cwd=proj, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in (0, 1)]  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert sorted(p.returncode for p in procs) == [0, 2], outs
+        won = next(i for i, p in enumerate(procs) if p.returncode == 0)
+        lost = 1 - won
+        save_dir = save_dir_of(outs[won][0])
+        job_id = jobs.job_id_for(save_dir)
+        lines = outs[lost][1].strip().splitlines()
+        assert len(lines) == 1, outs[lost]
+        # claimed by the winner's trigger (its id written or not yet), or bound by the winner's torchrun already
+        assert any(
+            lines[0].startswith(f"error: master port {port} on 127.0.0.1 is {how}")
+            for how in (f"already taken by job {job_id},", "being claimed by another trigger", "already in use")
+        ), lines
+        assert "started" not in outs[lost][0] and not (proj / "checkpoints_out" / f"exp{lost}").exists()
+        wait_for(lambda: len(records(save_dir)) == 2, 120, "the winner's ranks to start")
+    finally:
+        for env_file in proj.glob("checkpoints_out/*/*/launch/job.env"):
+            jobs.stop_job(jobs.read_env_file(env_file)["JOB_ID"], timeout=5)
 
 
 def test_trigger_rejects_busy_master_port(proj):
@@ -443,6 +513,54 @@ def test_stop_ends_only_this_job(proj, how):
             jobs.stop_job(jobs.read_env_file(env_file)["JOB_ID"], timeout=5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["dist_stop", "preemption", "preemption_of_all"])
+def test_a_stop_with_a_checkpoint_is_reported_as_a_stop(proj, how):
+    """The stub acts as the trainer does on SIGTERM (rank 0 logs the step and checkpoint, every rank exits 75),
+    whether the stop scripts send it, a preemption signals the training processes only, or every process of the
+    job (torchrun too, which then exits with its own SignalException)."""
+    env = launcher_env(STUB_SLEEP="300", STUB_STOP_STEP="7")
+    follow = subprocess.Popen(
+        ["bash", str(EXAMPLES / "dist_trigger_docker.sh"), "--follow", "hostfile", "cfg.yaml", "aquila-tiny", "exp"],
+        cwd=proj, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: len(list(proj.glob("checkpoints_out/exp/*/stub/rank*.json"))) == 2, 120, "both ranks")
+        save_dir = next(proj.glob("checkpoints_out/exp/*/stub")).parent
+        job_id = jobs.job_id_for(save_dir)
+        stop = None
+        if how == "dist_stop":
+            stop = run("dist_stop_docker.sh", "hostfile", cwd=proj, env=env)
+        else:
+            pids = [rec["pid"] for rec in records(save_dir)]
+            for pid in jobs.job_processes(job_id) if how == "preemption_of_all" else pids:
+                os.kill(pid, signal.SIGTERM)
+        out, err = follow.communicate(timeout=90)
+    finally:
+        follow.kill()
+        for env_file in proj.glob("checkpoints_out/*/*/launch/job.env"):
+            jobs.stop_job(jobs.read_env_file(env_file)["JOB_ID"], timeout=5)
+    by = (
+        "by the stop scripts (SIGTERM)" if how == "dist_stop" else "by SIGTERM to its training processes (a preemption)"
+    )
+    report = (
+        f"stopped: job {job_id} was stopped {by} at iteration 7; checkpoint {save_dir}/7 saved; run the same command "
+        f"to resume: bash dist_trigger_docker.sh hostfile cfg.yaml aquila-tiny exp (from {proj})"
+    )
+    assert follow.returncode == 75, out + err
+    assert err.strip().splitlines() == [report], err
+    log = (save_dir / "cfg.yaml.log.txt").read_text()
+    if how != "preemption_of_all":  # (a signalled torchrun logs its own SignalException traceback)
+        assert "ChildFailedError" not in log and "FAILED" not in log, log
+    label = "stop" if stop else "preemption"
+    last = f"node 0: the training processes stopped on SIGTERM ({label}) after saving a checkpoint; run the same "
+    assert log.strip().splitlines()[-1].endswith(last + "command to resume"), log
+    assert (save_dir / "launch" / "node0.exit").read_text().strip() == "75"
+    if stop is not None:  # dist_stop says the same, from the machine that ran node 0
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert f"{socket.gethostname()}: {report}" in stop.stdout.splitlines(), stop.stdout
+
+
 # --- interface binding, failure reports ---------------------------------------------------------------------------
 
 IP_ADDR = """1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
@@ -490,6 +608,25 @@ def test_failure_report_prefers_the_rank_killed_by_a_signal():
     assert jobs._culprit({0: 1, 1: 1}, {0: peer, 1: killed}, {0: 1.0, 1: 2.0}) == 1
     assert jobs._culprit({0: 1, 1: 1}, {0: peer, 1: peer}, {0: 2.0, 1: 1.0}) == 1  # else the first on record
     assert jobs.first_error_line("x\n[rank1]: error: bad data at line 3\nerror: later\n") == "error: bad data at line 3"
+
+
+def test_follow_names_a_master_port_taken_after_the_check(tmp_path, capsys):
+    """The port claim covers triggers; anything else that binds the port before torchrun does is named as such."""
+    save_dir = tmp_path / "exp" / "v"
+    log = save_dir / "cfg.yaml.log.txt"
+    jobs.start_job(save_dir, tmp_path, "exp/v/1.2", {"NODES_NUM": "1", "LOGFILE": str(log)})
+    log.write_text(
+        "torch.distributed.DistNetworkError: The server socket has failed to listen on any local network address. "
+        "port: 23456, useIpv6: false, code: -98, name: EADDRINUSE, message: address already in use\n"
+    )
+    (save_dir / "launch" / "node0.exit").write_text("1\n")
+    assert jobs.follow(save_dir, log, settle=0) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("error: node 0 failed (exit status 1)")
+    assert err[1] == (
+        "node 0 log: torchrun could not bind the master port 23456 (EADDRINUSE): another process took it after "
+        "the launcher's check; set MASTER_PORT to a free port"
+    )
 
 
 @pytest.mark.slow

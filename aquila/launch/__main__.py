@@ -12,7 +12,7 @@ from pathlib import Path
 from aquila.errors import AquilaError, run_command
 from aquila.io_utils import read_yaml
 from aquila.launch import hostfile as hf
-from aquila.launch import interfaces, jobs
+from aquila.launch import interfaces, jobs, ports, train_check
 
 
 def _emit(**values) -> None:
@@ -24,7 +24,9 @@ def _emit(**values) -> None:
 
 
 def _check_inputs(args, warn: bool = True) -> tuple[list[hf.Node], Path]:
-    """Everything both plans validate: hostfile, YAML, model, experiment name, training script."""
+    """Everything both plans validate: hostfile, YAML, model, experiment name, training script (the costly check
+    of the training config itself, `_check_training`, comes after the cheap ones)."""
+    hf.check_name("experiment name", args.exp)
     nodes = hf.parse_hostfile(args.hostfile)
     data = read_yaml(args.config)
     # The YAML wins over the launcher's flags (FlagAI's precedence): say so (once) when it overrides them.
@@ -35,8 +37,16 @@ def _check_inputs(args, warn: bool = True) -> tuple[list[hf.Node], Path]:
         if warn and data.get(key) is not None:
             print(f"warning: {args.config} sets {key}: {data[key]}, which overrides the launcher's", file=sys.stderr)
     hf.check_model(str(data.get("model_name") or args.model), args.proj_home, data)
-    hf.check_name("experiment name", args.exp)
     return nodes, hf.choose_script(args.config, data, args.script_dir)
+
+
+def _train_args(args) -> list[str]:
+    return train_check.trainer_args(args.proj_home, args.exp, args.version, args.model, args.config)
+
+
+def _check_training(args, script: Path) -> None:
+    """The trainer's own parser and pre-start checks on the argv its processes will get (see train_check)."""
+    train_check.check_training_inputs(script, args.script_dir, _train_args(args))
 
 
 def cmd_trigger_plan(args) -> int:
@@ -66,10 +76,11 @@ def cmd_trigger_plan(args) -> int:
             f"address or a name every node can resolve (ssh aliases are not enough)"
         )
     if local[0]:
-        hf.check_port_free(master.address, port)
+        hf.check_port_free(master.address, port)  # early, for a quick answer; claim-port checks it again
     for node, is_local in zip(nodes, local):
         if is_local:  # remote nodes are checked there, over ssh, before anything starts (check-node)
             interfaces.node_interface(args.hostfile, node, multi_host=not all(local))
+    _check_training(args, script)
     _emit(
         NODES_NUM=len(nodes),
         NODE_ADDRS=[n.address for n in nodes],
@@ -78,13 +89,27 @@ def cmd_trigger_plan(args) -> int:
         MASTER_ADDR=master.address,
         MASTER_PORT=port,
         SCRIPT_FILE=script,
+        PORT_LOCK=ports.lock_path(port) if local[0] else "",
     )
+    return 0
+
+
+def cmd_claim_port(args) -> int:
+    ports.claim(args.fd, args.address, args.port, args.job_id)
+    return 0
+
+
+def cmd_check_names(args) -> int:
+    hf.check_name("experiment name", args.exp)
+    if args.version is not None:
+        hf.check_name("experiment version", args.version)
     return 0
 
 
 def cmd_node_plan(args) -> int:
     # dist_trigger_docker.sh has checked the same inputs and printed their warnings; a node started by hand has not.
-    nodes, script = _check_inputs(args, warn=os.environ.get("AQUILA_TRIGGER_CHECKED") != "1")
+    checked = os.environ.get("AQUILA_TRIGGER_CHECKED") == "1"
+    nodes, script = _check_inputs(args, warn=not checked)
     if args.rank is None:
         mine = [n for n in nodes if hf.is_local_address(n.address)]
         if len(mine) != 1:
@@ -106,6 +131,8 @@ def cmd_node_plan(args) -> int:
     except AttributeError:
         cpus = os.cpu_count() or 1
     ifname = _interface(args.hostfile, nodes, node)
+    if not checked:
+        _check_training(args, script)
     jobs.record_node(args.save_dir, node.rank, args.pid, args.job_id)
     _emit(
         NODES_NUM=len(nodes),
@@ -114,6 +141,7 @@ def cmd_node_plan(args) -> int:
         MASTER_ADDR=nodes[0].address,
         MASTER_PORT=port,
         SCRIPT_FILE=script,
+        TRAIN_ARGS=_train_args(args),
         DEFAULT_OMP_THREADS=max(1, cpus // node.slots),
         SOCKET_IFNAME=ifname,
     )
@@ -147,6 +175,8 @@ def cmd_start_job(args) -> int:
 def _save_dir(args) -> Path:
     if args.version is not None and args.exp is None:
         raise AquilaError("an experiment version needs an experiment name")
+    if args.exp is not None:
+        cmd_check_names(args)
     return jobs.find_save_dir(args.proj_home, args.exp, args.version)
 
 
@@ -168,6 +198,9 @@ def cmd_stop(args) -> int:
         print(f"{where}: stopped job {job_id} ({len(stopped)} processes: {' '.join(map(str, stopped))})")
         if killed:
             print(f"{where}: {len(killed)} of them outlived SIGTERM by {args.timeout:g} s and were killed (SIGKILL)")
+        summary = jobs.stop_summary(args.proj_home, job_id)
+        if summary:
+            print(f"{where}: {summary}")
     else:
         print(f"{where}: no running process of job {job_id}")
     return 0
@@ -182,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def inputs(sp: argparse.ArgumentParser) -> None:
-        for name in ("--hostfile", "--config", "--model", "--exp", "--proj-home", "--script-dir"):
+        for name in ("--hostfile", "--config", "--model", "--exp", "--version", "--proj-home", "--script-dir"):
             sp.add_argument(name, required=True)
 
     sp = sub.add_parser("trigger-plan", help="validate a launch and print the node list")
@@ -198,6 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--rank")
     sp.add_argument("--check-port", action="store_true")
     sp.set_defaults(func=cmd_node_plan)
+
+    sp = sub.add_parser("claim-port", help="lock the master port's file (open as --fd) for a job, check the port")
+    sp.add_argument("--fd", type=int, required=True)
+    for name in ("--address", "--job-id"):
+        sp.add_argument(name, required=True)
+    sp.add_argument("--port", type=int, required=True)
+    sp.set_defaults(func=cmd_claim_port)
+
+    sp = sub.add_parser("check-names", help="check an experiment name (and version) before directories are made")
+    sp.add_argument("--exp", required=True)
+    sp.add_argument("--version")
+    sp.set_defaults(func=cmd_check_names)
 
     sp = sub.add_parser("hosts", help="print a hostfile's addresses and which are this machine")
     sp.add_argument("--hostfile", required=True)

@@ -16,6 +16,7 @@ from aquila.errors import AquilaError
 DEFAULT_MASTER_PORT = 23456  # FlagAI's bmtrain_mgpu.sh value
 _ADDRESS_RE = re.compile(r"^[A-Za-z0-9._:%-]+$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+NAME_MAX = 255  # bytes in one directory name on Linux filesystems (names here are ASCII: one byte a character)
 
 
 @dataclass(frozen=True)
@@ -178,8 +179,19 @@ def check_port_free(address: str, port: int) -> None:
 
 
 def check_name(kind: str, value: str) -> None:
-    if not _NAME_RE.match(value) or value in {".", ".."}:
+    """A name that becomes one directory (checkpoints_out/<exp>, checkpoints_in/<model>) and a launcher argument."""
+    if not value:
+        raise AquilaError(f"{kind} is empty")
+    if value in {".", ".."}:
+        raise AquilaError(f"{kind} {value!r} is not allowed: '.' and '..' refer to directories, they are not names")
+    if value.startswith("-"):
+        raise AquilaError(f"{kind} {value!r} must not start with '-' (commands would read it as an option)")
+    if not _NAME_RE.match(value):
         raise AquilaError(f"{kind} {value!r} may only contain letters, digits, '.', '_' and '-'")
+    if len(value) > NAME_MAX:
+        raise AquilaError(
+            f"{kind} is {len(value)} characters long; it names a directory, so at most {NAME_MAX} are allowed"
+        )
 
 
 def check_model(model_name: str, proj_home: str | os.PathLike, yaml_data: dict | None = None) -> str:

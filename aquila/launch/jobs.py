@@ -6,7 +6,10 @@ PIDs are reused. Record files live in `<save_dir>/launch/`:
 
 - `job.env`          JOB_ID, HOSTFILE, CONFIG, MODEL_NAME, NODES_NUM, LOGFILE (written by the trigger)
 - `node<r>.pid`      `pid=<p> pgid=<g> host=<hostname> job=<id>` of node r's bmtrain_mgpu.sh
-- `node<r>.exit`     that script's exit status, written when it ends
+- `node<r>.exit`     that script's exit status, written when it ends: 0 finished, 75 stopped on SIGTERM after
+                     saving a checkpoint, 143 stopped (SIGTERM) before that, anything else failed
+- `node<r>.stopped`  `by=stop` (the stop scripts) or `by=preemption` (SIGTERM to the training processes only),
+                     when the node exited 75
 
 and `<proj_home>/checkpoints_out/latest_job.txt` holds the save dir of the most recent trigger.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -26,6 +30,8 @@ from aquila.io_utils import write_text_atomic
 from aquila.launch.hostfile import parse_hostfile
 
 LATEST = "latest_job.txt"
+STOPPED = 75  # every training process of the node saved a checkpoint on SIGTERM and stopped (the trainer's status)
+TERMINATED = 143  # the node script got SIGTERM before its training processes had stopped that way
 
 
 def launch_dir(save_dir: str | os.PathLike) -> Path:
@@ -149,9 +155,13 @@ def start_job(save_dir: str | os.PathLike, proj_home: str | os.PathLike, job_id:
                 f"{save_dir} already has a running job ({old_id}); stop it with local_stop_docker.sh or "
                 f"dist_stop_docker.sh, or use another experiment name"
             )
-    ldir.mkdir(parents=True, exist_ok=True)
-    for stale in list(ldir.glob("node*.pid")) + list(ldir.glob("node*.exit")):
-        stale.unlink(missing_ok=True)
+    try:
+        ldir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AquilaError(f"cannot create {ldir} ({e.strerror})") from None
+    for pattern in ("node*.pid", "node*.exit", "node*.stopped*"):
+        for stale in ldir.glob(pattern):
+            stale.unlink(missing_ok=True)
     body = "".join(f"{k}={v}\n" for k, v in {"JOB_ID": job_id, **fields}.items())
     write_text_atomic(old, body)
     write_text_atomic(Path(proj_home) / "checkpoints_out" / LATEST, f"{Path(save_dir).resolve()}\n")
@@ -209,6 +219,84 @@ def first_error_line(log_text: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
+_TRAINER_STOP = re.compile(r"stopped by (.+?) at iteration (\d+): (.+?); exit status 75")
+
+
+def trainer_stop(log_text: str) -> tuple[str, int, str] | None:
+    """(signal, iteration, "checkpoint <dir>" or why there is none) of the trainer's last stop line in a log."""
+    found = list(_TRAINER_STOP.finditer(log_text))
+    if not found:
+        return None
+    m = found[-1]
+    return m.group(1), int(m.group(2)), m.group(3)
+
+
+def _relative(path: str, proj_home: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(proj_home.resolve()))
+    except ValueError:
+        return path
+
+
+def resume_command(save_dir: str | os.PathLike, env: dict[str, str]) -> str:
+    """The trigger command that started the job recorded in `env` (job.env): running it again resumes."""
+    proj_home = Path(save_dir).resolve().parents[2]  # <proj_home>/checkpoints_out/<exp>/<version>
+    hostfile = _relative(env.get("HOSTFILE", "<hostfile>"), proj_home)
+    config = _relative(env.get("CONFIG", "<config>"), proj_home)
+    exp = env.get("JOB_ID", "").split("/")[0] or "<exp>"
+    words = [hostfile, config, env.get("MODEL_NAME", "<model>"), exp]
+    return f"bash dist_trigger_docker.sh {' '.join(shlex.quote(w) for w in words)} (from {proj_home})"
+
+
+def stop_report(save_dir: str | os.PathLike, codes: dict[int, int | None]) -> str:
+    """One line for a job whose nodes all stopped (75) or some were stopped before a checkpoint (143)."""
+    ldir = launch_dir(save_dir)
+    env = read_env_file(ldir / "job.env")
+    job_id = env["JOB_ID"]
+    again = resume_command(save_dir, env)
+    if any(c == TERMINATED for c in codes.values()):
+        where = ", ".join(str(r) for r, c in sorted(codes.items()) if c == TERMINATED)
+        return (
+            f"stopped: job {job_id} was stopped (SIGTERM) on node {where} before its training processes saved a "
+            f"checkpoint; running the same command starts it again (from the latest checkpoint, if any): {again}"
+        )
+    reasons = {(ldir / f"node{r}.stopped").read_text().strip() for r in codes if (ldir / f"node{r}.stopped").is_file()}
+    how = (
+        "by the stop scripts (SIGTERM)"
+        if "by=stop" in reasons
+        else "by SIGTERM to its training processes (a preemption)"
+    )
+    head, resume = f"stopped: job {job_id} was stopped {how}", f"run the same command to resume: {again}"
+    found = trainer_stop(_read_log(env.get("LOGFILE", "")))
+    if found is None:  # a script of your own (SCRIPT_FILE) that exits 75 without the trainer's line
+        return f"{head} after saving a checkpoint; {resume}"
+    _, step, saved = found
+    if not saved.startswith("checkpoint "):  # "no checkpoint (save_dir is not set)"
+        return f"{head} at iteration {step} with {saved}; nothing to resume from"
+    return f"{head} at iteration {step}; {saved} saved; {resume}"
+
+
+def stop_summary(proj_home: str | os.PathLike, job_id: str) -> str | None:
+    """After a stop on the machine that runs node 0: what the job saved and how to resume (None elsewhere)."""
+    parts = job_id.split("/")
+    if len(parts) < 2:
+        return None
+    save_dir = Path(proj_home) / "checkpoints_out" / parts[0] / parts[1]
+    ldir = launch_dir(save_dir)
+    try:
+        node0 = (ldir / "node0.pid").read_text()
+        env = read_env_file(ldir / "job.env")
+    except (OSError, AquilaError):
+        return None
+    if f"host={socket.gethostname()}" not in node0.split() or env.get("JOB_ID") != job_id:
+        return None
+    nodes = int(env.get("NODES_NUM", "1"))
+    codes = {r: _read_exit(ldir / f"node{r}.exit") for r in range(nodes)}
+    if codes.get(0) not in (STOPPED, TERMINATED):
+        return None
+    return stop_report(save_dir, {r: c for r, c in codes.items() if c in (STOPPED, TERMINATED)})
+
+
 def _culprit(failed: dict[int, int], logs: dict[int, str], exit_times: dict[int, float]) -> int:
     """The node that failed first: one whose worker was killed by a signal (its peers then fail with connection
     errors), else the earliest exit status on record."""
@@ -218,10 +306,20 @@ def _culprit(failed: dict[int, int], logs: dict[int, str], exit_times: dict[int,
     return min(failed, key=lambda r: (exit_times.get(r, float("inf")), r))
 
 
+_EADDRINUSE = re.compile(r"port: (\d+),[^\n]*name: EADDRINUSE")  # torchrun's store could not bind the port
+
+
+def _failed(codes: dict[int, int | None]) -> dict[int, int]:
+    return {r: c for r, c in codes.items() if c not in (None, 0, STOPPED, TERMINATED)}
+
+
 def follow(
     save_dir: str | os.PathLike, log: str | os.PathLike, start_timeout: float = 300.0, settle: float = 5.0
 ) -> int:
-    """Stream `log` until every node has an exit status; return 0, or the status of the node that failed first.
+    """Stream `log` until every node has an exit status. Return 0 when all finished; 75 when the job stopped on
+    SIGTERM after saving a checkpoint (the stop scripts, or a preemption signalling the training processes), with
+    one `stopped:` line naming the step and the command that resumes; 143 when a node was stopped before a
+    checkpoint; else the status of the node that failed first, with an `error:` line.
 
     When a node fails, the others get `settle` seconds to record theirs, so the report names the node (and rank)
     that died rather than a peer that failed because of it."""
@@ -249,6 +347,9 @@ def follow(
     def node_log(rank: int) -> str:
         return env.get("LOGFILE", "") if rank == 0 else f"{ldir}/node{rank}.log.txt"
 
+    def read_codes() -> dict[int, int | None]:
+        return {r: _read_exit(ldir / f"node{r}.exit") for r in range(nodes)}
+
     def fail(rank: int, code: int, why: str) -> int:
         pump()
         text = _read_log(node_log(rank))
@@ -265,27 +366,47 @@ def follow(
         line = first_error_line(text)
         if line:
             print(f"node {rank} log: {line}", file=sys.stderr)
+        busy = _EADDRINUSE.search(text)
+        if busy:
+            print(
+                f"node {rank} log: torchrun could not bind the master port {busy.group(1)} (EADDRINUSE): another "
+                f"process took it after the launcher's check; set MASTER_PORT to a free port",
+                file=sys.stderr,
+            )
         return code or 1
 
-    def first_failure(codes: dict[int, int | None]) -> int:
+    def settled(codes: dict[int, int | None]) -> dict[int, int | None]:
         deadline = time.monotonic() + settle
         while time.monotonic() < deadline and any(c is None for c in codes.values()):
             time.sleep(0.2)
-            codes = {r: _read_exit(ldir / f"node{r}.exit") for r in range(nodes)}
-        failed = {r: c for r, c in codes.items() if c}
+            codes = read_codes()
+        return codes
+
+    def first_failure(codes: dict[int, int | None]) -> int:
+        failed = _failed(settled(codes))
         times = {r: (ldir / f"node{r}.exit").stat().st_mtime for r in failed}
         culprit = _culprit(failed, {r: _read_log(node_log(r)) for r in failed}, times)
-        code = failed[culprit]
-        return fail(culprit, code, "was stopped (SIGTERM, e.g. by dist_stop_docker.sh)" if code == 143 else "failed")
+        return fail(culprit, failed[culprit], "failed")
+
+    def stopped(codes: dict[int, int | None]) -> int:
+        pump()
+        stops = {r: c for r, c in codes.items() if c}
+        print(stop_report(save_dir, stops), file=sys.stderr)
+        return TERMINATED if TERMINATED in stops.values() else STOPPED
 
     while True:
         pump()
-        codes = {r: _read_exit(ldir / f"node{r}.exit") for r in range(nodes)}
-        if any(codes.values()):
+        codes = read_codes()
+        if _failed(codes):
             return first_failure(codes)
-        if all(code == 0 for code in codes.values()):
-            pump()
-            return 0
+        if all(code is not None for code in codes.values()):
+            return 0 if not any(codes.values()) else stopped(codes)
+        if TERMINATED in codes.values():
+            # A node stopped before its trainers checkpointed: the others may wait for it for ever. (Nodes that
+            # stopped with a checkpoint need no such limit: every rank stops at the same step, and saving may
+            # take long.)
+            codes = settled(codes)
+            return first_failure(codes) if _failed(codes) else stopped(codes)
         running = None
         for r, code in codes.items():
             if code is not None:
@@ -302,9 +423,6 @@ def follow(
                 running = set(job_processes(job_id))
             if int(fields.get("pid", "0")) not in running:
                 time.sleep(0.5)  # it may be writing its exit file right now
-                code = _read_exit(ldir / f"node{r}.exit")
-                if code is None:
+                if _read_exit(ldir / f"node{r}.exit") is None:
                     return fail(r, 1, "died without recording an exit status")
-                if code:
-                    return first_failure({**codes, r: code})
         time.sleep(0.5)

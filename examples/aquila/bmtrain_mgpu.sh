@@ -20,19 +20,20 @@ MODEL_NAME="$3"
 EXP_NAME="$4"
 EXP_VERSION="$5"
 NODE_RANK="${6:-}"
-for v in "$EXP_NAME" "$EXP_VERSION"; do
-  [[ "$v" =~ ^[A-Za-z0-9._-]+$ && "$v" != . && "$v" != .. ]] || die "experiment name/version '$v' may only contain letters, digits, '.', '_' and '-'"
-done
 [[ -z "$NODE_RANK" || "$NODE_RANK" =~ ^[0-9]+$ ]] || die "node_rank must be a non-negative integer, got '$NODE_RANK'"
+find_python
+# The names become directories below: check them before anything is created (one line, exit 2).
+"$PY" -m aquila.launch check-names --exp="$EXP_NAME" --version="$EXP_VERSION" || exit 2
 
 SAVE_DIR="$PROJ_HOME/checkpoints_out/$EXP_NAME/$EXP_VERSION"
 WANDB_DIR="$PROJ_HOME/wandb/$EXP_NAME/$EXP_VERSION"
-PRE_LOAD_DIR="$PROJ_HOME/checkpoints_in"
 # Every process of the job carries this id; the stop scripts end exactly the processes that have it.
 export AQUILA_JOB_ID="${AQUILA_JOB_ID:-$EXP_NAME/$EXP_VERSION}"
 mkdir -p "$SAVE_DIR/launch" "$WANDB_DIR"
 
-# Record this node's exit status (the trigger's --follow and the tests wait for it).
+# Record this node's exit status (the trigger's --follow and the tests wait for it):
+# 0 finished, 75 the training processes stopped on SIGTERM after saving a checkpoint (dist_stop_docker.sh, or a
+# preemption signalling them directly), 143 stopped (SIGTERM) before that, anything else failed.
 on_exit() {
   local rc=$?
   if [[ -n "$NODE_RANK" ]]; then
@@ -40,16 +41,19 @@ on_exit() {
   fi
 }
 trap on_exit EXIT
-trap 'exit 143' TERM
+# While torchrun runs, a SIGTERM (the stop scripts) is noted and bash waits for torchrun: the trainers stop at a
+# step boundary and checkpoint first. Before that it ends the script at once.
+TRAINING=0
+TERMED=0
+trap 'TERMED=1; [[ "$TRAINING" == 1 ]] || exit 143' TERM
 trap 'exit 130' INT
 
-find_python
 # Validate the inputs, record this node's pid, and get NODES_NUM NODE_RANK NPROC_PER_NODE MASTER_ADDR
-# MASTER_PORT SCRIPT_FILE DEFAULT_OMP_THREADS SOCKET_IFNAME (checks the port is free on the master, and that
-# this node's hostfile address is on one of its interfaces).
-plan="$("$PY" -m aquila.launch node-plan --hostfile "$HOSTFILE" --config "$CONFIG" --model "$MODEL_NAME" \
-  --exp "$EXP_NAME" --proj-home "$PROJ_HOME" --script-dir "$SCRIPT_DIR" --save-dir "$SAVE_DIR" \
-  --job-id "$AQUILA_JOB_ID" --pid "$$" ${NODE_RANK:+--rank "$NODE_RANK"} --check-port)" || exit 2
+# MASTER_PORT SCRIPT_FILE TRAIN_ARGS DEFAULT_OMP_THREADS SOCKET_IFNAME (checks the port is free on the master,
+# and that this node's hostfile address is on one of its interfaces).
+plan="$("$PY" -m aquila.launch node-plan --hostfile="$HOSTFILE" --config="$CONFIG" --model="$MODEL_NAME" \
+  --exp="$EXP_NAME" --version="$EXP_VERSION" --proj-home="$PROJ_HOME" --script-dir="$SCRIPT_DIR" \
+  --save-dir="$SAVE_DIR" --job-id="$AQUILA_JOB_ID" --pid "$$" ${NODE_RANK:+--rank="$NODE_RANK"} --check-port)" || exit 2
 eval "$plan"
 
 # torchrun from the same environment as $PY (never whatever else is first on PATH).
@@ -83,21 +87,33 @@ if [[ "$NODE_RANK" == 0 ]]; then
   done
 fi
 
-# FlagAI's command-line defaults; the YAML overrides every one of them.
-EPOCH_NUM=1
-BATCH_SIZE=6
-GRADIENT_ACCUM_STEPS=1
-LR=6.0e-5
-WARMUP_RATE=0.2
-WEIGHT_DECAY=0.1
-
+# TRAIN_ARGS are FlagAI's flags (aquila/launch/train_check.py: --batch_size 6 --epochs 1 ... --lr 6.0e-5, and
+# the run's directories); the YAML overrides every one of them. Each process runs the script through
+# aquila.launch.worker, which records a stop with a checkpoint (exit 75) instead of letting torchrun report it
+# as a failed child.
+STOP_RECORD="$SAVE_DIR/launch/node$NODE_RANK.stopped"
+rm -f "$STOP_RECORD" "$STOP_RECORD".local*
+export AQUILA_STOP_RECORD="$STOP_RECORD"
 cmd=("${TORCHRUN[@]}" --nnodes "$NODES_NUM" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE"
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
-  "$SCRIPT_FILE" --not_call_launch
-  --batch_size "$BATCH_SIZE" --epochs "$EPOCH_NUM" --gradient_accumulation_steps "$GRADIENT_ACCUM_STEPS"
-  --lr "$LR" --warm_up "$WARMUP_RATE" --weight_decay "$WEIGHT_DECAY" --adam_beta1 0.9 --adam_beta2 0.95
-  --save_dir "$SAVE_DIR" --pre_load_dir "$PRE_LOAD_DIR" --experiment_name "$EXP_NAME" --model_name "$MODEL_NAME"
-  --wandb_dir "$WANDB_DIR" --yaml_config "$CONFIG")
+  -m aquila.launch.worker "$SCRIPT_FILE" "${TRAIN_ARGS[@]}")
 echo "[$(date '+%F %T')] $(hostname) node $NODE_RANK/$NODES_NUM, $NPROC_PER_NODE processes, master $MASTER_ADDR:$MASTER_PORT, job $AQUILA_JOB_ID, GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-(unset)}"
 echo "+ ${cmd[*]}"
-"${cmd[@]}"
+TRAINING=1
+rc=0
+"${cmd[@]}" || rc=$?
+TRAINING=0
+stopped=("$STOP_RECORD".local*)
+if [[ -e "${stopped[0]}" && "${#stopped[@]}" == "$NPROC_PER_NODE" ]]; then
+  # Every local process saved a checkpoint and stopped (whatever torchrun's own status: a preemption that signals
+  # every process gives it SIGTERM too). Say who stopped it: the stop scripts signal this script and spare
+  # torchrun; a preemption signals the training processes (and perhaps torchrun).
+  by=preemption
+  [[ "$TERMED" == 1 && "$rc" == 0 ]] && by=stop
+  echo "by=$by" >"$STOP_RECORD.tmp" && mv -f "$STOP_RECORD.tmp" "$STOP_RECORD"
+  rm -f "$STOP_RECORD".local*
+  echo "[$(date '+%F %T')] node $NODE_RANK: the training processes stopped on SIGTERM ($by) after saving a checkpoint; run the same command to resume"
+  exit 75
+fi
+[[ "$TERMED" == 1 ]] && exit 143
+exit "$rc"

@@ -18,10 +18,10 @@ if [[ "${1:-}" == --job-id ]]; then
   [[ $# -eq 2 ]] || die "usage: dist_stop_docker.sh <hostfile> --job-id <id>"
   JOB_ID="$2"
 else
-  job="$("$PY" -m aquila.launch job --proj-home "$PROJ_HOME" ${1:+--exp "$1"} ${2:+--version "$2"})" || exit 2
+  job="$("$PY" -m aquila.launch job --proj-home="$PROJ_HOME" ${1:+--exp="$1"} ${2:+--version="$2"})" || exit 2
   eval "$job"
 fi
-hosts="$("$PY" -m aquila.launch hosts --hostfile "$HOSTFILE")" || exit 2
+hosts="$("$PY" -m aquila.launch hosts --hostfile="$HOSTFILE")" || exit 2
 eval "$hosts"  # NODE_ADDRS NODE_LOCAL
 read -r -a SSH <<<"${AQUILA_SSH:-ssh -o BatchMode=yes -o ConnectTimeout=10}"
 
@@ -35,7 +35,7 @@ for i in "${!NODE_ADDRS[@]}"; do
   if [[ "${NODE_LOCAL[$i]}" == 1 ]]; then
     [[ "$done_local" == 1 ]] && continue
     done_local=1
-    "$PY" -m aquila.launch stop --job-id "$JOB_ID" >"$out/$i.out" 2>"$out/$i.err" &
+    "$PY" -m aquila.launch stop --proj-home="$PROJ_HOME" --job-id="$JOB_ID" >"$out/$i.out" 2>"$out/$i.err" &
   else
     remote="cd $(printf '%q' "$PROJ_HOME") && AQUILA_PYTHON=$(printf '%q' "$PY") \
       AQUILA_STOP_TIMEOUT=$(printf '%q' "${AQUILA_STOP_TIMEOUT:-15}") bash $(printf '%q' "$SCRIPT_DIR/local_stop_docker.sh") --job-id $(printf '%q' "$JOB_ID")"

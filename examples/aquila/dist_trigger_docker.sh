@@ -26,10 +26,13 @@ EXP_NAME="${args[3]}"
 read -r -a SSH <<<"${AQUILA_SSH:-ssh -o BatchMode=yes -o ConnectTimeout=10}"
 
 find_python
-# Validate everything before starting anything; sets NODES_NUM NODE_ADDRS NODE_SLOTS NODE_LOCAL MASTER_ADDR
-# MASTER_PORT SCRIPT_FILE (and checks the master port is free when the master is this machine).
-plan="$("$PY" -m aquila.launch trigger-plan --hostfile "$HOSTFILE" --config "$CONFIG" --model "$MODEL_NAME" \
-  --exp "$EXP_NAME" --proj-home "$PROJ_HOME" --script-dir "$SCRIPT_DIR" ${AQUILA_LOCAL_ONLY:+--single-node})" || exit 2
+EXP_VERSION="$(date +%Y%m%d%H)"
+# Validate everything before starting anything: the hostfile, names, the YAML with the trainer's own parser and
+# the model, tokenizer and data it names. Sets NODES_NUM NODE_ADDRS NODE_SLOTS NODE_LOCAL MASTER_ADDR MASTER_PORT
+# SCRIPT_FILE PORT_LOCK (and checks the master port is free when the master is this machine).
+plan="$("$PY" -m aquila.launch trigger-plan --hostfile="$HOSTFILE" --config="$CONFIG" --model="$MODEL_NAME" \
+  --exp="$EXP_NAME" --version="$EXP_VERSION" --proj-home="$PROJ_HOME" --script-dir="$SCRIPT_DIR" \
+  ${AQUILA_LOCAL_ONLY:+--single-node})" || exit 2
 eval "$plan"
 
 # Before anything starts: every remote node answers over ssh, has the project and the Python environment at
@@ -53,13 +56,25 @@ for i in "${!NODE_ADDRS[@]}"; do
   [[ "${NODE_LOCAL[$i]}" == 1 ]] || check_remote "$i"
 done
 
-EXP_VERSION="$(date +%Y%m%d%H)"
 SAVE_DIR="$PROJ_HOME/checkpoints_out/$EXP_NAME/$EXP_VERSION"
 LOGFILE="$SAVE_DIR/$(basename "$CONFIG").log.txt"
 JOB_ID="$EXP_NAME/$EXP_VERSION/$(date +%s).$$"
+
+# The master port, when the master is this machine: lock its file and check the port in one step, so that two
+# triggers at the same moment cannot both take it. The lock lives on this shell's descriptor PORT_FD, which the
+# local nodes (their scripts and torchrun) inherit: it is held while the job runs here and dropped when it ends.
+PORT_FD=
+without_port_lock() {  # run a command that may leave something behind (ssh's connection sharing) without the lock
+  if [[ -n "$PORT_FD" ]]; then "$@" {PORT_FD}>&-; else "$@"; fi
+}
+if [[ -n "$PORT_LOCK" ]]; then
+  exec {PORT_FD}<>"$PORT_LOCK" || die "cannot open $PORT_LOCK"
+  "$PY" -m aquila.launch claim-port --fd "$PORT_FD" --address="$MASTER_ADDR" --port "$MASTER_PORT" \
+    --job-id="$JOB_ID" || exit 2
+fi
 echo "NODES_NUM: $NODES_NUM"
 echo "LOGFILE: $LOGFILE"
-"$PY" -m aquila.launch start-job --save-dir "$SAVE_DIR" --proj-home "$PROJ_HOME" --job-id "$JOB_ID" \
+"$PY" -m aquila.launch start-job --save-dir="$SAVE_DIR" --proj-home="$PROJ_HOME" --job-id="$JOB_ID" \
   --field "NODES_NUM=$NODES_NUM" --field "LOGFILE=$LOGFILE" --field "HOSTFILE=$HOSTFILE" \
   --field "CONFIG=$CONFIG" --field "MODEL_NAME=$MODEL_NAME" --field "SCRIPT_FILE=$SCRIPT_FILE" || exit 2
 
@@ -75,7 +90,7 @@ done < <(compgen -e)
 
 stop_started() {
   echo "error: $ME: node $1 (${NODE_ADDRS[$1]}) could not be started; stopping the nodes already started" >&2
-  bash "$SCRIPT_DIR/dist_stop_docker.sh" "$HOSTFILE" --job-id "$JOB_ID" >&2 || true
+  without_port_lock bash "$SCRIPT_DIR/dist_stop_docker.sh" "$HOSTFILE" --job-id "$JOB_ID" >&2 || true
   exit 1
 }
 
@@ -90,7 +105,7 @@ for i in "${!NODE_ADDRS[@]}"; do
     (cd "$PROJ_HOME" || exit 1; "${cmd[@]}" >"$log" 2>&1 </dev/null &) || stop_started "$i"
   else
     remote="cd $(printf '%q' "$PROJ_HOME") || exit 1; $(printf '%q ' "${cmd[@]}") >$(printf '%q' "$log") 2>&1 </dev/null &"
-    "${SSH[@]}" "${NODE_ADDRS[$i]}" "$remote" </dev/null || stop_started "$i"
+    without_port_lock "${SSH[@]}" "${NODE_ADDRS[$i]}" "$remote" </dev/null || stop_started "$i"
   fi
   echo "node $i: ${NODE_ADDRS[$i]} slots=${NODE_SLOTS[$i]} started"
 done
@@ -100,11 +115,13 @@ if [[ "$FOLLOW" != 1 ]]; then
   echo "follow: tail -f $LOGFILE    stop: bash dist_stop_docker.sh $(printf '%q' "${args[0]}")"
   exit 0
 fi
+# 0: finished; 75: stopped on SIGTERM after saving a checkpoint (the same command resumes); 143: stopped before
+# that; 130: Ctrl-C (the job keeps running); anything else: a node failed, and the rest of the job is stopped.
 rc=0
-"$PY" -m aquila.launch follow --save-dir "$SAVE_DIR" --log "$LOGFILE" || rc=$?
+"$PY" -m aquila.launch follow --save-dir="$SAVE_DIR" --log="$LOGFILE" || rc=$?
 if [[ "$rc" -eq 130 ]]; then
   echo "stopped following; the job keeps running (stop: bash dist_stop_docker.sh $(printf '%q' "${args[0]}"))" >&2
-elif [[ "$rc" -ne 0 ]]; then
-  bash "$SCRIPT_DIR/dist_stop_docker.sh" "$HOSTFILE" --job-id "$JOB_ID" >&2 || true
+elif [[ "$rc" -ne 0 && "$rc" -ne 75 ]]; then
+  without_port_lock bash "$SCRIPT_DIR/dist_stop_docker.sh" "$HOSTFILE" --job-id "$JOB_ID" >&2 || true
 fi
 exit "$rc"

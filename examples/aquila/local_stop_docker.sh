@@ -13,7 +13,7 @@ find_python
 
 if [[ "${1:-}" == --job-id ]]; then
   [[ $# -eq 2 ]] || die "usage: local_stop_docker.sh --job-id <id>"
-  exec "$PY" -m aquila.launch stop --job-id "$2"
+  exec "$PY" -m aquila.launch stop --proj-home="$PWD" --job-id="$2"
 fi
 [[ $# -le 2 ]] || die "usage: local_stop_docker.sh [<exp_name> [<exp_version>] | --job-id <id>]"
-exec "$PY" -m aquila.launch stop --proj-home "$PWD" ${1:+--exp "$1"} ${2:+--version "$2"}
+exec "$PY" -m aquila.launch stop --proj-home="$PWD" ${1:+--exp="$1"} ${2:+--version="$2"}
