@@ -81,6 +81,13 @@ def apply_lora(model: nn.Module, config: dict) -> list[str]:
     Returns the adapted module names; an error if a target matches nothing.
     """
     targets = set(config["target_modules"])
+    if "output" in targets:
+        # The loss is fused with the output projection and reads output.weight itself (the [tokens, vocab] logits
+        # never exist at once), so an adapter there would get no gradient and silently train nothing.
+        raise AquilaError(
+            "lora_target_modules: 'output' is not supported (the fused loss reads output.weight directly);"
+            " adapt the blocks' linears (wq, wk, wv, wo, w1, w2, w3)"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     adapted = []

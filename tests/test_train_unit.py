@@ -132,3 +132,11 @@ def test_flops_per_token_matches_nanogpt_formula():
     n = a.num_params() - a.vocab_size * a.dim
     assert flops_per_token(a, 2048) == 6 * n + 12 * a.n_layers * a.n_heads * a.head_dim * 2048
     assert math.isclose(n / 1e9, 6.89, rel_tol=0.01)  # 7.3B minus the 0.41B embedding table
+
+
+def test_lora_on_the_output_projection_is_an_error():
+    """The fused loss reads output.weight itself: an adapter there would get no gradient and train nothing."""
+    from aquila.errors import AquilaError
+
+    with pytest.raises(AquilaError, match="'output' is not supported"):
+        apply_lora(build_model(MICRO, seed=0), lora_config(4, 8, 0.0, ["wq", "output"]))
