@@ -29,12 +29,16 @@ setup(
             "httpx>=0.24",
             "openai>=1.0",
             "selenium>=4.10",
+            "gguf>=0.10",
+            # compiles llama.cpp from source on first install (about 25 minutes on 2 cores; pip caches the wheel)
+            "llama-cpp-python>=0.3",
         ],
         "serve": ["fastapi>=0.100", "uvicorn>=0.20", "prometheus-client>=0.17"],
         "logging": ["tensorboard>=2.10", "matplotlib>=3.5"],
         "gpu": ["flash-attn>=2.0"],
         "bmtrain": ["bmtrain>=0.2.3"],
         "bminf": ["bminf>=2.0"],
+        "gguf": ["gguf>=0.10"],
     },
     entry_points={"console_scripts": ["aquila=aquila.cli:main"]},
 )

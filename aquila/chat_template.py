@@ -24,6 +24,7 @@ next turn's header instead.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -151,3 +152,47 @@ def encode_prompt(
 ) -> list[int]:
     """[BOS] + tokens of `render_prompt(...)`: the ids a chat model trained by `aquila sft` expects."""
     return [tokenizer.token_start_id, *tokenizer.encode(render_prompt(messages, instruction, system))]
+
+
+def _jinja_str(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a valid Jinja string literal
+
+
+def _jinja_roles(canonical: str) -> str:
+    return "[" + ", ".join(_jinja_str(a) for a, r in ROLE_ALIASES.items() if r == canonical) + "]"
+
+
+# `render_prompt` (add_generation_prompt=True) / `render_for_training` as a Jinja chat template, after the BOS that
+# `encode_prompt` prepends: Hugging Face's `apply_chat_template` and llama.cpp (GGUF `tokenizer.chat_template`) give
+# the ids aquila gives. A leading system message replaces DEFAULT_SYSTEM; the template errors where
+# normalize_messages does (unknown role, empty turn, late system message, generation prompt after the assistant).
+# Their tokenizers match special-token text inside messages ("</s>" -> EOS), as aquila's split_special_tokens=True.
+JINJA_CHAT_TEMPLATE = (
+    "{%- set system = " + _jinja_str(DEFAULT_SYSTEM) + " -%}"
+    "{%- set turns = messages -%}"
+    "{%- if messages and messages[0]['role'] | lower == 'system' -%}"
+    "{%- set system = messages[0]['content'] | trim -%}"
+    "{%- set turns = messages[1:] -%}"
+    "{%- if not system -%}{{- raise_exception('message 0 (system) is an empty turn') -}}{%- endif -%}"
+    "{%- endif -%}"
+    "{{- bos_token -}}"
+    "{%- if system -%}{{- system + '\\n\\n' -}}{%- endif -%}"
+    "{%- for m in turns -%}"
+    "{%- set role = m['role'] | lower -%}"
+    "{%- set content = m['content'] | trim -%}"
+    "{%- if not content -%}{{- raise_exception('message ' ~ (loop.index0 + (messages | length) - (turns | length)) ~ ' (' ~ m['role'] ~ ') is an empty turn') -}}"
+    "{%- elif role in " + _jinja_roles("user") + " -%}"
+    "{{- " + _jinja_str(f"### {ROLE_NAMES['user']}: ") + " + content + " + _jinja_str(TURN_END) + " -}}"
+    "{%- elif role in " + _jinja_roles("assistant") + " -%}"
+    "{{- " + _jinja_str(ASSISTANT_HEADER + " ") + " + content + " + _jinja_str(TURN_END) + " -}}"
+    "{%- elif role == 'system' -%}{{- raise_exception('a system message may only come first') -}}"
+    "{%- else -%}{{- raise_exception('unknown role ' ~ m['role'] ~ ' (expected user or assistant)') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if not turns or turns[-1]['role'] | lower not in " + _jinja_roles("user") + " -%}"
+    "{{- raise_exception('the last message must be the user\\'s') -}}"
+    "{%- endif -%}"
+    "{{- " + _jinja_str(ASSISTANT_HEADER) + " -}}"
+    "{%- endif -%}"
+)

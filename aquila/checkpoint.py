@@ -28,7 +28,7 @@ from aquila.errors import AquilaError
 from aquila.hf import args_from_hf_config, from_hf_state_dict, hf_config, to_hf_state_dict, write_hf_tokenizer
 from aquila.io_utils import atomic_dir, atomic_path, read_json
 from aquila.model import AquilaModel
-from aquila.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
+from aquila.tokenizer import TOKENIZER_FILES, copy_tokenizer_files, load_tokenizer, tokenizer_file
 
 SAFETENSORS_NAME = "model.safetensors"
 BIN_NAME = "pytorch_model.bin"
@@ -221,8 +221,23 @@ def has_tokenizer(directory: str | os.PathLike) -> bool:
     return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
 
 
-def check_destination(out_dir: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse an existing non-empty `out_dir` unless `overwrite` (it is then replaced whole, never mixed)."""
+def check_apart(source: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Refuse a destination that is the source, lies inside it or contains it: it would be replaced (or written into)
+    while it is read, and `--overwrite` would destroy the source."""
+    src, out = Path(source).resolve(), Path(out_dir).resolve()
+    if src == out:
+        raise AquilaError(f"{out_dir} is the source directory; choose a destination outside {source}")
+    if src in out.parents:
+        raise AquilaError(f"{out_dir} is inside the source directory {source}; choose a destination outside it")
+    if out in src.parents:
+        raise AquilaError(f"{out_dir} contains the source directory {source}; choose a destination outside it")
+
+
+def check_destination(out_dir: str | os.PathLike, overwrite: bool, source: str | os.PathLike | None = None) -> None:
+    """Refuse an existing non-empty `out_dir` unless `overwrite` (it is then replaced whole, never mixed), and one
+    that overlaps `source` (`check_apart`)."""
+    if source is not None:
+        check_apart(source, out_dir)
     out = Path(out_dir)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise AquilaError(f"{out} exists and is not empty; choose a new directory or pass --overwrite to replace it")
@@ -238,7 +253,10 @@ def write_model_dir(
     extra_json: Mapping[str, dict] | None = None,
 ) -> None:
     """Write a self-contained model directory in a temporary directory renamed onto `out_dir`: config.json,
-    weights (fmt "aquila" or "hf"), the tokenizer files of `tokenizer_from` and `extra_json` files."""
+    weights (fmt "aquila" or "hf"), the tokenizer files of `tokenizer_from` and `extra_json` files. A tokenizer file
+    set that does not load (e.g. merges.txt without vocab.json) is refused before anything is written."""
+    if tokenizer_from is not None and Path(tokenizer_from).is_dir() and tokenizer_file(tokenizer_from) is not None:
+        load_tokenizer(tokenizer_from)  # tokenizer_file / load_tokenizer raise one line naming the missing file
     state = {k: v.detach().contiguous().cpu() for k, v in progress(state.items(), f"writing {out_dir}", len(state))}
     with atomic_dir(out_dir) as tmp:
         if fmt == "hf":

@@ -10,7 +10,7 @@ from aquila.errors import run_command
 # verb -> (module, help). Each module has `main(argv: list[str]) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("aquila.info", "print a model's config and parameter count"),
-    "convert": ("aquila.convert", "convert checkpoints between FlagAI and Hugging Face formats"),
+    "convert": ("aquila.convert", "convert checkpoints between FlagAI, Hugging Face and GGUF (llama.cpp) formats"),
     "train-tokenizer": ("aquila.tokenizer.train", "train a byte-level BPE tokenizer"),
     "preprocess": ("aquila.data.preprocess", "tokenize jsonl into Megatron .bin/.idx"),
     "merge-datasets": ("aquila.data.merge", "merge several .bin/.idx prefixes into one"),

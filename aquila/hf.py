@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tokenizers import processors
 
+from aquila.chat_template import JINJA_CHAT_TEMPLATE
 from aquila.config import ModelArgs
 from aquila.errors import AquilaError
 from aquila.tokenizer import Tokenizer, load_tokenizer
@@ -64,6 +65,11 @@ def _rename(name: str, to_hf: bool) -> str:
             if name.startswith(theirs):
                 return ours + name[len(theirs) :]
     return name  # unknown names pass through and are reported by the strict load
+
+
+def hf_name(name: str) -> str:
+    """The Hugging Face name of a FlagAI tensor name (`layers.0.attention.wq.weight` -> `model.layers.0....`)."""
+    return _rename(name, to_hf=True)
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -149,8 +155,9 @@ def args_from_hf_config(cfg: dict, source: str) -> ModelArgs:
 
 def write_hf_tokenizer(src: str | os.PathLike, out_dir: Path, args: ModelArgs) -> None:
     """tokenizer.json + tokenizer_config.json for `AutoTokenizer`, from any BPE tokenizer directory (FlagAI's
-    vocab.json + merges.txt too): BOS `[CLS]` is prepended as aquila's Predictor does, and the length limit is the
-    model's. A sentencepiece tokenizer keeps its own files."""
+    vocab.json + merges.txt too): BOS `[CLS]` is prepended as aquila's Predictor does, the length limit is the
+    model's, and `chat_template` renders aquila's chat template (`apply_chat_template` gives `encode_prompt`'s ids).
+    A sentencepiece tokenizer keeps its own files."""
     tokenizer = load_tokenizer(src)
     if not isinstance(tokenizer, Tokenizer):
         return
@@ -168,5 +175,6 @@ def write_hf_tokenizer(src: str | os.PathLike, out_dir: Path, args: ModelArgs) -
         "pad_token": tokenizer.id_to_token(tokenizer.token_pad_id),
         "model_max_length": args.max_seq_len,
         "clean_up_tokenization_spaces": False,
+        "chat_template": JINJA_CHAT_TEMPLATE,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

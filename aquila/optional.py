@@ -17,6 +17,7 @@ EXTRAS: dict[str, str] = {
     "bmtrain": "bmtrain",
     "bminf": "bminf",
     "flash_attn": "gpu",
+    "gguf": "gguf",
 }
 
 

@@ -325,7 +325,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--keep-embeddings", action="store_true", help="leave the token embedding in fp32")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     args = parser.parse_args(argv)
-    check_destination(args.dst, args.overwrite)
+    check_destination(args.dst, args.overwrite, source=args.src)
     quantize_dir(args.src, args.dst, embeddings=not args.keep_embeddings, bits=args.bits, group_size=args.group_size)
     print(f"wrote int{args.bits} model to {args.dst}")
     return 0
