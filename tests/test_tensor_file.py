@@ -57,16 +57,21 @@ def test_bad_files_are_one_line_errors(tmp_path):
 
 PEAK_SCRIPT = textwrap.dedent(
     """
-    import resource, sys, torch
+    import resource, sys
     import aquila
     from aquila.inference.quantize import weight_bytes
     def rss():
         return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
-    before = rss()
-    model = aquila.AutoLoader(model_dir=sys.argv[1], model_name=sys.argv[2], quantize=sys.argv[3] or None,
-                              torch_dtype=sys.argv[4] or None).get_model()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(weight_bytes(model), peak - before, rss() - before)
+    def peak():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def load(name):
+        kw = dict(quantize=sys.argv[3] or None, torch_dtype=sys.argv[4] or None)
+        return aquila.AutoLoader(model_dir=sys.argv[1], model_name=name, **kw).get_model()
+    warm = load(sys.argv[2] + "-small")  # the same route on a small model first: its imports are not counted
+    del warm
+    before, peak_before = rss(), peak()
+    model = load(sys.argv[2])
+    print(weight_bytes(model), max(peak() - peak_before, 0), rss() - before)
     """
 )
 
@@ -77,18 +82,19 @@ PEAK_SCRIPT = textwrap.dedent(
     [("q8", "", ""), ("q4", "", ""), ("fp32", "int4", ""), ("fp32", "int8", ""), ("fp32", "", "float16")],
 )
 def test_a_load_costs_the_models_own_bytes(tmp_path_factory, source, quantize, dtype):
-    """Peak and resident memory of a load, over the loaded weights' bytes: within 1.3x (the issue's target), plus
-    what the largest tensor's temporaries take (an fp32 matrix being quantized or converted)."""
+    """Resident memory after a load over the loaded weights' bytes within 1.3x (the issue's target); the peak
+    within that plus the largest tensor's temporaries (its fp32 copy being quantized or converted, x4)."""
     from aquila.checkpoint import build_model, save_model_dir
     from aquila.cli import main as cli_main
     from aquila.config import ModelArgs
 
     root = tmp_path_factory.getbasetemp() / "tensor_file_models"
     if not (root / "q4").is_dir():
-        args = ModelArgs(dim=512, n_layers=4, n_heads=8, vocab_size=16008, multiple_of=64, max_seq_len=64)
-        save_model_dir(build_model(args, seed=0), root / "fp32")  # 45M parameters: 180 MB fp32
-        assert cli_main(["quantize", str(root / "fp32"), str(root / "q8")]) == 0
-        assert cli_main(["quantize", str(root / "fp32"), str(root / "q4"), "--bits", "4"]) == 0
+        for suffix, dim in (("", 512), ("-small", 128)):
+            args = ModelArgs(dim=dim, n_layers=4, n_heads=8, vocab_size=16008, multiple_of=64, max_seq_len=64)
+            save_model_dir(build_model(args, seed=0), root / f"fp32{suffix}", formats=("safetensors",))  # 117 MB
+            assert cli_main(["quantize", str(root / f"fp32{suffix}"), str(root / f"q8{suffix}")]) == 0
+            assert cli_main(["quantize", str(root / f"fp32{suffix}"), str(root / f"q4{suffix}"), "--bits", "4"]) == 0
     out = subprocess.run(
         [sys.executable, "-c", PEAK_SCRIPT, str(root), source, quantize, dtype],
         capture_output=True,
@@ -96,6 +102,6 @@ def test_a_load_costs_the_models_own_bytes(tmp_path_factory, source, quantize, d
         check=True,
     ).stdout.split()
     weights, peak, resident = map(int, out)
-    largest_fp32 = 16008 * 512 * 4 * 2  # the output matrix and its fp32 temporaries while it is quantized
-    assert resident < 1.3 * weights + 16e6, (weights, peak, resident)
-    assert peak < 1.3 * weights + largest_fp32, (weights, peak, resident)
+    largest_fp32 = 16008 * 512 * 4  # the output matrix
+    assert resident < 1.3 * weights, (weights, peak, resident)
+    assert peak < 1.3 * weights + 4 * largest_fp32, (weights, peak, resident)

@@ -124,13 +124,18 @@ class Int4Linear(nn.Module):
         if self.weight.device.type != "cpu":
             raise AquilaError(f"the int4 CPU kernel needs CPU weights, got {self.weight.device}")
         rows = -(-self.out_features // _ROW_ALIGN) * _ROW_ALIGN
-        packed = torch.empty(rows, self.in_features // 2, dtype=torch.uint8)
+        # The kernel's layout keeps rows in their blocks, so block by block it can overwrite the file layout in
+        # place (no second copy of the layer); a padded matrix (the output) needs a new, slightly larger tensor.
+        packed = (
+            self.weight if rows == self.out_features else torch.empty(rows, self.in_features // 2, dtype=torch.uint8)
+        )
         for start in range(0, rows, _BLOCK_ROWS):
             stop = min(start + _BLOCK_ROWS, rows)
             codes = torch.full((stop - start, self.in_features), 8, dtype=torch.int32)
             real = self.weight[start : min(stop, self.out_features)]
             codes[: real.shape[0]] = unpack_codes(real)
             packed[start:stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            del codes, real
         sz = torch.zeros(self.in_features // self.group_size, rows, 2, dtype=torch.bfloat16)
         sz[:, : self.out_features] = self.scales.to(torch.bfloat16).transpose(0, 1)
         self.weight, self.scales = packed, sz.view(torch.int16)

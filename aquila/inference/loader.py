@@ -29,7 +29,7 @@ from aquila.checkpoint import CONFIG_NAME, SAFETENSORS_NAME, ModelDir, load_into
 from aquila.errors import AquilaError
 from aquila.inference.int4 import prepare_int4
 from aquila.inference.quantize import load_quantized, quantize_model, quantized_bits
-from aquila.inference.tensor_file import iter_safetensors
+from aquila.inference.tensor_file import iter_safetensors, release_freed_memory
 from aquila.lora import merge_adapter
 from aquila.model import AquilaModel
 from aquila.optional import require
@@ -106,6 +106,7 @@ def _load_full(md: ModelDir, dtype: torch.dtype) -> AquilaModel:
     model = meta_model(md.args)
     state = dict(iter_safetensors(weights, lambda _, t: t.to(dtype) if t.is_floating_point() else t))
     load_into(model, state, str(weights), dtype)
+    release_freed_memory()
     return model
 
 

@@ -41,7 +41,7 @@ from aquila.checkpoint import (
 from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
 from aquila.inference.int4 import DEFAULT_GROUP_SIZE, Int4Linear, check_group_size, prepare_int4, quantize_weight_int4
-from aquila.inference.tensor_file import iter_safetensors, tensor_count
+from aquila.inference.tensor_file import iter_safetensors, release_freed_memory, tensor_count
 from aquila.io_utils import read_json
 
 QUANT_FORMAT = "aquila-int8"
@@ -277,7 +277,10 @@ def load_quantized(
     load_into(model, state, str(md.path), dtype)
     del state
     model = model.to(device)
-    return prepare_int4(align_weights(model)) if torch.device(device).type == "cpu" else model
+    if torch.device(device).type == "cpu":
+        prepare_int4(align_weights(model))
+    release_freed_memory()
+    return model
 
 
 def load_int8(md: ModelDir, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -14,6 +14,8 @@ The format is small and fixed (safetensors' spec): 8 bytes little-endian header 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -90,3 +92,17 @@ def read_safetensors(
 ) -> dict[str, torch.Tensor]:
     """The whole file as a dict, read tensor by tensor (see the module docstring)."""
     return dict(iter_safetensors(path, convert))
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system after a load (glibc's malloc_trim; no-op elsewhere).
+
+    A load frees many temporaries of a few MB (fp32 tensors being quantized or converted) that glibc keeps in
+    its heap for reuse, which would otherwise stay counted in the process's memory beside the model."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return
+    if trim is not None:
+        trim(0)
