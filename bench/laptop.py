@@ -45,6 +45,18 @@ def model_args(shape: str):
     return ModelArgs(**{**args.to_dict(), "vocab_size": vocab}) if vocab else args
 
 
+def cpu_features() -> str:
+    """What the kernels can use here, detected (never assumed): torch's dispatch level and the AVX-512 flags."""
+    import torch
+
+    try:
+        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+    return f"torch {torch.backends.cpu.get_cpu_capability()}; " + " ".join(f for f in wanted if f in flags)
+
+
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -222,6 +234,7 @@ def main() -> None:
     from machine import cpu_name
 
     print(f"\n{shape}, random weights, batch 1, {args.threads} threads, {args.tokens} new tokens; {cpu_name()}")
+    print(f"CPU features: {cpu_features()}")
     print(f"load before: {os.getloadavg()}")
     results: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.rounds):
