@@ -2,11 +2,13 @@
 
 `AutoLoader("lm", model_dir="./checkpoints_in", model_name="aquila-7b")` reads `<model_dir>/<model_name>/`:
 
-- an int8 directory written by `aquila quantize` (has `quantization.json`);
+- an int8 or int4 directory written by `aquila quantize` (has `quantization.json`);
 - a Hugging Face `LlamaForCausalLM` directory (config.json with `model_type`);
 - FlagAI's or ours: `config.json` + `model.safetensors` or `pytorch_model.bin`.
 
-Weights are loaded strictly and without two copies (meta-device build, memory-mapped files). The tokenizer comes
+Weights are loaded strictly and without two copies (meta-device build; our safetensors files are read tensor by
+tensor into fresh memory, converted on the way in, so a loaded model costs its own bytes: no file mapping stays
+resident beside an fp16, packed or quantized copy; other files are memory-mapped). The tokenizer comes
 from the same directory, loaded on the first `get_tokenizer()`. The static KV cache is always used and sized at
 generation time, so `use_cache` and `max_batch_size` are accepted for compatibility only.
 
@@ -23,16 +25,18 @@ from pathlib import Path
 
 import torch
 
-from aquila.checkpoint import CONFIG_NAME, ModelDir
+from aquila.checkpoint import CONFIG_NAME, SAFETENSORS_NAME, ModelDir, load_into, meta_model
 from aquila.errors import AquilaError
-from aquila.inference.quantize import load_int8, quantize_model
+from aquila.inference.int4 import prepare_int4
+from aquila.inference.quantize import load_quantized, quantize_model, quantized_bits
+from aquila.inference.tensor_file import iter_safetensors, release_freed_memory
 from aquila.lora import merge_adapter
 from aquila.model import AquilaModel
 from aquila.optional import require
 from aquila.typed_config import is_int
 
 TASKS = ("lm",)
-QUANT_MODES = (None, "int8")
+QUANT_MODES = {None: None, "int8": 8, "int4": 4}
 # FlagAI keyword arguments that have no effect here but are accepted so that its scripts run unchanged.
 COMPAT_KWARGS = {"only_download_config", "low_cpu_mem_usage", "inference_mode", "all_devices"}
 _DTYPES = {
@@ -72,19 +76,38 @@ def load_model(
 ) -> AquilaModel:
     """Load any supported model directory onto `device`, then apply the adapter and quantization transforms."""
     if quantize not in QUANT_MODES:
-        raise AquilaError(f"quantize must be None or 'int8', got {quantize!r}")
+        raise AquilaError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
     dev = check_device(device)
     dtype = dtype or torch.float32
     md = ModelDir.open(path)
-    if md.format == "int8" and adapter_dir is not None:
+    bits = quantized_bits(md)
+    if bits is not None and adapter_dir is not None:
         raise AquilaError(f"{path} is quantized: merge the adapter into the full-precision model, then quantize")
-    if md.format == "int8" or (quantize and adapter_dir is None and not _use_bminf(dev)):
-        return load_int8(md, dtype).to(dev).eval()  # an unquantized directory is quantized tensor by tensor
+    if bits is not None and quantize is not None and QUANT_MODES[quantize] != bits:
+        raise AquilaError(f"{path} is an int{bits} directory; quantize={quantize!r} needs a full-precision one")
+    if quantize == "int4" and dev.type != "cpu":
+        raise AquilaError("int4 runs on CPU only (torch's CPU int4 kernel); use quantize='int8' on CUDA")
+    if bits is not None or (quantize and adapter_dir is None and (quantize == "int4" or not _use_bminf(dev))):
+        # an unquantized directory is quantized tensor by tensor
+        return load_quantized(md, dtype, bits=bits or QUANT_MODES[quantize], device=dev).eval()
     if adapter_dir is not None:
         model = merge_adapter(md.load(), adapter_dir).to(dtype)
     else:
-        model = md.load(dtype=torch.float16 if quantize else dtype)  # quantize here means BMInf, which takes fp16
-    return (_quantize_loaded(model, dev) if quantize else model).to(dev).eval()
+        model = _load_full(md, dtype=torch.float16 if quantize else dtype)  # quantize here: BMInf, which takes fp16
+    return (_quantize_loaded(model, dev, quantize) if quantize else model).to(dev).eval()
+
+
+def _load_full(md: ModelDir, dtype: torch.dtype) -> AquilaModel:
+    """A full-precision model; our safetensors file is read tensor by tensor, each converted to `dtype` before
+    the next is read (see tensor_file.py), so an fp16 load peaks at the fp16 model plus one tensor."""
+    weights = md.path / SAFETENSORS_NAME
+    if md.format != "aquila" or not weights.is_file():
+        return md.load(dtype=dtype)
+    model = meta_model(md.args)
+    state = dict(iter_safetensors(weights, lambda _, t: t.to(dtype) if t.is_floating_point() else t))
+    load_into(model, state, str(weights), dtype)
+    release_freed_memory()
+    return model
 
 
 def _use_bminf(device: torch.device) -> bool:
@@ -99,7 +122,9 @@ def _use_bminf(device: torch.device) -> bool:
     return True
 
 
-def _quantize_loaded(model: AquilaModel, device: torch.device) -> AquilaModel:
+def _quantize_loaded(model: AquilaModel, device: torch.device, quantize: str) -> AquilaModel:
+    if quantize == "int4":
+        return prepare_int4(quantize_model(model, bits=4))
     if _use_bminf(device):
         import bminf
 

@@ -11,7 +11,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", default="aquila-7b", help="folder name under --model-dir")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
-    parser.add_argument("--int8", action="store_true", help="int8 weight-only quantization at load time")
+    quant = parser.add_mutually_exclusive_group()
+    quant.add_argument("--int8", action="store_true", help="int8 weight-only quantization at load time")
+    quant.add_argument(
+        "--int4",
+        action="store_true",
+        help="int4 weight-only quantization at load time (CPU; groups of 64; `aquila quantize --bits 4` saves it)",
+    )
     parser.add_argument("--adapter-dir", default=None, help="LoRA adapter to merge at load time")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.add_argument(
@@ -45,7 +51,7 @@ def load_predictor(args: argparse.Namespace, rows: int = 1):
         device=args.device,
         torch_dtype=args.dtype,
         adapter_dir=args.adapter_dir,
-        quantize="int8" if args.int8 else None,
+        quantize="int8" if args.int8 else "int4" if getattr(args, "int4", False) else None,
     )
     model = loader.get_model()
     if rows > 1 and not (args.compile or args.no_pack) and can_pack(model):

@@ -1,0 +1,164 @@
+"""int4 weight-only linear layers: group-wise asymmetric 4-bit weights, run by torch's CPU int4 kernel.
+
+Each group of `group_size` consecutive input weights of an output row has a scale and a zero point (bf16), and
+    w ~= (q - 8) * scale + zero,  q in 0..15,
+which is the dequantization torch.ops.aten._weight_int4pack_mm_for_cpu computes. With group 64 that is 4.5 bits a
+weight, the same bytes as llama.cpp's q4_0 (which has a scale but no zero point per 32 weights).
+
+On disk (`aquila quantize --bits 4`) a layer is `*.weight` uint8 [out, in / 2], two weights a byte in plain row
+order (low nibble first), and `*.scales` bf16 [out, in / group, 2] holding (scale, zero). That layout is portable;
+the kernel's own packing is blocked for the CPU it runs on, so it is made at load time (`prepare_for_cpu`), in
+row blocks, replacing the plain tensors (the layer then costs its own bytes once). A prepared layer is for
+inference only: its buffers are in the kernel's layout, not the file's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aquila.errors import AquilaError
+
+GROUP_SIZES = (32, 64, 128, 256)  # what the CPU kernel accepts
+DEFAULT_GROUP_SIZE = 64
+_ROW_ALIGN = 16  # the kernel's packing needs a row count divisible by 16 (the 16,008-row output matrix is padded)
+_BLOCK_ROWS = 1024  # rows converted at a time: a multiple of the kernel's row blocking, so blocks concatenate
+
+
+def check_group_size(in_features: int, group_size: int, name: str = "weight") -> None:
+    if group_size not in GROUP_SIZES:
+        raise AquilaError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    if in_features % group_size:
+        raise AquilaError(
+            f"{name}: {in_features} input features are not a multiple of the int4 group size {group_size}"
+        )
+
+
+def quantize_weight_int4(
+    w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, block_rows: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric 4-bit: (packed uint8 [out, in/2], scales bf16 [out, in/group, 2] = (scale, zero)).
+
+    Scale and zero are rounded to bf16 first and the codes chosen against the rounded values, so the weights
+    the kernel reconstructs are the nearest codes to `w` for the scales it actually uses.
+    """
+    rows, cols = w.shape
+    check_group_size(cols, group_size)
+    packed = torch.empty(rows, cols // 2, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(rows, cols // group_size, 2, dtype=torch.bfloat16, device=w.device)
+    for start in range(0, rows, block_rows):
+        block = w[start : start + block_rows].float().reshape(-1, cols // group_size, group_size)
+        low, high = torch.aminmax(block, dim=-1)
+        scale = ((high - low) / 15.0).clamp_(min=1e-10).bfloat16()
+        zero = (low + 8.0 * scale.float()).bfloat16()
+        q = ((block - zero.float()[..., None]) / scale.float()[..., None] + 8.0).round_().clamp_(0, 15)
+        q = q.to(torch.uint8).reshape(q.shape[0], cols)
+        packed[start : start + block_rows] = q[:, 0::2] | (q[:, 1::2] << 4)
+        scales[start : start + block_rows] = torch.stack([scale, zero], dim=-1)
+    return packed, scales
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in/2] (low nibble first) -> int32 codes [out, in]."""
+    low, high = (packed & 0x0F).to(torch.int32), (packed >> 4).to(torch.int32)
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight [out, in] that (packed, scales) stand for."""
+    q = unpack_codes(packed).float()
+    group = q.shape[1] // scales.shape[1]
+    s = scales.float().repeat_interleave(group, dim=1)
+    return (q - 8.0) * s[..., 0] + s[..., 1]
+
+
+def _int4_mm(x: torch.Tensor, w: torch.Tensor, group: int, sz: torch.Tensor, out_features: int) -> torch.Tensor:
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), w, group, sz)
+    return y[:, :out_features].to(x.dtype)
+
+
+# Opaque under torch.compile, as int8's kernel is (see quantize.int8_mm_op).
+@torch.library.custom_op("aquila::int4_mm", mutates_args=())
+def int4_mm_op(x: torch.Tensor, w: torch.Tensor, group: int, sz: torch.Tensor, out_features: int) -> torch.Tensor:
+    return _int4_mm(x, w, group, sz, out_features)
+
+
+@int4_mm_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, group: int, sz: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T with W in group-wise int4 (see the module docstring for the two layouts)."""
+
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_group_size(in_features, group_size)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.prepared = False
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        groups = in_features // group_size
+        self.register_buffer("scales", torch.empty(out_features, groups, 2, dtype=torch.bfloat16, device=device))
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Linear:
+        module = cls(*w.shape, group_size=group_size, device=w.device)
+        if not w.is_meta:
+            module.weight, module.scales = quantize_weight_int4(w, group_size)
+        return module
+
+    def prepare_for_cpu(self) -> None:
+        """Replace the file layout by the CPU kernel's, in row blocks (the int32 codes of one block at a time).
+
+        The kernel's (scale, zero) tensor [in/group, rows, 2] bf16 is kept as its int16 bit pattern, so that a
+        later `.half()` or `.float()` on the model (integer buffers are left alone) cannot change it."""
+        if self.prepared:
+            return
+        if self.weight.device.type != "cpu":
+            raise AquilaError(f"the int4 CPU kernel needs CPU weights, got {self.weight.device}")
+        rows = -(-self.out_features // _ROW_ALIGN) * _ROW_ALIGN
+        # The kernel's layout keeps rows in their blocks, so block by block it can overwrite the file layout in
+        # place (no second copy of the layer); a padded matrix (the output) needs a new, slightly larger tensor.
+        packed = (
+            self.weight if rows == self.out_features else torch.empty(rows, self.in_features // 2, dtype=torch.uint8)
+        )
+        for start in range(0, rows, _BLOCK_ROWS):
+            stop = min(start + _BLOCK_ROWS, rows)
+            codes = torch.full((stop - start, self.in_features), 8, dtype=torch.int32)
+            real = self.weight[start : min(stop, self.out_features)]
+            codes[: real.shape[0]] = unpack_codes(real)
+            packed[start:stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            del codes, real
+        sz = torch.zeros(self.in_features // self.group_size, rows, 2, dtype=torch.bfloat16)
+        sz[:, : self.out_features] = self.scales.to(torch.bfloat16).transpose(0, 1)
+        self.weight, self.scales = packed, sz.view(torch.int16)
+        self.prepared = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.prepared and x.device.type == "cpu":
+            mm = int4_mm_op if torch.compiler.is_compiling() else _int4_mm
+            y = mm(rows, self.weight, self.group_size, self.scales.view(torch.bfloat16), self.out_features)
+        elif self.prepared:
+            raise AquilaError("this int4 layer is in the CPU kernel's layout; load the model again for another device")
+        else:
+            y = F.linear(rows, dequantize_int4(self.weight, self.scales).to(device=x.device, dtype=x.dtype))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, int4, group={self.group_size}"
+
+
+def prepare_int4(model: nn.Module) -> nn.Module:
+    """Put every Int4Linear of a CPU model into the kernel's layout (once, after loading)."""
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.prepare_for_cpu()
+    return model
