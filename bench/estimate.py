@@ -41,14 +41,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(shape: dict, seq: int, world: int) -> list[dict]:
-    cmd = [sys.executable, str(WORKER), json.dumps(shape), str(seq), *map(json.dumps, CASES)]
+def measure(shape: dict, seq: int, world: int, case: dict) -> dict:
+    """One case in fresh processes, so that the RSS growth is this step's alone."""
+    cmd = [sys.executable, str(WORKER), json.dumps(shape), str(seq), json.dumps(case)]
     if world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
                f"--master-port={free_port()}", *cmd[1:]]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return next(json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))
 
 
 def main() -> None:
@@ -62,7 +63,7 @@ def main() -> None:
     print(f"{'ranks':>5} {'env_type':<11} {'ckpt':<5} {'estimate MiB':>13} {'measured MiB':>13} {'error':>7}"
           f" {'RSS growth MiB':>15}")  # fmt: skip
     for world in (1, 2):
-        for row in measure(shape, a.seq, world):
+        for row in (measure(shape, a.seq, world, case) for case in CASES):
             cfg = from_dict(TrainConfig, {"max_steps": 1, **row["case"]}, "case")
             est = estimate(cfg, args, Target(world, "cpu", None, 0), a.seq).peak
             case = row["case"]

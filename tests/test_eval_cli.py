@@ -123,7 +123,10 @@ def _run_error(argv: list[str], capsys) -> str:
 def test_cli_errors_exit_2_with_one_line(model_root, tmp_path, capsys):
     base = ["eval", "--model-dir", str(model_root), "--model-name", "tiny", "--device", "cpu"]
     err = _run_error(base + ["--data-dir", str(EXAMPLES), "--tasks", "mmlu,squad"], capsys)
-    assert err == "error: unknown task 'squad'; known tasks: mmlu_zh, clue, mmlu, boolq, truthfulqa, imdb, raft, multiple_choice"
+    assert (
+        err
+        == "error: unknown task 'squad'; known tasks: mmlu_zh, clue, mmlu, boolq, truthfulqa, imdb, raft, multiple_choice"
+    )
     shutil.copytree(EXAMPLES / "boolq", tmp_path / "boolq")
     (tmp_path / "boolq" / "dev.jsonl").write_text("")
     err = _run_error(base + ["--data-dir", str(tmp_path), "--tasks", "boolq"], capsys)
