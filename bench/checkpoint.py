@@ -51,6 +51,26 @@ def worker(opts) -> None:
     from aquila.train.config import TrainConfig
     from aquila.train.distributed import barrier, resolve_env, shutdown
 
+    if os.environ.get("BENCH_PROFILE"):
+        import functools
+
+        from aquila.train import distributed
+
+        def timed(owner, name):
+            f = getattr(owner, name)
+
+            @functools.wraps(f)
+            def g(*a, **k):
+                t = time.perf_counter()
+                r = f(*a, **k)
+                print(f"  rank{os.environ['RANK']} {name}: {time.perf_counter() - t:.2f}s", flush=True)
+                return r
+
+            setattr(owner, name, g)
+
+        for name in ("save_weights", "write_manifest", "_fsync_tree", "save_model_shards"):
+            timed(checkpointing, name)
+        timed(distributed.FSDPBackend, "full_state_dict")
     base = Path(opts.dir)
     cfgs = {
         mode: TrainConfig(
@@ -114,6 +134,7 @@ def main() -> None:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             sys.exit(out.stderr[-3000:])
+    print("\n".join(line for line in out.stdout.splitlines() if line.startswith("  rank")))  # BENCH_PROFILE
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     meta = rows.pop()
     print(f"{meta['params'] / 1e6:.1f}M params, {meta['world_size']} gloo ranks, {opts.env}; uptime:"
