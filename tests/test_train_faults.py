@@ -258,31 +258,41 @@ def _flip_a_bit(path: Path) -> Path:
     return path
 
 
-def test_full_disk_during_the_optimizer_save_is_one_line(tmp_path, monkeypatch, capsys):
-    """save_optim True: DCP wraps the OSError in a CheckpointException, a BaseException."""
+@pytest.mark.parametrize(
+    "keys, subdir, part",
+    [
+        (dict(max_steps=4, save_optim=True), "optim", "in the optimizer state"),
+        (dict(max_steps=6, save_optim=True, save_full_interval=6), "model", "in the weight shards"),  # 2, 4: shards
+    ],
+)
+def test_full_disk_during_a_dcp_save_is_one_line(tmp_path, monkeypatch, capsys, keys, subdir, part):
+    """DCP (the optimizer state; the weights between save_full_interval steps) wraps the OSError in a
+    CheckpointException, a BaseException."""
     import torch.distributed.checkpoint.filesystem as dcp_fs
 
     real_write_item = dcp_fs._write_item
 
     def write_item_until_full(transforms, stream, data, write_item, *args):
-        if ".4.partial" in str(getattr(stream, "name", "")):
+        if f".4.partial/{subdir}/" in str(getattr(stream, "name", "")):
             stream.write(b"x" * 100)
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write_item(transforms, stream, data, write_item, *args)
 
     monkeypatch.setattr(dcp_fs, "_write_item", write_item_until_full)
     out = tmp_path / "out"
-    assert _pretrain(tmp_path, max_steps=4, save_interval=2, num_checkpoints=1, save_optim=True) == 2
+    assert _pretrain(tmp_path, save_interval=2, num_checkpoints=1, **keys) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: cannot write checkpoint {out / '4'}: "), err
     assert "No space left on device" in err and f"{out / '2'} is still the latest checkpoint" in err
+    assert f"{part})" in err, err  # "(rank 0, in ...)" when DCP wraps the error, "(in ...)" when it does not
     assert sorted(p.name for p in out.iterdir()) == ["2", "latest_iteration.txt", "metrics.jsonl"]  # no .partial
     assert checkpointing.verify_checkpoint(out / "2")
 
     monkeypatch.setattr(dcp_fs, "_write_item", real_write_item)  # space freed: the same command continues
     before = losses(out)
-    assert _pretrain(tmp_path, max_steps=4, save_interval=2, num_checkpoints=1, save_optim=True) == 0
-    assert losses(out)[3] == before[3] and (out / "latest_iteration.txt").read_text().split()[0] == "4"
+    assert _pretrain(tmp_path, save_interval=2, num_checkpoints=1, **keys) == 0
+    last = str(keys["max_steps"])
+    assert losses(out)[3] == before[3] and (out / "latest_iteration.txt").read_text().split()[0] == last
 
 
 def test_step_without_manifest_is_not_trusted(tmp_path, capsys):

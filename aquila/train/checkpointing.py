@@ -317,9 +317,11 @@ class Saver:
     def _write_files(self, full, sharded: bool, tmp: Path, model: nn.Module, optimizer, state: dict[str, Any]) -> None:
         env = self.backend.env
         if self.cfg.save_optim and state["optimizer_state"]:  # collective first: DCP reports a failure to every rank
-            self.backend.save_optimizer(model, optimizer, tmp / OPTIM_DIR)
+            with _part("the optimizer state"):
+                self.backend.save_optimizer(model, optimizer, tmp / OPTIM_DIR)
         if sharded:
-            save_model_shards(model, tmp / SHARDED_DIR)
+            with _part("the weight shards"):
+                save_model_shards(model, tmp / SHARDED_DIR)
         if env.is_main:
             self._write_model(full, tmp, sharded)
             (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
@@ -384,8 +386,19 @@ def _describe(error: BaseException) -> str:
     """The error's own line; for DCP's CheckpointException (a traceback per rank), the first rank's error."""
     if isinstance(error, CheckpointException) and error.failures:
         rank, (inner, _) = next(iter(sorted(error.failures.items(), key=lambda item: item[0])))
-        return f"{_describe(inner)} (rank {rank}, in the optimizer state)"
-    return str(error) or type(error).__name__
+        return f"{_describe(inner)} (rank {rank}, in {getattr(error, 'aquila_part', 'a distributed checkpoint')})"
+    part = f" (in {error.aquila_part})" if hasattr(error, "aquila_part") else ""
+    return (str(error) or type(error).__name__) + part
+
+
+@contextlib.contextmanager
+def _part(name: str):
+    """Name the part of a save a CheckpointException comes from (DCP writes both the optimizer and weight shards)."""
+    try:
+        yield
+    except (Exception, CheckpointException) as e:
+        e.aquila_part = name
+        raise
 
 
 def _fsync_tree(root: Path) -> None:
