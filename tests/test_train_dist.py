@@ -10,6 +10,7 @@ import textwrap
 import time
 
 import pytest
+
 from aquila.checkpoint import ModelDir, load_model_dir
 from tests.train_helpers import REPO, losses, pretrain_config, torchrun, write_yaml
 
