@@ -2,7 +2,8 @@
 
 Formats (`ModelDir.format`):
 - "aquila": FlagAI's `config.json` with `model.safetensors` and/or `pytorch_model.bin` (a plain state dict or one
-  wrapped under `module`);
+  wrapped under `module`), or a training step whose weights are only its ranks' shards (`model/`, a
+  torch.distributed.checkpoint, read here into one full state dict);
 - "hf": a `LlamaForCausalLM` directory (config.json has `model_type`; weights possibly sharded under an index);
 - "int8": written by `aquila quantize` (FlagAI config + `quantization.json`; built by aquila.inference.quantize).
 State dicts are always under FlagAI's names. Loading never holds two copies of the weights: the model is built
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +39,44 @@ CONFIG_NAME = "config.json"
 QUANT_CONFIG = "quantization.json"  # marks an int8 directory
 ADAPTER_CONFIG = "adapter_config.json"  # marks a LoRA adapter directory (not a model)
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SHARDED_DIR = "model"  # a training step's weights as its ranks' torch.distributed.checkpoint shards
+DCP_METADATA = ".metadata"
+
+
+def is_sharded(path: Path) -> bool:
+    return (path / DCP_METADATA).is_file()
+
+
+def read_sharded_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The full state dict of a torch.distributed.checkpoint directory, read in this one process (no process group),
+    whatever the number of ranks that wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    try:
+        reader = dcp.FileSystemReader(str(path))
+        tensors = reader.read_metadata().state_dict_metadata
+        state = {
+            k: torch.empty(m.size, dtype=m.properties.dtype)
+            for k, m in tensors.items()
+            if isinstance(m, TensorStorageMetadata)
+        }
+        if len(state) != len(tensors):
+            raise ValueError("entries that are not tensors")
+        with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the intent
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader, no_dist=True)
+    except Exception as e:  # DCP raises CheckpointException (a BaseException subclass of Exception) and others
+        raise AquilaError(f"{path}: cannot read sharded weights ({type(e).__name__}: {str(e)[:200]})") from None
+    return state
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read one weights file (safetensors or a torch pickle) onto the CPU, memory-mapped where possible."""
     path = Path(path)
+    if path.is_dir() and is_sharded(path):
+        return read_sharded_state(path)
     if not path.is_file():
         raise AquilaError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":
@@ -129,8 +164,11 @@ def find_weights(model_dir: str | os.PathLike) -> Path:
     for name in (SAFETENSORS_NAME, BIN_NAME):
         if (model_dir / name).is_file():
             return model_dir / name
+    if is_sharded(model_dir / SHARDED_DIR):
+        return model_dir / SHARDED_DIR
     raise AquilaError(
-        f"{model_dir}: no weights found (expected {SAFETENSORS_NAME} or {BIN_NAME}){_adapter_hint(model_dir)}"
+        f"{model_dir}: no weights found (expected {SAFETENSORS_NAME}, {BIN_NAME} or a training step's"
+        f" {SHARDED_DIR}/{DCP_METADATA}){_adapter_hint(model_dir)}"
     )
 
 
@@ -158,7 +196,8 @@ class ModelDir:
         path = Path(path)
         if not path.is_dir():
             raise AquilaError(f"{path}: model directory not found")
-        verify_manifest(path, top_level_only=True)  # a training step's manifest.json: its files are intact
+        # A training step's manifest.json: its model files are intact (its optim/ and rng/ states are not read here).
+        verify_manifest(path, top_level_only=True, subdirs=(SHARDED_DIR,))
         config = path / CONFIG_NAME
         if not config.is_file():
             raise AquilaError(

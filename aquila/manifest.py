@@ -20,9 +20,9 @@ from aquila.io_utils import read_json, write_text_atomic
 
 MANIFEST = "manifest.json"
 
-# Directories already verified in this process, with the stats they had then: resume checks a checkpoint and
-# then opens it as a model directory; a 7B checkpoint is ~100 GB to read, so it is read once.
-_verified: dict[tuple[str, bool], tuple] = {}
+# Files already verified in this process, with their manifest's and their own stats then: resume checks a
+# checkpoint and then opens it as a model directory; a 7B checkpoint is ~100 GB to read, so it is read once.
+_verified: dict[str, tuple] = {}
 
 
 def _crc32(path: Path) -> int:
@@ -53,10 +53,10 @@ def _stats(paths: list[Path]) -> tuple:
     return tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
 
 
-def verify_manifest(directory: str | os.PathLike, top_level_only: bool = False) -> bool:
+def verify_manifest(directory: str | os.PathLike, top_level_only: bool = False, subdirs: tuple[str, ...] = ()) -> bool:
     """Check the files listed in `directory`'s manifest.json: one error naming the first bad file.
-    False: there is no manifest to check. `top_level_only`: only the files directly in `directory` (a model
-    directory's own files, not a training step's optim/ and rng/ states)."""
+    False: there is no manifest to check. `top_level_only`: only the files directly in `directory` and in
+    `subdirs` (a model directory's own files and its sharded weights, not a training step's optim/ and rng/)."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
@@ -68,24 +68,26 @@ def verify_manifest(directory: str | os.PathLike, top_level_only: bool = False) 
     ):
         raise AquilaError(f"{path}: expected {{'files': {{name: {{'bytes': int, 'crc32': int}}}}}} (corrupt manifest)")
     if top_level_only:
-        wanted = {name: w for name, w in wanted.items() if "/" not in name}
+        wanted = {name: w for name, w in wanted.items() if _model_file(name, subdirs)}
     for name, want in wanted.items():  # sizes first: cheap, and they catch truncation and missing shards
         f = directory / name
         if not f.is_file():
             raise AquilaError(f"{f}: missing (listed in {path})")
         if f.stat().st_size != want["bytes"]:
             raise AquilaError(f"{f}: {f.stat().st_size} bytes, expected {want['bytes']} (truncated or overwritten)")
-    files = [directory / name for name in wanted]
-    key, stats = (str(directory.resolve()), top_level_only), _stats([path, *files])
-    if _verified.get(key) == stats:
-        return True
-    for f, crc, want in zip(files, crc32s(files), wanted.values()):
-        if crc != want["crc32"]:
+    stamps = {name: _stats([path, directory / name]) for name in wanted}
+    todo = [name for name in wanted if _verified.get(str((directory / name).resolve())) != stamps[name]]
+    files = [directory / name for name in todo]
+    for f, crc, name in zip(files, crc32s(files) if files else [], todo):
+        if crc != wanted[name]["crc32"]:
             raise AquilaError(f"{f}: checksum differs from {path} (corrupt file)")
-    _verified[key] = stats
-    if not top_level_only:
-        _verified[(key[0], True)] = _stats([path, *(f for f, n in zip(files, wanted) if "/" not in n)])
+    for f, name in zip(files, todo):
+        _verified[str(f.resolve())] = stamps[name]
     return True
+
+
+def _model_file(name: str, subdirs: tuple[str, ...]) -> bool:
+    return "/" not in name or name.split("/", 1)[0] in subdirs
 
 
 def main(argv: list[str] | None = None) -> int:

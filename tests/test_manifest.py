@@ -48,6 +48,18 @@ def test_a_verified_directory_is_not_read_again_until_it_changes(tmp_path, monke
         manifest.verify_manifest(d)
 
 
+def test_top_level_only_also_checks_the_named_subdirs(tmp_path):
+    d = _dir(tmp_path)
+    (d / "model").mkdir()
+    (d / "model" / "__0_0.distcp").write_bytes(b"shard" * 10)
+    manifest.write_manifest(d)
+    (d / "model" / "__0_0.distcp").write_bytes(b"SHARD" * 10)  # a sharded step's weights, same size
+    (d / "optim" / "0.distcp").write_bytes(b"ADAM" * 10)
+    assert manifest.verify_manifest(d, top_level_only=True)  # neither is a plain model directory's file
+    with pytest.raises(AquilaError, match=r"model/__0_0.distcp: checksum differs"):
+        manifest.verify_manifest(d, top_level_only=True, subdirs=("model",))
+
+
 def test_manifest_cli_writes_and_verifies(tmp_path, capsys):
     d = _dir(tmp_path)
     (d / "manifest.json").unlink()

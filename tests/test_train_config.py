@@ -96,12 +96,12 @@ def test_corrupt_checkpoint_detected_before_training(tmp_path, capsys):
     rc, _, _ = _run_bad(tmp_path, capsys, max_steps=2, save_interval=2)
     assert rc == 0
     step_dir = tmp_path / "out" / "2"
-    data = (step_dir / "model.safetensors").read_bytes()
-    (step_dir / "model.safetensors").write_bytes(data[: len(data) // 2])
+    data = (step_dir / "pytorch_model.bin").read_bytes()
+    (step_dir / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
     rc, out, err = _run_bad(
         tmp_path, capsys, load_dir=str(tmp_path / "out"), max_steps=4, save_dir=str(tmp_path / "o2")
     )
-    assert rc == 2 and err.count("\n") == 1 and "model.safetensors" in err, err
+    assert rc == 2 and err.count("\n") == 1 and "pytorch_model.bin" in err, err
     assert "iteration" not in out
 
 

@@ -10,9 +10,8 @@ import textwrap
 import time
 
 import pytest
-from safetensors.torch import load_file
 
-from aquila.checkpoint import load_model_dir
+from aquila.checkpoint import ModelDir, load_model_dir
 from tests.train_helpers import REPO, losses, pretrain_config, torchrun, write_yaml
 
 pytestmark = pytest.mark.slow
@@ -36,10 +35,10 @@ def test_ddp_and_fsdp_match_single_process(tmp_path):
     _run(tmp_path, "single", 1, batch_size=8, env_type="pytorch")
     _run(tmp_path, "ddp", 2, batch_size=2, gradient_accumulation_steps=2, env_type="pytorchDDP")
     _run(tmp_path, "fsdp", 2, batch_size=4, env_type="fsdp", checkpoint_activations=True)
-    ref = load_file(tmp_path / "single" / "3" / "model.safetensors")
+    ref = ModelDir.open(tmp_path / "single" / "3").read_state()
     ref_losses = losses(tmp_path / "single")
     for name in ("ddp", "fsdp"):
-        got = load_file(tmp_path / name / "3" / "model.safetensors")
+        got = ModelDir.open(tmp_path / name / "3").read_state()
         assert set(got) == set(ref)
         for k in ref:
             # Adam divides by sqrt(v): where a gradient is ~0, fp32 reduction-order noise can move a weight by up
@@ -51,11 +50,13 @@ def test_ddp_and_fsdp_match_single_process(tmp_path):
 
 
 def test_fsdp_exact_resume_and_reshard_to_one_process(tmp_path):
-    common = dict(batch_size=2, env_type="fsdp", max_steps=4)
-    cfg = pretrain_config(tmp_path, save_dir=str(tmp_path / "full"), save_interval=2, **common)
+    common = dict(batch_size=2, env_type="fsdp", max_steps=4, save_full_interval=4)  # step 2: the ranks' shards
+    cfg = pretrain_config(tmp_path, save_dir=str(tmp_path / "full"), save_interval=2, num_checkpoints=2, **common)
     res = torchrun(["--yaml_config", str(write_yaml(tmp_path / "full.yaml", cfg))], cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     full = losses(tmp_path / "full")
+    step2 = tmp_path / "full" / "2"
+    assert not (step2 / "pytorch_model.bin").exists() and len(list((step2 / "model").glob("*.distcp"))) == 2
     cfg.update(save_dir=str(tmp_path / "resumed"), load_dir=str(tmp_path / "full" / "2"))
     res = torchrun(["--yaml_config", str(write_yaml(tmp_path / "resumed.yaml", cfg))], cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -77,8 +78,8 @@ KILLER = textwrap.dedent(
     from pathlib import Path
     import aquila.train.checkpointing as ck
     orig = ck.save_weights
-    def slow(state, directory):
-        orig(state, directory)
+    def slow(state, directory, formats):
+        orig(state, directory, formats)
         if Path(directory).name == ".4.partial":
             Path(sys.argv[1]).write_text("in save")
             time.sleep(120)

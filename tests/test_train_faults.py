@@ -33,7 +33,7 @@ def test_auto_resume_across_runs_falls_back_past_a_corrupt_step(tmp_path, capsys
     first = _runs(tmp_path) / "2026113001"
     assert _pretrain(tmp_path, max_steps=4, save_interval=2, save_dir=str(first)) == 0
     full = losses(first)
-    weights = first / "4" / "model.safetensors"
+    weights = first / "4" / "pytorch_model.bin"
     weights.write_bytes(weights.read_bytes()[:-10])  # the newest checkpoint is truncated
     capsys.readouterr()
 
@@ -51,15 +51,15 @@ def test_auto_resume_across_runs_falls_back_past_a_corrupt_step(tmp_path, capsys
 
 
 def _truncate(step: Path) -> Path:
-    path = step / "model.safetensors"
+    path = step / "pytorch_model.bin"
     path.write_bytes(path.read_bytes()[:100])
     return path
 
 
 def _bad_header(step: Path) -> Path:
-    path = step / "model.safetensors"
+    path = step / "pytorch_model.bin"
     data = bytearray(path.read_bytes())
-    data[8:12] = b"XXXX"  # same size, broken JSON header
+    data[8:12] = b"XXXX"  # same size, broken zip header
     path.write_bytes(bytes(data))
     return path
 
@@ -85,11 +85,11 @@ def test_corrupt_checkpoint_named_before_training(tmp_path, capsys, damage):
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
     real_write = checkpointing.save_weights
 
-    def write_until_full(state, directory):
+    def write_until_full(state, directory, formats):
         if directory.name == ".4.partial":
-            (directory / "model.safetensors").write_bytes(b"half a file")
-            raise OSError(errno.ENOSPC, "No space left on device", str(directory / "model.safetensors"))
-        real_write(state, directory)
+            (directory / "pytorch_model.bin").write_bytes(b"half a file")
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory / "pytorch_model.bin"))
+        real_write(state, directory, formats)
 
     monkeypatch.setattr(checkpointing, "save_weights", write_until_full)
     out = tmp_path / "out"
@@ -222,10 +222,10 @@ import errno, os, sys
 from pathlib import Path
 import aquila.train.checkpointing as ck
 real = ck.save_weights
-def full(state, directory):
+def full(state, directory, formats):
     if Path(directory).name == ".4.partial":
-        raise OSError(errno.ENOSPC, "No space left on device", str(Path(directory) / "model.safetensors"))
-    real(state, directory)
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(directory) / "pytorch_model.bin"))
+    real(state, directory, formats)
 ck.save_weights = full  # only rank 0 writes the weights: rank 1 must learn of the failure, not hang
 from aquila.train.pretrain import main
 sys.exit(main(sys.argv[1:]))
@@ -258,31 +258,41 @@ def _flip_a_bit(path: Path) -> Path:
     return path
 
 
-def test_full_disk_during_the_optimizer_save_is_one_line(tmp_path, monkeypatch, capsys):
-    """save_optim True: DCP wraps the OSError in a CheckpointException, a BaseException."""
+@pytest.mark.parametrize(
+    "keys, subdir, part",
+    [
+        (dict(max_steps=4, save_optim=True), "optim", "in the optimizer state"),
+        (dict(max_steps=6, save_optim=True, save_full_interval=6), "model", "in the weight shards"),  # 2, 4: shards
+    ],
+)
+def test_full_disk_during_a_dcp_save_is_one_line(tmp_path, monkeypatch, capsys, keys, subdir, part):
+    """DCP (the optimizer state; the weights between save_full_interval steps) wraps the OSError in a
+    CheckpointException, a BaseException."""
     import torch.distributed.checkpoint.filesystem as dcp_fs
 
     real_write_item = dcp_fs._write_item
 
     def write_item_until_full(transforms, stream, data, write_item, *args):
-        if ".4.partial" in str(getattr(stream, "name", "")):
+        if f".4.partial/{subdir}/" in str(getattr(stream, "name", "")):
             stream.write(b"x" * 100)
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write_item(transforms, stream, data, write_item, *args)
 
     monkeypatch.setattr(dcp_fs, "_write_item", write_item_until_full)
     out = tmp_path / "out"
-    assert _pretrain(tmp_path, max_steps=4, save_interval=2, num_checkpoints=1, save_optim=True) == 2
+    assert _pretrain(tmp_path, save_interval=2, num_checkpoints=1, **keys) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: cannot write checkpoint {out / '4'}: "), err
     assert "No space left on device" in err and f"{out / '2'} is still the latest checkpoint" in err
+    assert f"{part})" in err, err  # "(rank 0, in ...)" when DCP wraps the error, "(in ...)" when it does not
     assert sorted(p.name for p in out.iterdir()) == ["2", "latest_iteration.txt", "metrics.jsonl"]  # no .partial
     assert checkpointing.verify_checkpoint(out / "2")
 
     monkeypatch.setattr(dcp_fs, "_write_item", real_write_item)  # space freed: the same command continues
     before = losses(out)
-    assert _pretrain(tmp_path, max_steps=4, save_interval=2, num_checkpoints=1, save_optim=True) == 0
-    assert losses(out)[3] == before[3] and (out / "latest_iteration.txt").read_text().split()[0] == "4"
+    assert _pretrain(tmp_path, save_interval=2, num_checkpoints=1, **keys) == 0
+    last = str(keys["max_steps"])
+    assert losses(out)[3] == before[3] and (out / "latest_iteration.txt").read_text().split()[0] == last
 
 
 def test_step_without_manifest_is_not_trusted(tmp_path, capsys):
@@ -290,7 +300,7 @@ def test_step_without_manifest_is_not_trusted(tmp_path, capsys):
     assert _pretrain(tmp_path, max_steps=4, save_interval=2) == 0
     full = losses(out)
     (out / "4" / "manifest.json").unlink()
-    _flip_a_bit(out / "4" / "model.safetensors")
+    _flip_a_bit(out / "4" / "pytorch_model.bin")
     capsys.readouterr()
 
     assert _pretrain(tmp_path, "x.yaml", max_steps=4, save_interval=2, load_dir=str(out / "4")) == 2
@@ -345,7 +355,7 @@ def test_loaders_check_a_steps_manifest(tmp_path, capsys):
     assert _pretrain(tmp_path, max_steps=2, save_interval=2) == 0
     step = tmp_path / "out" / "2"
     ModelDir.open(step)  # intact
-    bad = _flip_a_bit(step / "model.safetensors")
+    bad = _flip_a_bit(step / "pytorch_model.bin")
     capsys.readouterr()
     assert cli_main(["convert", str(step), str(tmp_path / "hf"), "--to", "hf"]) == 2
     err = capsys.readouterr().err

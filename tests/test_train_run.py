@@ -31,8 +31,9 @@ def test_checkpoint_layout_and_flagai_loadable(tmp_path):
     assert (out / "latest_iteration.txt").read_text() == "3\t3\n"
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["3"]  # num_checkpoints 1 pruned step 2
     step = out / "3"
-    for name in ("config.json", "model.safetensors", "pytorch_model.bin", "trainer_state.json", "optim", "rng"):
+    for name in ("config.json", "pytorch_model.bin", "trainer_state.json", "optim", "rng"):
         assert (step / name).exists(), name
+    assert not (step / "model.safetensors").exists() and not (step / "model").exists()  # the weights once
     bin_state = torch.load(step / "pytorch_model.bin", weights_only=True)
     assert "module" not in bin_state and "tok_embeddings.weight" in bin_state  # FlagAI's plain full state dict
     model = load_model_dir(step)
@@ -45,14 +46,17 @@ def test_checkpoint_layout_and_flagai_loadable(tmp_path):
     assert torch.equal(loaded.state_dict()["output.weight"].float(), bin_state["output.weight"])
 
 
-def test_exact_resume_bitwise(tmp_path):
-    assert _pretrain(tmp_path, max_steps=6, save_interval=3, gradient_accumulation_steps=2, batch_size=2) == 0
+@pytest.mark.parametrize("full_every", [3, 6])  # step 3 holds pytorch_model.bin / only its shards (model/)
+def test_exact_resume_bitwise(tmp_path, full_every):
+    common = dict(max_steps=6, save_interval=3, gradient_accumulation_steps=2, batch_size=2, num_checkpoints=2)
+    assert _pretrain(tmp_path, save_full_interval=full_every, **common) == 0
     full = losses(tmp_path / "out")
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "out" / "3" / "pytorch_model.bin").is_file() == (full_every == 3)
+    assert (tmp_path / "out" / "3" / "model" / ".metadata").is_file() == (full_every == 6)
     rc = _pretrain(
-        tmp_path, "r.yaml", max_steps=6, save_interval=3, gradient_accumulation_steps=2, batch_size=2,
-        load_dir=str(tmp_path / "out" / "3"), save_dir=str(tmp_path / "resumed"),
-    )  # fmt: skip
+        tmp_path, "r.yaml", load_dir=str(tmp_path / "out" / "3"), save_dir=str(tmp_path / "resumed"), **common
+    )
     assert rc == 0
     resumed = losses(tmp_path / "resumed")
     assert sorted(resumed) == [4, 5, 6]
@@ -290,3 +294,49 @@ def test_tokenizer_smaller_than_the_vocabulary_warns_once(tmp_path, capsys):
     micro_model_dir(tmp_path / "pre" / "m", vocab=n)
     assert _pretrain(tmp_path, save_dir=str(tmp_path / "o2"), **common) == 0
     assert "warning: tokenizer" not in capsys.readouterr().out
+
+
+def test_sharded_step_opens_like_a_model_dir_and_its_shards_are_checked(tmp_path, capsys):
+    """save_full_interval 2: steps 1 and 3 would be shards only, but 3 is the last step: it holds the full file."""
+    from aquila.checkpoint import ModelDir
+    from aquila.cli import main as cli_main
+    from aquila.errors import AquilaError
+    from aquila.inference.loader import AutoLoader
+
+    rc = _pretrain(tmp_path, max_steps=3, save_interval=1, save_full_interval=2, num_checkpoints=3)
+    assert rc == 0
+    out = tmp_path / "out"
+    weights = {
+        s: sorted(p.name for p in (out / s).iterdir() if p.name in ("model", "pytorch_model.bin")) for s in "123"
+    }
+    assert weights == {"1": ["model"], "2": ["pytorch_model.bin"], "3": ["pytorch_model.bin"]}
+    manifest = json.loads((out / "1" / "manifest.json").read_text())["files"]
+    shards = sorted(n for n in manifest if n.startswith("model/"))
+    assert "model/.metadata" in shards and any(n.endswith(".distcp") for n in shards)
+
+    step = out / "1"
+    state = ModelDir.open(step).read_state()
+    model = load_model_dir(step)
+    assert set(state) == set(model.state_dict()) and all(torch.equal(state[k], model.state_dict()[k]) for k in state)
+    loaded = AutoLoader(model_dir=str(out), model_name="1").get_model()
+    assert torch.equal(loaded.state_dict()["output.weight"].float(), state["output.weight"])
+    assert cli_main(["convert", str(step), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    hf = ModelDir.open(tmp_path / "hf").read_state()
+    assert all(torch.equal(hf[k], state[k]) for k in state)
+
+    shard = out / "1" / shards[-1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(AquilaError, match=f"{shard}: checksum differs"):
+        ModelDir.open(step)
+
+
+def test_save_full_format_safetensors_and_interval_checked(tmp_path, capsys):
+    assert _pretrain(tmp_path, max_steps=2, save_interval=2, save_full_format="safetensors") == 0
+    names = {p.name for p in (tmp_path / "out" / "2").iterdir()}
+    assert "model.safetensors" in names and "pytorch_model.bin" not in names
+    load_model_dir(tmp_path / "out" / "2")
+    capsys.readouterr()
+    assert _pretrain(tmp_path, "bad.yaml", max_steps=2, save_full_interval=0, save_dir=str(tmp_path / "x")) == 2
+    assert "save_full_interval must be positive" in capsys.readouterr().err

@@ -1,8 +1,11 @@
 """Training checkpoints in FlagAI's layout, written atomically, and exact resume.
 
-`<save_dir>/<step>/` holds a self-contained model directory (config.json, model.safetensors, FlagAI's
-pytorch_model.bin as a plain full state dict, tokenizer files; LoRA runs write adapter_config.json +
-adapter_model.{safetensors,bin} instead of the base weights) plus the training state: trainer_state.json
+`<save_dir>/<step>/` holds a model directory (config.json, tokenizer files and the weights, written once: FlagAI's
+pytorch_model.bin as a plain full state dict from rank 0 (model.safetensors with save_full_format) at the steps
+divisible by save_full_interval (default save_interval: every checkpoint) and the run's last step, otherwise
+model/, a torch.distributed.checkpoint where every rank writes its own part; `checkpoint.ModelDir` opens both;
+LoRA runs write adapter_config.json + adapter_model.{safetensors,bin} instead of the base weights) plus the
+training state: trainer_state.json
 (step, consumed samples, batch geometry), optim/ (a torch.distributed.checkpoint of the optimizer, which
 reshards across rank counts) when save_optim, and rng/rank<r>.pt when save_rng. `<save_dir>/latest_iteration.txt`
 holds FlagAI's "<step>\\t<best step>".
@@ -24,6 +27,7 @@ import random
 import shutil
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +37,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from aquila.checkpoint import CONFIG_NAME, save_weights
+from aquila.checkpoint import CONFIG_NAME, SHARDED_DIR, save_weights
 from aquila.config import ModelArgs
 from aquila.errors import AquilaError
 from aquila.io_utils import read_json, write_text_atomic
@@ -262,10 +266,18 @@ class Saver:
     model_args: ModelArgs
     tokenizer: Any | None  # has save_pretrained(dir)
     lora_config: dict | None = None  # set for LoRA runs: adapters only
+    total_steps: int | None = None  # the run's last step, whose checkpoint always holds the full weights
 
     @property
     def save_dir(self) -> Path:
         return Path(self.cfg.save_dir)
+
+    def writes_full(self, step: int) -> bool:
+        """Whether checkpoint `step` holds the full weights file (else only the ranks' shards)."""
+        if self.lora_config is not None or not _shards_model(self.backend):
+            return True
+        every = self.cfg.save_full_interval or self.cfg.save_interval
+        return step % every == 0 or (self.total_steps is not None and step >= self.total_steps)
 
     def save(
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], prune: bool = True
@@ -274,12 +286,13 @@ class Saver:
         env = self.backend.env
         final = self.save_dir / str(step)
         tmp = self.save_dir / f".{step}.partial"
-        full = self.backend.full_state_dict(model)
+        sharded = not self.writes_full(step)
+        full = None if sharded else self.backend.full_state_dict(model)
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        self._checked(final, tmp, functools.partial(self._write_files, full, tmp, model, optimizer, state))
+        self._checked(final, tmp, functools.partial(self._write_files, full, sharded, tmp, model, optimizer, state))
         del full
         if env.is_main:
             self._checked(final, tmp, lambda: (_fsync_tree(tmp), write_manifest(tmp)))
@@ -301,12 +314,16 @@ class Saver:
         barrier()
         return final
 
-    def _write_files(self, full, tmp: Path, model: nn.Module, optimizer, state: dict[str, Any]) -> None:
+    def _write_files(self, full, sharded: bool, tmp: Path, model: nn.Module, optimizer, state: dict[str, Any]) -> None:
         env = self.backend.env
         if self.cfg.save_optim and state["optimizer_state"]:  # collective first: DCP reports a failure to every rank
-            self.backend.save_optimizer(model, optimizer, tmp / OPTIM_DIR)
+            with _part("the optimizer state"):
+                self.backend.save_optimizer(model, optimizer, tmp / OPTIM_DIR)
+        if sharded:
+            with _part("the weight shards"):
+                save_model_shards(model, tmp / SHARDED_DIR)
         if env.is_main:
-            self._write_model(full, tmp)
+            self._write_model(full, tmp, sharded)
             (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
         if self.cfg.save_rng:
             (tmp / RNG_DIR).mkdir(exist_ok=True)
@@ -329,30 +346,59 @@ class Saver:
         if error is None:
             raise AquilaError(f"cannot write checkpoint {final}: another rank failed (see its log); {kept}")
         free = shutil.disk_usage(self.save_dir).free
-        need = self.model_args.num_params() * 4 * (4 if self.cfg.save_optim else 2)  # fp32 .bin + .safetensors (+ Adam)
+        need = self.model_args.num_params() * 4 * (3 if self.cfg.save_optim else 1)  # fp32 weights once (+ Adam)
         raise AquilaError(
             f"cannot write checkpoint {final}: {_describe(error)[:200]}; it needs about {need} bytes and {free} are free"
             f" on {self.save_dir}; {kept}"
         ) from None
 
-    def _write_model(self, full: dict[str, torch.Tensor], directory: Path) -> None:
+    def _write_model(self, full: dict[str, torch.Tensor] | None, directory: Path, sharded: bool) -> None:
         self.model_args.save(directory / CONFIG_NAME)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
+        if sharded:
+            return
         if self.lora_config is not None:
             from aquila.train.lora import adapter_state, write_adapter
 
             write_adapter(adapter_state(full), self.lora_config, directory)
         else:
-            save_weights(full, directory)
+            save_weights(full, directory, (self.cfg.save_full_format,))
+
+
+def _shards_model(backend: Backend) -> bool:
+    """BMTrain's blocks gather their own shards and are not DTensors: its checkpoints always hold the full file."""
+    return type(backend).__name__ != "BMTrainBackend"
+
+
+def save_model_shards(model: nn.Module, path: Path) -> None:
+    """The model's weights as a torch.distributed.checkpoint (collective): FSDP2 ranks write their own shards and
+    replicated (DDP) weights are split between the ranks, so each tensor is written once."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    with warnings.catch_warnings():  # single process: DCP warns that it saves without a process group
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+        dcp.save(get_model_state_dict(model), checkpoint_id=str(path))
 
 
 def _describe(error: BaseException) -> str:
     """The error's own line; for DCP's CheckpointException (a traceback per rank), the first rank's error."""
     if isinstance(error, CheckpointException) and error.failures:
         rank, (inner, _) = next(iter(sorted(error.failures.items(), key=lambda item: item[0])))
-        return f"{_describe(inner)} (rank {rank}, in the optimizer state)"
-    return str(error) or type(error).__name__
+        return f"{_describe(inner)} (rank {rank}, in {getattr(error, 'aquila_part', 'a distributed checkpoint')})"
+    part = f" (in {error.aquila_part})" if hasattr(error, "aquila_part") else ""
+    return (str(error) or type(error).__name__) + part
+
+
+@contextlib.contextmanager
+def _part(name: str):
+    """Name the part of a save a CheckpointException comes from (DCP writes both the optimizer and weight shards)."""
+    try:
+        yield
+    except (Exception, CheckpointException) as e:
+        e.aquila_part = name
+        raise
 
 
 def _fsync_tree(root: Path) -> None:

@@ -113,6 +113,10 @@ class TrainConfig:
     sft_packing: bool = False  # pack several conversations into one row of seq_length
     train_on_prompt: bool = False  # SFT: also train on user/system tokens
     dist_timeout_s: int = 1800  # process-group timeout
+    # A checkpoint's weights are written once: as FlagAI's full file (rank 0) at steps divisible by
+    # save_full_interval and at the run's last step, else as every rank's own shard (model/, enough to resume).
+    save_full_interval: int | None = None  # None: save_interval (every checkpoint loadable, FlagAI's layout)
+    save_full_format: Literal["bin", "safetensors"] = "bin"  # pytorch_model.bin (FlagAI) or model.safetensors
 
 
 # Values FlagAI's Aquila example scripts set in their EnvArgs(...) call (examples/Aquila/*/aquila_*.py),
@@ -259,6 +263,8 @@ def validate(cfg: TrainConfig) -> None:
         _check_data_prefix(cfg.data_prefix)
     if cfg.epochs == 0 and cfg.max_steps == 0:
         raise AquilaError("set epochs or max_steps to a positive number")
+    if cfg.save_full_interval is not None and cfg.save_full_interval <= 0:
+        raise AquilaError(f"save_full_interval must be positive (or null: save_interval), got {cfg.save_full_interval}")
     if cfg.num_checkpoints < 1:
         raise AquilaError(f"num_checkpoints must be >= 1, got {cfg.num_checkpoints}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):

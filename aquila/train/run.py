@@ -221,7 +221,7 @@ def _train(cfg, backend, args, source, seq_length, tok, resume, resume_state, we
     if cfg.save_dir:
         if env.is_main:
             ckpt_io.clean_partials(Path(cfg.save_dir))
-        saver = ckpt_io.Saver(cfg, backend, args, tok, lora_cfg)
+        saver = ckpt_io.Saver(cfg, backend, args, tok, lora_cfg, total_steps=total)
     train_batches = GlobalBatches(
         data.train, data.order, data.collate, cfg.batch_size, env.world_size, env.rank, cfg.gradient_accumulation_steps
     )
