@@ -49,6 +49,7 @@ def assert_same(pairs, text):
     for fast, ref, flagai in pairs:
         ids = fast.encode(text)
         assert ids == ref.encode(text) == flagai.encode(text)
+        assert fast.encode_arrays([text])[0].tolist() == ids == ref.encode_arrays([text])[0].tolist()
         assert fast.decode(ids) == text
 
 
@@ -77,7 +78,7 @@ def test_split_special_tokens_mode(tokenizers_pair, text):
     for fast, ref, _ in tokenizers_pair:
         fast.split_special_tokens = ref.split_special_tokens = True
         try:
-            assert fast.encode(text) == ref.encode(text)
+            assert fast.encode(text) == ref.encode(text) == fast.encode_arrays([text])[0].tolist()
             assert fast.encode_with_offsets(text) == ref.encode_with_offsets(text)
             assert fast.decode(fast.encode(text)) == text
         finally:
@@ -99,6 +100,18 @@ def test_batch_and_lone_surrogates(tokenizers_pair):
         assert fast.encode_batch(texts) == ref.encode_batch(texts) == [ref.encode(t) for t in texts]
         assert fast.encode("\ud83d\ude00") == fast.encode("\ufffd\ufffd")
         assert fast.encode_with_offsets("x\ud800y") == ref.encode_with_offsets("x\ud800y")
+        assert [a.tolist() for a in fast.encode_arrays(texts)] == ref.encode_batch(texts)
+
+
+def test_encode_arrays_without_tiktokens_buffer(tokenizers_pair, monkeypatch):
+    """A tiktoken without the buffer entry point: arrays from its lists, the same ids."""
+    from aquila.tokenizer import fast as fast_module
+
+    fast, ref, _ = tokenizers_pair[0]
+    assert fast_module._buffer_encoder(fast._fast._encoding) is not None  # the other tests ran the buffer path
+    monkeypatch.setattr(fast_module, "_buffer_encoder", lambda encoding: None)
+    texts = [*MIXED, "a </s> b<|endoftext|>", "x\ud800y", ""]
+    assert [a.tolist() for a in fast.encode_arrays(texts)] == ref.encode_batch(texts)
 
 
 def test_gpt2_pattern_is_flagai_pattern():
