@@ -383,3 +383,15 @@ def test_chunks_cut_where_line_by_line_chunking_did(tmp_path, seed):
     src.write_bytes(data)
     chunk_size, chunk_bytes = rng.choice([1, 2, 3, 7, 256]), rng.choice([1, 50, 100, 101, 1000])
     assert list(iter_chunks(src, chunk_size, chunk_bytes)) == list(_chunks_line_by_line(src, chunk_size, chunk_bytes))
+
+
+@pytest.mark.parametrize("final_newline", [True, False])
+def test_chunks_of_lines_longer_than_a_read(tmp_path, final_newline):
+    """Lines far over chunk_bytes plus iter_chunks's read-ahead (64 KiB): read on until their newline, or the end."""
+    from aquila.data.preprocess import iter_chunks
+
+    data = b"a\n" + b"x" * 300_000 + b"\nb\n" + b"y" * 200_000 + (b"\n" if final_newline else b"")
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(data)
+    for size, limit in [(256, 1000), (1, 1), (2, 70_000)]:
+        assert list(iter_chunks(src, size, limit)) == list(_chunks_line_by_line(src, size, limit))
