@@ -234,3 +234,28 @@ def test_rank_encoder_refuses_unmade_or_non_byte_entries():
         v = {**vocab, extra: len(vocab)}
         encoder, why = rank_encoder(v, merges, models.BPE(v, merges), {})
         assert encoder is None and reason in why
+
+
+def test_encode_without_tiktokens_core(tokenizers_pair, monkeypatch):
+    """Where tiktoken's core object is not reachable, encode scans for lone surrogates first: the same ids."""
+    fast, ref, _ = tokenizers_pair[0]
+    texts = [*MIXED, "a </s> b<|endoftext|>", "x\ud800y", "\ud83d\ude00", ""]
+    want = [fast.encode(t) for t in texts]
+    assert want == [ref.encode(t) for t in texts]
+
+    class Public:  # the Encoding's public methods only
+        def __init__(self, encoding):
+            self.encode, self.encode_ordinary = encoding.encode, encoding.encode_ordinary
+
+    monkeypatch.setattr(fast._fast, "_encoding", Public(fast._fast._encoding))
+    assert [fast.encode(t) for t in texts] == want
+
+
+def test_split_special_tokens_with_lone_surrogates(tokenizers_pair):
+    for fast, ref, _ in tokenizers_pair:
+        fast.split_special_tokens = ref.split_special_tokens = True
+        try:
+            for text in ["a</s>\ud800b", "\ud83d\ude00[CLS]", "x\udfff<|endoftext|>y"]:
+                assert fast.encode(text) == ref.encode(text) == fast.encode_arrays([text])[0].tolist()
+        finally:
+            fast.split_special_tokens = ref.split_special_tokens = False

@@ -69,6 +69,14 @@ class RankEncoder:
         self._specials = frozenset(specials)
 
     def encode(self, text: str, split_special_tokens: bool) -> list[int]:
+        core = getattr(self._encoding, "_core_bpe", None)
+        if core is not None and isinstance(text, str):
+            # What Encoding.encode/encode_ordinary call, without their own surrogate fix (not encodable_text's:
+            # it would join a surrogate pair); a text with lone surrogates fails UTF-8 conversion and is cleaned.
+            try:
+                return core.encode(text, self._specials) if split_special_tokens else core.encode_ordinary(text)
+            except UnicodeEncodeError:
+                return self.encode(encodable_text(text), split_special_tokens)
         text = _clean(text)
         if split_special_tokens:
             return self._encoding.encode(text, allowed_special=self._specials)
