@@ -226,10 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         f"| ours: `Tokenizer.encode_arrays` (uint32 arrays, `aquila preprocess`'s workers) | {speed['arrays']:.1f} | "
         f"{speed['arrays'] / speed['hf']:.2f}x | {same['arrays']}/{n} |",
         "",
-        "Ours is bare tiktoken plus a scan of non-ASCII text for lone surrogates (~1.5% of its time) and two Python "
-        "calls; the rest of the gap between the two rows varies from run to run on this shared machine. "
-        "`encode_arrays` takes tiktoken's uint32 buffer (no Python int per token) and retries only a text with "
-        "lone surrogates instead of scanning each one.",
+        "Ours calls tiktoken's core directly (a text with lone surrogates fails its UTF-8 conversion and is cleaned "
+        "and encoded again; no scan of every text) plus two Python calls; the rest of the gap between the two rows "
+        "varies from run to run on this shared machine. `encode_arrays` also takes tiktoken's uint32 buffer (no "
+        "Python int per token).",
         "",
         f"`Tokenizer.encode_batch` on all {n_cores()} cores (tiktoken threads; wall-clock, so it shows the load): "
         f"{batched:.1f} MB/s, ids identical on {same['ours_batch']}/{n}.",
