@@ -242,13 +242,14 @@ def iter_chunks(path: Path, chunk_size: int, chunk_bytes: int = CHUNK_BYTES) -> 
                     eof = eof or end == 0
                 if end == 0:
                     end = len(buf)
-            if buf.count(b"\n", 0, end) + (buf[end - 1 : end] != b"\n") > chunk_size:
-                end = 0
+            lines = buf.count(b"\n", 0, end) + (buf[end - 1 : end] != b"\n")
+            if lines > chunk_size:
+                end, lines = 0, chunk_size
                 for _ in range(chunk_size):
                     end = buf.find(b"\n", end) + 1
             block, buf = buf[:end], buf[end:]
             yield lineno, block
-            lineno += block.count(b"\n") + (not block.endswith(b"\n"))
+            lineno += lines
 
 
 def input_files(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
