@@ -47,7 +47,7 @@ TOKENIZER = ROOT / "examples" / "aquila" / "demo_tokenizer"
 NOTE = (
     "Before and after the block/array pipeline (commit e7442fa; interleaved A/B of the old and new code in fresh "
     "processes on the 15.2 MB train.jsonl, tokenizer load taken out, load average 12 on 2 cores, `uptime` 16:52-16:54): "
-    "1 worker 7.2-8.0 -> 9.6-11.5 MB per CPU-second, 2 workers 7.0-8.0 -> 9.1-11.1 (main process and workers "
+    "1 worker 7.2-8.0 -> 9.6-11.5 MB per CPU-second, 2 workers 7.0-8.0 -> 9.1-11.1; again with the final code (17:17-17:18, load 5.1-6.5): 1 worker 6.0-7.4 -> 9.5-10.5, 2 workers 6.0-6.8 -> 7.0-9.0 (main process and workers "
     "together). What the encoder alone did not pay: the per-line Python loop cutting chunks and a pickled list of "
     "lines per chunk (now one bytes block cut with rfind/count), a Python int per token from tiktoken and a "
     "per-token chain into the flat array (now uint32 arrays from tiktoken's buffer, joined with np.concatenate), "
