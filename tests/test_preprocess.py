@@ -1,5 +1,6 @@
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -271,8 +272,8 @@ def test_chunks_are_bounded_in_bytes():
         f.flush()
         chunks = list(iter_chunks(f.name, chunk_size=256, chunk_bytes=1000))
     assert [first for first, _ in chunks][:2] == [1, 10]
-    assert b"".join(b"".join(c) for _, c in chunks) == b"".join(lines)
-    assert all(sum(map(len, c)) <= 1000 or len(c) == 1 for _, c in chunks)
+    assert b"".join(c for _, c in chunks) == b"".join(lines)
+    assert all(len(c) <= 1000 or c.count(b"\n") == 1 for _, c in chunks)
 
 
 PEAK_RSS = (  # VmHWM after clearing it: ru_maxrss would include the parent's peak from before exec
@@ -353,3 +354,44 @@ def test_memory_flat_in_the_size_of_one_document(tmp_path):
     # at most one per byte (byte-level BPE), held as int32 pieces, int64 and the output dtype, then written (<= 16):
     # 19 bytes per input byte, bounded by 24.
     assert peaks[1] - peaks[0] < 1.5 * 24, peaks
+
+
+def _chunks_line_by_line(path, chunk_size, chunk_bytes):
+    """The chunking as it was, a Python step per line: the reference for iter_chunks's cuts."""
+    with open(path, "rb") as f:
+        lineno, lines, nbytes = 1, [], 0
+        for line in f:
+            if lines and (len(lines) >= chunk_size or nbytes + len(line) > chunk_bytes):
+                yield lineno, b"".join(lines)
+                lineno, lines, nbytes = lineno + len(lines), [], 0
+            lines.append(line)
+            nbytes += len(line)
+        if lines:
+            yield lineno, b"".join(lines)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_chunks_cut_where_line_by_line_chunking_did(tmp_path, seed):
+    """Same (first line, bytes) chunks as the per-line loop: long lines, blank lines, no final newline, limits of
+    a few lines or bytes."""
+    from aquila.data.preprocess import iter_chunks
+
+    rng = random.Random(seed)
+    lines = [b"x" * rng.choice([0, 0, 1, 5, 30, 99, 100, 101, 250, 3000]) + b"\n" for _ in range(rng.randint(0, 60))]
+    data = b"".join(lines) + (b"tail" * rng.randint(0, 40) if rng.random() < 0.5 else b"")
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(data)
+    chunk_size, chunk_bytes = rng.choice([1, 2, 3, 7, 256]), rng.choice([1, 50, 100, 101, 1000])
+    assert list(iter_chunks(src, chunk_size, chunk_bytes)) == list(_chunks_line_by_line(src, chunk_size, chunk_bytes))
+
+
+@pytest.mark.parametrize("final_newline", [True, False])
+def test_chunks_of_lines_longer_than_a_read(tmp_path, final_newline):
+    """Lines far over chunk_bytes plus iter_chunks's read-ahead (64 KiB): read on until their newline, or the end."""
+    from aquila.data.preprocess import iter_chunks
+
+    data = b"a\n" + b"x" * 300_000 + b"\nb\n" + b"y" * 200_000 + (b"\n" if final_newline else b"")
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(data)
+    for size, limit in [(256, 1000), (1, 1), (2, 70_000)]:
+        assert list(iter_chunks(src, size, limit)) == list(_chunks_line_by_line(src, size, limit))

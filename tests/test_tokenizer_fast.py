@@ -49,6 +49,7 @@ def assert_same(pairs, text):
     for fast, ref, flagai in pairs:
         ids = fast.encode(text)
         assert ids == ref.encode(text) == flagai.encode(text)
+        assert fast.encode_arrays([text])[0].tolist() == ids == ref.encode_arrays([text])[0].tolist()
         assert fast.decode(ids) == text
 
 
@@ -77,7 +78,7 @@ def test_split_special_tokens_mode(tokenizers_pair, text):
     for fast, ref, _ in tokenizers_pair:
         fast.split_special_tokens = ref.split_special_tokens = True
         try:
-            assert fast.encode(text) == ref.encode(text)
+            assert fast.encode(text) == ref.encode(text) == fast.encode_arrays([text])[0].tolist()
             assert fast.encode_with_offsets(text) == ref.encode_with_offsets(text)
             assert fast.decode(fast.encode(text)) == text
         finally:
@@ -99,6 +100,18 @@ def test_batch_and_lone_surrogates(tokenizers_pair):
         assert fast.encode_batch(texts) == ref.encode_batch(texts) == [ref.encode(t) for t in texts]
         assert fast.encode("\ud83d\ude00") == fast.encode("\ufffd\ufffd")
         assert fast.encode_with_offsets("x\ud800y") == ref.encode_with_offsets("x\ud800y")
+        assert [a.tolist() for a in fast.encode_arrays(texts)] == ref.encode_batch(texts)
+
+
+def test_encode_arrays_without_tiktokens_buffer(tokenizers_pair, monkeypatch):
+    """A tiktoken without the buffer entry point: arrays from its lists, the same ids."""
+    from aquila.tokenizer import fast as fast_module
+
+    fast, ref, _ = tokenizers_pair[0]
+    assert fast_module._buffer_encoder(fast._fast._encoding) is not None  # the other tests ran the buffer path
+    monkeypatch.setattr(fast_module, "_buffer_encoder", lambda encoding: None)
+    texts = [*MIXED, "a </s> b<|endoftext|>", "x\ud800y", ""]
+    assert [a.tolist() for a in fast.encode_arrays(texts)] == ref.encode_batch(texts)
 
 
 def test_gpt2_pattern_is_flagai_pattern():
@@ -221,3 +234,28 @@ def test_rank_encoder_refuses_unmade_or_non_byte_entries():
         v = {**vocab, extra: len(vocab)}
         encoder, why = rank_encoder(v, merges, models.BPE(v, merges), {})
         assert encoder is None and reason in why
+
+
+def test_encode_without_tiktokens_core(tokenizers_pair, monkeypatch):
+    """Where tiktoken's core object is not reachable, encode scans for lone surrogates first: the same ids."""
+    fast, ref, _ = tokenizers_pair[0]
+    texts = [*MIXED, "a </s> b<|endoftext|>", "x\ud800y", "\ud83d\ude00", ""]
+    want = [fast.encode(t) for t in texts]
+    assert want == [ref.encode(t) for t in texts]
+
+    class Public:  # the Encoding's public methods only
+        def __init__(self, encoding):
+            self.encode, self.encode_ordinary = encoding.encode, encoding.encode_ordinary
+
+    monkeypatch.setattr(fast._fast, "_encoding", Public(fast._fast._encoding))
+    assert [fast.encode(t) for t in texts] == want
+
+
+def test_split_special_tokens_with_lone_surrogates(tokenizers_pair):
+    for fast, ref, _ in tokenizers_pair:
+        fast.split_special_tokens = ref.split_special_tokens = True
+        try:
+            for text in ["a</s>\ud800b", "\ud83d\ude00[CLS]", "x\udfff<|endoftext|>y"]:
+                assert fast.encode(text) == ref.encode(text) == fast.encode_arrays([text])[0].tolist()
+        finally:
+            fast.split_special_tokens = ref.split_special_tokens = False

@@ -190,10 +190,10 @@ class MMapIndexedDatasetBuilder:
         lengths = np.asarray(lengths, dtype=np.int64)
         if int(lengths.sum()) != arr.size:
             raise AquilaError(f"indexed dataset {self.prefix}: lengths sum to {int(lengths.sum())}, not {arr.size}")
-        self._write(arr.tobytes(order="C"))
+        self._write(memoryview(np.ascontiguousarray(arr)).cast("B"))  # no bytes copy of the tokens
         start = len(self._sizes)
-        self._sizes.extend(lengths.astype(np.int32).tolist())
-        self._doc_idx.extend(range(start + 1, start + len(lengths) + 1))
+        self._sizes.frombytes(lengths.astype(self._sizes.typecode).tobytes())  # array("i"): native int32
+        self._doc_idx.frombytes(np.arange(start + 1, start + len(lengths) + 1, dtype=self._doc_idx.typecode).tobytes())
 
     def add_index(self, prefix: str | os.PathLike) -> None:
         """Append every sequence and document of an existing dataset (same dtype)."""

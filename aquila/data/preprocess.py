@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import multiprocessing
 import os
@@ -83,16 +82,21 @@ def _init_worker(tokenizer_dir: str | None) -> None:
 def encode_chunk(
     path: str,
     first_line: int,
-    lines: Sequence[bytes],
+    block: bytes,
     keys: Sequence[str],
     append_eod: bool,
     skip_bad: bool,
     dtype: str = "int64",
 ) -> ChunkResult:
-    """Parse and tokenize `lines` (line numbers start at `first_line`) with this process's tokenizer.
+    """Parse and tokenize the lines of `block` (whole lines; line numbers start at `first_line`) with this
+    process's tokenizer.
 
-    Ids come back in the output's `dtype` (a quarter of int64's bytes through the pipe for uint16)."""
-    res = ChunkResult(nbytes=sum(len(line) for line in lines))
+    The chunk travels as one bytes object, not a list of lines (one copy through the pipe, no per-line pickling);
+    ids come back in the output's `dtype` (a quarter of int64's bytes through the pipe for uint16)."""
+    res = ChunkResult(nbytes=len(block))
+    lines = block.split(b"\n")
+    if block.endswith(b"\n"):
+        lines.pop()  # the empty piece after the last newline is not a line
     texts: dict[str, list[str]] = {k: [] for k in keys}
     for lineno, line in enumerate(lines, start=first_line):
         if not line.strip():
@@ -133,29 +137,35 @@ def encode_chunk(
     if res.error:
         return res
     tok = _TOKENIZER
-    bos, eos = tok.token_start_id, tok.token_end_id
+    head = np.asarray([] if append_eod else [tok.token_start_id], dtype=np.int64)
+    tail = np.asarray([tok.token_end_id], dtype=np.int64)
+    out = np.dtype(dtype)
     for k in keys:
-        long = {i for i, t in enumerate(texts[k]) if len(t) > PIECE_CHARS and cuts_keep_ids(tok)}
-        short = [t for i, t in enumerate(texts[k]) if i not in long]
-        encoded_short = iter(tok.encode_batch(short) if short else [])
-        encoded = [encode_long(tok, t) if i in long else next(encoded_short) for i, t in enumerate(texts[k])]
-        head = [] if append_eod else [bos]
-        lengths = np.fromiter((len(ids) + len(head) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
-        if long:
-            head_ids, eos_ids = np.asarray(head, np.int64), np.asarray([eos], np.int64)
-            flat = np.concatenate([a for ids in encoded for a in (head_ids, ids, eos_ids)], dtype=np.int64)
-        else:
-            flat = np.fromiter(
-                itertools.chain.from_iterable(itertools.chain(head, ids, (eos,)) for ids in encoded),
-                dtype=np.int64,
-                count=int(lengths.sum()),
-            )
-        out = np.dtype(dtype)
+        encoded = encode_texts(tok, texts[k])
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + (head.size + 1)
+        parts = [head, head, tail] * len(encoded)
+        parts[1::3] = encoded  # [head, ids, tail] per document
+        flat = np.concatenate(parts, dtype=np.int64) if encoded else np.empty(0, np.int64)
         if flat.size and out != flat.dtype and int(flat.max()) > np.iinfo(out).max:
             res.error = f"{path}:{first_line}..: token id {int(flat.max())} does not fit --dtype {out}"
             return res
         res.tokens[k] = (flat.astype(out, copy=False), lengths)
     return res
+
+
+def encode_texts(tok, texts: list[str]) -> list[np.ndarray]:
+    """Ids of each of `texts` as an integer array: in one batch (arrays straight from tiktoken where the
+    tokenizer offers `encode_arrays`), texts over `PIECE_CHARS` piece by piece where that keeps the ids."""
+    long = {i for i, t in enumerate(texts) if len(t) > PIECE_CHARS}
+    if long and not cuts_keep_ids(tok):
+        long = set()
+    short = [t for i, t in enumerate(texts) if i not in long] if long else texts
+    encode = getattr(tok, "encode_arrays", None)
+    if encode is not None:
+        arrays = iter(encode(short) if short else [])
+    else:
+        arrays = iter([np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch(short)] if short else [])
+    return [encode_long(tok, t) if i in long else next(arrays) for i, t in enumerate(texts)]
 
 
 # A document longer than this is encoded in pieces of about this many characters (memory bounded by the piece,
@@ -201,19 +211,45 @@ def _encode_task(args: tuple) -> ChunkResult:
 CHUNK_BYTES = 1 << 20
 
 
-def iter_chunks(path: Path, chunk_size: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, list[bytes]]]:
-    """(number of the first line, lines) for consecutive chunks of at most `chunk_size` lines and about
-    `chunk_bytes` bytes (a longer line is a chunk of its own), streamed."""
+def iter_chunks(path: Path, chunk_size: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
+    """(number of the first line, block of whole lines) for consecutive chunks of at most `chunk_size` lines and
+    `chunk_bytes` bytes (a longer line is a chunk of its own), streamed in reads of about `chunk_bytes`.
+
+    Cuts are found with bytes.rfind/count/find (C), not a Python step per line."""
     with open(path, "rb") as f:
-        lineno, lines, nbytes = 1, [], 0
-        for line in f:
-            if lines and (len(lines) >= chunk_size or nbytes + len(line) > chunk_bytes):
-                yield lineno, lines
-                lineno, lines, nbytes = lineno + len(lines), [], 0
-            lines.append(line)
-            nbytes += len(line)
-        if lines:
-            yield lineno, lines
+        lineno, buf, eof = 1, b"", False
+        while True:
+            if len(buf) <= chunk_bytes and not eof:
+                more = f.read(chunk_bytes + 1 - len(buf) + (1 << 16))
+                eof = not more
+                buf += more
+                continue
+            if not buf:
+                return
+            if eof and len(buf) <= chunk_bytes:
+                end = len(buf)
+            else:
+                end = buf.rfind(b"\n", 0, chunk_bytes) + 1
+            if end == 0:  # a line longer than chunk_bytes: a chunk of its own
+                parts, end = [buf], buf.find(b"\n", chunk_bytes) + 1
+                while end == 0 and (more := f.read(max(chunk_bytes, 1 << 20))):
+                    found = more.find(b"\n")
+                    parts.append(more)
+                    if found >= 0:
+                        end = sum(map(len, parts)) - len(more) + found + 1
+                if len(parts) > 1:
+                    buf = b"".join(parts)
+                    eof = eof or end == 0
+                if end == 0:
+                    end = len(buf)
+            lines = buf.count(b"\n", 0, end) + (buf[end - 1 : end] != b"\n")
+            if lines > chunk_size:
+                end, lines = 0, chunk_size
+                for _ in range(chunk_size):
+                    end = buf.find(b"\n", end) + 1
+            block, buf = buf[:end], buf[end:]
+            yield lineno, block
+            lineno += lines
 
 
 def input_files(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -276,8 +312,8 @@ def preprocess(
 
     def tasks() -> Iterator[tuple]:
         for path in paths:
-            for first, lines in iter_chunks(path, chunk_size, chunk_bytes):
-                yield (str(path), first, lines, tuple(json_keys), append_eod, skip_bad_lines, out_dtype.name)
+            for first, block in iter_chunks(path, chunk_size, chunk_bytes):
+                yield (str(path), first, block, tuple(json_keys), append_eod, skip_bad_lines, out_dtype.name)
 
     with contextlib.ExitStack() as stack:
         builders = {}

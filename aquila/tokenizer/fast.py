@@ -23,6 +23,7 @@ import os
 import re
 from collections.abc import Sequence
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
@@ -54,6 +55,12 @@ def _threads() -> int:
         return os.cpu_count() or 1
 
 
+def _buffer_encoder(encoding):
+    """tiktoken's encoder to a uint32 buffer, without a Python int per token (what its encode_to_numpy calls, minus
+    that method's scan of the text for disallowed specials); None where a tiktoken lacks it."""
+    return getattr(getattr(encoding, "_core_bpe", None), "encode_to_tiktoken_buffer", None)
+
+
 class RankEncoder:
     """Encode with tiktoken; ids as the BPE's (see the module docstring), specials split out only on request."""
 
@@ -62,6 +69,14 @@ class RankEncoder:
         self._specials = frozenset(specials)
 
     def encode(self, text: str, split_special_tokens: bool) -> list[int]:
+        core = getattr(self._encoding, "_core_bpe", None)
+        if core is not None and isinstance(text, str):
+            # What Encoding.encode/encode_ordinary call, without their own surrogate fix (not encodable_text's:
+            # it would join a surrogate pair); a text with lone surrogates fails UTF-8 conversion and is cleaned.
+            try:
+                return core.encode(text, self._specials) if split_special_tokens else core.encode_ordinary(text)
+            except UnicodeEncodeError:
+                return self.encode(encodable_text(text), split_special_tokens)
         text = _clean(text)
         if split_special_tokens:
             return self._encoding.encode(text, allowed_special=self._specials)
@@ -73,6 +88,27 @@ class RankEncoder:
         if split_special_tokens:
             return self._encoding.encode_batch(texts, num_threads=threads, allowed_special=self._specials)
         return self._encoding.encode_ordinary_batch(texts, num_threads=threads)
+
+    def encode_arrays(self, texts: Sequence[str], split_special_tokens: bool) -> list[np.ndarray]:
+        """`encode` of each text as a uint32 array, in this thread (for one-process-per-core workers).
+
+        Specials outside the allowed set are plain text to tiktoken's core (it only splits out allowed ones), so
+        an empty set gives `encode_ordinary`'s ids. Lone surrogates fail its UTF-8 conversion: those texts (rare)
+        are cleaned and encoded again, instead of scanning every text first."""
+        to_buffer = _buffer_encoder(self._encoding)
+        if to_buffer is None:
+            return [np.asarray(self.encode(t, split_special_tokens), dtype=np.uint32) for t in texts]
+        allowed = self._specials if split_special_tokens else frozenset()
+        out = []
+        for text in texts:
+            if not isinstance(text, str):
+                text = encodable_text(text)  # AquilaError naming the type
+            try:
+                buffer = to_buffer(text, allowed)
+            except UnicodeEncodeError:
+                buffer = to_buffer(encodable_text(text), allowed)
+            out.append(np.frombuffer(buffer, dtype=np.uint32))
+        return out
 
 
 def rank_encoder(
