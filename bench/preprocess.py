@@ -36,7 +36,7 @@ from machine import cpu_name, load_average  # noqa: E402  (bench/ is on sys.path
 
 from aquila.data.gpt_dataset import build_pretrain_datasets  # noqa: E402
 from aquila.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder, best_dtype  # noqa: E402
-from aquila.data.preprocess import preprocess  # noqa: E402
+from aquila.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from aquila.io_utils import write_text_atomic  # noqa: E402
 from aquila.tokenizer import Tokenizer  # noqa: E402
 
@@ -152,12 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in.jsonl"
         docs, nbytes = make_input(args.corpus, src, args.mb)
-        preprocess(src, TOKENIZER, f"{tmp}/warm", workers=1)  # warm the page cache and imports
+        preprocess(src, TOKENIZER, f"{tmp}/warm", PreprocessOptions(workers=1))  # warm the page cache and imports
         parts = split_input(src, 4)
         runs = {
             "reference: encode_plus loop, 1 process": lambda: reference_preprocess(src, f"{tmp}/ref_text_document"),
-            "aquila preprocess --workers 1": lambda: preprocess(src, TOKENIZER, f"{tmp}/w1", workers=1),
-            "aquila preprocess --workers 2": lambda: preprocess(src, TOKENIZER, f"{tmp}/w2", workers=2),
+            "aquila preprocess --workers 1": lambda: preprocess(
+                src, TOKENIZER, f"{tmp}/w1", PreprocessOptions(workers=1)
+            ),
+            "aquila preprocess --workers 2": lambda: preprocess(
+                src, TOKENIZER, f"{tmp}/w2", PreprocessOptions(workers=2)
+            ),
         }
         ray_start = None
         if not args.no_ray:
