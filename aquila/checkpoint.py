@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from aquila.config import ModelArgs
+from aquila.constants import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, WEIGHT_NAMES
 from aquila.errors import AquilaError
 from aquila.hf import args_from_hf_config, from_hf_state_dict, hf_config, to_hf_state_dict, write_hf_tokenizer
 from aquila.io_utils import atomic_dir, atomic_path, read_json
@@ -33,9 +34,6 @@ from aquila.manifest import verify_manifest
 from aquila.model import AquilaModel
 from aquila.tokenizer import TOKENIZER_FILES, copy_tokenizer_files, load_tokenizer, tokenizer_file
 
-SAFETENSORS_NAME = "model.safetensors"
-BIN_NAME = "pytorch_model.bin"
-CONFIG_NAME = "config.json"
 QUANT_CONFIG = "quantization.json"  # marks an int8 directory
 ADAPTER_CONFIG = "adapter_config.json"  # marks a LoRA adapter directory (not a model)
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -161,7 +159,7 @@ def _adapter_hint(model_dir: Path) -> str:
 
 def find_weights(model_dir: str | os.PathLike) -> Path:
     model_dir = Path(model_dir)
-    for name in (SAFETENSORS_NAME, BIN_NAME):
+    for name in WEIGHT_NAMES:
         if (model_dir / name).is_file():
             return model_dir / name
     if is_sharded(model_dir / SHARDED_DIR):

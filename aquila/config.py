@@ -8,6 +8,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from aquila.constants import IGNORE_INDEX
 from aquila.errors import AquilaError
 from aquila.io_utils import read_json, write_text_atomic
 from aquila.typed_config import from_dict
@@ -22,12 +23,12 @@ FLAGAI_RUNTIME_KEYS: dict[str, tuple[object, str]] = {
     "flash_atten_pdrop": (0.0, "attention dropout is not implemented"),
     "checkpoint_activations": (False, "set checkpoint_activations: True in the training YAML instead"),
     "use_cache": (_ANY, "generation always uses the static KV cache"),
-    "max_batch_size": (_ANY, "pass max_batch_size to AutoLoader / aquila serve instead"),
+    "max_batch_size": (_ANY, "the KV cache is sized at generation time (aquila serve: --max-batch)"),
     "bmt_comm_overlap": (False, "BMTrain's communication settings are its defaults"),
     "bmt_fused_ce": (_ANY, "the loss is always the chunked fused linear + cross-entropy"),
     "bmt_fused_ce_inplace": (_ANY, "the loss is always the chunked fused linear + cross-entropy"),
     "fix_large_bsz": (_ANY, "batch size does not change the attention path here"),
-    "ignore_index": (-100, "labels to ignore are always -100"),
+    "ignore_index": (IGNORE_INDEX, f"labels to ignore are always {IGNORE_INDEX}"),
 }
 
 

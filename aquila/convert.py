@@ -18,9 +18,10 @@ import torch
 
 from aquila.checkpoint import ModelDir, check_destination, check_state_dict, meta_model, write_model_dir
 from aquila.cli_help import HelpFormatter
+from aquila.dtypes import DTYPES
 from aquila.errors import AquilaError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("bfloat16", "float16", "float32")
 OUTTYPES = ("f32", "f16", "q8_0", "q4_0")  # aquila.gguf_export.OUTTYPES, without importing gguf for --help
 
 
@@ -57,9 +58,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("src", type=Path)
     parser.add_argument("dst", type=Path, help="output directory (--to hf|flagai) or .gguf file (--to gguf)")
     parser.add_argument("--to", choices=("hf", "flagai", "gguf"), required=True)
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep; hf, flagai)"
-    )
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast weights (default: keep; hf, flagai)")
     parser.add_argument("--outtype", choices=OUTTYPES, default="f32", help="GGUF weight type (--to gguf)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST")
     opts = parser.parse_args(argv)

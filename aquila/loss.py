@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from aquila.constants import IGNORE_INDEX
+
 _CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk (128 MiB in fp32)
 
 

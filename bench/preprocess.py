@@ -38,7 +38,7 @@ from machine import cpu_name, load_average  # noqa: E402  (bench/ is on sys.path
 
 from aquila.data.gpt_dataset import build_pretrain_datasets  # noqa: E402
 from aquila.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder, best_dtype  # noqa: E402
-from aquila.data.preprocess import preprocess  # noqa: E402
+from aquila.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from aquila.io_utils import write_text_atomic  # noqa: E402
 from aquila.tokenizer import Tokenizer  # noqa: E402
 
@@ -167,18 +167,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in.jsonl"
         docs, nbytes = make_input(args.corpus, src, args.mb)
-        preprocess(src, TOKENIZER, f"{tmp}/warm", workers=1)  # warm the page cache and imports
+        preprocess(src, TOKENIZER, f"{tmp}/warm", PreprocessOptions(workers=1))  # warm the page cache and imports
         parts = split_input(src, 4)
         texts = [json.loads(line)["text"] for line in src.read_bytes().splitlines()]
         encoder = Tokenizer.from_pretrained(TOKENIZER)
         tiny = Path(tmp) / "tiny.jsonl"  # 10 documents: a run's fixed costs (tokenizer load, opening, finalizing)
         tiny.write_bytes(b"".join(src.read_bytes().splitlines(keepends=True)[:10]))
         runs = {
-            FIXED: lambda: preprocess(tiny, TOKENIZER, f"{tmp}/tiny", workers=1),
+            FIXED: lambda: preprocess(tiny, TOKENIZER, f"{tmp}/tiny", PreprocessOptions(workers=1)),
             "encoder alone: Tokenizer.encode_arrays, texts already parsed": lambda: encoder.encode_arrays(texts),
             "reference: encode_plus loop, 1 process": lambda: reference_preprocess(src, f"{tmp}/ref_text_document"),
-            "aquila preprocess --workers 1": lambda: preprocess(src, TOKENIZER, f"{tmp}/w1", workers=1),
-            "aquila preprocess --workers 2": lambda: preprocess(src, TOKENIZER, f"{tmp}/w2", workers=2),
+            "aquila preprocess --workers 1": lambda: preprocess(
+                src, TOKENIZER, f"{tmp}/w1", PreprocessOptions(workers=1)
+            ),
+            "aquila preprocess --workers 2": lambda: preprocess(
+                src, TOKENIZER, f"{tmp}/w2", PreprocessOptions(workers=2)
+            ),
         }
         ray_start = None
         if not args.no_ray:

@@ -245,6 +245,19 @@ def test_autoloader_reads_safetensors_and_hf_dirs(tmp_path, predictor):
     assert next(model.parameters()).dtype == torch.bfloat16
 
 
+def test_autoloader_ignored_arguments_warn_and_are_not_kept(ckpt, capsys):
+    """FlagAI's use_cache / max_batch_size are accepted; a value that would behave otherwise says so; neither is
+    stored (nothing reads them: the KV cache is static and sized at generation time)."""
+    loader = aquila.AutoLoader(
+        model_dir=ckpt.parent, model_name=ckpt.name, use_cache=False, max_batch_size=4, low_cpu_mem_usage=True
+    )
+    err = capsys.readouterr().err
+    assert err == "warning: AutoLoader: use_cache=False has no effect: generation always uses the static KV cache\n"
+    assert not hasattr(loader, "use_cache") and not hasattr(loader, "max_batch_size")
+    aquila.AutoLoader(model_dir=ckpt.parent, model_name=ckpt.name, use_cache=True, max_batch_size=4)
+    assert capsys.readouterr().err == ""
+
+
 def test_autoloader_errors(tmp_path, ckpt):
     root, name = ckpt.parent, ckpt.name
     cases = [

@@ -10,7 +10,7 @@ import pytest
 
 from aquila import cli
 from aquila.data.indexed_dataset import MMapIndexedDataset
-from aquila.data.preprocess import preprocess
+from aquila.data.preprocess import PreprocessOptions, preprocess
 from aquila.tokenizer import Tokenizer
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "examples" / "aquila" / "demo_tokenizer"
@@ -47,14 +47,14 @@ def final_files(d):
 
 def test_documents_are_wrapped_like_encode_plus(tmp_path, tok):
     src = write_jsonl(tmp_path / "in.jsonl", TEXTS)
-    stats = preprocess(src, TOKENIZER, tmp_path / "out", workers=1, chunk_size=2)
+    stats = preprocess(src, TOKENIZER, tmp_path / "out", PreprocessOptions(workers=1, chunk_size=2))
     assert stats.docs == len(TEXTS)
     ds = MMapIndexedDataset(tmp_path / "out_text_document")
     assert ds.dtype == np.uint16  # 16,008 ids < 65,500
     assert len(ds) == ds.num_documents == len(TEXTS)
     for i, text in enumerate(TEXTS):
         assert ds[i].tolist() == tok.encode_plus(text)["input_ids"]
-    preprocess(src, TOKENIZER, tmp_path / "eod", append_eod=True)
+    preprocess(src, TOKENIZER, tmp_path / "eod", PreprocessOptions(append_eod=True))
     eod = MMapIndexedDataset(tmp_path / "eod_text_document")
     assert eod[0].tolist() == tok.encode(TEXTS[0]) + [tok.token_end_id]
 
@@ -62,7 +62,7 @@ def test_documents_are_wrapped_like_encode_plus(tmp_path, tok):
 def test_one_and_two_workers_byte_identical(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", corpus(300))
     for w in (1, 2):
-        preprocess(src, TOKENIZER, tmp_path / f"w{w}", workers=w, chunk_size=7)
+        preprocess(src, TOKENIZER, tmp_path / f"w{w}", PreprocessOptions(workers=w, chunk_size=7))
     for ext in ("bin", "idx"):
         a = (tmp_path / f"w1_text_document.{ext}").read_bytes()
         assert a == (tmp_path / f"w2_text_document.{ext}").read_bytes()
@@ -114,7 +114,7 @@ def test_bad_json_line_names_file_and_line(tmp_path, capsys, workers):
     assert final_files(tmp_path) == ["in.jsonl"] and len(os.listdir(tmp_path)) == 1  # no temporaries either
     rc, err = run(argv + ["--skip-bad-lines", "--quiet"], capsys)
     assert rc == 0
-    stats = preprocess(src, TOKENIZER, tmp_path / "o2", skip_bad_lines=True)
+    stats = preprocess(src, TOKENIZER, tmp_path / "o2", PreprocessOptions(skip_bad_lines=True))
     assert (stats.docs, stats.bad_lines) == (19, 1)
 
 
@@ -125,7 +125,7 @@ def test_non_object_line_is_bad(tmp_path):
 
     with pytest.raises(AquilaError, match=r"in.jsonl:2: not a JSON object"):
         preprocess(src, TOKENIZER, tmp_path / "o")
-    assert preprocess(src, TOKENIZER, tmp_path / "o", skip_bad_lines=True).bad_lines == 1
+    assert preprocess(src, TOKENIZER, tmp_path / "o", PreprocessOptions(skip_bad_lines=True)).bad_lines == 1
 
 
 def test_missing_key_and_non_string(tmp_path, capsys):
@@ -163,8 +163,8 @@ def test_interrupted_run_leaves_no_final_files(tmp_path):
         "    orig(self, *a); n[0] += 1\n"
         "    if n[0] == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
         "idx.MMapIndexedDatasetBuilder.add_documents = add\n"
-        "from aquila.data.preprocess import preprocess\n"
-        f"preprocess({str(src)!r}, {str(TOKENIZER)!r}, {str(tmp_path / 'o')!r}, chunk_size=10)\n"
+        "from aquila.data.preprocess import PreprocessOptions, preprocess\n"
+        f"preprocess({str(src)!r}, {str(TOKENIZER)!r}, {str(tmp_path / 'o')!r}, PreprocessOptions(chunk_size=10))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True)
     assert r.returncode != 0
@@ -181,12 +181,12 @@ def test_kill_9_then_rerun_leaves_only_final_files(tmp_path):
         "def add(self, *a):\n"
         "    orig(self, *a); os.kill(os.getpid(), signal.SIGKILL)\n"
         "idx.MMapIndexedDatasetBuilder.add_documents = add\n"
-        "from aquila.data.preprocess import preprocess\n"
-        f"preprocess({str(src)!r}, {str(TOKENIZER)!r}, {str(tmp_path / 'o')!r}, chunk_size=10)\n"
+        "from aquila.data.preprocess import PreprocessOptions, preprocess\n"
+        f"preprocess({str(src)!r}, {str(TOKENIZER)!r}, {str(tmp_path / 'o')!r}, PreprocessOptions(chunk_size=10))\n"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == -9
     assert len(os.listdir(tmp_path)) == 3  # in.jsonl and the two hidden temporaries
-    preprocess(src, TOKENIZER, tmp_path / "o", chunk_size=10)
+    preprocess(src, TOKENIZER, tmp_path / "o", PreprocessOptions(chunk_size=10))
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "o_text_document.bin", "o_text_document.idx"]
 
 
@@ -201,7 +201,12 @@ def test_input_directory_and_several_files_in_order(tmp_path, capsys):
     preprocess(whole, TOKENIZER, tmp_path / "one")
     rc = cli.main(["preprocess", "--input", str(d), "--tokenizer", str(TOKENIZER), "--output-prefix", str(tmp_path / "dir"), "--quiet"])  # fmt: skip
     assert rc == 0
-    preprocess([d / "part0.jsonl", d / "part1.jsonl", d / "part2.jsonl"], TOKENIZER, tmp_path / "files", workers=2)
+    preprocess(
+        [d / "part0.jsonl", d / "part1.jsonl", d / "part2.jsonl"],
+        TOKENIZER,
+        tmp_path / "files",
+        PreprocessOptions(workers=2),
+    )
     for name in ("dir", "files"):
         for ext in ("bin", "idx"):
             assert (tmp_path / f"{name}_text_document.{ext}").read_bytes() == (
@@ -221,7 +226,7 @@ def test_deeply_nested_json_line_is_one_error_line(tmp_path, capsys):
     argv = ["preprocess", "--input", str(src), "--tokenizer", str(TOKENIZER), "--output-prefix", str(tmp_path / "o")]
     rc, err = run(argv, capsys)
     assert rc == 2 and err.count("\n") == 1 and f"{src}:2: not a JSON object (nested too deeply)" in err
-    assert preprocess(src, TOKENIZER, tmp_path / "o", skip_bad_lines=True).bad_lines == 2
+    assert preprocess(src, TOKENIZER, tmp_path / "o", PreprocessOptions(skip_bad_lines=True)).bad_lines == 2
 
 
 def test_output_prefix_under_a_file_is_one_error_line(tmp_path, capsys):
@@ -278,9 +283,9 @@ def test_chunks_are_bounded_in_bytes():
 
 PEAK_RSS = (  # VmHWM after clearing it: ru_maxrss would include the parent's peak from before exec
     "import re, sys\n"
-    "from aquila.data.preprocess import preprocess\n"
+    "from aquila.data.preprocess import PreprocessOptions, preprocess\n"
     "open('/proc/self/clear_refs', 'w').write('5')\n"
-    "preprocess(sys.argv[1], sys.argv[2], sys.argv[3], workers=int(sys.argv[4]))\n"
+    "preprocess(sys.argv[1], sys.argv[2], sys.argv[3], PreprocessOptions(workers=int(sys.argv[4])))\n"
     "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"  # KiB
 )
 
@@ -313,7 +318,7 @@ def test_long_document_encoded_in_pieces_has_the_documents_ids(tmp_path, tok, mo
     doc = "\n".join(TEXTS * 40)
     assert len(list(pp.text_pieces(doc, 300))) > 10
     src = write_jsonl(tmp_path / "in.jsonl", [TEXTS[0], doc, TEXTS[1]])
-    preprocess(src, TOKENIZER, tmp_path / "o", workers=workers, chunk_size=1)
+    preprocess(src, TOKENIZER, tmp_path / "o", PreprocessOptions(workers=workers, chunk_size=1))
     ds = MMapIndexedDataset(tmp_path / "o_text_document")
     assert [ds[i].tolist() for i in range(3)] == [tok.encode_plus(t)["input_ids"] for t in (TEXTS[0], doc, TEXTS[1])]
 
@@ -395,3 +400,24 @@ def test_chunks_of_lines_longer_than_a_read(tmp_path, final_newline):
     src.write_bytes(data)
     for size, limit in [(256, 1000), (1, 1), (2, 70_000)]:
         assert list(iter_chunks(src, size, limit)) == list(_chunks_line_by_line(src, size, limit))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_preprocess_changes_no_environment_or_module_state(tmp_path, monkeypatch, workers):
+    """A library call leaves the caller's process as it found it (it used to set TOKENIZERS_PARALLELISM=false
+    and a module-level tokenizer)."""
+    import aquila.data.preprocess as pp
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    environ = dict(os.environ)
+    src = write_jsonl(tmp_path / "in.jsonl", TEXTS * 3)
+    preprocess(src, TOKENIZER, tmp_path / "o", PreprocessOptions(workers=workers, chunk_size=2))
+    assert dict(os.environ) == environ
+    assert pp._WORKER_TOKENIZER is None
+
+
+def test_preprocess_options_reject_a_string_of_keys():
+    from aquila.errors import AquilaError
+
+    with pytest.raises(AquilaError, match="json_keys: expected a sequence of keys, got the string 'text'"):
+        PreprocessOptions(json_keys="text")

@@ -164,6 +164,28 @@ def test_keys_without_effect_get_one_warning_each(tmp_path, capsys):
     ]
 
 
+def test_ignored_keys_are_one_table_not_fields(tmp_path):
+    """IGNORED_KEYS are accepted (flag and YAML, typed, YAML over flags), kept apart, and nothing else can read them."""
+    import dataclasses
+
+    from aquila.train.config import IGNORED_KEYS, no_effect_notes
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert not fields & set(IGNORED_KEYS)
+    y = write_yaml(tmp_path / "c.yaml", {"master_port": 9000, "wandb": True})
+    cfg = parse_config(["--master_port", "1", "--wandb_dir", "w", "--hostfile", "h", "--yaml_config", str(y)], "t")
+    assert cfg.flagai_ignored == {"master_port": 9000, "wandb_dir": "w", "hostfile": "h", "wandb": True}
+    assert [n.split(":")[0] for n in no_effect_notes(cfg)] == ["wandb", "master_port", "hostfile"]  # wandb_dir: silent
+    bad = write_yaml(tmp_path / "bad.yaml", {"master_port": "high"})
+    with pytest.raises(AquilaError, match="key 'master_port'"):
+        parse_config(["--yaml_config", str(bad)], "t")
+    inner = write_yaml(tmp_path / "inner.yaml", {"flagai_ignored": {"wandb": True}})
+    with pytest.raises(AquilaError, match="unknown key 'flagai_ignored'"):
+        parse_config(["--yaml_config", str(inner)], "t")
+    with pytest.raises(AquilaError, match="unknown command-line argument '--flagai_ignored'"):
+        parse_config(["--flagai_ignored", "x"], "t")
+
+
 def test_shipped_lora_yaml_with_fp16_trains_on_cpu_in_fp32(tmp_path, capsys):
     """Aquila-sft-lora.yaml as shipped (fp16: True, pytorchDDP) on a laptop: one warning, then fp32 training."""
     import yaml

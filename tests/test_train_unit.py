@@ -140,3 +140,31 @@ def test_lora_on_the_output_projection_is_an_error():
 
     with pytest.raises(AquilaError, match="'output' is not supported"):
         apply_lora(build_model(MICRO, seed=0), lora_config(4, 8, 0.0, ["wq", "output"]))
+
+
+def test_run_plan_is_built_once_and_hands_the_weights_over_once(tmp_path):
+    """The composition root: one RunPlan from the config and the environment (model source, seq_length, resume
+    point, weights, backend, global batch); the model builder takes the planned weights and the plan lets go."""
+    from aquila.checkpoint import save_model_dir
+    from aquila.train.config import parse_config
+    from aquila.train.distributed import resolve_env
+    from aquila.train.run import build_train_model, plan_model, plan_run
+    from tests.train_helpers import micro_model_dir
+
+    save_model_dir(
+        build_model(ModelArgs.load(micro_model_dir(tmp_path / "cfg") / "config.json"), seed=0), tmp_path / "in" / "m"
+    )
+    argv = ["--model_name", "m", "--pre_load_dir", str(tmp_path / "in"), "--bmt_pre_load", "True", "--max_steps", "1"]
+    argv += ["--load_dir", "null", "--batch_size", "2", "--gradient_accumulation_steps", "3", "--seq_length", "16"]
+    cfg = parse_config(argv, "t")
+    env = resolve_env(cfg)
+    plan = plan_run(cfg, env, plan_model(cfg, warn=False))
+    assert (plan.global_batch_size, plan.seq_length, plan.resume, plan.tokenizer) == (
+        2 * env.world_size * 3,
+        16,
+        None,
+        None,
+    )
+    assert plan.weights.source == str(tmp_path / "in" / "m" / plan.source.weights.name) and plan.weights.state
+    model, lora_cfg = build_train_model(plan)
+    assert plan.weights.state is None and lora_cfg is None and model.training

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aquila.data.indexed_dataset import MMapIndexedDataset, index_file_path
+from aquila.data.indexed_dataset import MMapIndexedDataset, missing_dataset_file
 from aquila.errors import AquilaError
 from aquila.io_utils import atomic_path, write_text_atomic
 
@@ -365,9 +365,8 @@ def build_pretrain_datasets(
     parse_splits(splits_string)  # validate before touching the data
     pairs = parse_data_prefix(data_prefix)
     for _, prefix in pairs:
-        for path in (index_file_path(prefix), Path(f"{prefix}.bin")):
-            if not path.is_file():
-                raise AquilaError(f"{path}: indexed dataset not found (data prefix {prefix!r})")
+        if missing := missing_dataset_file(prefix):
+            raise AquilaError(f"{missing}: indexed dataset not found (data prefix {prefix!r})")
         if vocab_size is not None:
             from aquila.data.check import check_vocab
 

@@ -92,8 +92,13 @@ class ChunkedCRC:
         return self.crcs + ([self._crc] if self._fill else [])
 
 
+def missing_dataset_file(prefix: str | os.PathLike) -> Path | None:
+    """The first of `prefix`'s `.idx` and `.bin` files that does not exist, or None when both do."""
+    return next((p for p in (index_file_path(prefix), data_file_path(prefix)) if not p.is_file()), None)
+
+
 def dataset_exists(prefix: str | os.PathLike) -> bool:
-    return data_file_path(prefix).is_file() and index_file_path(prefix).is_file()
+    return missing_dataset_file(prefix) is None
 
 
 def dtype_code(dtype: np.dtype | type | str) -> int:

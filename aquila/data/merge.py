@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from aquila.cli_help import HelpFormatter
-from aquila.data.indexed_dataset import merge_datasets
+from aquila.data.indexed_dataset import dataset_exists, merge_datasets
 from aquila.errors import AquilaError
 
 
@@ -18,7 +18,7 @@ def prefixes_in_dir(directory: str | Path) -> list[str]:
     d = Path(directory)
     if not d.is_dir():
         raise AquilaError(f"{d}: not a directory")
-    found = sorted(str(p.with_suffix("")) for p in d.glob("*.idx") if p.with_suffix(".bin").is_file())
+    found = sorted(str(p.with_suffix("")) for p in d.glob("*.idx") if dataset_exists(p.with_suffix("")))
     if not found:
         raise AquilaError(f"{d}: no .bin/.idx pairs to merge")
     return found

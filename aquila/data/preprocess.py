@@ -38,7 +38,28 @@ from aquila.cli_help import HelpFormatter
 from aquila.data.indexed_dataset import MMapIndexedDatasetBuilder, best_dtype
 from aquila.errors import AquilaError
 
-_TOKENIZER = None  # the tokenizer of this (worker) process
+_WORKER_TOKENIZER = None  # set in each worker process by _init_worker (never in the calling process)
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """How `preprocess` tokenizes and writes (the command line's flags of the same names)."""
+
+    json_keys: tuple[str, ...] = ("text",)
+    workers: int = 1
+    chunk_size: int = 256  # at most this many lines per task given to a worker
+    chunk_bytes: int = 1 << 20  # and at most about this many bytes
+    append_eod: bool = False  # ids + [EOS] instead of [BOS] + ids + [EOS]
+    skip_bad_lines: bool = False
+    dtype: str | None = None  # None: the smallest that holds the vocabulary
+    log_interval: int = 100  # documents between progress-bar updates
+    quiet: bool = True  # no progress bar
+    checksum: bool = False  # also write <prefix>.crc32.json
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json_keys, str):
+            raise AquilaError(f"json_keys: expected a sequence of keys, got the string {self.json_keys!r}")
+        object.__setattr__(self, "json_keys", tuple(self.json_keys))
 
 
 @dataclass
@@ -72,14 +93,16 @@ def load_tokenizer(directory: str | os.PathLike):
     return Tokenizer.from_pretrained(directory)
 
 
-def _init_worker(tokenizer_dir: str | None) -> None:
-    global _TOKENIZER
+def _init_worker(tokenizer, tokenizer_dir: str) -> None:
+    """A worker process's tokenizer: the parent's, inherited by a forked worker, else loaded from its directory."""
+    global _WORKER_TOKENIZER
+    # This worker's own environment: one process per core, so HF tokenizers' batch threads would oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if tokenizer_dir is not None:
-        _TOKENIZER = load_tokenizer(tokenizer_dir)
+    _WORKER_TOKENIZER = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_dir)
 
 
 def encode_chunk(
+    tok,
     path: str,
     first_line: int,
     block: bytes,
@@ -88,8 +111,7 @@ def encode_chunk(
     skip_bad: bool,
     dtype: str = "int64",
 ) -> ChunkResult:
-    """Parse and tokenize the lines of `block` (whole lines; line numbers start at `first_line`) with this
-    process's tokenizer.
+    """Parse and tokenize the lines of `block` (whole lines; line numbers start at `first_line`) with `tok`.
 
     The chunk travels as one bytes object, not a list of lines (one copy through the pipe, no per-line pickling);
     ids come back in the output's `dtype` (a quarter of int64's bytes through the pipe for uint16)."""
@@ -136,7 +158,6 @@ def encode_chunk(
         res.docs += 1
     if res.error:
         return res
-    tok = _TOKENIZER
     head = np.asarray([] if append_eod else [tok.token_start_id], dtype=np.int64)
     tail = np.asarray([tok.token_end_id], dtype=np.int64)
     out = np.dtype(dtype)
@@ -205,10 +226,10 @@ def encode_long(tok, text: str) -> np.ndarray:
 
 
 def _encode_task(args: tuple) -> ChunkResult:
-    return encode_chunk(*args)
+    return encode_chunk(_WORKER_TOKENIZER, *args)
 
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = PreprocessOptions.chunk_bytes
 
 
 def iter_chunks(path: Path, chunk_size: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
@@ -281,20 +302,13 @@ def preprocess(
     input_path: str | os.PathLike | Sequence[str | os.PathLike],
     tokenizer_dir: str | os.PathLike,
     output_prefix: str | os.PathLike,
-    json_keys: Sequence[str] = ("text",),
-    workers: int = 1,
-    chunk_size: int = 256,
-    append_eod: bool = False,
-    skip_bad_lines: bool = False,
-    dtype: str | np.dtype | None = None,
-    log_interval: int = 100,
-    quiet: bool = True,
-    chunk_bytes: int = CHUNK_BYTES,
-    checksum: bool = False,
+    options: PreprocessOptions = PreprocessOptions(),
 ) -> PreprocessStats:
     """Tokenize `input_path` (jsonl files, or directories of them) into `{output_prefix}_{key}_document.{bin,idx}`
-    for each key, documents in input order."""
-    global _TOKENIZER
+    for each of `options.json_keys`, documents in input order. Changes no environment variable or module state of
+    the calling process."""
+    opts = options
+    json_keys, workers, chunk_size, chunk_bytes = opts.json_keys, opts.workers, opts.chunk_size, opts.chunk_bytes
     paths = input_files(input_path)
     if workers < 1 or chunk_size < 1 or chunk_bytes < 1:
         raise AquilaError(
@@ -302,24 +316,23 @@ def preprocess(
         )
     if not json_keys:
         raise AquilaError("--json-keys: give at least one key")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer = load_tokenizer(tokenizer_dir)
-    out_dtype = np.dtype(dtype) if dtype else best_dtype(max(len(tokenizer), len(tokenizer.get_vocab())))
+    out_dtype = np.dtype(opts.dtype) if opts.dtype else best_dtype(max(len(tokenizer), len(tokenizer.get_vocab())))
     stats = PreprocessStats()
     start = time.perf_counter()
-    bar = _progress(sum(p.stat().st_size for p in paths), quiet)
+    bar = _progress(sum(p.stat().st_size for p in paths), opts.quiet)
     last_log = 0
 
     def tasks() -> Iterator[tuple]:
         for path in paths:
             for first, block in iter_chunks(path, chunk_size, chunk_bytes):
-                yield (str(path), first, block, tuple(json_keys), append_eod, skip_bad_lines, out_dtype.name)
+                yield (str(path), first, block, json_keys, opts.append_eod, opts.skip_bad_lines, out_dtype.name)
 
     with contextlib.ExitStack() as stack:
         builders = {}
         for k in json_keys:
             out = f"{os.fspath(output_prefix)}_{k}_document"
-            builders[k] = stack.enter_context(MMapIndexedDatasetBuilder(out, out_dtype, checksum=checksum))
+            builders[k] = stack.enter_context(MMapIndexedDatasetBuilder(out, out_dtype, checksum=opts.checksum))
 
         def consume(res: ChunkResult) -> None:
             nonlocal last_log
@@ -335,22 +348,22 @@ def preprocess(
             stats.nbytes += res.nbytes
             if bar is not None:
                 bar.update(res.nbytes)
-                if stats.docs - last_log >= log_interval:
+                if stats.docs - last_log >= opts.log_interval:
                     last_log = stats.docs
                     elapsed = max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix(docs=stats.docs, docs_s=f"{stats.docs / elapsed:.0f}", refresh=False)
 
         try:
             if workers == 1:
-                _TOKENIZER = tokenizer
                 for task in tasks():
-                    consume(encode_chunk(*task))
+                    consume(encode_chunk(tokenizer, *task))
             else:
                 methods = multiprocessing.get_all_start_methods()
                 ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-                _TOKENIZER = tokenizer  # inherited by forked workers; spawned ones load their own
-                initarg = None if ctx.get_start_method() == "fork" else os.fspath(tokenizer_dir)
-                with ctx.Pool(workers, initializer=_init_worker, initargs=(initarg,)) as pool:
+                # A forked worker gets the loaded tokenizer as it is (fork does not pickle initargs); others load it.
+                inherited = tokenizer if ctx.get_start_method() == "fork" else None
+                initargs = (inherited, os.fspath(tokenizer_dir))
+                with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
                     pending: deque = deque()
                     for task in tasks():  # at most 2 chunks per worker in flight: memory stays bounded
                         pending.append(pool.apply_async(_encode_task, (task,)))
@@ -415,21 +428,19 @@ def main(argv: list[str]) -> int:
         raise AquilaError("--split-sentences is not supported: documents are tokenized whole (FlagAI's Aquila data)")
     if args.engine == "ray" or args.shard_index is not None or args.merge_shards:
         return _sharded(args)
-    stats = preprocess(
-        args.input,
-        tokenizer_location(args),
-        args.output_prefix,
-        json_keys=args.json_keys,
+    options = PreprocessOptions(
+        json_keys=tuple(args.json_keys),
         workers=args.workers,
         chunk_size=args.chunk_size,
+        chunk_bytes=args.chunk_bytes,
         append_eod=args.append_eod,
         skip_bad_lines=args.skip_bad_lines,
         dtype=args.dtype,
         log_interval=args.log_interval,
         quiet=args.quiet,
-        chunk_bytes=args.chunk_bytes,
         checksum=args.checksum,
     )
+    stats = preprocess(args.input, tokenizer_location(args), args.output_prefix, options)
     secs = max(stats.seconds, 1e-9)
     print(
         f"wrote {', '.join(stats.outputs)}: {stats.docs} documents, {stats.tokens} tokens "

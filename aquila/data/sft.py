@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from aquila.chat_template import DEFAULT_SYSTEM, render_segments
+from aquila.constants import IGNORE_INDEX
 from aquila.errors import AquilaError
 
-IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
 
 

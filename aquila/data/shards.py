@@ -76,23 +76,21 @@ class ShardJob:
 
 def run_shard(job: ShardJob, index: int, input_file: str) -> dict:
     """Tokenize input file `index` into its shard unless already complete; returns its counts."""
-    from aquila.data.preprocess import preprocess
+    from aquila.data.preprocess import PreprocessOptions, preprocess
 
     if job.is_complete(index, input_file):
         done = json.loads(job.marker(index).read_text(encoding="utf-8"))
         return {**done["counts"], "skipped": True}
     job.marker(index).unlink(missing_ok=True)
-    stats = preprocess(
-        input_file,
-        job.tokenizer_dir,
-        job.shard_prefix(index),
-        json_keys=job.json_keys,
+    options = PreprocessOptions(
+        json_keys=tuple(job.json_keys),
         workers=1,
         append_eod=job.append_eod,
         skip_bad_lines=job.skip_bad_lines,
         dtype=job.dtype,
         checksum=job.checksum,
     )
+    stats = preprocess(input_file, job.tokenizer_dir, job.shard_prefix(index), options)
     counts = {"docs": stats.docs, "tokens": stats.tokens, "bad_lines": stats.bad_lines, "nbytes": stats.nbytes}
     write_text_atomic(job.marker(index), json.dumps({"record": job.record(input_file), "counts": counts}) + "\n")
     return {**counts, "skipped": False}

@@ -19,11 +19,12 @@ import torch
 from tqdm import tqdm
 
 from aquila.cli_help import HelpFormatter
+from aquila.dtypes import DTYPES
 from aquila.errors import AquilaError
 from aquila.evaluation.tasks import CARD_COLUMNS, LOCAL_TASKS, TASKS, check_task_names, load_task
 from aquila.io_utils import write_text_atomic
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None, help="perplexity stride in tokens (default: window / 2)")
     p.add_argument("--max-tokens", type=int, default=None, help="perplexity over the first N tokens only")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: bf16 on cuda, fp32 on cpu")
     return p
 
 

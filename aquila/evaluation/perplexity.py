@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from aquila.constants import IGNORE_INDEX
 from aquila.errors import AquilaError
 from aquila.model import AquilaModel
 
@@ -131,8 +132,8 @@ def perplexity(
             ids = torch.stack([tokens[w.begin : w.end] for w in same]).to(device)
             labels = ids.clone()
             for row, w in enumerate(same):
-                labels[row, : w.end - w.begin - w.targets] = -100
-            n = int((labels[:, 1:] != -100).sum())
+                labels[row, : w.end - w.begin - w.targets] = IGNORE_INDEX
+            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
             loss = model(ids, labels=labels)["loss"]
             nll += float(loss) * n
             count += n

@@ -10,7 +10,7 @@ Weights are loaded strictly and without two copies (meta-device build; our safet
 tensor into fresh memory, converted on the way in, so a loaded model costs its own bytes: no file mapping stays
 resident beside an fp16, packed or quantized copy; other files are memory-mapped). The tokenizer comes
 from the same directory, loaded on the first `get_tokenizer()`. The static KV cache is always used and sized at
-generation time, so `use_cache` and `max_batch_size` are accepted for compatibility only.
+generation time, so `use_cache` and `max_batch_size` are accepted for compatibility only (`IGNORED_ARGS`).
 
 On CPU, `model.half()` (as in the model card) is left to do what it says: on AVX-512 CPUs fp16 decoding measured
 no slower than fp32 (bench/README.md, "Generation"), with half the memory; results can differ from fp32 by fp16
@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-from aquila.checkpoint import CONFIG_NAME, SAFETENSORS_NAME, ModelDir, load_into, meta_model
+from aquila.checkpoint import ModelDir, load_into, meta_model
+from aquila.constants import CONFIG_NAME, SAFETENSORS_NAME
+from aquila.dtypes import parse_dtype
 from aquila.errors import AquilaError
 from aquila.inference.int4 import prepare_int4
 from aquila.inference.quantize import load_quantized, quantize_model, quantized_bits
@@ -37,24 +39,19 @@ from aquila.typed_config import is_int
 
 TASKS = ("lm",)
 QUANT_MODES = {None: None, "int8": 8, "int4": 4}
-# FlagAI keyword arguments that have no effect here but are accepted so that its scripts run unchanged.
-COMPAT_KWARGS = {"only_download_config", "low_cpu_mem_usage", "inference_mode", "all_devices"}
-_DTYPES = {
-    **dict.fromkeys(("float32", "fp32"), torch.float32),
-    **dict.fromkeys(("float16", "fp16", "half"), torch.float16),
-    **dict.fromkeys(("bfloat16", "bf16"), torch.bfloat16),
+# The one table of FlagAI's AutoLoader arguments that are accepted (so that its scripts run unchanged) and have
+# no effect here. Each maps to the value that behaves like aquila (_ANY: any value does) and why; another value
+# prints one warning line. only_download_config=True is an error instead: nothing is ever downloaded.
+_ANY = object()
+IGNORED_ARGS: dict[str, tuple[object, str]] = {
+    "use_cache": (True, "generation always uses the static KV cache"),
+    "max_batch_size": (_ANY, "the KV cache is sized when generation starts, for the batch it is given"),
+    "only_download_config": (False, "AutoLoader never downloads"),
+    "low_cpu_mem_usage": (_ANY, "weights are always loaded without a second copy (meta device, memory-mapped files)"),
+    "inference_mode": (_ANY, "the model is returned in eval mode"),
+    "all_devices": (_ANY, "the model is loaded onto `device`"),
 }
-
-
-def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        if value not in (None, torch.float32, torch.float16, torch.bfloat16):
-            raise AquilaError(f"torch_dtype {value} is not supported (float32, float16 or bfloat16)")
-        return value
-    key = str(value).removeprefix("torch.").lower()
-    if key not in _DTYPES:
-        raise AquilaError(f"unknown torch_dtype {value!r}; use one of float32, float16, bfloat16")
-    return _DTYPES[key]
+COMPAT_KWARGS = frozenset(IGNORED_ARGS) - {"use_cache", "max_batch_size"}  # the ones that arrive in **kwargs
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -132,6 +129,12 @@ def _quantize_loaded(model: AquilaModel, device: torch.device, quantize: str) ->
     return quantize_model(model)
 
 
+def _warn_ignored(args: dict) -> None:
+    for name, (same, why) in IGNORED_ARGS.items():
+        if name in args and same is not _ANY and args[name] != same:
+            print(f"warning: AutoLoader: {name}={args[name]!r} has no effect: {why}", file=sys.stderr)
+
+
 class AutoLoader:
     """FlagAI's AutoLoader for task "lm": `get_model()`, `get_tokenizer()`."""
 
@@ -170,6 +173,7 @@ class AutoLoader:
             dtype = torch.float16
         if not is_int(max_batch_size, 1):
             raise AquilaError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        _warn_ignored({**kwargs, "use_cache": use_cache, "max_batch_size": max_batch_size})
         self.model_dir = Path(model_dir) / model_name
         if not self.model_dir.is_dir():
             base = Path(model_dir)
@@ -180,8 +184,6 @@ class AutoLoader:
                 + (f"models in {model_dir}: {shown})" if found else f"{model_dir} has no model directories)")
             )
         self.model_name = model_name
-        self.use_cache = use_cache
-        self.max_batch_size = max_batch_size
         self.model = load_model(self.model_dir, device, dtype, adapter_dir, quantize)
         self._tokenizer = None
 

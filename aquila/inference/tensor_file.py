@@ -25,7 +25,7 @@ import torch
 
 from aquila.errors import AquilaError
 
-_DTYPES = {
+SAFETENSORS_CODES = {  # the dtype codes of a safetensors header (not the user-facing names: aquila/dtypes.py)
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -72,7 +72,7 @@ def iter_safetensors(
         entries = []
         for name, info in header.items():
             try:
-                dtype, shape, (begin, end) = _DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
+                dtype, shape, (begin, end) = SAFETENSORS_CODES[info["dtype"]], list(info["shape"]), info["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise AquilaError(f"{path}: tensor {name!r}: unsupported or malformed header entry {info!r}") from None
             if end - begin != math.prod(shape) * dtype.itemsize:

@@ -1,8 +1,9 @@
 """The training script's command line, built once for the node script and for the trigger's pre-start check.
 
 The check runs the trainer's own code on exactly the argv its processes will get, before anything starts: its
-parser (unknown keys, types, value ranges: `aquila.train.config.parse_config`), the model it names
-(`run.model_source`), the tokenizer, the data (`pretrain.precheck` / `sft.precheck`) and an explicit `load_dir`.
+parser (unknown keys, types, value ranges: `aquila.train.config.parse_config`), the model it names, its
+seq_length and the tokenizer (`run.plan_model`, the trainer's own first step), the data (`pretrain.precheck` /
+`sft.precheck`) and an explicit `load_dir`.
 A mistake is then one `error:` line from the trigger instead of a traceback in the log after "started". Only the
 shipped scripts are checked this way: a SCRIPT_FILE of your own may parse its flags differently.
 """
@@ -12,8 +13,6 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-
-from aquila.errors import AquilaError
 
 # FlagAI's bmtrain_mgpu.sh command-line values; the YAML overrides every one of them (defaults < flags < YAML).
 FLAGAI_FLAGS = (
@@ -67,11 +66,7 @@ def check_training_inputs(script: str | os.PathLike, script_dir: str | os.PathLi
     cfg = parse_config(argv, Path(script).name, SCRIPT_DEFAULTS)
     from aquila.train import checkpointing, run
 
-    args, _ = run.model_source(cfg)
-    seq_length = cfg.seq_length or args.max_seq_len
-    if seq_length > args.max_seq_len:  # run.run's check, before the process group starts
-        raise AquilaError(f"seq_length {seq_length} is above the model's max_seq_len {args.max_seq_len}")
-    run.load_tokenizer(run.tokenizer_dir(cfg), args)
+    run.plan_model(cfg, warn=False)
     importlib.import_module(module_name).precheck(cfg)
     if cfg.load_dir not in (None, "auto"):
         checkpointing.resolve_checkpoint(cfg.load_dir, cfg.load_type)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from aquila.constants import IGNORE_INDEX
 
 
 class SampleOrder:

@@ -25,7 +25,7 @@ EnvType = Literal["auto", "pytorch", "pytorchDDP", "fsdp", "bmtrain"]
 
 @dataclass
 class TrainConfig:
-    # --- FlagAI EnvArgs (flagai/env_args.py), same names and defaults ---
+    # --- FlagAI EnvArgs (flagai/env_args.py), same names and defaults; those without effect: IGNORED_KEYS ---
     env_type: EnvType = "auto"  # auto: pytorch for one process, fsdp for several (FlagAI: "pytorch")
     experiment_name: str = "test_experiment"
     model_name: str = "test_model"
@@ -56,20 +56,10 @@ class TrainConfig:
     load_rng: bool = False
     tensorboard_dir: str = "tensorboard_summary"
     tensorboard: bool = False
-    wandb: bool = False  # FlagAI: True; no wandb here (NO_EFFECT)
-    wandb_dir: str = "./wandb"  # set by the launcher; used only by wandb
-    already_fp16: bool = False
     resume_dataset: bool = False
     shuffle_dataset: bool = True
     num_checkpoints: int = 1
-    master_ip: str = "localhost"  # launcher keys (NO_EFFECT): torchrun's environment is used instead
-    master_port: int = 17750
-    num_nodes: int = 1
-    num_gpus: int = 1
-    hostfile: str = "./hostfile"
-    deepspeed_config: str = "./deepspeed.json"
     model_parallel_size: int = 1  # only 1: no tensor parallelism (validate)
-    training_script: str = "train.py"
     lora: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
@@ -82,22 +72,12 @@ class TrainConfig:
     bmt_lr_decay_style: str = "cosine"  # "linear", anything else = cosine to 10% of peak (Cosine10PP)
     bmt_loss_scale: float = 1024.0
     bmt_loss_scale_steps: int = 1024
-    bmt_async_load: bool = False
     bmt_pre_load: bool = False  # load pre_load_dir/model_name's weights
     pre_load_dir: str | None = None
     enable_sft_dataset_dir: str | None = None
     enable_sft_dataset_file: str | None = None
     enable_sft_dataset_val_file: str | None = None
-    enable_sft_dataset: bool = False  # FlagAI dataset-kind switches (NO_EFFECT): the entry script decides
-    enable_sft_dataset_text: bool = False
-    enable_sft_dataset_jsonl: bool = False
-    enable_sft_conversations_dataset: bool = False
-    enable_sft_conversations_dataset_v2: bool = False
-    enable_sft_conversations_dataset_v3: bool = False
-    enable_weighted_dataset_v2: bool = False
     enable_flash_attn_models: bool = False  # on CUDA: flash-attn must be installed (it is used whenever it is)
-    enable_flashattn: bool = False  # FlagAI SQL YAML spelling
-    pretrain_data: bool = False  # FlagAI SQL YAML key
     enable_pretrain_dataset_prefix: str | None = None  # FlagAI SQL YAML key; used as data_prefix if that is unset
     # --- ours ---
     bf16: bool | None = None  # None: bf16 on CUDA (unless fp16), fp32 on CPU; fsdp: FSDP2 policy, else autocast
@@ -117,6 +97,8 @@ class TrainConfig:
     # save_full_interval and at the run's last step, else as every rank's own shard (model/, enough to resume).
     save_full_interval: int | None = None  # None: save_interval (every checkpoint loadable, FlagAI's layout)
     save_full_format: Literal["bin", "safetensors"] = "bin"  # pytorch_model.bin (FlagAI) or model.safetensors
+    # --- not a key: the IGNORED_KEYS this config set, with their values (parse_config), for the warnings ---
+    flagai_ignored: dict[str, Any] = field(default_factory=dict, metadata={"key": False})
 
 
 # Values FlagAI's Aquila example scripts set in their EnvArgs(...) call (examples/Aquila/*/aquila_*.py),
@@ -133,19 +115,43 @@ SCRIPT_DEFAULTS: dict[str, Any] = {
     "save_interval": 5000,
 }
 
-# FlagAI keys that do nothing here, and why. Set to anything but the default, each prints one warning line.
+
+@dataclass(frozen=True)
+class IgnoredKey:
+    """A FlagAI EnvArgs key that is accepted (flag or YAML, type-checked) and has no effect here."""
+
+    type: type
+    default: Any  # FlagAI's default (wandb: ours); any other value prints one warning line
+    why: str
+    warn: bool = True
+
+
+# The one table of FlagAI keys TrainConfig accepts and ignores: they are not TrainConfig fields (nothing can read
+# them by mistake); parse_config keeps what was set in `flagai_ignored` and each one set to something other than
+# its default prints `<key>: <value> has no effect: <why>` when the run starts.
 _LAUNCHER = "the launcher (hostfile, dist_trigger_docker.sh) and torchrun's environment decide this"
 _DATASET_KIND = "the entry script decides the dataset kind (aquila_pretrain.py: indexed data, aquila_sft.py: jsonl)"
-NO_EFFECT: dict[str, str] = {
-    "wandb": "no wandb logging here; tensorboard: True writes the same scalars",
-    "already_fp16": "weights are loaded into fp32 master weights whatever their dtype",
-    "bmt_async_load": "checkpoints are memory-mapped, there is nothing to load asynchronously",
-    "deepspeed_config": "no DeepSpeed here; env_type fsdp shards parameters, gradients and optimizer state (ZeRO-3)",
-    "enable_flashattn": "flash-attn is used on CUDA whenever it is installed",
-    "pretrain_data": _DATASET_KIND,
-    **{k: _LAUNCHER for k in ("master_ip", "master_port", "num_nodes", "num_gpus", "hostfile", "training_script")},
+IGNORED_KEYS: dict[str, IgnoredKey] = {
+    "wandb": IgnoredKey(bool, False, "no wandb logging here; tensorboard: True writes the same scalars"),
+    # Silent: FlagAI's bmtrain_mgpu.sh (and ours) passes it to every run; the wandb line above covers its meaning.
+    "wandb_dir": IgnoredKey(str, "./wandb", "used only by wandb, which is not here", warn=False),
+    "already_fp16": IgnoredKey(bool, False, "weights are loaded into fp32 master weights whatever their dtype"),
+    "bmt_async_load": IgnoredKey(bool, False, "checkpoints are memory-mapped, there is nothing to load asynchronously"),
+    "deepspeed_config": IgnoredKey(
+        str,
+        "./deepspeed.json",
+        "no DeepSpeed here; env_type fsdp shards parameters, gradients and optimizer state (ZeRO-3)",
+    ),
+    "enable_flashattn": IgnoredKey(bool, False, "flash-attn is used on CUDA whenever it is installed"),
+    "pretrain_data": IgnoredKey(bool, False, _DATASET_KIND),
+    "master_ip": IgnoredKey(str, "localhost", _LAUNCHER),
+    "master_port": IgnoredKey(int, 17750, _LAUNCHER),
+    "num_nodes": IgnoredKey(int, 1, _LAUNCHER),
+    "num_gpus": IgnoredKey(int, 1, _LAUNCHER),
+    "hostfile": IgnoredKey(str, "./hostfile", _LAUNCHER),
+    "training_script": IgnoredKey(str, "train.py", _LAUNCHER),
     **{
-        k: _DATASET_KIND
+        k: IgnoredKey(bool, False, _DATASET_KIND)
         for k in (
             "enable_sft_dataset",
             "enable_sft_dataset_text",
@@ -158,7 +164,7 @@ NO_EFFECT: dict[str, str] = {
     },  # fmt: skip
 }
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.metadata.get("key", True)}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
@@ -180,9 +186,9 @@ def _members(tp: Any) -> tuple[tuple[Any, ...], bool]:
 
 
 def parse_cli_value(name: str, text: str) -> Any:
-    """A command-line string converted to the type of field `name` (FlagAI's `[a,b]` lists included)."""
+    """A command-line string converted to the type of key `name` (FlagAI's `[a,b]` lists included)."""
     where = f"flag --{name}"
-    members, optional = _members(_HINTS[name])
+    members, optional = _members(IGNORED_KEYS[name].type if name in IGNORED_KEYS else _HINTS[name])
     tp = members[0]
     if optional and text.strip().lower() in ("none", "null"):
         return None
@@ -218,6 +224,9 @@ def build_arg_parser(prog: str) -> argparse.ArgumentParser:
     for name, f in _FIELDS.items():  # the flag's default is the YAML's; --help shows TrainConfig's
         shown = "" if f.default is dataclasses.MISSING else f"(default: {str(f.default).replace('%', '%%')})"
         parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="V", help=shown or None)
+    for name, key in IGNORED_KEYS.items():
+        shown = f"(default: {str(key.default).replace('%', '%%')}; no effect: {key.why.replace('%', '%%')})"
+        parser.add_argument(f"--{name}", dest=f"{_IGNORED}{name}", default=argparse.SUPPRESS, metavar="V", help=shown)
     # torch>=2 launchers pass --local-rank; older ones --local_rank. RANK/LOCAL_RANK come from the environment.
     parser.add_argument("--local-rank", "--local_rank", dest="_local_rank", default=None, help=argparse.SUPPRESS)
     # FlagAI's launcher flag: we never re-launch ourselves, so it is accepted and ignored.
@@ -231,18 +240,37 @@ def parse_config(argv: list[str], prog: str, script_defaults: dict[str, Any] | N
     ns, unknown = parser.parse_known_args(argv)
     if unknown:
         raise AquilaError(f"unknown command-line argument {unknown[0]!r}")
-    cfg = from_dict(TrainConfig, dict(script_defaults or {}), f"{prog} defaults")
+    cfg, ignored = _from_dict(dict(script_defaults or {}), f"{prog} defaults")
     cli = {k: parse_cli_value(k, v) for k, v in vars(ns).items() if not k.startswith("_")}
     cfg = dataclasses.replace(cfg, **cli)
+    for dest, text in vars(ns).items():
+        if dest.startswith(_IGNORED):
+            ignored[dest.removeprefix(_IGNORED)] = parse_cli_value(dest.removeprefix(_IGNORED), text)
     if cfg.yaml_config:
         data = read_yaml(cfg.yaml_config)
         if not data:
             raise AquilaError(f"config {cfg.yaml_config}: the file is empty (expected keys such as model_name)")
-        cfg = from_dict(TrainConfig, data, str(cfg.yaml_config), base=cfg)
+        cfg, from_yaml = _from_dict(data, str(cfg.yaml_config), base=cfg)
+        ignored.update(from_yaml)
+    cfg = dataclasses.replace(cfg, flagai_ignored=ignored)
     if cfg.data_prefix is None and cfg.enable_pretrain_dataset_prefix:
         cfg = dataclasses.replace(cfg, data_prefix=cfg.enable_pretrain_dataset_prefix)
     validate(cfg)
     return cfg
+
+
+_IGNORED = "_ignored:"  # argparse dest prefix of the IGNORED_KEYS flags
+
+
+def _from_dict(data: dict, source: str, base: TrainConfig | None = None) -> tuple[TrainConfig, dict[str, Any]]:
+    """TrainConfig from a mapping (over `base`), and the IGNORED_KEYS it sets, type-checked as TrainConfig's are."""
+    if isinstance(data, dict):
+        for name in data:
+            if name in _HINTS and name not in _FIELDS:
+                raise AquilaError(f"{source}: unknown key {name!r}")
+    cfg = from_dict(TrainConfig, data, source, base=base, ignore=frozenset(IGNORED_KEYS))
+    ignored = {k: coerce(v, IGNORED_KEYS[k].type, f"{source}: key {k!r}") for k, v in data.items() if k in IGNORED_KEYS}
+    return cfg, ignored
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -311,10 +339,10 @@ def _is_float_text(value: Any) -> bool:  # a weight given on the command line: -
 
 
 def no_effect_notes(cfg: TrainConfig) -> list[str]:
-    """`<key>: <value> has no effect: <why>` for each NO_EFFECT key set to something other than its default."""
+    """`<key>: <value> has no effect: <why>` for each IGNORED_KEYS key set to something other than its default,
+    in the table's order."""
     notes = []
-    for name, why in NO_EFFECT.items():
-        value, default = getattr(cfg, name), _FIELDS[name].default
-        if value != default:
-            notes.append(f"{name}: {value} has no effect: {why}")
+    for name, key in IGNORED_KEYS.items():
+        if name in cfg.flagai_ignored and key.warn and cfg.flagai_ignored[name] != key.default:
+            notes.append(f"{name}: {cfg.flagai_ignored[name]} has no effect: {key.why}")
     return notes

@@ -11,10 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aquila.config import PRESETS
+from aquila.constants import CONFIG_NAME, WEIGHT_NAMES
 from aquila.errors import AquilaError
-
-CONFIG_NAME = "config.json"
-WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")  # the order aquila.checkpoint.find_weights prefers
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,12 @@ import numpy as np
 from aquila.errors import AquilaError, run_command
 from aquila.train.batches import pretrain_collate
 from aquila.train.config import SCRIPT_DEFAULTS, TrainConfig, parse_config
-from aquila.train.run import DataBundle, RunContext, run
+from aquila.train.run import DataBundle, RunPlan, run
 
 
 def precheck(cfg: TrainConfig) -> None:
     from aquila.data.gpt_dataset import parse_data_prefix, parse_splits
-    from aquila.data.indexed_dataset import data_file_path, index_file_path
+    from aquila.data.indexed_dataset import missing_dataset_file
 
     if not cfg.data_prefix:
         raise AquilaError(
@@ -27,9 +27,8 @@ def precheck(cfg: TrainConfig) -> None:
         )
     parse_splits(cfg.data_splits)
     for _, prefix in parse_data_prefix(cfg.data_prefix):
-        for path in (index_file_path(prefix), data_file_path(prefix)):
-            if not path.is_file():
-                raise AquilaError(f"data_prefix {prefix!r}: {path} not found")
+        if missing := missing_dataset_file(prefix):
+            raise AquilaError(f"data_prefix {prefix!r}: {missing} not found")
 
 
 def samples_per_epoch(cfg: TrainConfig, seq_length: int) -> int:
@@ -46,19 +45,19 @@ def samples_per_epoch(cfg: TrainConfig, seq_length: int) -> int:
     return total
 
 
-def build_data(ctx: RunContext) -> DataBundle:
+def build_data(plan: RunPlan) -> DataBundle:
     from aquila.data.gpt_dataset import build_pretrain_datasets
 
-    cfg, gb = ctx.cfg, ctx.global_batch_size
-    per_epoch = samples_per_epoch(cfg, ctx.seq_length)
+    cfg, gb = plan.cfg, plan.global_batch_size
+    per_epoch = samples_per_epoch(cfg, plan.seq_length)
     if cfg.max_steps:
         n_train = (cfg.max_steps + cfg.skip_iters) * gb
     else:
         n_train = max(1, cfg.epochs * per_epoch)
-    micro_world = cfg.batch_size * ctx.env.world_size
+    micro_world = cfg.batch_size * plan.env.world_size
     n_valid = cfg.eval_iters * micro_world if cfg.eval_iters else 1
     train, valid, _ = build_pretrain_datasets(
-        cfg.data_prefix, cfg.data_splits, (n_train, n_valid, 0), ctx.seq_length, cfg.seed, ctx.model_args.vocab_size
+        cfg.data_prefix, cfg.data_splits, (n_train, n_valid, 0), plan.seq_length, cfg.seed, plan.model_args.vocab_size
     )
     if train is None:
         raise AquilaError(f"data_splits {cfg.data_splits!r} leaves no documents for training")

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from aquila.checkpoint import CONFIG_NAME, ModelDir, build_model, check_state_dict, load_into, meta_model
+from aquila.checkpoint import ModelDir, build_model, check_state_dict, load_into, meta_model
 from aquila.config import ModelArgs
+from aquila.constants import CONFIG_NAME
 from aquila.errors import AquilaError
 from aquila.tokenizer.files import tokenizer_file
 from aquila.train import checkpointing as ckpt_io
@@ -43,14 +44,53 @@ class DataBundle:
     samples_per_epoch: int
 
 
-@dataclass
-class RunContext:
-    cfg: TrainConfig
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything one training run is made of, decided once from the config and the environment before the
+    process group starts (and read, never changed, by the steps after). `build_data` gets the plan itself."""
+
+    cfg: TrainConfig  # after runtime_config (fp16 off on CPU)
     env: DistEnv
     model_args: ModelArgs
+    source: ModelSource
     seq_length: int
+    tokenizer_dir: Path | None
     tokenizer: Any | None
+    resume: Path | None  # the checkpoint to continue from, None: a fresh run
+    resume_state: dict | None  # its train_state.json
+    weights: InitialWeights
+    backend: Any  # aquila.train.backends: DDP / FSDP / BMTrain / single process, not started yet
     global_batch_size: int
+
+    @property
+    def lora_base(self) -> str:
+        """What a LoRA adapter's config names as its base model (PEFT's base_model_name_or_path)."""
+        cfg = self.cfg
+        return str(Path(cfg.pre_load_dir) / cfg.model_name) if cfg.pre_load_dir else cfg.model_name
+
+
+@dataclass
+class InitialWeights:
+    """The (memory-mapped) state dict a fresh model gets, and where it came from; state None: FlagAI's seeded init."""
+
+    state: dict | None
+    source: str | None
+
+    def take(self) -> dict | None:
+        """The state, handed over once: the plan keeps no reference to tensors the model now holds."""
+        state, self.state = self.state, None
+        return state
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """The model, its sequence length and its tokenizer: what `run` checks before it takes save_dir's lock."""
+
+    args: ModelArgs
+    source: ModelSource
+    seq_length: int
+    tokenizer_dir: Path | None
+    tokenizer: Any | None
 
 
 def model_source(cfg: TrainConfig) -> tuple[ModelArgs, ModelSource]:
@@ -89,39 +129,61 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(
-    cfg: TrainConfig, build_data: Callable[[RunContext], DataBundle], precheck: Callable[[TrainConfig], None]
-) -> int:
+def run(cfg: TrainConfig, build_data: Callable[[RunPlan], DataBundle], precheck: Callable[[TrainConfig], None]) -> int:
+    """The entry point: the plan (checks first, each with one error line), then the process group and `_train`."""
     env = resolve_env(cfg)
     cfg = runtime_config(cfg, env)
+    model = plan_model(cfg, warn=env.is_main)
+    precheck(cfg)
+    with ckpt_io.save_dir_lock(cfg.save_dir, env.is_main):
+        plan = plan_run(cfg, env, model)
+        plan.backend.start()
+        try:
+            return _train(plan, build_data)
+        finally:
+            shutdown()
+
+
+def plan_model(cfg: TrainConfig, warn: bool) -> ModelPlan:
+    """Model source, sequence length and tokenizer, checked against each other (also the launcher's pre-start
+    check, `aquila.launch.train_check`); `warn`: print the warning about a smaller tokenizer."""
     args, source = model_source(cfg)
     seq_length = cfg.seq_length or args.max_seq_len
     if seq_length > args.max_seq_len:
         raise AquilaError(f"seq_length {seq_length} is above the model's max_seq_len {args.max_seq_len}")
     tok_dir = tokenizer_dir(cfg)
     tok = load_tokenizer(tok_dir, args)
-    if tok is not None and len(tok) < args.vocab_size and env.is_main:
+    if tok is not None and len(tok) < args.vocab_size and warn:
         print(
             f" warning: tokenizer {tok_dir} has {len(tok)} tokens but the model's vocab_size is"
             f" {args.vocab_size}: ids {len(tok)}..{args.vocab_size - 1} never occur in the data (fine if the"
             " vocabulary was padded on purpose; otherwise check tokenizer_dir and the model's config)",
             flush=True,
         )
-    precheck(cfg)
-    with ckpt_io.save_dir_lock(cfg.save_dir, env.is_main):
-        resume = resume_point(cfg, env)
-        resume_state = ckpt_io.read_train_state(resume) if resume else None
-        weights = initial_weights(cfg, args, source, resume)
-        backend = make_backend(env, cfg)
-        backend.start()
-        try:
-            return _train(cfg, backend, args, source, seq_length, tok, resume, resume_state, weights, build_data)
-        finally:
-            shutdown()
+    return ModelPlan(args, source, seq_length, tok_dir, tok)
+
+
+def plan_run(cfg: TrainConfig, env: DistEnv, model: ModelPlan) -> RunPlan:
+    """The whole plan: the model's, the resume point (under save_dir's lock), the weights and the backend."""
+    resume = resume_point(cfg, env)
+    return RunPlan(
+        cfg=cfg,
+        env=env,
+        model_args=model.args,
+        source=model.source,
+        seq_length=model.seq_length,
+        tokenizer_dir=model.tokenizer_dir,
+        tokenizer=model.tokenizer,
+        resume=resume,
+        resume_state=ckpt_io.read_train_state(resume) if resume else None,
+        weights=initial_weights(cfg, model.args, model.source, resume),
+        backend=make_backend(env, cfg),
+        global_batch_size=cfg.batch_size * env.world_size * cfg.gradient_accumulation_steps,
+    )
 
 
 def runtime_config(cfg: TrainConfig, env: DistEnv) -> TrainConfig:
-    """One warning line per key that has no effect on this run (see config.NO_EFFECT); fp16 off on CPU."""
+    """One warning line per key that has no effect on this run (config.IGNORED_KEYS); fp16 off on CPU."""
     notes = no_effect_notes(cfg)
     if cfg.fp16 and env.device.type != "cuda":
         notes.append("fp16: True needs CUDA; on CPU this run trains in fp32")
@@ -154,10 +216,10 @@ def resume_point(cfg: TrainConfig, env: DistEnv) -> Path | None:
     return found
 
 
-def initial_weights(cfg: TrainConfig, args: ModelArgs, source: ModelSource, resume: Path | None):
+def initial_weights(cfg: TrainConfig, args: ModelArgs, source: ModelSource, resume: Path | None) -> InitialWeights:
     """The (memory-mapped) state to start from, read and strictly checked once, before the process group starts:
     the resumed checkpoint's weights (LoRA: the base model's; adapters are loaded after apply_lora), else the
-    pre-loaded model's, else None (FlagAI's seeded init). Returns (state, where it came from)."""
+    pre-loaded model's, else none (FlagAI's seeded init)."""
     if resume is not None:
         saved = ModelDir.open(resume)
         if saved.args != args:
@@ -168,88 +230,34 @@ def initial_weights(cfg: TrainConfig, args: ModelArgs, source: ModelSource, resu
         if not cfg.lora:
             state = saved.read_state()
             check_state_dict(meta_model(args), state, str(resume))
-            return state, str(resume)
+            return InitialWeights(state, str(resume))
     if source.weights is None:
-        return None, None
+        return InitialWeights(None, None)
     state = ModelDir.open(source.model_dir).read_state(source.weights)
     check_state_dict(meta_model(args), state, str(source.weights))
-    return state, str(source.weights)
+    return InitialWeights(state, str(source.weights))
 
 
-def _train(cfg, backend, args, source, seq_length, tok, resume, resume_state, weights, build_data) -> int:
-    env = backend.env
+def _train(plan: RunPlan, build_data: Callable[[RunPlan], DataBundle]) -> int:
+    """Data, model, optimizer, resumed state, saver, batches and logger from the plan; then the loop."""
+    cfg, env = plan.cfg, plan.env
     seed_everything(cfg.seed)
-    gb = cfg.batch_size * env.world_size * cfg.gradient_accumulation_steps
-    ctx = RunContext(cfg, env, args, seq_length, tok, gb)
-    data = build_data(ctx)
-    total = cfg.max_steps or (cfg.epochs * data.samples_per_epoch) // gb
-    if total <= 0:
-        raise AquilaError(
-            f"the training split has {data.samples_per_epoch} samples, fewer than one global batch of {gb}"
-            f" (batch_size {cfg.batch_size} x {env.world_size} processes x {cfg.gradient_accumulation_steps} accumulation)"
-        )
-
-    # Model: FlagAI's init on every rank from the same seed, or built on the meta device and given the weights.
-    state_dict, state_source = weights
-    if state_dict is None:
-        model = build_model(args, env.device, torch.float32, seed=cfg.seed)
-    else:
-        model = meta_model(args)
-        load_into(model, state_dict, state_source, torch.float32)
-        model.to(env.device)
-    del state_dict, weights
-    lora_cfg = None
-    if cfg.lora:
-        from aquila.lora import apply_lora, load_adapter, lora_config
-
-        base = str(Path(cfg.pre_load_dir) / cfg.model_name) if cfg.pre_load_dir else cfg.model_name
-        lora_cfg = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, base)
-        apply_lora(model, lora_cfg)
-        if resume is not None:
-            load_adapter(model, resume)
-    model.train()
-    wrapped = backend.parallelize(model)
+    data = build_data(plan)
+    total = total_steps(plan, data)
+    model, lora_cfg = build_train_model(plan)
+    wrapped = plan.backend.parallelize(model)
     optimizer = build_optimizer(wrapped, cfg)
     scaler = LossScaler(cfg.bmt_loss_scale, cfg.bmt_loss_scale_steps, enabled=cfg.fp16)
     state = TrainState()
-    offset = cfg.skip_iters * gb
-    if resume is not None:
-        restore = functools.partial(_restore, cfg, backend, wrapped, optimizer, scaler, state, resume, resume_state, gb)
-        offset = on_every_rank(restore, env)  # a file only one rank reads (rng/rank<r>.pt) may be what fails
-
-    saver = None
-    if cfg.save_dir:
-        if env.is_main:
-            ckpt_io.clean_partials(Path(cfg.save_dir))
-        saver = ckpt_io.Saver(cfg, backend, args, tok, lora_cfg, total_steps=total)
-    train_batches = GlobalBatches(
-        data.train, data.order, data.collate, cfg.batch_size, env.world_size, env.rank, cfg.gradient_accumulation_steps
-    )
-    train_batches.offset = offset
-    valid_batches, valid_steps = None, 0
-    if data.valid is not None:
-        valid_batches = GlobalBatches(
-            data.valid, data.valid_order, data.collate, cfg.batch_size, env.world_size, env.rank, 1
-        )
-        valid_steps = min(cfg.eval_iters or 10**12, len(data.valid) // (cfg.batch_size * env.world_size))
-
-    peak = cfg.peak_tflops or (measure_matmul_tflops(env.device) if env.is_main else 0.0)
-    flops = flops_per_token(args, seq_length) / env.world_size
-    logger = MetricsLogger(cfg, env, total, state.step, flops, peak * 1e12)
-    logger.restore_window((resume_state or {}).get("log_window"))
-    if env.is_main:
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        logger.message(
-            f" {env.env_type} on {env.world_size} x {env.device.type} | model {cfg.model_name} from {source.describe()}"
-            f" ({args.num_params() / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable) | seq {seq_length}"
-            f" | global batch {gb} | iterations {state.step}->{total} | precision {backend.mixed_precision}"
-            f" | peak {peak:.3g} TFLOP/s per process"
-        )
-        if tok is None and saver is not None:
-            logger.message(" note: no tokenizer (set tokenizer_dir): checkpoints will hold no tokenizer files")
+    offset = cfg.skip_iters * plan.global_batch_size
+    if plan.resume is not None:  # a file only one rank reads (rng/rank<r>.pt) may be what fails
+        offset = on_every_rank(functools.partial(_restore, plan, wrapped, optimizer, scaler, state), env)
+    saver = build_saver(plan, lora_cfg, total)
+    train_batches, valid_batches, valid_steps = build_batches(plan, data, offset)
+    logger = build_logger(plan, model, total, state, saver)
     trainer = Trainer(
         cfg=cfg,
-        backend=backend,
+        backend=plan.backend,
         model=wrapped,
         optimizer=optimizer,
         scaler=scaler,
@@ -260,7 +268,7 @@ def _train(cfg, backend, args, source, seq_length, tok, resume, resume_state, we
         saver=saver,
         logger=logger,
         state=state,
-        seq_length=seq_length,
+        seq_length=plan.seq_length,
     )
     t0, first = time.perf_counter(), state.step + 1
     try:
@@ -268,22 +276,105 @@ def _train(cfg, backend, args, source, seq_length, tok, resume, resume_state, we
             trainer.fit()
     finally:
         logger.close()
-    logged = logger.logged_losses
     if env.is_main and state.step >= first:
-        losses = ""
-        if logged:
-            losses = (f" | first loss {logged[0]:.4f} | last loss {logged[-1]:.4f} (logged means over log_interval"
-                      f" {cfg.log_interval})")  # fmt: skip
-        logger.message(
-            f" done: {state.step - first + 1} iterations ({first}-{state.step}) in {time.perf_counter() - t0:.1f}s"
-            f"{losses}"
-        )
+        _report_done(logger, cfg, first, state.step, time.perf_counter() - t0)
     return PREEMPTED_EXIT if state.stopped_by else 0
 
 
-def _restore(cfg, backend, model, optimizer, scaler, state: TrainState, ckpt: Path, saved: dict, gb: int) -> int:
-    """Counters, optimizer, loss scale and RNG from a checkpoint. Returns the data offset (in samples)."""
-    env = backend.env
+def total_steps(plan: RunPlan, data: DataBundle) -> int:
+    cfg, gb = plan.cfg, plan.global_batch_size
+    total = cfg.max_steps or (cfg.epochs * data.samples_per_epoch) // gb
+    if total <= 0:
+        raise AquilaError(
+            f"the training split has {data.samples_per_epoch} samples, fewer than one global batch of {gb}"
+            f" (batch_size {cfg.batch_size} x {plan.env.world_size} processes x {cfg.gradient_accumulation_steps}"
+            " accumulation)"
+        )
+    return total
+
+
+def build_train_model(plan: RunPlan):
+    """FlagAI's init on every rank from the same seed, or built on the meta device and given the planned weights;
+    LoRA adapters on top (the resumed ones loaded). Returns (model in train mode, LoRA config or None)."""
+    cfg, env = plan.cfg, plan.env
+    state_dict = plan.weights.take()
+    if state_dict is None:
+        model = build_model(plan.model_args, env.device, torch.float32, seed=cfg.seed)
+    else:
+        model = meta_model(plan.model_args)
+        load_into(model, state_dict, plan.weights.source, torch.float32)
+        model.to(env.device)
+    del state_dict
+    lora_cfg = None
+    if cfg.lora:
+        from aquila.lora import apply_lora, load_adapter, lora_config
+
+        lora_cfg = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, plan.lora_base)
+        apply_lora(model, lora_cfg)
+        if plan.resume is not None:
+            load_adapter(model, plan.resume)
+    model.train()
+    return model, lora_cfg
+
+
+def build_saver(plan: RunPlan, lora_cfg, total_steps: int) -> ckpt_io.Saver | None:
+    """The checkpoint writer (None without save_dir); partial checkpoints a killed run left are removed first."""
+    if not plan.cfg.save_dir:
+        return None
+    if plan.env.is_main:
+        ckpt_io.clean_partials(Path(plan.cfg.save_dir))
+    return ckpt_io.Saver(plan.cfg, plan.backend, plan.model_args, plan.tokenizer, lora_cfg, total_steps=total_steps)
+
+
+def build_batches(plan: RunPlan, data: DataBundle, offset: int):
+    """(train batches starting at sample `offset`, validation batches or None, validation steps per evaluation)."""
+    cfg, env = plan.cfg, plan.env
+    train_batches = GlobalBatches(
+        data.train, data.order, data.collate, cfg.batch_size, env.world_size, env.rank, cfg.gradient_accumulation_steps
+    )
+    train_batches.offset = offset
+    if data.valid is None:
+        return train_batches, None, 0
+    valid_batches = GlobalBatches(
+        data.valid, data.valid_order, data.collate, cfg.batch_size, env.world_size, env.rank, 1
+    )
+    valid_steps = min(cfg.eval_iters or 10**12, len(data.valid) // (cfg.batch_size * env.world_size))
+    return train_batches, valid_batches, valid_steps
+
+
+def build_logger(plan: RunPlan, model, total: int, state: TrainState, saver) -> MetricsLogger:
+    """The metrics logger (MFU against the measured or given peak), with the run's one-line summary written."""
+    cfg, env, args = plan.cfg, plan.env, plan.model_args
+    peak = cfg.peak_tflops or (measure_matmul_tflops(env.device) if env.is_main else 0.0)
+    flops = flops_per_token(args, plan.seq_length) / env.world_size
+    logger = MetricsLogger(cfg, env, total, state.step, flops, peak * 1e12)
+    logger.restore_window((plan.resume_state or {}).get("log_window"))
+    if env.is_main:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.message(
+            f" {env.env_type} on {env.world_size} x {env.device.type} | model {cfg.model_name} from"
+            f" {plan.source.describe()} ({args.num_params() / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable)"
+            f" | seq {plan.seq_length} | global batch {plan.global_batch_size} | iterations {state.step}->{total}"
+            f" | precision {plan.backend.mixed_precision} | peak {peak:.3g} TFLOP/s per process"
+        )
+        if plan.tokenizer is None and saver is not None:
+            logger.message(" note: no tokenizer (set tokenizer_dir): checkpoints will hold no tokenizer files")
+    return logger
+
+
+def _report_done(logger: MetricsLogger, cfg: TrainConfig, first: int, last: int, seconds: float) -> None:
+    logged = logger.logged_losses
+    losses = ""
+    if logged:
+        losses = (f" | first loss {logged[0]:.4f} | last loss {logged[-1]:.4f} (logged means over log_interval"
+                  f" {cfg.log_interval})")  # fmt: skip
+    logger.message(f" done: {last - first + 1} iterations ({first}-{last}) in {seconds:.1f}s{losses}")
+
+
+def _restore(plan: RunPlan, model, optimizer, scaler, state: TrainState) -> int:
+    """Counters, optimizer, loss scale and RNG from the plan's checkpoint. Returns the data offset (in samples)."""
+    cfg, env, backend, ckpt, saved = plan.cfg, plan.env, plan.backend, plan.resume, plan.resume_state
+    gb = plan.global_batch_size
     state.step = saved["iteration"]
     state.consumed_samples = saved["consumed_samples"] if cfg.resume_dataset else 0
     state.best_eval_loss, state.best_iteration = saved.get("best_eval_loss"), saved.get("best_iteration")

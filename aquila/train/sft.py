@@ -16,7 +16,7 @@ from pathlib import Path
 from aquila.errors import AquilaError, run_command
 from aquila.train.batches import SampleOrder
 from aquila.train.config import SCRIPT_DEFAULTS, TrainConfig, parse_config
-from aquila.train.run import DataBundle, RunContext, run
+from aquila.train.run import DataBundle, RunPlan, run
 
 
 def sft_paths(cfg: TrainConfig) -> tuple[Path, Path | None]:
@@ -45,25 +45,25 @@ class _ListDataset:
         return self.items[idx]
 
 
-def _load(path: Path, ctx: RunContext):
+def _load(path: Path, plan: RunPlan):
     from aquila.data.sft import SFTDataset, pack_sft
 
-    ds = SFTDataset(path, ctx.tokenizer, max_length=ctx.seq_length, train_on_prompt=ctx.cfg.train_on_prompt)
-    if ctx.cfg.sft_packing:
-        return _ListDataset(pack_sft((ds[i] for i in range(len(ds))), ctx.seq_length))
+    ds = SFTDataset(path, plan.tokenizer, max_length=plan.seq_length, train_on_prompt=plan.cfg.train_on_prompt)
+    if plan.cfg.sft_packing:
+        return _ListDataset(pack_sft((ds[i] for i in range(len(ds))), plan.seq_length))
     return ds
 
 
-def build_data(ctx: RunContext) -> DataBundle:
+def build_data(plan: RunPlan) -> DataBundle:
     from aquila.data.sft import sft_collate
 
-    if ctx.tokenizer is None:
+    if plan.tokenizer is None:
         raise AquilaError("SFT needs a tokenizer: set tokenizer_dir, or put one in pre_load_dir/model_name")
-    train_path, valid_path = sft_paths(ctx.cfg)
-    train = _load(train_path, ctx)
-    valid = _load(valid_path, ctx) if valid_path else None
-    cfg = ctx.cfg
-    collate = functools.partial(sft_collate, pad_id=ctx.tokenizer.token_pad_id)
+    train_path, valid_path = sft_paths(plan.cfg)
+    train = _load(train_path, plan)
+    valid = _load(valid_path, plan) if valid_path else None
+    cfg = plan.cfg
+    collate = functools.partial(sft_collate, pad_id=plan.tokenizer.token_pad_id)
     order = SampleOrder(len(train), cfg.shuffle_dataset, cfg.seed)
     valid_order = SampleOrder(len(valid), False, cfg.seed) if valid is not None else None
     return DataBundle(train, valid, order, valid_order, collate, len(train))
