@@ -266,7 +266,7 @@ def test_autoloader_errors(tmp_path, ckpt):
         (dict(model_dir=tmp_path / "missing", model_name=name), "not found"),
         (dict(model_dir=root, model_name=name, flash_atten=True), "unknown argument"),
         (dict(model_dir=root, model_name=name, torch_dtype="int4"), "torch_dtype"),
-        (dict(model_dir=root, model_name=name, quantize="int4"), "quantize"),
+        (dict(model_dir=root, model_name=name, quantize="int3"), "quantize"),
         (dict(model_dir=root, model_name=name, fp16=True, torch_dtype="bfloat16"), "conflicts"),
         (dict(model_dir=root, model_name=name, only_download_config=True), "never downloads"),
     ]
