@@ -375,6 +375,32 @@ def test_time_limit_and_cancellation_end_a_running_request(predictor):
     for name, reason in (("slow", "length"), ("gone", "cancelled")):
         kind, completion = events[name][-1]
         assert kind == "done" and completion.finish_reason == reason and len(completion.token_ids) < 80
+    assert scheduler.batch.pool.used_blocks == 0  # both returned their KV blocks
+
+
+def test_a_failing_step_fails_its_requests_and_returns_their_blocks(predictor):
+    events: list = []
+    batch = DecodeBatch(predictor.model, 2, 96, predictor.tokenizer)
+    calls = []
+    real = batch.forward
+
+    def failing(*a, **k):  # the prompt is read, then the first decode step fails
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("device lost")
+        return real(*a, **k)
+
+    batch.forward = failing
+    scheduler = Scheduler(batch, 60.0)
+    try:
+        request = predictor.request(predictor.encode_prompt("Hello"), 20, SamplingParams(temperature=0))
+        scheduler.submit(Job(request, lambda kind, value: events.append((kind, value)), max_time_s=60.0))
+        assert wait_for(lambda: events and events[-1][0] == "error")
+        assert wait_for(lambda: scheduler.counts == (0, 0))
+    finally:
+        scheduler.stop()
+    assert str(events[-1][1]) == "device lost"
+    assert batch.pool.used_blocks == 0
 
 
 def test_busy_server_answers_429_and_503(live_server):
@@ -521,9 +547,11 @@ def test_official_openai_client(live_server, predictor):
 def test_engine_reports_its_kv_cache_memory(app):
     engine = app.state.engine
     args = engine.predictor.model.args
-    per_row = args.n_layers * 2 * args.kv_heads * args.head_dim * (engine.max_len + 1) * 4  # fp32 k and v
+    per_position = args.n_layers * 2 * args.kv_heads * args.head_dim * 4  # fp32 k and v
     assert engine.max_len == min(args.max_seq_len, LIMITS.max_prompt_tokens + LIMITS.max_new_tokens)
-    assert engine.cache_bytes() >= LIMITS.max_batch * per_row
+    pool = engine.scheduler.batch.pool  # --max-batch whole contexts in blocks, and the scratch block
+    assert pool.blocks == -(-LIMITS.max_batch * engine.max_len // pool.block_size)
+    assert engine.cache_bytes() == (pool.blocks + 1) * pool.block_size * per_position
 
 
 def test_serve_verb_rejects_bad_limits(tmp_path, capsys):
