@@ -142,3 +142,46 @@ def test_a_sequence_longer_than_the_whole_pool_is_refused_when_added():
     with pytest.raises(AquilaError, match="KV blocks"):
         batch.add(Request((1, 2, 3), 20))
     assert batch.add(Request((1, 2, 3), 13)).table.blocks == []  # 16 positions fit; blocks come as tokens do
+
+
+def test_prompts_sharing_leading_blocks_read_them_once_and_give_the_same_tokens():
+    from aquila.inference.kv_cache import BlockPool
+
+    model = build_model(tiny_args(max_seq_len=64), seed=0).eval()
+    common = tuple(range(3, 23))  # 20 ids: 2 full blocks of 8
+    requests = [Request((*common, 30 + i, 31 + i), 6) for i in range(3)] + [Request(common, 6)]
+    results, pools = {}, {}
+    for sharing in (False, True):
+        pool = pools[sharing] = BlockPool.for_model(model, 4 * 32, block_size=8, prefix_cache=sharing)
+        batch = DecodeBatch(model, 4, 64, pool=pool)
+        first = run(batch, requests[:1])  # alone: its filled blocks stay in the pool, unreferenced
+        rest = run(batch, requests[1:])  # together, after it
+        results[sharing] = [c.token_ids for c in first + rest]
+        assert pool.used_blocks == 0
+    assert results[True] == results[False]
+    assert pools[False].prefix_hits == 0
+    # 2 shared blocks for each of the 3 later prompts (the last one, exactly 20 ids, keeps its last id to read)
+    assert pools[True].prefix_hits == 6
+
+
+def test_unreferenced_prefix_blocks_are_evicted_least_recently_used_first_and_never_one_in_use():
+    import pytest
+
+    from aquila.inference.kv_cache import BlockPool, BlockTable, PoolExhausted
+
+    pool = BlockPool(1, 1, 2, blocks=4, block_size=2)
+    a, b, c = (BlockTable(pool) for _ in range(3))
+    for t, ids in ((a, [1, 2]), (b, [4, 5]), (c, [7, 8])):
+        assert t.reserve(2)
+        t.register_full(ids, 2)  # one full block each: a registered prefix
+    held = a.blocks[0]
+    b.release()  # b's prefix block unreferenced first, then c's
+    c.release()
+    assert pool.free_blocks == 3 and pool.cached_blocks == 3
+    taken = [pool.allocate() for _ in range(3)]  # the free one, then b's prefix (older), then c's
+    assert held not in taken
+    assert pool.lookup((4, 5)) is None and pool.lookup((7, 8)) is None and pool.lookup((1, 2)) == held
+    with pytest.raises(PoolExhausted):
+        pool.allocate()  # a's blocks are in use: never evicted
+    shared = BlockTable(pool)
+    assert shared.match_prefix([1, 2, 3]) == 2 and shared.blocks == [held] and pool.refs[held] == 2

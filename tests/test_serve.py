@@ -451,6 +451,27 @@ def test_metrics_are_prometheus_text(live_server):
     assert "aquila_inter_token_latency_seconds" in families and "aquila_queue_depth" in families
 
 
+def test_metrics_report_kv_blocks_and_a_repeated_prompt_hits_the_prefix_cache(live_server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app, url = live_server
+    pool = app.state.engine.scheduler.batch.pool
+
+    def metrics() -> dict[str, float]:
+        families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        return {s.name: s.value for f in families for s in f.samples}
+
+    before = metrics()
+    prompt = "the same long prompt, " * 4  # well over one block of 16 ids
+    body = {"prompt": prompt, "max_tokens": 3, "temperature": 0}
+    answers = [httpx.post(f"{url}/v1/completions", json=body, timeout=60).json() for _ in range(2)]
+    assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
+    after = metrics()
+    assert after["aquila_prefix_cache_hit_blocks_total"] - before.get("aquila_prefix_cache_hit_blocks_total", 0) >= 1
+    assert after["aquila_kv_blocks_used"] == 0  # every block came back
+    assert after["aquila_kv_blocks_free"] == pool.blocks and after["aquila_kv_blocks_cached"] >= 1
+
+
 def test_requests_are_counted_by_route_and_status_streamed_or_not(app, client):
     registry = app.state.engine.metrics.registry
 

@@ -371,6 +371,9 @@ class DecodeBatch:
         """Feed each decoding sequence its sampled token at its own position and a chunk of the waiting contexts,
         in one forward (every weight read once for both), after giving each the blocks it writes (older first: a
         preempted sequence is always newer than the one that needed its blocks)."""
+        for s in self.waiting:  # starting to read: take what the pool already holds of its leading ids
+            if not s.cached and not s.table.blocks:
+                s.cached = s.table.match_prefix(s.context)
         waiting, chunks = self._prompt_chunks()
         want = {s: s.cached + 1 for s in tokens} | {s: s.cached + len(c) for s, c in zip(waiting, chunks)}
         ready: set[Sequence] = set()
@@ -403,6 +406,9 @@ class DecodeBatch:
             s.cached += len(c)
         for i, row_logits in zip(finishing, logits[len(running) :]):
             waiting[i].logits = row_logits
+        for s in (*running, *waiting):  # blocks just filled become shareable prefixes
+            if (s.cached // self.pool.block_size) > s.table.registered:
+                s.table.register_full(s.context, s.cached)
 
 
 _COMPILED: dict[str, Callable] = {}

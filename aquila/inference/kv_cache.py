@@ -6,9 +6,17 @@ it ends, so memory follows the tokens in use and a finished sequence leaves no h
 reference counts: a beam or a multiple-choice row `fork`s its parent's table, sharing every full block and copying
 only the partly filled last one (the only block it would write). Block 0 is scratch space where padding tokens of a
 ragged batch write; it is never handed out.
+
+Shared prefixes (vLLM's automatic prefix caching): a full block is registered under the token ids from position 0
+up to its end once written. A sequence starting to read its context first takes every registered block matching
+its leading ids (reference counted; it then reads only the rest). A block no sequence references stays registered
+and can still be matched until the pool needs it: unreferenced registered blocks are reused least recently used
+first; a referenced block is never evicted.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -37,6 +45,7 @@ class BlockPool:
         block_size: int = BLOCK_SIZE,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        prefix_cache: bool = True,
     ) -> None:
         if blocks < 1 or block_size < 1:
             raise AquilaError(f"a KV pool needs at least one block of one position, got {blocks} x {block_size}")
@@ -46,22 +55,35 @@ class BlockPool:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.refs = [0] * (blocks + 1)
         self._free = list(range(blocks, 0, -1))  # pop() hands out low block ids first
+        self.prefix_cache = prefix_cache
+        self._by_prefix: dict[tuple[int, ...], int] = {}  # ids from position 0 to a full block's end -> the block
+        self._prefix_of: dict[int, tuple[int, ...]] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unreferenced: least recently used first
+        self.prefix_hits = 0  # blocks taken from the prefix cache instead of being read
 
     @classmethod
-    def for_model(cls, model, positions: int, block_size: int = BLOCK_SIZE) -> BlockPool:
+    def for_model(cls, model, positions: int, block_size: int = BLOCK_SIZE, prefix_cache: bool = True) -> BlockPool:
         """A pool holding `positions` token positions (rounded up to whole blocks) for this model."""
         a = model.args
         blocks = -(-positions // block_size)
-        return cls(a.n_layers, a.kv_heads, a.head_dim, blocks, block_size, activation_dtype(model), model.device)
+        dtype = activation_dtype(model)
+        return cls(a.n_layers, a.kv_heads, a.head_dim, blocks, block_size, dtype, model.device, prefix_cache)
 
     # --- accounting ------------------------------------------------------------------------------------------
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks that can be handed out: never used, or holding an unreferenced cached prefix."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def used_blocks(self) -> int:
-        return self.blocks - len(self._free)
+        """Blocks some sequence references."""
+        return self.blocks - self.free_blocks
+
+    @property
+    def cached_blocks(self) -> int:
+        """Registered prefix blocks (referenced or not)."""
+        return len(self._prefix_of)
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
@@ -70,13 +92,19 @@ class BlockPool:
         return -(-positions // self.block_size)
 
     def allocate(self) -> int:
-        if not self._free:
+        if self._free:
+            block = self._free.pop()
+        elif self._evictable:  # the least recently used unreferenced prefix block leaves the cache
+            block, _ = self._evictable.popitem(last=False)
+            del self._by_prefix[self._prefix_of.pop(block)]
+        else:
             raise PoolExhausted(f"all {self.blocks} KV blocks are in use")
-        block = self._free.pop()
         self.refs[block] = 1
         return block
 
     def share(self, block: int) -> int:
+        if not self.refs[block]:
+            self._evictable.pop(block)
         self.refs[block] += 1
         return block
 
@@ -85,7 +113,20 @@ class BlockPool:
             raise AssertionError(f"block {block} released more often than taken")
         self.refs[block] -= 1
         if not self.refs[block]:
-            self._free.append(block)
+            if block in self._prefix_of:
+                self._evictable[block] = None  # most recently used last
+            else:
+                self._free.append(block)
+
+    # --- shared prefixes -------------------------------------------------------------------------------------
+    def register(self, block: int, prefix: tuple[int, ...]) -> None:
+        """Block holds the last block_size positions of `prefix` (ids from position 0), all written."""
+        if self.prefix_cache and prefix not in self._by_prefix and block not in self._prefix_of:
+            self._by_prefix[prefix] = block
+            self._prefix_of[block] = prefix
+
+    def lookup(self, prefix: tuple[int, ...]) -> int | None:
+        return self._by_prefix.get(prefix)
 
     def copy_block(self, src: int, dst: int, length: int) -> None:
         """Positions [0, length) of block src into block dst, in every layer."""
@@ -100,6 +141,7 @@ class BlockTable:
     def __init__(self, pool: BlockPool) -> None:
         self.pool = pool
         self.blocks: list[int] = []
+        self.registered = 0  # leading blocks already offered to the prefix cache
 
     @property
     def capacity(self) -> int:
@@ -137,6 +179,29 @@ class BlockTable:
         for block in self.blocks:
             self.pool.release(block)
         self.blocks = []
+        self.registered = 0
+
+    def match_prefix(self, ids: list[int]) -> int:
+        """On an empty table: share the pool's cached blocks holding ids' leading full blocks (at least one id is
+        left to read, for the next logits); returns the positions taken."""
+        if self.blocks:
+            raise AssertionError("match_prefix needs an empty table")
+        bs = self.pool.block_size
+        for i in range((len(ids) - 1) // bs):
+            block = self.pool.lookup(tuple(ids[: (i + 1) * bs]))
+            if block is None:
+                break
+            self.blocks.append(self.pool.share(block))
+        self.pool.prefix_hits += len(self.blocks)
+        self.registered = len(self.blocks)
+        return len(self.blocks) * bs
+
+    def register_full(self, ids: list[int], written: int) -> None:
+        """Register this table's blocks that positions [0, written) fill (ids: the tokens there)."""
+        bs = self.pool.block_size
+        for i in range(self.registered, written // bs):
+            self.pool.register(self.blocks[i], tuple(ids[: (i + 1) * bs]))
+        self.registered = max(self.registered, written // bs)
 
     def slots(self, positions: list[int]) -> list[int]:
         """Flat pool indices where tokens at these positions write."""

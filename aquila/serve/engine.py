@@ -104,6 +104,7 @@ class Engine:
             predictor.compile,
         )
         self.metrics = ServeMetrics()
+        self.metrics.pool = batch.pool
         self.handoff = Handoff()
         self.scheduler = Scheduler(
             batch,
