@@ -186,8 +186,6 @@ def bench_model(name: str, args: ModelArgs, batches: list[int], n: int, prompt_l
             limit = batch * read_bandwidth() * 1e9 / nbytes  # measured after the row: the same moment's machine
             rows.append((name, batch, label, ttft, rate, rate / hf_rate, limit, ""))
             print_row(rows[-1])
-        for m in (model, int8, packed):
-            m.clear_caches()
     return rows
 
 

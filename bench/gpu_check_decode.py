@@ -31,13 +31,18 @@ def tokens_per_s(model, step_fn, batch: int, new_tokens: int, warmup: int, compi
     import torch
 
     from aquila.inference.generate import model_device, prefill
+    from aquila.inference.kv_cache import BlockPool, BlockTable
 
     device = model_device(model)
     cache_len = -(-(PROMPT_LEN + warmup + new_tokens + 1) // 64) * 64
-    model.setup_caches(batch, cache_len)
+    pool = BlockPool.for_model(model, batch * cache_len)
+    tables = [BlockTable(pool) for _ in range(batch)]
+    for t in tables:
+        t.reserve(cache_len)
+    table_ids = torch.tensor([t.blocks for t in tables], device=device)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.args.vocab_size, (batch, PROMPT_LEN), generator=gen).tolist()
-    logits = prefill(model, prompts, [0] * batch, 0)
+    logits = prefill(model, pool, tables, prompts, [0] * batch)
     tok = logits.argmax(-1)[:, None]
     pos = torch.full((batch, 1), PROMPT_LEN, dtype=torch.long, device=device)
 
@@ -45,7 +50,7 @@ def tokens_per_s(model, step_fn, batch: int, new_tokens: int, warmup: int, compi
         nonlocal tok
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()
-        out = step_fn(model, tok, pos, model.cache_len)
+        out = step_fn(model, pool, table_ids, tok, pos, cache_len)
         tok = out.argmax(-1)[:, None]
         pos.add_(1)
 
@@ -59,7 +64,6 @@ def tokens_per_s(model, step_fn, batch: int, new_tokens: int, warmup: int, compi
         one()
     sync(device)
     dt = time.perf_counter() - t0
-    model.clear_caches()
     return batch * new_tokens / dt, warm_s
 
 
@@ -93,7 +97,6 @@ def core_tokens_per_s(model, new_tokens: int) -> float:
     t0 = time.perf_counter()
     done = run(batch, [request])[0]
     sync(model.output.weight.device)
-    model.clear_caches()
     return len(done.token_ids) / (time.perf_counter() - t0)
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from aquila.checkpoint import build_model
 from aquila.config import ModelArgs
 from aquila.inference.generate import DecodeBatch, Request, decode_step, prefill, run
+from aquila.inference.kv_cache import BlockPool, BlockTable
 from aquila.inference.quantize import Int8Embedding, Int8Linear
 
 pytestmark = [
@@ -69,11 +70,12 @@ def test_kv_cache_decode_equals_full_forward(device, dtype, record_property):
     model = tiny_model(device, dtype)
     ids = random_ids((2, 40), device, seed=1)
     full = model(ids)["logits"]  # [2, 40, V]
-    model.setup_caches(2, 64)
-    steps = [prefill(model, ids[:, :24].tolist(), [0, 0], 0)]
+    pool, tables = tables_for(model, 2, 64)
+    steps = [prefill(model, pool, tables, ids[:, :24].tolist(), [0, 0])]
+    table_ids = torch.tensor([t.blocks for t in tables], device=device)
     for p in range(24, 40):
         pos = torch.full((2, 1), p, device=device)
-        steps.append(decode_step(model, ids[:, p : p + 1], pos, p + 1))
+        steps.append(decode_step(model, pool, table_ids, ids[:, p : p + 1], pos, p + 1))
     cached = torch.stack(steps, dim=1)  # logits after positions 23..39
     err = rel_err(cached, full[:, 23:])
     record_property(f"{dtype} rel err", f"{err:.1e}")
@@ -82,21 +84,22 @@ def test_kv_cache_decode_equals_full_forward(device, dtype, record_property):
         assert torch.equal(cached.argmax(-1), full[:, 23:].argmax(-1))
 
 
+def tables_for(model, rows: int, positions: int) -> tuple[BlockPool, list[BlockTable]]:
+    pool = BlockPool.for_model(model, rows * positions)
+    tables = [BlockTable(pool) for _ in range(rows)]
+    for t in tables:
+        assert t.reserve(positions)
+    return pool, tables
+
+
 @torch.no_grad()
-def test_left_padded_batch_matches_each_row_alone(device, record_property):
-    """A left-padded prompt batch (padding at the cache's scratch slot) gives each row's own next-token logits."""
+def test_ragged_prompt_batch_matches_each_row_alone(device, record_property):
+    """A right-padded prompt batch (padding writes the pool's scratch block) gives each row's own next logits."""
     model = tiny_model(device)
     lengths = [5, 12, 20]
     prompts = [random_ids((n,), device, seed=n) for n in lengths]
-    model.setup_caches(len(lengths), 64)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
-    pos = torch.full((len(lengths), width), model.cache_len, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = p
-        pos[i, width - len(p) :] = torch.arange(len(p), device=device)
-    last = torch.full((len(lengths),), width - 1, device=device)
-    batched = model(ids, input_pos=pos, logits_at=last)["logits"]
+    pool, tables = tables_for(model, len(lengths), 64)
+    batched = prefill(model, pool, tables, [p.tolist() for p in prompts], [0] * len(lengths))
     alone = torch.stack([model(p[None])["logits"][0, -1] for p in prompts])
     err = rel_err(batched, alone)
     record_property("rel err", f"{err:.1e}")
@@ -120,16 +123,16 @@ def test_compiled_decode_step_matches_eager(device):
     prompt = random_ids((2, 8), device, seed=3).tolist()
     tokens = {}
     for name, fn in (("eager", decode_step), ("compiled", step)):
-        model.setup_caches(2, 64)
-        tok = prefill(model, prompt, [0, 0], 0).argmax(-1)[:, None]
+        pool, tables = tables_for(model, 2, 64)
+        table_ids = torch.tensor([t.blocks for t in tables], device=device)
+        tok = prefill(model, pool, tables, prompt, [0, 0]).argmax(-1)[:, None]
         pos, out = torch.full((2, 1), 8, device=device), []
         for _ in range(10):
             torch.compiler.cudagraph_mark_step_begin()
-            tok = fn(model, tok, pos, model.cache_len).argmax(-1)[:, None]
+            tok = fn(model, pool, table_ids, tok, pos, 64).argmax(-1)[:, None]
             out.append(tok.clone())
             pos += 1
         tokens[name] = torch.cat(out, 1).tolist()
-        model.clear_caches()
     assert tokens["compiled"] == tokens["eager"]
 
 

@@ -69,7 +69,14 @@ def full_forward_greedy(model, context: list[int], n: int, stop: set[int]) -> li
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 16])
-def test_choice_logprob_is_sum_of_token_logprobs_from_a_full_forward(batch_size):
+def test_choice_logprob_is_sum_of_token_logprobs_from_a_full_forward(batch_size, monkeypatch):
+    from aquila.inference.kv_cache import BlockPool
+
+    pools = []
+    made = BlockPool.for_model.__func__
+    monkeypatch.setattr(
+        BlockPool, "for_model", classmethod(lambda cls, *a, **k: pools.append(made(cls, *a, **k)) or pools[-1])
+    )
     torch.manual_seed(0)
     model = build_model(tiny_args(), seed=0).eval()
     contexts = [[5, 17, 42, 8, 99], [7], [3, 3, 250, 11, 12, 13, 14]]
@@ -80,7 +87,7 @@ def test_choice_logprob_is_sum_of_token_logprobs_from_a_full_forward(batch_size)
         expected = [full_forward_logprob(model, req.context, c) for c in conts]
         assert res.logprobs == pytest.approx(expected, abs=1e-4)
         assert res.generated == full_forward_greedy(model, req.context, 4, set())
-    assert model.cache_len == 0  # the scorer leaves no KV cache behind
+    assert len(pools) == 1 and pools[0].used_blocks == 0  # every choice's and the prompt's blocks were returned
 
 
 def test_greedy_stops_at_stop_tokens():

@@ -179,7 +179,6 @@ def test_beam_search(predictor):
             logits = model(torch.tensor([ids + out]))["logits"][0, len(ids) - 1 : -1]
         return torch.log_softmax(logits, -1).gather(1, torch.tensor(out)[:, None]).sum().item()
 
-    model.clear_caches()
     greedy_ids = generated_ids(predictor, [ids], 8, SamplingParams(temperature=0))[0]
     beam_ids = beam_search(model, ids, 8, 4, predictor.stop_ids)
     assert beam_ids == beam_search(model, ids, 8, 4, predictor.stop_ids)

@@ -106,7 +106,8 @@ def test_bf16_int8_model_decodes_with_a_cache_in_its_activation_dtype(embeddings
     from aquila.inference.generate import DecodeBatch, Request, run
 
     model = quantize_model(build_model(ARGS, seed=0).to(torch.bfloat16).eval(), embeddings=embeddings)
-    out = run(DecodeBatch(model, 2, 32), [Request((16006, 5, 6), 4), Request((16006, 7), 4)])
+    batch = DecodeBatch(model, 2, 32)
+    out = run(batch, [Request((16006, 5, 6), 4), Request((16006, 7), 4)])
     assert [len(c.token_ids) for c in out] == [4, 4]
     want = torch.float32 if embeddings else torch.bfloat16
-    assert model.layers[0].attention.kv_cache.k.dtype == want
+    assert batch.pool.k.dtype == want

@@ -35,64 +35,86 @@ def test_parameter_names_are_flagai():
     )
 
 
-def positions(start: int, n: int, rows: int = 1) -> torch.Tensor:
-    return torch.arange(start, start + n).expand(rows, n)
+def cached(model, pool, tables, starts, chunks):
+    """Logits [rows, width, V] of each row's chunk through the model's cached forward."""
+    from aquila.inference.generate import forward_rows
+
+    for t, s, c in zip(tables, starts, chunks):
+        assert t.reserve(s + len(c))
+    ends = [[(i, j) for i in range(len(chunks)) for j in range(max(len(c) for c in chunks))]]
+    logits = forward_rows(model, pool, [(tables, starts, chunks)], ends)
+    return logits.view(len(chunks), -1, logits.shape[-1])
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(n_kv_heads=2)])
 def test_kv_cache_decoding_matches_full_forward(overrides):
+    from aquila.inference.kv_cache import BlockPool, BlockTable
+
     model = build_model(tiny_args(**overrides), seed=0).eval()
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    pool = BlockPool.for_model(model, 64, block_size=4)  # blocks smaller than the prompt: rows span several
     with torch.no_grad():
         full = model(ids)["logits"]
-        model.setup_caches(max_batch_size=2, max_seq_len=32)
-        steps = [model(ids[:, :5], input_pos=positions(0, 5))["logits"]]
+        table = BlockTable(pool)
+        steps = [cached(model, pool, [table], [0], [ids[0, :5].tolist()])]
         for t in range(5, 12):
-            steps.append(model(ids[:, t : t + 1], input_pos=positions(t, 1))["logits"])
-        # a chunk of several tokens after the prompt, in the second cache row
-        model(ids[:, :4], input_pos=positions(0, 4), first_row=1)
-        chunk = model(ids[:, 4:9], input_pos=positions(4, 5), first_row=1)["logits"]
+            steps.append(cached(model, pool, [table], [t], [[int(ids[0, t])]]))
+        # a chunk of several tokens after the prompt, in a second table
+        other = BlockTable(pool)
+        cached(model, pool, [other], [0], [ids[0, :4].tolist()])
+        chunk = cached(model, pool, [other], [4], [ids[0, 4:9].tolist()])
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunk, full[:, 4:9], atol=1e-5, rtol=1e-5)
+    table.release()
+    other.release()
+    assert pool.used_blocks == 0
 
 
 def test_rows_at_their_own_positions_match_each_prompt_alone():
-    """Ragged prompts prefilled right-padded, then decoded together at per-row positions; row operations move them."""
+    """Ragged prompts read right-padded, then decoded together at per-row positions; a forked table continues its
+    parent while sharing its full blocks."""
+    from aquila.inference.kv_cache import BlockPool, BlockTable
+
     model = build_model(tiny_args(), seed=0).eval()
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(1, 300, (n,), generator=gen) for n in (7, 3, 5)]
-    continuation = torch.randint(1, 300, (3, 4), generator=gen)
-    width = max(len(p) for p in prompts)
-    model.setup_caches(4, 32)
-    pad = model.cache_len  # padding tokens write the scratch slot
-    batch = torch.stack([F.pad(p, (0, width - len(p))) for p in prompts])
-    pos = torch.stack([torch.cat([torch.arange(len(p)), torch.full((width - len(p),), pad)]) for p in prompts])
-    lengths = torch.tensor([len(p) for p in prompts])
+    prompts = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in (7, 3, 5)]
+    continuation = torch.randint(1, 300, (3, 4), generator=gen).tolist()
+    pool = BlockPool.for_model(model, 64, block_size=4)
+    tables = [BlockTable(pool) for _ in prompts]
+    lengths = [len(p) for p in prompts]
     with torch.no_grad():
-        got = [model(batch, input_pos=pos, kv_len=width)["logits"]]
+        got = [cached(model, pool, tables, [0, 0, 0], prompts)]
         for t in range(4):
-            got.append(model(continuation[:, t : t + 1], input_pos=(lengths + t)[:, None])["logits"])
-        model.copy_cache_rows([0], [3], 32)  # row 3 becomes row 0's copy: decoding it continues row 0
-        moved = model(continuation[:1, :1], input_pos=(lengths[:1] + 4)[:, None], first_row=3)["logits"][0, 0]
+            got.append(cached(model, pool, tables, [n + t for n in lengths], [[c[t]] for c in continuation]))
+        fork = tables[0].fork(lengths[0] + 4)  # continues row 0: its full blocks shared, its last one copied
+        assert fork.blocks[:2] == tables[0].blocks[:2] and fork.blocks[2] != tables[0].blocks[2]
+        moved = cached(model, pool, [fork], [lengths[0] + 4], [continuation[0][:1]])[0, 0]
         for row, prompt in enumerate(prompts):
-            alone = model(torch.cat([prompt, continuation[row]])[None])["logits"][0]
+            alone = model(torch.tensor([prompt + continuation[row]]))["logits"][0]
             n = len(prompt)
             torch.testing.assert_close(got[0][row, :n], alone[:n], atol=1e-5, rtol=1e-5)
             for t in range(4):
                 torch.testing.assert_close(got[t + 1][row, 0], alone[n + t], atol=1e-5, rtol=1e-5)
-        again = model(torch.cat([prompts[0], continuation[0], continuation[0, :1]])[None])["logits"][0, -1]
+        again = model(torch.tensor([prompts[0] + continuation[0] + continuation[0][:1]]))["logits"][0, -1]
     torch.testing.assert_close(moved, again, atol=1e-5, rtol=1e-5)
+    for t in (*tables, fork):
+        t.release()
+    assert pool.used_blocks == 0
 
 
-def test_positions_beyond_the_cache_are_errors():
-    model = build_model(tiny_args(), seed=0).eval()
-    with pytest.raises(ValueError, match="setup_caches"):
-        model(torch.ones(1, 1, dtype=torch.long), input_pos=positions(0, 1))
-    model.setup_caches(1, 8)
-    with pytest.raises(ValueError, match="rows"):
-        model(torch.ones(2, 1, dtype=torch.long), input_pos=positions(0, 1, rows=2))
-    with pytest.raises(ValueError, match="exceed the KV cache length"):
-        model(torch.ones(1, 1, dtype=torch.long), input_pos=positions(9, 1))
+def test_positions_beyond_the_tables_or_the_model_are_errors():
+    from aquila.inference.kv_cache import BlockPool
+    from aquila.model import CachedRows
+
+    model = build_model(tiny_args(max_seq_len=8), seed=0).eval()
+    pool = BlockPool.for_model(model, 8, block_size=4)
+    ids = torch.ones(1, 1, dtype=torch.long)
+    one_block = torch.tensor([[1]])
+    with pytest.raises(ValueError, match="block tables"):
+        model.cached_forward([CachedRows(ids, torch.tensor([[5]]), torch.tensor([[0]]), one_block, 6)], pool, [0])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        two = torch.tensor([[1, 2, 1]])
+        model.cached_forward([CachedRows(ids, torch.tensor([[9]]), torch.tensor([[0]]), two, 10)], pool, [0])
 
 
 def test_loss_equals_cross_entropy_and_ignores_minus_100():

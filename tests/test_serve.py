@@ -375,6 +375,32 @@ def test_time_limit_and_cancellation_end_a_running_request(predictor):
     for name, reason in (("slow", "length"), ("gone", "cancelled")):
         kind, completion = events[name][-1]
         assert kind == "done" and completion.finish_reason == reason and len(completion.token_ids) < 80
+    assert scheduler.batch.pool.used_blocks == 0  # both returned their KV blocks
+
+
+def test_a_failing_step_fails_its_requests_and_returns_their_blocks(predictor):
+    events: list = []
+    batch = DecodeBatch(predictor.model, 2, 96, predictor.tokenizer)
+    calls = []
+    real = batch.forward
+
+    def failing(*a, **k):  # the prompt is read, then the first decode step fails
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("device lost")
+        return real(*a, **k)
+
+    batch.forward = failing
+    scheduler = Scheduler(batch, 60.0)
+    try:
+        request = predictor.request(predictor.encode_prompt("Hello"), 20, SamplingParams(temperature=0))
+        scheduler.submit(Job(request, lambda kind, value: events.append((kind, value)), max_time_s=60.0))
+        assert wait_for(lambda: events and events[-1][0] == "error")
+        assert wait_for(lambda: scheduler.counts == (0, 0))
+    finally:
+        scheduler.stop()
+    assert str(events[-1][1]) == "device lost"
+    assert batch.pool.used_blocks == 0
 
 
 def test_busy_server_answers_429_and_503(live_server):
@@ -423,6 +449,27 @@ def test_metrics_are_prometheus_text(live_server):
     ttft_count = next(s.value for s in families["aquila_time_to_first_token_seconds"].samples if s.name.endswith("_count"))  # fmt: skip
     assert ttft_count >= 1
     assert "aquila_inter_token_latency_seconds" in families and "aquila_queue_depth" in families
+
+
+def test_metrics_report_kv_blocks_and_a_repeated_prompt_hits_the_prefix_cache(live_server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app, url = live_server
+    pool = app.state.engine.scheduler.batch.pool
+
+    def metrics() -> dict[str, float]:
+        families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        return {s.name: s.value for f in families for s in f.samples}
+
+    before = metrics()
+    prompt = "the same long prompt, " * 4  # well over one block of 16 ids
+    body = {"prompt": prompt, "max_tokens": 3, "temperature": 0}
+    answers = [httpx.post(f"{url}/v1/completions", json=body, timeout=60).json() for _ in range(2)]
+    assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
+    after = metrics()
+    assert after["aquila_prefix_cache_hit_blocks_total"] - before.get("aquila_prefix_cache_hit_blocks_total", 0) >= 1
+    assert after["aquila_kv_blocks_used"] == 0  # every block came back
+    assert after["aquila_kv_blocks_free"] == pool.blocks and after["aquila_kv_blocks_cached"] >= 1
 
 
 def test_requests_are_counted_by_route_and_status_streamed_or_not(app, client):
@@ -521,9 +568,11 @@ def test_official_openai_client(live_server, predictor):
 def test_engine_reports_its_kv_cache_memory(app):
     engine = app.state.engine
     args = engine.predictor.model.args
-    per_row = args.n_layers * 2 * args.kv_heads * args.head_dim * (engine.max_len + 1) * 4  # fp32 k and v
+    per_position = args.n_layers * 2 * args.kv_heads * args.head_dim * 4  # fp32 k and v
     assert engine.max_len == min(args.max_seq_len, LIMITS.max_prompt_tokens + LIMITS.max_new_tokens)
-    assert engine.cache_bytes() >= LIMITS.max_batch * per_row
+    pool = engine.scheduler.batch.pool  # --max-batch whole contexts in blocks, and the scratch block
+    assert pool.blocks == -(-LIMITS.max_batch * engine.max_len // pool.block_size)
+    assert engine.cache_bytes() == (pool.blocks + 1) * pool.block_size * per_position
 
 
 def test_serve_verb_rejects_bad_limits(tmp_path, capsys):

@@ -248,6 +248,7 @@ def test_a_running_plain_request_whose_client_left_frees_its_row(server, monkeyp
         assert wait_for(lambda: engine.scheduler.counts[0] == 1, timeout=10)
     assert wait_for(lambda: engine.scheduler.counts == (0, 0), timeout=1.5)
     assert finished(app, "cancelled") == cancelled + 1
+    assert engine.scheduler.batch.pool.used_blocks == 0  # its KV blocks went back with it
 
 
 def test_metrics_count_cancelled_streams_apart_from_completed_ones(server):

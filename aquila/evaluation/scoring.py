@@ -1,9 +1,9 @@
 """Score answer choices by log-likelihood and answer greedily, computing each prompt once.
 
-For one request (a prompt and its choices) the prompt runs once through the model into its KV cache; its last
+For one request (a prompt and its choices) the prompt runs once through the model into its KV blocks; its last
 logits give every choice's first token (so single-token choices such as " A".." D" need nothing more). The
-cache rows are then copied, and the remaining tokens of up to `batch_size` choices run as one batch on top of the
-shared prompt. Greedy decoding for exact match continues from the same cached prompt, through the decoding core
+remaining tokens of up to `batch_size` choices run as one batch on top of the shared prompt: each choice's block
+table shares the prompt's full blocks and copies only its partly filled last one. Greedy decoding for exact match continues from the same cached prompt, through the decoding core
 (`aquila.inference.generate`).
 """
 
@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from aquila.errors import AquilaError
-from aquila.inference.generate import DecodeBatch
+from aquila.inference.generate import DecodeBatch, forward_rows, prefill
 from aquila.inference.generate import Request as GenerationRequest
 from aquila.inference.generate import Sequence as DecodingSequence
+from aquila.inference.kv_cache import BlockPool, BlockTable
 from aquila.inference.sampling import SamplingParams
 from aquila.model import AquilaModel
 
@@ -69,46 +70,57 @@ class ChoiceScorer:
         if need > self.model.args.max_seq_len:
             raise AquilaError(f"a prompt needs {need} positions, more than the model's {self.model.args.max_seq_len}")
         rows = min(self.batch_size, max(len(r.continuations) for r in requests))
-        self.model.clear_caches()
-        batch = DecodeBatch(self.model, rows, need)
+        # the prompt's blocks, one table per choice row, and one block each for the copied partial block
+        pool = BlockPool.for_model(self.model, (rows + 1) * (need + BlockPool.BLOCK_SIZE))
+        batch = DecodeBatch(self.model, 1, need, pool=pool)
         try:
             return [self._score_one(r, rows, batch, done) for r in requests]
         finally:
-            self.model.clear_caches()
+            batch.close()
 
     def _tensor(self, ids: list[list[int]]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
-    def _positions(self, start: int, rows: int, n: int) -> torch.Tensor:
-        return torch.arange(start, start + n, device=self.device).expand(rows, n)
-
     def _score_one(self, r: Request, rows: int, batch: DecodeBatch, done: Callable[[list[int]], bool] | None) -> Scored:
-        n = len(r.context)
-        first = self.model(
-            self._tensor([r.context]), input_pos=self._positions(0, 1, n), logits_at=self._tensor([n - 1])[0]
-        )
-        first = first["logits"][0]
-        logprobs_first = first.log_softmax(-1)
-        logprobs = [float(logprobs_first[c[0]]) for c in r.continuations]
-        longer = [i for i, c in enumerate(r.continuations) if len(c) > 1]
-        if longer:
-            copies = min(rows, len(longer))
-            self.model.copy_cache_rows([0] * (copies - 1), list(range(1, copies)), n)
-        for chunk in _chunks(longer, rows):
-            width = max(len(r.continuations[i]) - 1 for i in chunk)
-            inputs = [r.continuations[i][:-1] + [0] * (width + 1 - len(r.continuations[i])) for i in chunk]
-            logp = self.model(self._tensor(inputs), input_pos=self._positions(n, len(chunk), width))["logits"]
-            logp = logp.log_softmax(-1)
-            for row, i in enumerate(chunk):
-                targets = self._tensor([r.continuations[i][1:]])[0]
-                picked = logp[row, torch.arange(len(targets), device=self.device), targets]
-                logprobs[i] += float(picked.double().sum())
-        return Scored(logprobs, self._greedy(r, first, batch, done))
+        n, pool = len(r.context), batch.pool
+        table = BlockTable(pool)
+        try:
+            first = prefill(self.model, pool, [table], [r.context], [0])[0]
+            logprobs_first = first.log_softmax(-1)
+            logprobs = [float(logprobs_first[c[0]]) for c in r.continuations]
+            longer = [i for i, c in enumerate(r.continuations) if len(c) > 1]
+            for chunk in _chunks(longer, rows):
+                inputs = [r.continuations[i][:-1] for i in chunk]
+                tables = [table.fork(n) for _ in chunk]
+                try:
+                    for t, ids in zip(tables, inputs):
+                        t.reserve(n + len(ids))
+                    ends = [[(row, j) for row, ids in enumerate(inputs) for j in range(len(ids))]]
+                    logp = forward_rows(self.model, pool, [(tables, [n] * len(chunk), inputs)], ends)
+                finally:
+                    for t in tables:
+                        t.release()
+                logp = logp.log_softmax(-1)
+                at = 0
+                for i in chunk:
+                    targets = self._tensor([r.continuations[i][1:]])[0]
+                    picked = logp[at + torch.arange(len(targets), device=self.device), targets]
+                    logprobs[i] += float(picked.double().sum())
+                    at += len(targets)
+            generated = self._greedy(r, first, table, batch, done)
+        finally:
+            table.release()
+        return Scored(logprobs, generated)
 
     def _greedy(
-        self, r: Request, first: torch.Tensor, batch: DecodeBatch, done: Callable[[list[int]], bool] | None
+        self,
+        r: Request,
+        first: torch.Tensor,
+        table: BlockTable,
+        batch: DecodeBatch,
+        done: Callable[[list[int]], bool] | None,
     ) -> list[int]:
-        """Greedy continuation of the prompt already in cache row 0, decoded by the core."""
+        """Greedy continuation of the prompt already in `table`, decoded by the core (on a fork of the table)."""
         if r.max_new_tokens < 1:
             return []
         request = GenerationRequest(
@@ -119,7 +131,7 @@ class ChoiceScorer:
             stop_when=done,
         )
         seq = DecodingSequence(request, self.model)
-        seq.cached, seq.logits = len(r.context), first
+        seq.cached, seq.logits, seq.table = len(r.context), first, table.fork(len(r.context))
         batch.adopt(seq)
         while not seq.finished:
             batch.step()

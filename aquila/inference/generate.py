@@ -1,21 +1,23 @@
-"""The decoding core: requests decoded in rows of the model's static KV cache, as small functions.
+"""The decoding core: requests decoded through a KV cache of blocks that the decoder owns, as small functions.
 
 - `Request` is one generation request (prompt ids, length, sampling, seed, stops); `Sequence` is its decoding
-  state in one cache row: the row's length, its sampler, its ids and text, and the stop check (`accept`: stop
-  ids, stop strings, length and an optional predicate, all in one place).
-- `prefill` runs prompt chunks of several rows as one right-padded forward at per-row positions; `decode_step`
-  feeds one token per row at each row's own position (`input_pos`, as gpt-fast); `pick` samples per row.
-- `DecodeBatch` holds the running rows: `add` a sequence to a free row, `step` (prefill chunks of new rows under a
-  token budget, then sample, stop-check and decode every running row), and finished rows are freed by moving the
-  last row into the hole (`model.copy_cache_rows`). Predictor (single, batch, stream, chat), evaluation scoring and
-  the server's scheduler all decode through it; `beam_search` uses the same prefill/decode steps and row copies.
+  state: its block table (`kv_cache.BlockTable`), how many of its positions are cached, its sampler, its ids and
+  text, and the stop check (`accept`: stop ids, stop strings, length and an optional predicate, all in one place).
+- `forward_rows` runs groups of rows (block tables, start positions, token chunks) as one cached forward of the
+  model; `prefill` reads prompt chunks into tables; `pick` samples per row.
+- `DecodeBatch` holds the running sequences and their `BlockPool`: `add` a sequence, `step` (sample, stop-check,
+  then one forward: every decoding sequence's token and a chunk of the waiting prompts under a token budget). A
+  sequence grows block by block and returns its blocks when it ends; when the pool runs out, the newest sequence
+  is preempted and re-reads its context later. Predictor (single, batch, stream, chat), evaluation scoring and the
+  server's scheduler all decode through it; `beam_search` uses the same forward, beams forking block tables.
 
 A row's result does not depend on its neighbours: every row has its own positions and attends only to its own
-slots, so an offline batch, a request joining a running batch and a request alone give the same tokens.
+blocks, so an offline batch, a request joining a running batch and a request alone give the same tokens.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -23,10 +25,11 @@ from dataclasses import dataclass, field
 import torch
 
 from aquila.errors import AquilaError
+from aquila.inference.kv_cache import BlockPool, BlockTable, PoolExhausted, group_inputs
 from aquila.inference.sampling import SamplingParams, sample
 from aquila.inference.text import TextAssembler
 from aquila.model import AquilaModel
-from aquila.model.aquila_model import CacheRows
+from aquila.model.aquila_model import CachedRows
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,9 @@ class Sequence:
         self.request = request
         device = model_device(model)
         self.max_new = min(request.max_new_tokens, model.args.max_seq_len - len(request.prompt))
-        self.cached = 0  # positions of this row already in the cache
-        self.logits: torch.Tensor | None = None  # [V] next-token logits, once the prompt is in
+        self.cached = 0  # positions of this sequence already in its block table
+        self.table: BlockTable | None = None  # its KV blocks, while it holds any
+        self.logits: torch.Tensor | None = None  # [V] next-token logits, once its context is in
         self.generator = None
         if request.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(int(request.seed))
@@ -105,8 +109,14 @@ class Sequence:
         self.steps = 0  # tokens sampled (stop ids included)
 
     @property
+    def context(self) -> list[int]:
+        """The ids its cache holds once read: the prompt and the tokens generated so far (re-read after preemption)."""
+        return [*self.request.prompt, *self.completion.token_ids]
+
+    @property
     def prefilling(self) -> bool:
-        return self.cached < len(self.request.prompt)
+        """Reading its context (the prompt, or after a preemption everything so far) into the cache."""
+        return self.logits is None
 
     @property
     def finished(self) -> bool:
@@ -145,44 +155,55 @@ class Sequence:
 
 # --- one forward pass over rows ---------------------------------------------------------------------------------
 @torch.no_grad()
-def prefill(model: AquilaModel, chunks: list[list[int]], starts: list[int], first_row: int) -> torch.Tensor:
-    """Prompt chunks of rows first_row.. (right-padded, row i from position starts[i]) into the cache; the logits
-    [b, V] after each row's last chunk token."""
+def forward_rows(
+    model: AquilaModel,
+    pool: BlockPool,
+    groups: list[tuple[list[BlockTable], list[int], list[list[int]]]],
+    ends: list[list[tuple[int, int]]] | None = None,
+    cached_forward: Callable | None = None,
+) -> torch.Tensor:
+    """One cached forward over groups of rows (tables, start positions, token chunks; every table already holds its
+    chunk's positions): fp32 logits [n, V] after the tokens listed in `ends` (per group, (row, index in chunk));
+    default: each row's last token."""
     device = model_device(model)
-    ids, pos, last, kv_len = _right_padded(chunks, starts, model.cache_len)
-    last = torch.tensor(last, device=device)
-    out = model(ids.to(device), input_pos=pos.to(device), first_row=first_row, kv_len=kv_len, logits_at=last)
-    return out["logits"]
-
-
-def _right_padded(
-    chunks: list[list[int]], starts: list[int], pad_pos: int
-) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
-    """ids [b, width] and positions [b, width] of prompt chunks (row i from position starts[i]), padding at the
-    scratch position `pad_pos`; each row's last real index; the cache slots they span (kv_len)."""
-    width = max(len(c) for c in chunks)
-    ids = torch.zeros(len(chunks), width, dtype=torch.long)
-    pos = torch.full((len(chunks), width), pad_pos, dtype=torch.long)
-    for i, (chunk, start) in enumerate(zip(chunks, starts)):
-        ids[i, : len(chunk)] = torch.tensor(chunk)
-        pos[i, : len(chunk)] = torch.arange(start, start + len(chunk))
-    return ids, pos, [len(c) - 1 for c in chunks], max(s + len(c) for c, s in zip(chunks, starts))
+    built, logits_at, offset = [], [], 0
+    for gi, (tables, starts, chunks) in enumerate(groups):
+        ids, pos, slots, table_ids, last = group_inputs(tables, starts, chunks, device)
+        kv_len = max(s + len(c) for s, c in zip(starts, chunks))
+        built.append(CachedRows(ids, pos, slots, table_ids, kv_len))
+        width = ids.shape[1]
+        rows = [(i, last[i]) for i in range(len(chunks))] if ends is None else ends[gi]
+        logits_at += [offset + i * width + j for i, j in rows]
+        offset += ids.numel()
+    if cached_forward is not None:
+        return cached_forward(model, built, pool, torch.tensor(logits_at, device=device))
+    return model.cached_forward(built, pool, logits_at)
 
 
 @torch.no_grad()
-def decode_step(model: AquilaModel, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """Feed tokens [b, 1] of rows 0..b-1 at positions input_pos [b, 1]; logits [b, V] (fp32)."""
-    return model(tokens, input_pos=input_pos, kv_len=kv_len, logits_at=torch.zeros_like(tokens[:, 0]))["logits"]
+def decode_step(
+    model: AquilaModel,
+    pool: BlockPool,
+    tables: torch.Tensor,
+    tokens: torch.Tensor,
+    input_pos: torch.Tensor,
+    kv_len: int,
+) -> torch.Tensor:
+    """Tokens [b, 1] of rows with block tables [b, n] (ids, holding input_pos) at positions input_pos [b, 1]: logits
+    [b, V]. Tensor ops only, so it compiles at fixed shapes (CUDA graphs: tests/test_cuda.py, bench/gpu_check_decode)."""
+    bs = pool.block_size
+    slots = tables.gather(1, input_pos // bs) * bs + input_pos % bs
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    return model.cached_forward([CachedRows(tokens, input_pos, slots, tables, kv_len)], pool, rows)
 
 
-_COMPILED: dict[str, Callable] = {}
-
-
-def compiled_decode_step() -> Callable:
-    """`decode_step` under torch.compile (dynamic batch and length; compiled once per process)."""
-    if "decode" not in _COMPILED:
-        _COMPILED["decode"] = torch.compile(decode_step, dynamic=True)
-    return _COMPILED["decode"]
+def prefill(model: AquilaModel, pool: BlockPool, tables: list[BlockTable], chunks: list[list[int]], starts: list[int]):
+    """Prompt chunks of several rows (row i from position starts[i]) into their tables; the logits [b, V] after each
+    row's last chunk token."""
+    for t, c, s in zip(tables, chunks, starts):
+        if not t.reserve(s + len(c)):
+            raise PoolExhausted(f"the KV pool has {pool.free_blocks} free blocks; a prompt chunk needs more")
+    return forward_rows(model, pool, [(tables, starts, chunks)])
 
 
 def pick(
@@ -214,7 +235,14 @@ def pick(
 
 
 class DecodeBatch:
-    """Sequences in rows of the model's KV cache: rows [0, d) are decoding, rows [d, n) are reading their prompt.
+    """Up to `rows` sequences decoding together, their KV cache in blocks of `pool` (by default one holding
+    `rows` x `max_len` positions; a smaller pool holds as many sequences as their current lengths allow).
+
+    Each step, in arrival order (older first), every decoding sequence gets a block for its next position when it
+    needs one and the waiting prompts get blocks for their chunk; when the pool runs out, the newest sequence
+    holding blocks is preempted: its blocks return to the pool and it re-reads its prompt and generated tokens later
+    (recompute, as vLLM), with the same sampler state, so its tokens do not change. A sequence that finishes returns
+    its blocks at once; nothing is copied to compact.
 
     `prefill_tokens` bounds the prompt tokens run per step (chunked prefill) while rows are decoding, so a long
     prompt joining a running batch delays the running rows by one chunk at a time; with no row decoding nobody waits
@@ -229,13 +257,18 @@ class DecodeBatch:
         tokenizer=None,
         prefill_tokens: int | None = None,
         compile: bool = False,
+        pool: BlockPool | None = None,
     ) -> None:
-        model.setup_caches(rows, max_len)
+        if max_len > model.args.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {model.args.max_seq_len}")
         self.model, self.tokenizer, self.rows, self.max_len = model, tokenizer, rows, max_len
+        self.pool = pool if pool is not None else BlockPool.for_model(model, rows * max_len)
         self.prefill_tokens = prefill_tokens
-        self.step_fn = compiled_decode_step() if compile else decode_step
-        self.seqs: list[Sequence] = []  # row i holds seqs[i]
+        self.forward = compiled_forward_rows() if compile else forward_rows
+        self.seqs: list[Sequence] = []  # in arrival order: the older, the sooner it gets blocks
         self.device = model_device(model)
+        self.preemptions = 0
+        self._preempted: set[Sequence] = set()  # during one step's reservations
 
     @property
     def free_rows(self) -> int:
@@ -252,124 +285,144 @@ class DecodeBatch:
             raise AquilaError(f"prompt has {len(request.prompt)} tokens; the cache holds {self.max_len}")
         seq = Sequence(request, self.model, self.tokenizer)
         seq.max_new = min(seq.max_new, self.max_len - len(request.prompt))
+        longest = len(request.prompt) + seq.max_new
+        if self.pool.blocks_for(longest) > self.pool.blocks:
+            raise AquilaError(f"{longest} positions need more KV blocks than the pool's {self.pool.blocks}")
+        seq.table = BlockTable(self.pool)
         self.seqs.append(seq)
         return seq
 
     def adopt(self, seq: Sequence) -> None:
-        """A sequence whose prompt and next logits the caller already put into row len(seqs) (evaluation)."""
-        if any(s.prefilling for s in self.seqs) or seq.prefilling or seq.logits is None:
-            raise AquilaError("adopt needs a prefilled sequence and no prompt readers")
+        """A sequence whose context and next logits the caller already put into `seq.table` (evaluation)."""
+        if seq.prefilling or seq.table is None or seq.table.pool is not self.pool:
+            raise AquilaError("adopt needs a sequence already read into this batch's pool")
         self.seqs.append(seq)
 
     def step(self) -> list[tuple[Sequence, str]]:
-        """One token for every decoding row, then one forward: the rows' new tokens and a chunk of the waiting
-        prompts (read alone first when no row is decoding). Returns (sequence, new text) for each row that sampled,
-        finished ones included (they have left the batch)."""
+        """One token for every decoding sequence, then one forward: their new tokens and a chunk of the waiting
+        prompts (read alone first when none is decoding). Returns (sequence, new text) for each sequence that
+        sampled, finished ones included (they have left the batch)."""
         if not self.decoding:
-            self._prefill()
-        d = self.decoding
-        if not d:
+            self._forward({})
+        running = [s for s in self.seqs if not s.prefilling]
+        if not running:
             return []
-        running = self.seqs[:d]
         tokens, lps, tops = pick(torch.stack([s.logits for s in running]), running)
         out = [(s, s.accept(t, lp, top)) for s, t, lp, top in zip(running, tokens, lps, tops)]
-        self._free([s for s in running if s.finished])
-        self._decode(dict(zip(running, tokens)))
+        for s in running:
+            if s.finished:
+                self._leave(s)
+        self._forward({s: t for s, t in zip(running, tokens) if not s.finished})
         return out
 
     def cancel(self, seq: Sequence, reason: str) -> str:
-        """Finish a sequence from outside (time limit, client gone) and free its row; returns held-back text."""
+        """Finish a sequence from outside (time limit, client gone) and return its blocks; returns held-back text."""
         tail = seq.finish(reason)
         if seq in self.seqs:
-            self._free([seq])
+            self._leave(seq)
         return tail
 
-    # --- internals -------------------------------------------------------------------------------------------
-    def _prefill(self) -> None:
-        """Read a chunk of the waiting prompts alone (no row is decoding)."""
-        waiting, chunks = self._prompt_chunks()
-        if not waiting:
-            return
-        logits = prefill(self.model, chunks, [s.cached for s in waiting], self.decoding)  # readers start at row d
-        self._read(waiting, chunks, list(logits))
+    def close(self) -> None:
+        """End every sequence still in the batch, returning all its blocks."""
+        for seq in list(self.seqs):
+            self.cancel(seq, "cancelled")
 
+    # --- internals -------------------------------------------------------------------------------------------
     @property
     def waiting(self) -> list[Sequence]:
         return [s for s in self.seqs if s.prefilling]
 
+    def _leave(self, seq: Sequence) -> None:
+        self.seqs.remove(seq)
+        if seq.table is not None:
+            seq.table.release()
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Return seq's blocks; it re-reads its context later (its sampler and history stay as they are)."""
+        seq.table.release()
+        seq.cached, seq.logits = 0, None
+        self._preempted.add(seq)
+        self.preemptions += 1
+
+    def _reserve(self, seq: Sequence, positions: int) -> bool:
+        """Blocks for seq's positions [0, positions), preempting newer sequences while the pool is short."""
+        while not seq.table.reserve(positions):
+            victims = [s for s in self.seqs[self.seqs.index(seq) + 1 :] if s.table.blocks]
+            if not victims:
+                return False
+            self._preempt(victims[-1])
+        return True
+
     def _prompt_chunks(self) -> tuple[list[Sequence], list[list[int]]]:
-        """The waiting rows to read this step and their prompt chunks, within the token budget."""
+        """The waiting sequences to read this step and their context chunks, within the token budget."""
         waiting = self.waiting
-        remaining = [len(s.request.prompt) - s.cached for s in waiting]
         if not waiting:
             return [], []
+        remaining = [len(s.context) - s.cached for s in waiting]
         if self.prefill_tokens is None:
             width, take = max(remaining), len(waiting)
         else:  # padded tokens of this step's forward stay within the budget (all prompt tokens when none decodes)
             budget = self.prefill_tokens if self.decoding else max(self.prefill_tokens, sum(remaining))
             width = min(max(remaining), budget)
             take = max(1, min(len(waiting), budget // width))
-        return waiting[:take], [list(s.request.prompt[s.cached : s.cached + width]) for s in waiting[:take]]
+        return waiting[:take], [s.context[s.cached : s.cached + width] for s in waiting[:take]]
 
-    def _read(self, seqs: list[Sequence], chunks: list[list[int]], logits: list[torch.Tensor | None]) -> None:
-        """Account for prompt chunks just read (logits[i]: after seqs[i]'s chunk, None where not computed); a row
-        whose prompt is in takes its logits and joins the decoding rows [0, d)."""
-        for s, chunk, row_logits in zip(seqs, chunks, logits):
-            s.cached += len(chunk)
-            if not s.prefilling:
-                s.logits = row_logits
-                self._move(self.seqs.index(s), self.decoding - 1)
-
-    def _decode(self, tokens: dict[Sequence, int]) -> None:
-        """Feed each decoding row its sampled token at its own position, with a chunk of the waiting prompts in the
-        same forward (every weight read once for both)."""
-        running = self.seqs[: self.decoding]
-        if not running:
-            return
-        pos = torch.tensor([[s.cached] for s in running], device=self.device)
-        x = torch.tensor([tokens[s] for s in running], device=self.device)[:, None]
-        kv_len = max(s.cached for s in running) + 1
+    def _forward(self, tokens: dict[Sequence, int]) -> None:
+        """Feed each decoding sequence its sampled token at its own position and a chunk of the waiting contexts,
+        in one forward (every weight read once for both), after giving each the blocks it writes (older first: a
+        preempted sequence is always newer than the one that needed its blocks)."""
+        for s in self.waiting:  # starting to read: take what the pool already holds of its leading ids
+            if not s.cached and not s.table.blocks:
+                s.cached = s.table.match_prefix(s.context)
         waiting, chunks = self._prompt_chunks()
-        if not waiting:
-            logits = self.step_fn(self.model, x, pos, kv_len)
-        else:
-            ids, prompt_pos, last, prompt_kv = _right_padded(chunks, [s.cached for s in waiting], self.model.cache_len)
-            groups = [
-                CacheRows(0, x, pos, kv_len),
-                CacheRows(len(running), ids.to(self.device), prompt_pos.to(self.device), prompt_kv),
-            ]
-            d, width = len(running), ids.shape[1]
-            ends = [i for i, (s, c) in enumerate(zip(waiting, chunks)) if s.cached + len(c) == len(s.request.prompt)]
-            with torch.no_grad():
-                logits = self.model.rows_logits(groups, [*range(d), *(d + i * width + last[i] for i in ends)])
-            prompt_logits: list[torch.Tensor | None] = [None] * len(waiting)
-            for i, row_logits in zip(ends, logits[d:]):
-                prompt_logits[i] = row_logits
+        want = {s: s.cached + 1 for s in tokens} | {s: s.cached + len(c) for s, c in zip(waiting, chunks)}
+        ready: set[Sequence] = set()
+        self._preempted.clear()
+        for seq in [s for s in self.seqs if s in want]:
+            if seq in self._preempted:
+                continue
+            if self._reserve(seq, want[seq]):
+                ready.add(seq)
+            elif seq in tokens:
+                self._preempt(seq)  # no newer sequence to take blocks from: it waits and re-reads later
+        running = [s for s in tokens if s in ready]
+        kept = [i for i, s in enumerate(waiting) if s in ready]
+        waiting, chunks = [waiting[i] for i in kept], [chunks[i] for i in kept]
+        groups, ends = [], []
+        if running:
+            groups.append(([s.table for s in running], [s.cached for s in running], [[tokens[s]] for s in running]))
+            ends.append([(i, 0) for i in range(len(running))])
+        finishing = [i for i, (s, c) in enumerate(zip(waiting, chunks)) if s.cached + len(c) == len(s.context)]
+        if waiting:
+            groups.append(([s.table for s in waiting], [s.cached for s in waiting], chunks))
+            ends.append([(i, len(chunks[i]) - 1) for i in finishing])
+        if not groups:
+            return
+        logits = self.forward(self.model, self.pool, groups, ends)
         for s, row_logits in zip(running, logits):
             s.cached += 1
             s.logits = row_logits
-        if waiting:
-            self._read(waiting, chunks, prompt_logits)
+        for s, c in zip(waiting, chunks):
+            s.cached += len(c)
+        for i, row_logits in zip(finishing, logits[len(running) :]):
+            waiting[i].logits = row_logits
+        for s in (*running, *waiting):  # blocks just filled become shareable prefixes
+            if (s.cached // self.pool.block_size) > s.table.registered:
+                s.table.register_full(s.context, s.cached)
 
-    def _free(self, gone: list[Sequence]) -> None:
-        """Drop finished rows, keeping the rest dense: decoding rows first, then prompt readers. Last rows first:
-        a freed last row needs no copy, so a batch finishing together moves nothing."""
-        for seq in sorted(gone, key=self.seqs.index, reverse=True):
-            row = self.seqs.index(seq)
-            d = self.decoding
-            if row < d:  # the last decoding row fills the hole, the last prompt reader fills its place
-                self._move(d - 1, row)
-                row = d - 1
-            self._move(len(self.seqs) - 1, row)
-            self.seqs.pop()
 
-    def _move(self, src: int, dst: int) -> None:
-        """Swap rows src and dst (sequences and cache contents)."""
-        if src == dst:
-            return
-        a, b = self.seqs[src], self.seqs[dst]
-        self.model.copy_cache_rows([src, dst], [dst, src], max(a.cached, b.cached, 1))
-        self.seqs[src], self.seqs[dst] = b, a
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_forward_rows() -> Callable:
+    """`forward_rows` with the model's cached forward under torch.compile (dynamic shapes; compiled once)."""
+    if "rows" not in _COMPILED:
+        _COMPILED["rows"] = torch.compile(_cached_forward, dynamic=True)
+    return functools.partial(forward_rows, cached_forward=_COMPILED["rows"])
+
+
+def _cached_forward(model: AquilaModel, groups: list[CachedRows], pool: BlockPool, logits_at) -> torch.Tensor:
+    return model.cached_forward(groups, pool, logits_at)
 
 
 def run(batch: DecodeBatch, requests: Seq[Request]) -> list[Completion]:
@@ -405,11 +458,13 @@ def beam_search(
     device = model_device(model)
     width = len(prompt)
     max_new_tokens = min(max_new_tokens, model.args.max_seq_len - width)
-    model.setup_caches(beam_size, cache_length(width + max_new_tokens, model.args.max_seq_len))
+    pool = BlockPool.for_model(model, 2 * beam_size * (width + max_new_tokens + BlockPool.BLOCK_SIZE))
     stop_set = set(stop_ids)
 
-    logits = prefill(model, [list(prompt)], [0], 0)
-    model.copy_cache_rows([0] * beam_size, list(range(beam_size)), width)
+    prompt_table = BlockTable(pool)
+    logits = prefill(model, pool, [prompt_table], [list(prompt)], [0])
+    tables = [prompt_table.fork(width) for _ in range(beam_size)]  # the prompt's full blocks shared by every beam
+    prompt_table.release()
     scores = torch.full((beam_size,), float("-inf"), device=device)
     scores[0] = 0.0  # all beams start as copies of one: only row 0 may expand at the first step
     logits = logits.expand(beam_size, -1)
@@ -419,33 +474,40 @@ def beam_search(
     def normalised(total: float, length: int) -> float:
         return total / (max(length, 1) ** length_penalty)
 
-    for step in range(max_new_tokens):
-        candidates = scores[:, None] + torch.log_softmax(logits.float(), -1)
-        top_scores, top_idx = torch.topk(candidates.view(-1), min(2 * beam_size, candidates.numel()))
-        vocab = logits.shape[-1]
-        parents, next_tokens, next_scores = [], [], []
-        for rank, (score, idx) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
-            parent, token = divmod(idx, vocab)
-            if token in stop_set:
-                if rank < beam_size:
-                    finished.append((normalised(score, len(beams[parent]) + 1), beams[parent]))
-                continue
-            parents.append(parent)
-            next_tokens.append(token)
-            next_scores.append(score)
-            if len(parents) == beam_size:
+    try:
+        for step in range(max_new_tokens):
+            candidates = scores[:, None] + torch.log_softmax(logits.float(), -1)
+            top_scores, top_idx = torch.topk(candidates.view(-1), min(2 * beam_size, candidates.numel()))
+            vocab = logits.shape[-1]
+            parents, next_tokens, next_scores = [], [], []
+            for rank, (score, idx) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
+                parent, token = divmod(idx, vocab)
+                if token in stop_set:
+                    if rank < beam_size:
+                        finished.append((normalised(score, len(beams[parent]) + 1), beams[parent]))
+                    continue
+                parents.append(parent)
+                next_tokens.append(token)
+                next_scores.append(score)
+                if len(parents) == beam_size:
+                    break
+            if len(finished) >= beam_size or not parents or step + 1 == max_new_tokens:
                 break
-        if len(finished) >= beam_size or not parents or step + 1 == max_new_tokens:
-            break
-        while len(parents) < beam_size:  # fewer live candidates than beams (tiny vocabularies): pad with a dead beam
-            parents.append(parents[0])
-            next_tokens.append(next_tokens[0])
-            next_scores.append(float("-inf"))
-        beams = [beams[p] + [t] for p, t in zip(parents, next_tokens)]
-        model.copy_cache_rows(parents, list(range(beam_size)), width + step)
-        scores = torch.tensor(next_scores, device=device)
-        pos = torch.full((beam_size, 1), width + step, device=device)
-        logits = decode_step(model, torch.tensor(next_tokens, device=device)[:, None], pos, width + step + 1)
+            while len(parents) < beam_size:  # fewer live candidates than beams (tiny vocabularies): a dead beam
+                parents.append(parents[0])
+                next_tokens.append(next_tokens[0])
+                next_scores.append(float("-inf"))
+            beams = [beams[p] + [t] for p, t in zip(parents, next_tokens)]
+            # each new beam continues its parent: shared full blocks, its own copy of the block it writes
+            forked = [tables[p].fork(width + step) for p in parents]
+            for t in tables:
+                t.release()
+            tables = forked
+            scores = torch.tensor(next_scores, device=device)
+            logits = prefill(model, pool, tables, [[t] for t in next_tokens], [width + step] * beam_size)
+    finally:
+        for t in tables:
+            t.release()
     if not finished or len(finished) < beam_size:
         # Out of length: live beams compete with finished ones (last step's candidates included).
         for score, token, parent in zip(next_scores, next_tokens, parents):

@@ -28,6 +28,7 @@ from aquila.inference.generate import (
     run,
 )
 from aquila.inference.generate import Sequence as DecodingSequence
+from aquila.inference.kv_cache import BlockPool
 from aquila.inference.sampling import SamplingParams
 from aquila.inference.text import TextAssembler
 from aquila.typed_config import is_int
@@ -159,7 +160,10 @@ class Predictor:
     def _batch(self, requests: Sequence[Request]) -> DecodeBatch:
         need = max(len(r.prompt) + r.max_new_tokens for r in requests)
         max_len = cache_length(need, self.model.args.max_seq_len)
-        return DecodeBatch(self.model, len(requests), max_len, self.tokenizer, compile=self.compile)
+        bs = BlockPool.BLOCK_SIZE  # the pool holds what the requests can reach, in whole blocks each
+        positions = sum(-(-min(len(r.prompt) + r.max_new_tokens, max_len) // bs) * bs for r in requests)
+        pool = BlockPool.for_model(self.model, positions)
+        return DecodeBatch(self.model, len(requests), max_len, self.tokenizer, compile=self.compile, pool=pool)
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         """Decode requests together (one row each); each result is what the request gives alone."""

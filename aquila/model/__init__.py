@@ -3,8 +3,8 @@
 from aquila.model.aquila_model import (
     AquilaModel,
     Attention,
+    CachedRows,
     FeedForward,
-    KVCache,
     RMSNorm,
     TransformerBlock,
     apply_rotary,
@@ -14,8 +14,8 @@ from aquila.model.aquila_model import (
 __all__ = [
     "AquilaModel",
     "Attention",
+    "CachedRows",
     "FeedForward",
-    "KVCache",
     "RMSNorm",
     "TransformerBlock",
     "apply_rotary",

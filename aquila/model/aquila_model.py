@@ -53,45 +53,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.flatten(-2).to(x.dtype)
 
 
-class KVCache(nn.Module):
-    """Static cache [rows, kv_heads, max_len + 1, head_dim]; not part of the state dict.
+class CachedRows(NamedTuple):
+    """One group of rows of a cached forward: ids [b, s] at each row's own positions [b, s].
 
-    Each row is one sequence with its own length: a token at position p lives in slot p. Slot `max_len` is scratch
-    space where padding tokens of a ragged batch write, never read by a real token."""
+    Each token writes its k/v at `slots` [b, s] (flat indices into the cache's [blocks * block_size] positions) and
+    attends to positions [0, own position] of its row, read through the row's block table `tables` [b, n] (block
+    ids in position order). `kv_len` bounds the positions read. `aquila.inference.kv_cache.group_inputs` builds
+    these from the decoder's block tables."""
 
-    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device) -> None:
-        super().__init__()
-        shape = (batch, heads, max_len + 1, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(
-        self, first_row: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [b, h, s, d] of rows first_row.. at positions input_pos [b, s]; returns slots [0, kv_len)."""
-        b = k.shape[0]
-        rows = torch.arange(b, device=k.device)[:, None]
-        kc, vc = self.k[first_row : first_row + b], self.v[first_row : first_row + b]
-        kc[rows, :, input_pos] = k.transpose(1, 2)
-        vc[rows, :, input_pos] = v.transpose(1, 2)
-        return kc[:, :, :kv_len], vc[:, :, :kv_len]
-
-    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
-        """Row dst[i] becomes a copy of row src[i] (slots < length); src and dst may overlap (beam reordering)."""
-        self.k[dst, :, :length] = self.k[src, :, :length]
-        self.v[dst, :, :length] = self.v[src, :, :length]
-
-
-class CacheRows(NamedTuple):
-    """Tokens of cache rows first_row..first_row+b-1: ids [b, s] at each row's own positions [b, s].
-
-    A position equal to the cache length marks a padding token (it writes the scratch slot). `kv_len` bounds the
-    slots read (default: the largest position + 1)."""
-
-    first_row: int
     ids: torch.Tensor
     positions: torch.Tensor
-    kv_len: int | None = None
+    slots: torch.Tensor
+    tables: torch.Tensor
+    kv_len: int
 
 
 class _AttendRows(NamedTuple):
@@ -100,8 +74,8 @@ class _AttendRows(NamedTuple):
     offset: int
     rows: int
     width: int
-    first_row: int
-    positions: torch.Tensor
+    slots: torch.Tensor  # [rows * width]
+    tables: torch.Tensor  # [rows, n]
     kv_len: int
     mask: torch.Tensor  # bool [rows, 1, width, kv_len]
 
@@ -114,11 +88,11 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, causal: bool, cache_at: list[_AttendRows] | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, causal: bool, cache_at: list[_AttendRows] | None = None, kv=None):
         """x [b, s, dim]. With `cache_at`, x is [1, T, dim]: the tokens of several row groups, flattened; each group
-        writes its k/v into its cache rows and attends over them (one matmul per weight for all groups)."""
+        writes its k/v into this layer's cache `kv` (k, v [positions, kv_heads, head_dim]) and attends through its
+        block tables (one matmul per weight for all groups)."""
         b, s, _ = x.shape
         q = apply_rotary(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin)
@@ -126,18 +100,24 @@ class Attention(nn.Module):
         if cache_at is None:
             out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, causal)
         else:
-            out = torch.cat([self._attend_cached(g, q[0], k[0], v[0]) for g in cache_at])
+            kc, vc, block_size = kv
+            for g in cache_at:  # every group's k/v is written before any group reads
+                span = slice(g.offset, g.offset + g.rows * g.width)
+                kc.index_copy_(0, g.slots, k[0, span].to(kc.dtype))
+                vc.index_copy_(0, g.slots, v[0, span].to(vc.dtype))
+            out = torch.cat([self._attend_cached(g, q[0], kc, vc, block_size) for g in cache_at])
         return self.wo(out.reshape(b, s, -1))
 
-    def _attend_cached(self, g: _AttendRows, q, k, v) -> torch.Tensor:
-        """Group g's tokens (q/k/v [T, heads, head_dim]) into its cache rows, attending over them: [rows*width, ...]"""
+    def _attend_cached(self, g: _AttendRows, q, kc, vc, block_size: int) -> torch.Tensor:
+        """Group g's queries (q [T, heads, head_dim]) over its rows' cached positions: [rows * width, heads, d]."""
         span = slice(g.offset, g.offset + g.rows * g.width)
+        qr = q[span].view(g.rows, g.width, *q.shape[1:]).transpose(1, 2)
 
-        def rows(t: torch.Tensor) -> torch.Tensor:
-            return t[span].view(g.rows, g.width, *t.shape[1:]).transpose(1, 2)
+        def gather(c: torch.Tensor) -> torch.Tensor:  # [rows, kv_heads, kv_len, d] through the block tables
+            blocks = c.view(-1, block_size, *c.shape[1:])[g.tables]  # [rows, n, block_size, kv_heads, d]
+            return blocks.flatten(1, 2)[:, : g.kv_len].transpose(1, 2)
 
-        kc, vc = self.kv_cache.update(g.first_row, g.positions, rows(k), rows(v), g.kv_len)
-        return attention(rows(q), kc, vc, g.mask, False).flatten(0, 1)
+        return attention(qr, gather(kc), gather(vc), g.mask, False).flatten(0, 1)
 
 
 class FeedForward(nn.Module):
@@ -159,8 +139,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, causal: bool = True, cache_at: list | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, causal, cache_at)
+    def forward(self, x, cos, sin, mask=None, causal: bool = True, cache_at: list | None = None, kv=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, causal, cache_at, kv)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -172,8 +152,6 @@ class AquilaModel(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.cache_batch = 0
-        self.cache_len = 0
 
     @property
     def device(self) -> torch.device:
@@ -190,52 +168,9 @@ class AquilaModel(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
-    def setup_caches(
-        self, max_batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None
-    ) -> None:
-        """Allocate the static KV cache once; later calls with the same or smaller sizes keep it."""
-        max_seq_len = max_seq_len or self.args.max_seq_len
-        if max_seq_len > self.args.max_seq_len:
-            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.args.max_seq_len}")
-        if max_batch_size <= self.cache_batch and max_seq_len <= self.cache_len:
-            return
-        if dtype is None:  # the activations' dtype: the token embedding's rows (int8 ones come out in their scales')
-            emb = self.tok_embeddings
-            dtype = next(t.dtype for t in (*emb.parameters(), *emb.buffers()) if t.is_floating_point())
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(
-                max_batch_size, self.args.kv_heads, max_seq_len, self.args.head_dim, dtype, self.device
-            )
-        self.cache_batch, self.cache_len = max_batch_size, max_seq_len
-
-    def clear_caches(self) -> None:
-        for layer in self.layers:
-            layer.attention.kv_cache = None
-        self.cache_batch = self.cache_len = 0
-
-    def copy_cache_rows(self, src: list[int] | torch.Tensor, dst: list[int] | torch.Tensor, length: int) -> None:
-        """Cache row dst[i] becomes a copy of row src[i] (positions < length), in every layer: sharing a prompt,
-        reordering beams, or moving a running sequence into a freed row."""
-        src, dst = (torch.as_tensor(x, dtype=torch.long, device=self.device) for x in (src, dst))
-        for layer in self.layers:
-            layer.attention.kv_cache.copy_rows(src, dst, length)
-
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        input_pos: torch.Tensor | None = None,
-        first_row: int = 0,
-        kv_len: int | None = None,
-    ) -> torch.Tensor:
-        """Final-norm hidden states [b, s, dim].
-
-        Without `input_pos`: a plain causal forward from position 0 that leaves the cache alone. With `input_pos`
-        [b, s] (each row's own positions): the tokens go into cache rows first_row..first_row+b-1 at those
-        positions and attend to the slots at or before their own position (see `CacheRows`).
-        """
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [b, s, dim] of a plain causal forward from position 0 (no cache)."""
         b, s = input_ids.shape
-        if input_pos is not None:
-            return self.rows_hidden_states([CacheRows(first_row, input_ids, input_pos, kv_len)]).view(b, s, -1)
         positions = torch.arange(s, device=input_ids.device).expand(b, s)
         cos, sin = rotary_tables(positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(input_ids)
@@ -243,57 +178,48 @@ class AquilaModel(nn.Module):
             h = layer(h, cos, sin)
         return self.norm(h)
 
-    def rows_hidden_states(self, groups: list[CacheRows]) -> torch.Tensor:
-        """Final-norm hidden states [T, dim] of several groups of cache rows in one forward (T = their tokens, group
-        after group, row after row): running rows decoding one token each beside a prompt chunk of new rows read
-        every weight once."""
-        if not self.cache_len:
-            raise ValueError("input_pos needs a KV cache: call setup_caches() first")
+    def cached_forward(self, groups: list[CachedRows], cache, logits_at: list[int] | torch.Tensor) -> torch.Tensor:
+        """fp32 logits [len(logits_at), vocab] of a forward over several groups of rows through `cache`, which it
+        reads and writes: any object with k, v [layers, positions, kv_heads, head_dim] and `block_size`
+        (`aquila.inference.kv_cache.BlockPool`). The groups' tokens are flattened (T = their tokens, group after
+        group, row after row; `logits_at` indexes that order), so running rows decoding one token each beside a
+        prompt chunk of new rows read every weight once; each row attends only to its own positions."""
         attend, offset = [], 0
         for g in groups:
             rows, width = g.ids.shape
-            if g.first_row + rows > self.cache_batch:
-                raise ValueError(
-                    f"rows {g.first_row}..{g.first_row + rows - 1} exceed the KV cache's {self.cache_batch}"
-                )
-            kv_len = g.kv_len or int(g.positions.max()) + 1
-            if kv_len > self.cache_len + 1:
-                raise ValueError(f"positions up to {kv_len} exceed the KV cache length {self.cache_len}")
-            slots = torch.arange(kv_len, device=g.ids.device)
+            if g.kv_len > g.tables.shape[1] * cache.block_size:
+                raise ValueError(f"positions up to {g.kv_len} exceed the rows' block tables")
+            slots = torch.arange(g.kv_len, device=g.ids.device)
             mask = (slots[None, None, :] <= g.positions[:, :, None]).unsqueeze(1)  # [rows, 1, width, kv_len]
-            attend.append(_AttendRows(offset, rows, width, g.first_row, g.positions, kv_len, mask))
+            attend.append(_AttendRows(offset, rows, width, g.slots.reshape(-1), g.tables, g.kv_len, mask))
             offset += rows * width
         ids = torch.cat([g.ids.reshape(-1) for g in groups])[None]
         positions = torch.cat([g.positions.reshape(-1) for g in groups])[None]
+        if not torch.compiler.is_compiling() and int(positions.max()) >= self.args.max_seq_len:
+            raise ValueError(f"positions up to {int(positions.max())} exceed the model's max_seq_len")
         cos, sin = rotary_tables(positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(ids)
-        for layer in self.layers:
-            h = layer(h, cos, sin, None, False, attend)
-        return self.norm(h)[0]
-
-    def rows_logits(self, groups: list[CacheRows], logits_at: list[int] | torch.Tensor) -> torch.Tensor:
-        """fp32 logits [len(logits_at), vocab] of the tokens at these indices of `rows_hidden_states`' order."""
-        h = self.rows_hidden_states(groups)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, None, False, attend, (cache.k[i], cache.v[i], cache.block_size))
+        h = self.norm(h)[0]
         return self.output(h[torch.as_tensor(logits_at, device=h.device)]).float()
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        input_pos: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        first_row: int = 0,
-        kv_len: int | None = None,
         logits_at: torch.Tensor | None = None,
         return_logits: bool | None = None,
     ) -> dict[str, torch.Tensor | None]:
-        """Returns {'logits', 'loss'}.
+        """Returns {'logits', 'loss'}: a plain causal forward from position 0 (training, scoring); decoding with a
+        KV cache goes through `cached_forward`.
 
         With `labels` (same shape as input_ids; -100 = ignored) the loss is the mean next-token cross-entropy
         (logits[:, :-1] against labels[:, 1:]), computed in chunks without materialising the full logits;
         logits are then returned only if `return_logits=True`. Without labels, logits are fp32, for every
         position or (`logits_at`, one index per row) one position per row, shape [b, vocab].
         """
-        h = self.hidden_states(input_ids, input_pos, first_row, kv_len)
+        h = self.hidden_states(input_ids)
         if labels is not None:
             shift_h = h[:, :-1].reshape(-1, h.shape[-1])
             shift_labels = labels[:, 1:].reshape(-1)

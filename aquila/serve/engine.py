@@ -104,6 +104,7 @@ class Engine:
             predictor.compile,
         )
         self.metrics = ServeMetrics()
+        self.metrics.pool = batch.pool
         self.handoff = Handoff()
         self.scheduler = Scheduler(
             batch,
@@ -114,9 +115,8 @@ class Engine:
         )
 
     def cache_bytes(self) -> int:
-        """Memory of the KV cache: every row holds a whole context (--max-batch x min(max_seq_len, prompt + new))."""
-        caches = [layer.attention.kv_cache for layer in self.predictor.model.layers]
-        return sum(t.numel() * t.element_size() for c in caches if c is not None for t in (c.k, c.v))
+        """Memory of the KV block pool (--max-batch x min(max_seq_len, prompt + new) positions, in blocks)."""
+        return self.scheduler.batch.pool.nbytes()
 
     def close(self) -> None:
         self.scheduler.stop()

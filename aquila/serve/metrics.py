@@ -23,6 +23,16 @@ class ServeMetrics:
         self.ttft = Histogram(
             "aquila_time_to_first_token_seconds", "submission to first token", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.kv_used = Gauge("aquila_kv_blocks_used", "KV cache blocks referenced by a sequence", registry=r)
+        self.kv_free = Gauge(
+            "aquila_kv_blocks_free", "KV cache blocks free to hand out (cached prefixes included)", registry=r
+        )
+        self.kv_cached = Gauge("aquila_kv_blocks_cached", "KV cache blocks holding a shareable prefix", registry=r)
+        self.prefix_hits = Counter(
+            "aquila_prefix_cache_hit_blocks", "KV blocks a prompt took from the pool instead of reading", registry=r
+        )
+        self.pool = None  # the engine's BlockPool, read at each render
+        self._hits_seen = 0
         self.itl = Histogram(
             "aquila_inter_token_latency_seconds", "between a request's tokens", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -42,4 +52,11 @@ class ServeMetrics:
     def render(self, running: int, waiting: int) -> bytes:
         self.running.set(running)
         self.queue_depth.set(waiting)
+        if self.pool is not None:
+            self.kv_used.set(self.pool.used_blocks)
+            self.kv_free.set(self.pool.free_blocks)
+            self.kv_cached.set(self.pool.cached_blocks)
+            hits = self.pool.prefix_hits
+            self.prefix_hits.inc(hits - self._hits_seen)
+            self._hits_seen = hits
         return generate_latest(self.registry)

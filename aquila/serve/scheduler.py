@@ -155,8 +155,6 @@ class Scheduler:
         for job in expired:
             self._ended(job, "queue_timeout")
             job.emit("error", QueueTimeout(f"waited {self.queue_timeout_s:g} s for a free slot"))
-        if start:
-            self.batch.model.setup_caches(self.batch.rows, self.batch.max_len)  # kept unless someone cleared it
         for job in start:
             try:
                 job.seq = self.batch.add(job.request)
