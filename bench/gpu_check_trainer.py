@@ -79,8 +79,8 @@ def run_precision(base: dict, precision: str, work: Path, iters: int, budget: Bu
     seconds = time.perf_counter() - t0
     how = precision_logged(work / f"{precision}-a.log")
     for step in (half, iters):
-        if not (run_a / str(step) / "model.safetensors").is_file():
-            raise RuntimeError(f"checkpoint {run_a / str(step)} has no model.safetensors")
+        if not (run_a / str(step) / "pytorch_model.bin").is_file():  # a save_interval step: FlagAI's full weights
+            raise RuntimeError(f"checkpoint {run_a / str(step)} has no pytorch_model.bin")
     a = train_losses(run_a)
     resumed = {**cfg, "save_dir": str(run_b), "load_dir": str(run_a / str(half))}
     pretrain(write_yaml(work / f"{precision}-b.yaml", resumed), work / f"{precision}-b.log", budget.left())

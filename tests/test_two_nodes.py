@@ -226,7 +226,7 @@ def test_pretrain_on_two_nodes_equals_two_processes_on_one(cluster, two_node_pre
     assert "node1 node 1/2, 1 processes, master 10.211.0.1:" in node1_log and "GLOO_SOCKET_IFNAME=eth0" in node1_log
     assert "--nnodes 2 --node_rank 1 --nproc_per_node 1" in node1_log
     assert (save_dir / "latest_iteration.txt").read_text().split()[0] == str(STEPS)
-    assert (save_dir / str(STEPS) / "model.safetensors").is_file()
+    assert (save_dir / str(STEPS) / "pytorch_model.bin").is_file()  # the weights, written once (FlagAI's file)
 
     (tmp_path / "hostfile").write_text("127.0.0.1 slots=2\n")
     pretrain_yaml(tmp_path)
@@ -249,7 +249,7 @@ def test_sft_on_two_nodes_from_the_pretrained_checkpoint(cluster, two_node_pretr
     assert "aquila_sft.py --not_call_launch" in r.stdout and "NODES_NUM: 2" in r.stdout
     assert str(save_dir / str(STEPS)) in r.stdout  # the log names the weights it loaded
     assert (sft_dir / "latest_iteration.txt").read_text().split()[0] == "2"
-    assert (sft_dir / "2" / "model.safetensors").is_file()
+    assert (sft_dir / "2" / "pytorch_model.bin").is_file()
 
 
 def test_lost_rank_then_resume_on_two_nodes_gives_the_uninterrupted_losses(cluster, two_node_pretrain, tmp_path):
