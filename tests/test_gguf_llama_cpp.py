@@ -77,9 +77,9 @@ DEFAULT_MODEL_PARAMS = llama_cpp.llama_cpp.llama_model_default_params
 
 def plain_buffers():
     """llama.cpp's model parameters without its extra buffer types (weights repacked for AMX or AVX-512 tiles).
-    On a Sapphire Rapids Xeon (AMX) llama.cpp 0.3.36 repacks q8_0/q4_0 weights for AMX and its first forward of this
-    tiny shape (dim 64) crashes the process; the test checks the file's layout and ggml's reference arithmetic,
-    which the plain buffers run on every CPU."""
+    On a Xeon with AMX, llama.cpp 0.3.36 repacks q8_0/q4_0 weights for AMX and its first forward of this tiny shape
+    (dim 64) crashes the process; the test checks the file's layout and ggml's reference arithmetic, which the plain
+    buffers run on every CPU."""
     params = DEFAULT_MODEL_PARAMS()
     params.use_extra_bufts = False
     return params
