@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
+import aquila.train.estimate as estimate_module
 from aquila.config import ModelArgs
 from aquila.train.config import TrainConfig
-from aquila.train.estimate import Target, estimate, fake_process_group, parse_size, step_memory
+from aquila.train.estimate import Target, estimate, fake_process_group, parse_size
 from aquila.typed_config import from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +50,26 @@ def measured(world: int) -> list[dict]:
 
 def config(case: dict) -> TrainConfig:
     return from_dict(TrainConfig, {"max_steps": 1, **case}, "case")
+
+
+_FAKE_STEPS: dict[str, object] = {}
+_step_memory = estimate_module.step_memory
+
+
+def step_memory(cfg, args, target, seq_length, fake=True):
+    """estimate's fake step, each (config, model, target, seq) run once per session: it is deterministic, and the
+    tests here ask for the same 4-block world-2 steps several times (about 4 s each on a busy core)."""
+    if not fake:
+        return _step_memory(cfg, args, target, seq_length, fake=False)
+    key = repr((cfg, args, target, seq_length))
+    if key not in _FAKE_STEPS:
+        _FAKE_STEPS[key] = _step_memory(cfg, args, target, seq_length)
+    return copy.deepcopy(_FAKE_STEPS[key])
+
+
+@pytest.fixture(autouse=True)
+def shared_fake_steps(monkeypatch):
+    monkeypatch.setattr(estimate_module, "step_memory", step_memory)
 
 
 @pytest.mark.slow
@@ -87,14 +110,45 @@ def test_estimate_sees_what_lowers_memory():
     assert wider.phases["optimizer step"]["Optstate"] < base.phases["optimizer step"]["Optstate"]
 
 
-def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "aquila", "estimate", *argv], capture_output=True, text=True,
-                          env=env, cwd=ROOT / "examples" / "aquila", timeout=600)  # fmt: skip
+# What a fresh `python` shows of warnings (none of these filters comes from pytest's).
+PYTHON_WARNING_FILTERS = (("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                          ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                          ("ignore", ResourceWarning, ""))  # fmt: skip
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capfd):
+    """`aquila estimate ARGV` from examples/aquila in this process (a subprocess would import torch again, ~3 s
+    each): its exit status and what it wrote to fds 1 and 2, warnings included as a fresh process prints them.
+    `python -m aquila` itself runs in other tests' subprocesses (test_checkpoint_errors, test_inference_cli)."""
+    import torch
+
+    from aquila.cli import main
+
+    monkeypatch.chdir(ROOT / "examples" / "aquila")
+    threads = torch.get_num_threads()
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        capfd.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()
+            for action, category, module in reversed(PYTHON_WARNING_FILTERS):
+                warnings.filterwarnings(action, category=category, module=module)
+            try:
+                status = main(["estimate", *argv])
+            except SystemExit as e:  # argparse's usage errors
+                status = e.code
+            finally:
+                torch.set_num_threads(threads)  # estimate's main sets 1 thread for its own process
+        out = capfd.readouterr()
+        shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+        return subprocess.CompletedProcess(argv, status, out.out, out.err + shown)
+
+    return run
 
 
 @pytest.mark.slow
-def test_cli_7b_on_8_gpus_and_what_fits_on_one(tmp_path):
+def test_cli_7b_on_8_gpus_and_what_fits_on_one(tmp_path, run_cli):
     out = run_cli("--yaml_config", "Aquila-pretrain.yaml", "--model_name", "aquila-7b", "--gpus", "8")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "aquila-7b (7,295.5M params), env_type fsdp on 8 x cuda, fp16" in out.stdout
@@ -107,7 +161,7 @@ def test_cli_7b_on_8_gpus_and_what_fits_on_one(tmp_path):
     assert "checkpoint_activations: True" in small.stdout
 
 
-def test_cli_bad_input_is_one_line(tmp_path):
+def test_cli_bad_input_is_one_line(tmp_path, run_cli):
     out = run_cli("--yaml_config", "Aquila-pretrain-tiny.yaml", "--gpu-memory", "lots")
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "error: memory size 'lots': expected a number with a unit, e.g. 80GiB"
