@@ -59,9 +59,12 @@ def test_shell_wrapper_syntax():
     assert subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")]).returncode == 0
 
 
-@pytest.mark.slow
-def test_shell_wrapper_installs_offline_and_writes_the_table(tmp_path):
-    """The wrapper's pip call is offline, without dependencies or build isolation; the table lands in $OUT."""
+@pytest.fixture(scope="module")
+def wrapper_run(tmp_path_factory):
+    """bench/gpu_check.sh --smoke with a python whose pip only records its calls, running the env part and a decode
+    part that fails (an unknown model): one run for the wrapper's test and the failing part's (each part starts
+    its own python and torch)."""
+    tmp_path = tmp_path_factory.mktemp("wrapper")
     calls = tmp_path / "pip-calls"
     fake_python = tmp_path / "python"
     fake_python.write_text(
@@ -73,13 +76,20 @@ def test_shell_wrapper_installs_offline_and_writes_the_table(tmp_path):
     out.mkdir()
     env = dict(os.environ, AQUILA_PYTHON=str(fake_python), OUT=str(out))
     res = subprocess.run(
-        ["bash", "bench/gpu_check.sh", "--smoke", "--parts", "env"],
+        ["bash", "bench/gpu_check.sh", "--smoke", "--parts", "env,decode", "--decode-model", "no-such-model"],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
+    return res, calls, out
+
+
+@pytest.mark.slow
+def test_shell_wrapper_installs_offline_and_writes_the_table(wrapper_run):
+    """The wrapper's pip call is offline, without dependencies or build isolation; the table lands in $OUT."""
+    res, calls, out = wrapper_run
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     install = [line for line in calls.read_text().splitlines() if " -e ." in line]
     assert install and all(f in install[0] for f in ("--no-index", "--no-deps", "--no-build-isolation")), install
@@ -130,8 +140,10 @@ def test_smoke_trainer_part_resumes_exactly():
 
 
 @pytest.mark.slow
-def test_a_failing_part_keeps_the_other_rows():
-    table = gpu_check("--parts", "env,decode", "--decode-model", "no-such-model")
+def test_a_failing_part_keeps_the_other_rows(wrapper_run):
+    res, _, out = wrapper_run
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    table = (out / "gpu_check.md").read_text()
     assert result(table, "torch").startswith(torch.__version__)
     assert result(table, "decode part").startswith(
         "error: exit status 1: aquila.errors.AquilaError: unknown model name"
