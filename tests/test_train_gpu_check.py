@@ -14,6 +14,7 @@ import torch
 from tests.train_helpers import REPO
 
 BENCH = REPO / "bench"
+PARTS = ("env", "tests", "train", "trainer", "decode", "fit7b")  # bench/gpu_check.py's PARTS
 
 
 def gpu_check(*flags: str, timeout: int = 900) -> str:
@@ -98,9 +99,16 @@ def test_shell_wrapper_installs_offline_and_writes_the_table(wrapper_run):
     assert (out / "gpu_check.log").is_file()
 
 
+@pytest.fixture(scope="module")
+def smoke_table() -> str:
+    """Every part in one gpu_check.py run, as on a GPU: its first phase runs env, tests and trainer at the same
+    time, so both CPU cores work. --total-s leaves each part its own --smoke limit, as in a run of its own."""
+    return gpu_check("--parts", ",".join(PARTS), "--decode-tuning", "--total-s", "3000", timeout=1500)
+
+
 @pytest.mark.slow
-def test_smoke_env_tests_and_decode_parts():
-    table = gpu_check("--parts", "env,tests,decode", "--decode-tuning")
+def test_smoke_env_tests_and_decode_parts(smoke_table):
+    table = smoke_table
     assert not problems(table), table
     assert result(table, "SDPA train (causal").startswith("ran FLASH_ATTENTION")
     assert result(table, "SDPA decode (mask").startswith("ran ")
@@ -118,8 +126,8 @@ def test_smoke_env_tests_and_decode_parts():
 
 
 @pytest.mark.slow
-def test_smoke_train_and_fit_parts():
-    table = gpu_check("--parts", "train,fit7b")
+def test_smoke_train_and_fit_parts(smoke_table):
+    table = smoke_table
     assert not problems(table), table
     train = result(table, "train aquila-micro FSDP2 bfloat16/fp32")
     assert "ms/step" in train and "FSDP2 MixedPrecisionPolicy(param bf16, reduce fp32)" in train
@@ -131,8 +139,8 @@ def test_smoke_train_and_fit_parts():
 
 
 @pytest.mark.slow
-def test_smoke_trainer_part_resumes_exactly():
-    table = gpu_check("--parts", "trainer")
+def test_smoke_trainer_part_resumes_exactly(smoke_table):
+    table = smoke_table
     row = result(table, "trainer fsdp bf16 4 it + resume")
     assert row.startswith("ok in") and "checkpoints 2 and 4 written" in row and row.endswith("resumed at 2: exact")
     assert "(FSDP2 MixedPrecisionPolicy(param bf16, reduce fp32))" in row  # as the trainer logged it
