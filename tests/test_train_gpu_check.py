@@ -14,6 +14,7 @@ import torch
 from tests.train_helpers import REPO
 
 BENCH = REPO / "bench"
+PARTS = ("env", "tests", "train", "trainer", "decode", "fit7b")  # bench/gpu_check.py's PARTS
 
 
 def gpu_check(*flags: str, timeout: int = 900) -> str:
@@ -59,9 +60,12 @@ def test_shell_wrapper_syntax():
     assert subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")]).returncode == 0
 
 
-@pytest.mark.slow
-def test_shell_wrapper_installs_offline_and_writes_the_table(tmp_path):
-    """The wrapper's pip call is offline, without dependencies or build isolation; the table lands in $OUT."""
+@pytest.fixture(scope="module")
+def wrapper_run(tmp_path_factory):
+    """bench/gpu_check.sh --smoke with a python whose pip only records its calls, running the env part and a decode
+    part that fails (an unknown model): one run for the wrapper's test and the failing part's (each part starts
+    its own python and torch)."""
+    tmp_path = tmp_path_factory.mktemp("wrapper")
     calls = tmp_path / "pip-calls"
     fake_python = tmp_path / "python"
     fake_python.write_text(
@@ -73,13 +77,20 @@ def test_shell_wrapper_installs_offline_and_writes_the_table(tmp_path):
     out.mkdir()
     env = dict(os.environ, AQUILA_PYTHON=str(fake_python), OUT=str(out))
     res = subprocess.run(
-        ["bash", "bench/gpu_check.sh", "--smoke", "--parts", "env"],
+        ["bash", "bench/gpu_check.sh", "--smoke", "--parts", "env,decode", "--decode-model", "no-such-model"],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
+    return res, calls, out
+
+
+@pytest.mark.slow
+def test_shell_wrapper_installs_offline_and_writes_the_table(wrapper_run):
+    """The wrapper's pip call is offline, without dependencies or build isolation; the table lands in $OUT."""
+    res, calls, out = wrapper_run
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     install = [line for line in calls.read_text().splitlines() if " -e ." in line]
     assert install and all(f in install[0] for f in ("--no-index", "--no-deps", "--no-build-isolation")), install
@@ -88,9 +99,16 @@ def test_shell_wrapper_installs_offline_and_writes_the_table(tmp_path):
     assert (out / "gpu_check.log").is_file()
 
 
+@pytest.fixture(scope="module")
+def smoke_table() -> str:
+    """Every part in one gpu_check.py run, as on a GPU: its first phase runs env, tests and trainer at the same
+    time, so both CPU cores work. --total-s leaves each part its own --smoke limit, as in a run of its own."""
+    return gpu_check("--parts", ",".join(PARTS), "--decode-tuning", "--total-s", "3000", timeout=1500)
+
+
 @pytest.mark.slow
-def test_smoke_env_tests_and_decode_parts():
-    table = gpu_check("--parts", "env,tests,decode", "--decode-tuning")
+def test_smoke_env_tests_and_decode_parts(smoke_table):
+    table = smoke_table
     assert not problems(table), table
     assert result(table, "SDPA train (causal").startswith("ran FLASH_ATTENTION")
     assert result(table, "SDPA decode (mask").startswith("ran ")
@@ -108,8 +126,8 @@ def test_smoke_env_tests_and_decode_parts():
 
 
 @pytest.mark.slow
-def test_smoke_train_and_fit_parts():
-    table = gpu_check("--parts", "train,fit7b")
+def test_smoke_train_and_fit_parts(smoke_table):
+    table = smoke_table
     assert not problems(table), table
     train = result(table, "train aquila-micro FSDP2 bfloat16/fp32")
     assert "ms/step" in train and "FSDP2 MixedPrecisionPolicy(param bf16, reduce fp32)" in train
@@ -121,8 +139,8 @@ def test_smoke_train_and_fit_parts():
 
 
 @pytest.mark.slow
-def test_smoke_trainer_part_resumes_exactly():
-    table = gpu_check("--parts", "trainer")
+def test_smoke_trainer_part_resumes_exactly(smoke_table):
+    table = smoke_table
     row = result(table, "trainer fsdp bf16 4 it + resume")
     assert row.startswith("ok in") and "checkpoints 2 and 4 written" in row and row.endswith("resumed at 2: exact")
     assert "(FSDP2 MixedPrecisionPolicy(param bf16, reduce fp32))" in row  # as the trainer logged it
@@ -130,8 +148,10 @@ def test_smoke_trainer_part_resumes_exactly():
 
 
 @pytest.mark.slow
-def test_a_failing_part_keeps_the_other_rows():
-    table = gpu_check("--parts", "env,decode", "--decode-model", "no-such-model")
+def test_a_failing_part_keeps_the_other_rows(wrapper_run):
+    res, _, out = wrapper_run
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    table = (out / "gpu_check.md").read_text()
     assert result(table, "torch").startswith(torch.__version__)
     assert result(table, "decode part").startswith(
         "error: exit status 1: aquila.errors.AquilaError: unknown model name"
