@@ -11,6 +11,7 @@ runs out queues; a compiled batch runs every step shape within dynamo's recompil
 import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from aquila.checkpoint import build_model
@@ -296,3 +297,58 @@ def test_a_pool_that_holds_one_request_at_a_time_queues_the_others():
     assert [s.completion.token_ids for s in seqs] == [
         run(DecodeBatch(model, 1, 64), [r])[0].token_ids for r in requests
     ]
+
+
+@pytest.mark.slow
+def test_a_compiled_batch_runs_every_step_shape_within_the_recompile_limit(caplog):
+    """Decode rows only (1 to 3 rows, one block or more), prompts only, prompt chunks joining running rows (8 wide,
+    narrower, one token), two chunks, preempted sequences re-reading: decode-only steps run the compiled cached
+    forward, which fails here instead of falling back to eager if a shape recompiles past dynamo's limit; steps
+    with chunks run eager, and the runner says so in one log line. Backend: dynamo's guards and recompiles are
+    inductor's, without its C++ compile time."""
+    import logging
+
+    import torch._dynamo
+
+    from aquila.inference.runner import compiled_forward_rows
+
+    model = tiny_model()
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    arrivals = {  # step -> requests added before it
+        0: [Request((1, 2, 3), 28), Request((4, 5), 3)],  # two prompts, nothing decoding yet
+        2: [Request((9,), 20)],  # a one-token prompt: a chunk of width 1 beside two decoding rows
+        4: [Request(tuple(range(10, 30)), 10)],  # 20 ids: chunks of 8, 8, 4 beside the running rows
+        6: [Request(tuple(range(30, 41)), 4), Request(tuple(range(50, 56)), 4)],
+    }
+    shapes, seqs = set(), []
+    with (
+        caplog.at_level(logging.INFO, logger="aquila.inference.runner"),
+        torch._dynamo.config.patch(fail_on_recompile_limit_hit=True),
+    ):
+        import aquila.inference.runner as runner
+
+        runner._SAID.clear()
+        pool = BlockPool.for_model(model, 48, block_size=8)  # 6 blocks: too few for all, so some preempt
+        batch = DecodeBatch(model, 3, 64, prefill_tokens=8, pool=pool, compile=True)
+        batch.runner.decode_forward = compiled_forward_rows(counting)
+        for step in range(80):
+            seqs += [batch.add(r) for r in arrivals.get(step, [])]
+            plan = batch.schedule()
+            shapes.add((len(plan.decode), tuple(len(c.ids) for c in plan.chunks)))
+            batch.execute(plan)
+            if step > 6 and not batch.seqs:
+                break
+    assert not batch.seqs and batch.preemptions > 0, shapes
+    assert {(0, (3, 2)), (1, ()), (2, ()), (3, ()), (2, (1,)), (2, (8,))} <= shapes, shapes
+    assert 1 <= len(graphs) <= 4  # decode-only steps: one row or more, one block or more
+    said = [r.message for r in caplog.records if r.name == "aquila.inference.runner"]
+    assert said == ["--compile: decode-only steps run compiled; steps that read prompt chunks run eager"]
+    requests = [r for step in sorted(arrivals) for r in arrivals[step]]
+    alone = [run(DecodeBatch(model, 1, 64), [r])[0].token_ids for r in requests]
+    assert [s.completion.token_ids for s in seqs] == alone

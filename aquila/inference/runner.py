@@ -8,18 +8,20 @@
   sequence whose chunk reached the end of its context: a request's first token comes out of the same step that
   read its last prompt chunk.
 
-`--compile` (`compile=True`): the cached forward runs under `torch.compile(dynamic=True)` for every step shape:
-decode rows only, prompt chunks only, and both together, at any number of rows, chunk width and cached length.
-Dynamo specialises a size of 1 (one row, a one-token chunk) and the group count (one or two groups), so these
-shapes take a few graphs, all within its recompile limit: tests/test_decode_scheduler.py runs a compiled batch
-with prompts joining running rows under `fail_on_recompile_limit_hit=True` (it fails instead of falling back to
-eager). What it does not cover: `decode_step` is compiled only by its callers (tests/test_cuda.py,
-bench/gpu_check_decode.py), at fixed shapes.
+`--compile` (`compile=True`): steps of decode rows only (the steady state of every stream) run the cached forward
+under `torch.compile(dynamic=True)`; steps that read prompt chunks run it eager, and the runner says so once per
+process in the log. Dynamo specialises every size of 0 or 1 (one row, a one-token chunk, one block, no logits
+row) and the group count, so the shapes a step with chunks takes (rows, width, blocks and sampled rows of two
+groups) would pass its recompile limit of 8 and fall back to eager anyway after minutes of compiling; decode-only
+steps take at most 4 graphs (one or more rows, one or more blocks). tests/test_decode_scheduler.py runs a
+compiled batch through every step shape under `fail_on_recompile_limit_hit=True`. `decode_step` is compiled only
+by its callers (tests/test_cuda.py, bench/gpu_check_decode.py), at fixed shapes.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
@@ -31,6 +33,8 @@ from aquila.inference.scheduler import StepPlan
 from aquila.inference.sequence import SequenceState, model_device
 from aquila.model import AquilaModel
 from aquila.model.aquila_model import CachedRows
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -119,7 +123,10 @@ class ModelRunner:
 
     def __init__(self, model: AquilaModel, pool: BlockPool, compile: bool = False) -> None:
         self.model, self.pool = model, pool
-        self.forward = compiled_forward_rows() if compile else forward_rows
+        self.forward = forward_rows  # steps with prompt chunks (and every step without `compile`)
+        self.decode_forward = compiled_forward_rows() if compile else None  # decode-only steps
+        if compile:
+            _say_once("--compile: decode-only steps run compiled; steps that read prompt chunks run eager")
 
     def execute(self, plan: StepPlan) -> list[tuple[SequenceState, str]]:
         """Run the plan's decode rows and prompt chunks in one forward; returns (sequence, new text) for each
@@ -135,7 +142,8 @@ class ModelRunner:
         if chunks:
             groups.append(([c.seq.table for c in chunks], [c.start for c in chunks], [c.ids for c in chunks]))
             ends.append([(i, len(chunks[i].ids) - 1) for i in last])
-        logits = self.forward(self.model, self.pool, groups, ends)
+        compiled = self.decode_forward is not None and not chunks
+        logits = (self.decode_forward if compiled else self.forward)(self.model, self.pool, groups, ends)
         for s in decode:
             s.cached += 1
         for c in chunks:
@@ -154,12 +162,19 @@ class ModelRunner:
         return [(s, s.accept(t, lp, top)) for s, t, lp, top in zip(seqs, tokens, lps, tops)]
 
 
-_COMPILED: dict[str, Callable] = {}
+_COMPILED: dict[str | Callable, Callable] = {}
+_SAID: set[str] = set()
 
 
-def compiled_forward_rows(backend: str = "inductor") -> Callable:
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        log.info(message)
+
+
+def compiled_forward_rows(backend: str | Callable = "inductor") -> Callable:
     """`forward_rows` with the model's cached forward under torch.compile (dynamic shapes; compiled once per
-    backend; tests use "eager", whose guards and recompiles are the same as inductor's)."""
+    backend; tests use "eager" or a counting backend, whose guards and recompiles are the same as inductor's)."""
     if backend not in _COMPILED:
         _COMPILED[backend] = torch.compile(_cached_forward, dynamic=True, backend=backend)
     return functools.partial(forward_rows, cached_forward=_COMPILED[backend])
