@@ -22,9 +22,9 @@ def test_a_long_prompt_is_read_in_chunks_while_running_rows_keep_decoding():
         out = batch.step()
         steps_until_second_speaks += 1
         assert any(seq is first for seq, _ in out)  # the running row got its token this step too
-    # ceil(30 / 8) = 4 chunks, each read in the same forward as the running row's token; the step after the last
-    # chunk samples the first token (right after that forward, so no later in time than reading it alone would be)
-    assert steps_until_second_speaks == 5
+    # ceil(30 / 8) = 4 chunks, each read in the same forward as the running row's token; the runner samples right
+    # after each forward, so the first token comes out of the step that read the last chunk (the 4th, not a 5th)
+    assert steps_until_second_speaks == 4
     while batch.seqs:
         batch.step()
     alone = [run(DecodeBatch(model, 1, 64), [r])[0].token_ids for r in (running, long)]
@@ -66,7 +66,8 @@ def test_a_joining_prompt_is_read_in_the_running_rows_forward():
     model.cached_forward = real
     # one forward per step: the 2 running rows' tokens and the joining row's chunk
     assert forwards == [[(2, 1), (1, 8)], [(2, 1), (1, 8)], [(2, 1), (1, 4)]]
-    assert joining.logits is not None and not joining.completion.token_ids
+    # sampled right after the forward that read its last chunk: its first token came out of the 3rd step
+    assert len(joining.completion.token_ids) == 1
     while batch.seqs:
         batch.step()
     alone = [run(DecodeBatch(model, 1, 64), [s.request])[0].token_ids for s in (*running, joining)]
@@ -126,7 +127,9 @@ def test_a_sequence_grows_block_by_block_and_cancel_returns_its_blocks():
     for _ in range(8):
         batch.step()
         held.append(len(seq.table.blocks))
-    assert held == [-(-(5 + k) // 4) for k in range(1, 9)]  # blocks for the positions written, no more
+    # blocks for the positions written, no more: step 1 reads the 5 prompt positions (and samples), each later
+    # step writes its newest token's position, so after step k 4 + k positions are written
+    assert held == [-(-(4 + k) // 4) for k in range(1, 9)]
     batch.cancel(seq, "cancelled")
     assert pool.used_blocks == 0 and seq.completion.finish_reason == "cancelled"
 

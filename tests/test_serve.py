@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from aquila.inference.generate import DecodeBatch
 from aquila.inference.sampling import SamplingParams
 from aquila.serve.app import ServerLimits, create_app, iter_sse
-from aquila.serve.engine import Handoff
+from aquila.serve.engine import Engine, Job
+from aquila.serve.frontend import Handoff
 from aquila.serve.openai_routes import PieceEvents, sse
-from aquila.serve.scheduler import Job, Scheduler, admit
 from tests.test_inference import load_predictor, single_thread, write_checkpoint
 
 LIMITS = ServerLimits(
@@ -108,10 +108,10 @@ def test_flagai_func_and_stream_func(client):
     chat = client.post("/func", json=json.dumps({**payload, "sft": True, "history": [["HUMAN", "hi"], ["ASSISTANT", "hello"]]}))  # fmt: skip
     assert chat.status_code == 200
     scored = client.post("/func", json=json.dumps({"prompt": "北京是中国", "max_new_tokens": 0})).json()
-    ids = client.app.state.engine.predictor.encode_prompt("北京是中国")
+    ids = client.app.state.frontend.predictor.encode_prompt("北京是中国")
     assert scored["completions"][0]["text"] == "" and len(scored["completions"][0]["logprobs"]) == len(ids) - 1
     with torch.no_grad():
-        logits = client.app.state.engine.predictor.model(torch.tensor([ids]))["logits"][0]
+        logits = client.app.state.frontend.predictor.model(torch.tensor([ids]))["logits"][0]
     expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
     torch.testing.assert_close(torch.tensor(scored["completions"][0]["logprobs"]), expected, atol=1e-5, rtol=0)
     r = client.post("/stream_func", json=json.dumps(payload))
@@ -161,10 +161,10 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(client, path, body, s
 
 
 @contextlib.contextmanager
-def model_thread_blocked(engine):
-    """Hold the scheduler's thread (a call that waits), so that requests pile up in its queue."""
+def model_thread_blocked(frontend):
+    """Hold the engine's thread (a call that waits), so that requests pile up in its queue."""
     release = threading.Event()
-    engine.scheduler.call(release.wait)
+    frontend.engine.call(release.wait)
     try:
         yield
     finally:
@@ -182,14 +182,6 @@ def wait_for(condition, timeout: float = 20) -> bool:
     while not condition() and time.time() < deadline:
         time.sleep(0.02)
     return condition()
-
-
-def test_admit_is_oldest_first_within_free_rows_and_expires_old_jobs():
-    jobs = [Job(None, lambda kind, value: None, 10.0, submitted=t) for t in (0.0, 5.0, 8.0, 9.0)]
-    jobs[2].cancel()
-    start, expired = admit(jobs, free_rows=1, now=10.5, queue_timeout_s=6.0)
-    assert start == [jobs[1]] and expired == [jobs[0]]
-    assert admit(jobs, free_rows=5, now=10.5, queue_timeout_s=60) == ([jobs[0], jobs[1], jobs[3]], [])
 
 
 def test_concurrent_requests_each_give_their_solo_output(predictor):
@@ -213,15 +205,15 @@ def test_concurrent_requests_each_give_their_solo_output(predictor):
 
         return emit
 
-    scheduler = Scheduler(DecodeBatch(predictor.model, 3, 96, predictor.tokenizer, prefill_tokens=4), 60.0)
+    engine = Engine(DecodeBatch(predictor.model, 3, 96, predictor.tokenizer, prefill_tokens=4, queue_timeout_s=60.0))
     try:
         for i, r in enumerate(requests):
-            scheduler.submit(Job(r, emitter(i), 60.0))
+            engine.submit(Job(r, emitter(i), 60.0))
             time.sleep(0.01 * (i % 3))  # some join while others run
         for _ in requests:
             assert done.acquire(timeout=120)
     finally:
-        scheduler.stop()
+        engine.stop()
     for got, want in zip(events, expected):
         assert got[0] == ("started", None) and got[-1][0] == "done"
         completion = got[-1][1]
@@ -230,7 +222,7 @@ def test_concurrent_requests_each_give_their_solo_output(predictor):
 
 
 def test_handoff_delivers_a_steps_pieces_of_all_rows_with_one_wakeup_in_order(predictor):
-    """The engine's hand-off: every row's events of a step reach their asyncio queues with one
+    """The front's hand-off: every row's events of a step reach their asyncio queues with one
     `call_soon_threadsafe` per step; each request's events stay in order and give its solo output."""
     texts = ["Hello", "北京是中国的首都，也是", "The quick brown fox", "x y z"]
     requests = [predictor.request(predictor.encode_prompt(t), 10, SamplingParams(temperature=0)) for t in texts]
@@ -247,18 +239,18 @@ def test_handoff_delivers_a_steps_pieces_of_all_rows_with_one_wakeup_in_order(pr
         loop.call_soon_threadsafe = counted
         queues = [asyncio.Queue() for _ in requests]
         batch = DecodeBatch(predictor.model, len(requests), 96, predictor.tokenizer)
-        scheduler = Scheduler(batch, 60.0, flush=handoff.flush)
+        engine = Engine(batch, flush=handoff.flush)
         try:
-            with scheduler._wake:  # all admitted in the same step, so that they decode side by side
+            with engine._wake:  # all admitted in the same step, so that they decode side by side
                 for r, q in zip(requests, queues):
-                    scheduler.waiting.append(Job(r, handoff.emitter(loop, q), 60.0))
-                scheduler._wake.notify()
+                    engine.waiting.append(Job(r, handoff.emitter(loop, q), 60.0))
+                engine._wake.notify()
             events: list[list] = [[] for _ in requests]
             for got, q in zip(events, queues):
                 while not got or got[-1][0] in ("started", "piece"):
                     got.append(await asyncio.wait_for(q.get(), 60))
         finally:
-            scheduler.stop()
+            engine.stop()
         return events, wakeups
 
     events, wakeups = asyncio.run(run())
@@ -271,7 +263,7 @@ def test_handoff_delivers_a_steps_pieces_of_all_rows_with_one_wakeup_in_order(pr
 
 
 def test_handoff_flush_returns_once_the_loop_ran_the_woken_tasks_or_after_wait_s():
-    """flush() (scheduler thread) returns after the event loop has put the events and run the task they woke; a
+    """flush() (engine thread) returns after the event loop has put the events and run the task they woke; a
     blocked loop delays it by at most wait_s."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -360,29 +352,29 @@ def test_piece_events_are_byte_for_byte_the_full_serialisation():
 
 def test_time_limit_and_cancellation_end_a_running_request(predictor):
     events: dict[str, list] = {"slow": [], "gone": []}
-    scheduler = Scheduler(DecodeBatch(predictor.model, 2, 96, predictor.tokenizer), 60.0)
+    engine = Engine(DecodeBatch(predictor.model, 2, 96, predictor.tokenizer, queue_timeout_s=60.0))
     try:
         request = predictor.request(predictor.encode_prompt("Hello"), 80, SamplingParams(temperature=0))
         slow = Job(request, lambda kind, value: events["slow"].append((kind, value)), max_time_s=0.0)
         gone = Job(request, lambda kind, value: events["gone"].append((kind, value)), max_time_s=60.0)
-        scheduler.submit(slow)
-        scheduler.submit(gone)
+        engine.submit(slow)
+        engine.submit(gone)
         assert wait_for(lambda: ("started", None) in events["gone"])
         gone.cancel()
-        assert wait_for(lambda: scheduler.counts == (0, 0))
+        assert wait_for(lambda: engine.counts == (0, 0))
     finally:
-        scheduler.stop()
+        engine.stop()
     for name, reason in (("slow", "length"), ("gone", "cancelled")):
         kind, completion = events[name][-1]
         assert kind == "done" and completion.finish_reason == reason and len(completion.token_ids) < 80
-    assert scheduler.batch.pool.used_blocks == 0  # both returned their KV blocks
+    assert engine.batch.pool.used_blocks == 0  # both returned their KV blocks
 
 
 def test_a_failing_step_fails_its_requests_and_returns_their_blocks(predictor):
     events: list = []
     batch = DecodeBatch(predictor.model, 2, 96, predictor.tokenizer)
     calls = []
-    real = batch.forward
+    real = batch.runner.forward
 
     def failing(*a, **k):  # the prompt is read, then the first decode step fails
         calls.append(1)
@@ -390,27 +382,27 @@ def test_a_failing_step_fails_its_requests_and_returns_their_blocks(predictor):
             raise RuntimeError("device lost")
         return real(*a, **k)
 
-    batch.forward = failing
-    scheduler = Scheduler(batch, 60.0)
+    batch.runner.forward = failing
+    engine = Engine(batch)
     try:
         request = predictor.request(predictor.encode_prompt("Hello"), 20, SamplingParams(temperature=0))
-        scheduler.submit(Job(request, lambda kind, value: events.append((kind, value)), max_time_s=60.0))
+        engine.submit(Job(request, lambda kind, value: events.append((kind, value)), max_time_s=60.0))
         assert wait_for(lambda: events and events[-1][0] == "error")
-        assert wait_for(lambda: scheduler.counts == (0, 0))
+        assert wait_for(lambda: engine.counts == (0, 0))
     finally:
-        scheduler.stop()
+        engine.stop()
     assert str(events[-1][1]) == "device lost"
     assert batch.pool.used_blocks == 0
 
 
 def test_busy_server_answers_429_and_503(live_server):
     app, url = live_server  # max_batch 2 + max_queue 1; queue timeout 1 s
-    engine = app.state.engine
+    frontend = app.state.frontend
     body = {"prompt": "hi", "max_tokens": 2, "temperature": 0}
     results: list = []
-    with model_thread_blocked(engine):
+    with model_thread_blocked(frontend):
         threads = [post_in_thread(f"{url}/v1/completions", body, results) for _ in range(3)]
-        assert wait_for(lambda: engine.scheduler.counts[1] == 3)
+        assert wait_for(lambda: frontend.engine.counts[1] == 3)
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "rate_limit_error"
@@ -426,14 +418,14 @@ def test_busy_server_answers_429_and_503(live_server):
 
 def test_client_disconnect_frees_the_row_within_a_step(live_server):
     app, url = live_server
-    engine = app.state.engine
+    frontend = app.state.frontend
     body = {"prompt": "Hello", "max_tokens": 40, "temperature": 1.0, "top_k": 0, "stream": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
                 break
-        assert engine.scheduler.counts[0] == 1
-    assert wait_for(lambda: engine.scheduler.counts == (0, 0), timeout=10)
+        assert frontend.engine.counts[0] == 1
+    assert wait_for(lambda: frontend.engine.counts == (0, 0), timeout=10)
 
 
 def test_metrics_are_prometheus_text(live_server):
@@ -455,7 +447,7 @@ def test_metrics_report_kv_blocks_and_a_repeated_prompt_hits_the_prefix_cache(li
     from prometheus_client.parser import text_string_to_metric_families
 
     app, url = live_server
-    pool = app.state.engine.scheduler.batch.pool
+    pool = app.state.frontend.engine.batch.pool
 
     def metrics() -> dict[str, float]:
         families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
@@ -473,7 +465,7 @@ def test_metrics_report_kv_blocks_and_a_repeated_prompt_hits_the_prefix_cache(li
 
 
 def test_requests_are_counted_by_route_and_status_streamed_or_not(app, client):
-    registry = app.state.engine.metrics.registry
+    registry = app.state.frontend.metrics.registry
 
     def count(path, status):
         return registry.get_sample_value("aquila_requests_total", {"path": path, "status": status}) or 0
@@ -566,13 +558,13 @@ def test_official_openai_client(live_server, predictor):
 
 
 def test_engine_reports_its_kv_cache_memory(app):
-    engine = app.state.engine
-    args = engine.predictor.model.args
+    frontend = app.state.frontend
+    args = frontend.predictor.model.args
     per_position = args.n_layers * 2 * args.kv_heads * args.head_dim * 4  # fp32 k and v
-    assert engine.max_len == min(args.max_seq_len, LIMITS.max_prompt_tokens + LIMITS.max_new_tokens)
-    pool = engine.scheduler.batch.pool  # --max-batch whole contexts in blocks, and the scratch block
-    assert pool.blocks == -(-LIMITS.max_batch * engine.max_len // pool.block_size)
-    assert engine.cache_bytes() == (pool.blocks + 1) * pool.block_size * per_position
+    assert frontend.max_len == min(args.max_seq_len, LIMITS.max_prompt_tokens + LIMITS.max_new_tokens)
+    pool = frontend.engine.batch.pool  # --max-batch whole contexts in blocks, and the scratch block
+    assert pool.blocks == -(-LIMITS.max_batch * frontend.max_len // pool.block_size)
+    assert frontend.cache_bytes() == (pool.blocks + 1) * pool.block_size * per_position
 
 
 def test_serve_verb_rejects_bad_limits(tmp_path, capsys):
@@ -632,10 +624,10 @@ def test_serve_main_packs_for_batches_and_freezes_the_loaded_objects(tmp_path, m
         assert main(["--model-dir", str(ckpt.parent), "--model-name", ckpt.name]) == 0
     finally:
         gc.unfreeze()
-    engine = started["app"].state.engine
+    frontend = started["app"].state.frontend
     try:
         assert started["frozen"] > 10_000
-        packed = any(isinstance(m, PackedLinear) for m in engine.predictor.model.modules())
+        packed = any(isinstance(m, PackedLinear) for m in frontend.predictor.model.modules())
         assert packed == packing_available()
     finally:
-        engine.close()
+        frontend.close()

@@ -62,7 +62,7 @@ def server(predictor):
 
 
 def finished(app, reason: str) -> float:
-    registry = app.state.engine.metrics.registry
+    registry = app.state.frontend.metrics.registry
     return registry.get_sample_value("aquila_finished_requests_total", {"reason": reason}) or 0
 
 
@@ -206,49 +206,49 @@ def test_queued_clients_that_leave_stop_counting_and_never_run(server, stream):
     counting as waiting at once, a live client is admitted rather than refused with 429, and the ones that left
     never generate a token."""
     app, port = server
-    engine = app.state.engine
+    frontend = app.state.frontend
     body = json.dumps({"prompt": "Hello", "max_tokens": 30, "temperature": 0, "stream": stream}).encode()
     request = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)  # fmt: skip
     cancelled = finished(app, "cancelled")
-    tokens = engine.metrics.registry.get_sample_value("aquila_generated_tokens_total") or 0
-    with model_thread_blocked(engine):
+    tokens = frontend.metrics.registry.get_sample_value("aquila_generated_tokens_total") or 0
+    with model_thread_blocked(frontend):
         socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
         for s in socks:
             s.sendall(request)
-        assert wait_for(lambda: engine.scheduler.counts[1] == 3, timeout=10)
+        assert wait_for(lambda: frontend.engine.counts[1] == 3, timeout=10)
         for s in socks:
             s.close()
-        assert wait_for(lambda: engine.scheduler.counts[1] == 0, timeout=5)
+        assert wait_for(lambda: frontend.engine.counts[1] == 0, timeout=5)
         results: list = []
         live = threading.Thread(target=lambda: results.append(httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 2, "temperature": 0}, timeout=60)))  # fmt: skip
         live.start()
-        assert wait_for(lambda: engine.scheduler.counts[1] == 1, timeout=10)
+        assert wait_for(lambda: frontend.engine.counts[1] == 1, timeout=10)
     live.join(timeout=60)
     assert results[0].status_code == 200
     assert wait_for(lambda: finished(app, "cancelled") == cancelled + 3, timeout=10)
-    generated = engine.metrics.registry.get_sample_value("aquila_generated_tokens_total") - tokens
+    generated = frontend.metrics.registry.get_sample_value("aquila_generated_tokens_total") - tokens
     assert generated == results[0].json()["usage"]["completion_tokens"]  # only the live client's
 
 
 def test_a_running_plain_request_whose_client_left_frees_its_row(server, monkeypatch):
     """A non-streaming request ends (finish "cancelled") within a step of its client hanging up."""
     app, port = server
-    engine = app.state.engine
-    real_step = engine.scheduler.batch.step
+    frontend = app.state.frontend
+    real_execute = frontend.engine.batch.execute
 
-    def slow_step():
+    def slow_execute(plan):
         time.sleep(0.05)  # 40 tokens take 2 s: long enough to hang up in the middle
-        return real_step()
+        return real_execute(plan)
 
-    monkeypatch.setattr(engine.scheduler.batch, "step", slow_step)
+    monkeypatch.setattr(frontend.engine.batch, "execute", slow_execute)
     cancelled = finished(app, "cancelled")
     body = json.dumps({"prompt": "Hello", "max_tokens": 40, "temperature": 1.0, "top_k": 0}).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
-        assert wait_for(lambda: engine.scheduler.counts[0] == 1, timeout=10)
-    assert wait_for(lambda: engine.scheduler.counts == (0, 0), timeout=1.5)
+        assert wait_for(lambda: frontend.engine.counts[0] == 1, timeout=10)
+    assert wait_for(lambda: frontend.engine.counts == (0, 0), timeout=1.5)
     assert finished(app, "cancelled") == cancelled + 1
-    assert engine.scheduler.batch.pool.used_blocks == 0  # its KV blocks went back with it
+    assert frontend.engine.batch.pool.used_blocks == 0  # its KV blocks went back with it
 
 
 def test_metrics_count_cancelled_streams_apart_from_completed_ones(server):
@@ -318,14 +318,14 @@ def test_bodies_that_gave_500_get_400_naming_the_field(client, path, body, messa
 
 
 def test_server_errors_are_counted_and_in_openai_shape(client, monkeypatch):
-    engine = client.app.state.engine
-    registry = engine.metrics.registry
+    frontend = client.app.state.frontend
+    registry = frontend.metrics.registry
 
     def boom():
         raise RuntimeError("bug")
 
     before = registry.get_sample_value("aquila_requests_total", {"path": "/health", "status": "500"}) or 0
-    monkeypatch.setattr(engine, "health", boom)
+    monkeypatch.setattr(frontend, "health", boom)
     r = client.get("/health")
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     assert registry.get_sample_value("aquila_requests_total", {"path": "/health", "status": "500"}) == before + 1
@@ -403,11 +403,11 @@ def test_presence_and_frequency_penalties(client, predictor):
 
 
 def test_prompt_plus_max_tokens_beyond_the_context_is_400(client, predictor):
-    engine = client.app.state.engine  # max_len = min(max_seq_len 96, 80 + 40)
+    frontend = client.app.state.frontend  # max_len = min(max_seq_len 96, 80 + 40)
     ids = [5] * 60
     r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 40})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-    assert f"is above this server's context of {engine.max_len} tokens" in r.json()["error"]["message"]
+    assert f"is above this server's context of {frontend.max_len} tokens" in r.json()["error"]["message"]
     chat = {"messages": [{"role": "user", "content": "word " * 50}], "max_tokens": 40}
     assert client.post("/v1/chat/completions", json=chat).json()["error"]["code"] == "context_length_exceeded"
     limits = ServerLimits(max_prompt_tokens=200, max_new_tokens=40, max_batch=1)  # prompts may fill the context
@@ -433,7 +433,7 @@ def test_serve_rejects_a_port_out_of_range_in_one_line(tmp_path, capsys, monkeyp
 
     ckpt = write_checkpoint(tmp_path)
     runs: list = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: runs.append(kw) or app.state.engine.close())
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: runs.append(kw) or app.state.frontend.close())
     assert cli_main(["serve", "--model-dir", str(ckpt.parent), "--model-name", ckpt.name, "--port", "99999"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --port must be in 0..65535, got 99999"] and not runs

@@ -5,8 +5,9 @@ text prompt is encoded as `[BOS] + tokenizer.encode(text)` (FlagAI omitted the B
 `[BOS] + encode(render_prompt(messages))`, the same template and BOS rule as SFT training. `prompts_tokens` are
 used exactly as given. Generation ends at EOS (`</s>`) or unk/pad (id 0), like FlagAI, or at a stop string.
 
-Every method builds `Request`s and decodes them with the core (`aquila.inference.generate`). A Predictor uses the
-model's KV cache: one thread at a time (the server's scheduler owns the model instead).
+Every method builds `Request`s and decodes them with the core (`aquila.inference.generate.DecodeBatch`), each call
+in a KV block pool of its own; the model is shared, so one thread at a time (the server's engine thread owns the
+model instead).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from aquila.inference.generate import (
     model_device,
     run,
 )
-from aquila.inference.generate import Sequence as DecodingSequence
 from aquila.inference.kv_cache import BlockPool
 from aquila.inference.sampling import SamplingParams
+from aquila.inference.sequence import SequenceState
 from aquila.inference.text import TextAssembler
 from aquila.typed_config import is_int
 
@@ -39,7 +40,7 @@ __all__ = ["Completion", "Predictor", "Request", "TextAssembler", "TextStream", 
 class TextStream:
     """Iterate for text pieces; afterwards `completion` holds the finish reason, ids and full text."""
 
-    def __init__(self, batch: DecodeBatch, seq: DecodingSequence) -> None:
+    def __init__(self, batch: DecodeBatch, seq: SequenceState) -> None:
         self._batch, self._seq = batch, seq
         self._steps = self._run()
 

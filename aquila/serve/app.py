@@ -4,9 +4,10 @@ Endpoints: OpenAI-compatible `/v1/completions`, `/v1/chat/completions`, `/v1/mod
 `/func` and `/stream_func` (`flagai_routes`); the chat page at `/` (`page`); `/health` (running and waiting
 requests) and `/metrics` (Prometheus text).
 
-Requests are decoded together by one scheduler thread (continuous batching, `scheduler`): up to `--max-batch`
-run at once and `--max-queue` wait; beyond that 429 with Retry-After, and a request that waits longer than
-`--queue-timeout` gets 503. Every error body has OpenAI's shape, and the server keeps serving.
+Requests are checked and queued by the front (`frontend.Frontend`) and decoded together by one engine thread that
+owns the model (continuous batching, `engine.Engine`, each step planned by the decode scheduler and run as one
+forward): up to `--max-batch` run at once and `--max-queue` wait; beyond that 429 with Retry-After, and a request
+that waits longer than `--queue-timeout` gets 503. Every error body has OpenAI's shape, and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
 from aquila.inference.predictor import Predictor
-from aquila.serve.engine import Engine, ServerLimits
 from aquila.serve.errors import install_error_handlers
 from aquila.serve.flagai_routes import add_flagai_routes
+from aquila.serve.frontend import Frontend, ServerLimits
 from aquila.serve.metrics import ServeMetrics
 from aquila.serve.openai_routes import add_openai_routes
 from aquila.serve.page import add_chat_page
@@ -65,30 +66,30 @@ class CountRequests:
 
 
 def create_app(predictor: Predictor, limits: ServerLimits | None = None, model_name: str = "aquila") -> FastAPI:
-    engine = Engine(predictor, limits or ServerLimits(), model_name)
+    frontend = Frontend(predictor, limits or ServerLimits(), model_name)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        engine.close()
+        frontend.close()
 
     app = FastAPI(title="aquila", version="1", lifespan=lifespan)
-    app.state.engine = engine
+    app.state.frontend = frontend
     install_error_handlers(app)
 
-    app.add_middleware(CountRequests, metrics=engine.metrics)
+    app.add_middleware(CountRequests, metrics=frontend.metrics)
 
     @app.get("/health")
     async def health():
-        return engine.health()
+        return frontend.health()
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
     async def metrics():
-        body = engine.metrics.render(*engine.scheduler.counts)
+        body = frontend.metrics.render(*frontend.engine.counts)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    add_openai_routes(app, engine)
-    add_flagai_routes(app, engine)
+    add_openai_routes(app, frontend)
+    add_flagai_routes(app, frontend)
     add_chat_page(app)
     return app
 
@@ -149,9 +150,9 @@ def main(argv: list[str]) -> int:
     app = create_app(
         load_predictor(args, rows=args.max_batch), limits, model_name=args.served_model_name or args.model_name
     )
-    engine = app.state.engine
+    frontend = app.state.frontend
     print(
-        f"KV cache: {limits.max_batch} rows x {engine.max_len} positions = {engine.cache_bytes() / 2**30:.2f} GiB"
+        f"KV cache: {limits.max_batch} rows x {frontend.max_len} positions = {frontend.cache_bytes() / 2**30:.2f} GiB"
         " (lower --max-batch or --max-prompt-tokens/--max-new-tokens to use less)"
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):

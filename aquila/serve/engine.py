@@ -1,263 +1,226 @@
-"""The serving engine: limits, admission (429/503), request checks, and the scheduler that owns the model."""
+"""The engine: one thread owns the model and decodes every admitted request together (continuous batching).
+
+HTTP handlers (`frontend.Frontend`) only `submit` jobs and read their events. Each step the engine thread
+1. hands newly submitted jobs to the decode batch's scheduler, and drops waiting jobs whose client has gone;
+2. ends running jobs that were cancelled (client gone) or ran past their time limit, returning their blocks;
+3. asks the decode scheduler for the step's plan (`DecodeBatch.schedule`): jobs that waited past the queue
+   timeout expire (event "error", 503), waiting jobs get a row while rows and KV blocks allow (event "started");
+4. runs the plan (`DecodeBatch.execute`): one forward for every running row's newest token and a chunk of the
+   prompts being read, then a token for each row that forward made due (a request's first token comes out of
+   the step that read the end of its prompt);
+5. hands each job its new text (event "piece") and, when it has finished, its completion (event "done").
+
+Jobs' `emit` runs on the engine thread; `flush` (if given) runs after the events of each admission and each
+step, so an emitter may collect a step's events and hand them to another thread at once (`frontend.Handoff`:
+one event-loop wake-up per step instead of one per piece).
+
+Requests join and leave at step boundaries; a long prompt is read in chunks of `prefill_tokens`, so running
+streams keep going; when the KV pool runs out a request waits for blocks instead of failing. A request's output
+does not depend on its neighbours (`aquila.inference.generate`).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.requests import ClientDisconnect
-from starlette.requests import Request as HttpRequest
+from aquila.inference.generate import DecodeBatch, Request
+from aquila.inference.sequence import SequenceState
 
-from aquila.inference.generate import Completion, DecodeBatch, Request
-from aquila.inference.predictor import Predictor
-from aquila.serve.errors import ApiError
-from aquila.serve.metrics import ServeMetrics
-from aquila.serve.scheduler import Emit, Job, QueueTimeout, Scheduler
-from aquila.typed_config import is_int
+# emit(kind, value): kind is "started", "piece" (text), "tokens" (with logprobs: how many generated so far), "done"
+# (Completion) or "error" (an exception).
+Emit = Callable[[str, Any], None]
 
 
-@dataclass(frozen=True)
-class ServerLimits:
-    max_prompt_tokens: int = 2048  # also capped by the model's max_seq_len - 1
-    max_new_tokens: int = 1024
-    max_batch: int = 16  # requests decoding together (cache rows)
-    max_queue: int = 16  # requests waiting for a row; more get 429
-    queue_timeout_s: float = 60.0  # waiting longer for a row gets 503
-    max_time_s: float = 120.0  # a generation stops (finish_reason "length") after this long
-    max_body_bytes: int = 1 << 20  # reading stops there: 413
-    prefill_tokens: int = 256  # prompt tokens read per step: a long prompt is read in chunks between decode steps
-    read_timeout_s: float = 15.0  # for a request's head (from connect or the previous response), and for its body
-    max_connections: int = 512  # open connections; also kept below the open-file limit (connections.connection_cap)
+@dataclass(eq=False)
+class Job:
+    request: Request
+    emit: Emit
+    max_time_s: float
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: float | None = None
+    last_token: float | None = None  # when its latest token was generated
+    tokens: int = 0
+    seq: SequenceState | None = None  # once handed to the decode batch
+
+    def cancel(self) -> None:
+        """Thread-safe: the engine frees the job's row (or drops it from the queue) at its next step."""
+        self.cancelled.set()
 
 
-Event = tuple[str, Any]
-
-
-class Handoff:
-    """Scheduler-thread events to the requests' asyncio queues, handed over once per scheduler step.
-
-    `emit` only appends (scheduler thread); the scheduler calls `flush` after each admission and each step, which
-    hands each event loop all of its events with one `call_soon_threadsafe`: one wake-up of the loop per step for
-    all rows, not one per text piece. Both run on the scheduler thread only, so the pending list needs no lock.
-
-    `flush` then waits (at most `wait_s`) until each loop has run the tasks those events woke, i.e. written the
-    step's chunks to the sockets, so that the loop's work runs between two model steps instead of preempting one of
-    the model's OpenMP threads in the middle of the next (a stalled thread stalls the whole matmul). Paired runs on
-    2 cores: about 10% less server CPU per token with 16 streaming clients and 20% with one.
-    """
-
-    def __init__(self, wait_s: float = 0.02) -> None:
-        self.wait_s = wait_s  # a busy event loop delays the next step by at most this
-        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
-
-    def emitter(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Emit:
-        def emit(kind: str, value: Any) -> None:
-            self._pending.setdefault(loop, []).append((queue, (kind, value)))
-
-        return emit
-
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, {}
-        delivered = []
-        for loop, events in pending.items():
-            done = threading.Event()
-            with contextlib.suppress(RuntimeError):  # the event loop has closed (server shutting down)
-                loop.call_soon_threadsafe(deliver, events, done)
-                delivered.append(done)
-        deadline = time.monotonic() + self.wait_s
-        for done in delivered:
-            done.wait(max(0.0, deadline - time.monotonic()))
-
-
-def deliver(events: list[tuple[asyncio.Queue, Event]], done: threading.Event) -> None:
-    """On the event loop: each event into its request's queue, in the order the scheduler emitted them; `done` is
-    set once the tasks these woke have run (their callbacks were scheduled first)."""
-    for queue, event in events:
-        queue.put_nowait(event)
-    asyncio.get_running_loop().call_soon(done.set)
-
-
-async def until_disconnected(request: HttpRequest) -> None:
-    """Returns when the client has gone (the body must have been read: later messages are only the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+class QueueTimeout(Exception):
+    """A job waited longer than the queue timeout for a free row."""
 
 
 class Engine:
-    def __init__(self, predictor: Predictor, limits: ServerLimits, model_name: str) -> None:
-        self.predictor, self.limits, self.model_name = predictor, limits, model_name
-        args = predictor.model.args
-        self.max_len = min(args.max_seq_len, limits.max_prompt_tokens + limits.max_new_tokens)
-        batch = DecodeBatch(
-            predictor.model,
-            limits.max_batch,
-            self.max_len,
-            predictor.tokenizer,
-            limits.prefill_tokens,
-            predictor.compile,
-        )
-        self.metrics = ServeMetrics()
-        self.metrics.pool = batch.pool
-        self.handoff = Handoff()
-        self.scheduler = Scheduler(
-            batch,
-            limits.queue_timeout_s,
-            on_token=self.metrics.token,
-            flush=self.handoff.flush,
-            on_end=self.metrics.ended,
-        )
+    """The model's thread: jobs in, one `DecodeBatch` step at a time, events out. Admission, expiry and capacity
+    are the decode batch's scheduler's (its `queue_timeout_s` and `max_waiting`)."""
 
-    def cache_bytes(self) -> int:
-        """Memory of the KV block pool (--max-batch x min(max_seq_len, prompt + new) positions, in blocks)."""
-        return self.scheduler.batch.pool.nbytes()
+    def __init__(
+        self,
+        batch: DecodeBatch,
+        on_token: Callable[[Job, float], None] | None = None,
+        flush: Callable[[], None] | None = None,
+        on_end: Callable[[Job, str], None] | None = None,
+    ) -> None:
+        self.batch = batch
+        self.on_end = on_end  # metrics hook: (job, how it ended: stop, length, cancelled, queue_timeout, error)
+        self.on_token = on_token  # metrics hook, called with (job, now) before job.last_token moves to now
+        self.flush = flush  # called on this thread after each batch of emits (see the module docstring)
+        self.waiting: deque[Job] = deque()  # submitted, without a row yet (handed to the batch or not)
+        self.running: dict[SequenceState, Job] = {}
+        self._queued: dict[SequenceState, Job] = {}  # handed to the batch, waiting there for a row
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="aquila-engine", daemon=True)
+        self._thread.start()
 
-    def close(self) -> None:
-        self.scheduler.stop()
+    # --- called from other threads ---------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            self.waiting.append(job)
+            self._wake.notify()
 
-    # --- checks ----------------------------------------------------------------------------------------------
-    def check_model(self, body: dict) -> None:
-        name = body.get("model")
-        if name is not None and name != self.model_name:
-            message = f"the model {name!r} does not exist; this server serves {self.model_name!r}"
-            raise ApiError(404, message, code="model_not_found")
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run fn on the model's thread between two steps (scoring); returns its future."""
+        future: Future = Future()
+        with self._wake:
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future
 
-    def check_prompt(self, ids: list[int]) -> list[int]:
-        limit = min(self.limits.max_prompt_tokens, self.max_len - 1)
-        if len(ids) > limit:
-            raise ApiError(400, f"prompt has {len(ids)} tokens; the limit is {limit}", code="context_length_exceeded")
-        return ids
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
 
-    def check_max_tokens(self, value: Any, default: int, minimum: int = 1) -> int:
-        if value is None:
-            return default
-        if not is_int(value, minimum):
-            raise ApiError(400, f"max_tokens must be an integer >= {minimum}, got {value!r}")
-        if value > self.limits.max_new_tokens:
-            raise ApiError(400, f"max_tokens {value} is above this server's limit of {self.limits.max_new_tokens}")
-        return value
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting); a waiting job whose client has gone no longer counts (it leaves at the next step)."""
+        return len(self.running), sum(not j.cancelled.is_set() for j in list(self.waiting))
 
-    def check_context(self, prompt_tokens: int, max_tokens: int) -> None:
-        """A prompt plus max_tokens beyond the context is a 400, as OpenAI's (not a silently shorter answer)."""
-        if prompt_tokens + max_tokens > self.max_len:
-            message = (
-                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {prompt_tokens + max_tokens} is above"
-                f" this server's context of {self.max_len} tokens"
-            )
-            raise ApiError(400, message, code="context_length_exceeded")
+    def accepts(self) -> bool:
+        """Room for one more request (the server's 429 otherwise): the decode scheduler's rows + max_waiting."""
+        return self.batch.scheduler.accepts(*self.counts)
 
-    async def read_body(self, request: HttpRequest) -> bytes:
-        """The body, read until `max_body_bytes` and no further (413: a 1 GiB upload costs 1 MiB, not 1 GiB) and
-        within `read_timeout_s` (408)."""
-        limit = self.limits.max_body_bytes
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            raise ApiError(413, f"request body of {int(length)} bytes is above the limit of {limit}")
-        chunks: list[bytes] = []
-        size = 0
+    @property
+    def queue_timeout_s(self) -> float | None:
+        return self.batch.scheduler.queue_timeout_s
 
-        async def read() -> None:
-            nonlocal size
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise ApiError(413, f"request body of over {limit} bytes is above the limit of {limit}")
-                chunks.append(chunk)
+    # --- the model thread ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self.waiting or self.running or self._calls or self._stopping):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, future in calls:
+                self._run_call(fn, future)
+            try:
+                self._step()
+            except Exception as e:  # a failed step fails its jobs, not the server
+                failed = list(self.running.values()) or list(self._queued.values())  # never spin on one error
+                for job in failed:
+                    self._end(job, error=e)
+            self._flush()
+        for job in [*self.waiting, *self.running.values()]:
+            job.emit("error", RuntimeError("server shutting down"))
+        self._flush()
 
-        try:
-            await asyncio.wait_for(read(), self.limits.read_timeout_s)
-        except TimeoutError:
-            raise ApiError(408, f"request body not received within {self.limits.read_timeout_s:g} s") from None
-        return b"".join(chunks)
+    def _flush(self) -> None:
+        if self.flush is not None:
+            self.flush()
 
     @staticmethod
-    async def while_connected(request: HttpRequest, awaitable: Any) -> Any:
-        """Await `awaitable` (a request's generation, its wait for a row) unless the client leaves first: then it is
-        cancelled, which frees its row or queue place at the scheduler's next step, and ClientDisconnect is raised.
-        A handler is not cancelled when its client goes (Starlette only notices at the next write), so without this
-        a non-streaming request decodes to its end for nobody and a queued one keeps its place."""
-        work = asyncio.ensure_future(awaitable)
-        gone = asyncio.ensure_future(until_disconnected(request))
+    def _run_call(fn: Callable[[], Any], future: Future) -> None:
         try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not work.done():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await work
-            gone.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await gone
-        if work.cancelled():
-            raise ClientDisconnect()
-        return work.result()
+            future.set_result(fn())
+        except Exception as e:
+            future.set_exception(e)
 
-    # --- running requests ------------------------------------------------------------------------------------
-    def admit(self) -> None:
-        running, waiting = self.scheduler.counts
-        capacity = self.limits.max_batch + self.limits.max_queue
-        if running + waiting >= capacity:
-            message = f"too many requests: {running} running and {waiting} waiting (limit {capacity})"
-            raise ApiError(429, message, "rate_limit_error")
+    def _unqueue(self, job: Job) -> None:
+        with self._wake:
+            if job in self.waiting:
+                self.waiting.remove(job)
+        if job.seq is not None:
+            self._queued.pop(job.seq, None)
 
-    async def start(self, request: Request) -> tuple[Job, asyncio.Queue]:
-        """Queue a request and wait until it has a row (429 when full, 503 after the queue timeout)."""
-        self.admit()
-        queue: asyncio.Queue = asyncio.Queue()
-        job = Job(request, self.handoff.emitter(asyncio.get_running_loop(), queue), self.limits.max_time_s)
-        self.scheduler.submit(job)
-        try:
-            kind, value = await queue.get()
-        except asyncio.CancelledError:
-            job.cancel()
-            raise
-        if kind == "error":
-            if isinstance(value, QueueTimeout):
-                raise ApiError(503, f"server busy: {value}", "server_error")
-            raise value
-        return job, queue
+    def _step(self) -> None:
+        now = time.monotonic()
+        with self._wake:
+            waiting = list(self.waiting)
+        for job in waiting:
+            if job.cancelled.is_set():  # gone before it had a row
+                self._unqueue(job)
+                if job.seq is not None:
+                    self.batch.cancel(job.seq, "cancelled")
+                self._ended(job, "cancelled")
+            elif job.seq is None:
+                try:
+                    job.seq = self.batch.add(job.request, arrival=job.submitted)
+                except Exception as e:
+                    self._unqueue(job)
+                    self._ended(job, "error")
+                    job.emit("error", e)
+                    continue
+                self._queued[job.seq] = job
+        for job in list(self.running.values()):
+            if job.cancelled.is_set():
+                self._end(job, self.batch.cancel(job.seq, "cancelled"))
+            elif now - job.started > job.max_time_s:
+                self._end(job, self.batch.cancel(job.seq, "length"))
+        plan = self.batch.schedule(now)
+        for seq in plan.expired:
+            job = self._queued[seq]
+            self._unqueue(job)
+            self._ended(job, "queue_timeout")
+            job.emit("error", QueueTimeout(f"waited {self.queue_timeout_s:g} s for a free slot"))
+        for seq in plan.admitted:
+            job = self._queued[seq]
+            self._unqueue(job)
+            job.started = now
+            self.running[seq] = job
+            job.emit("started", None)
+        if plan.admitted or plan.expired:
+            self._flush()  # new streams start (and expired ones fail) before this step's model call
+        for seq, piece in self.batch.execute(plan):
+            job = self.running[seq]
+            if len(seq.completion.token_ids) > job.tokens:  # a generated token (not a stop id)
+                t = time.monotonic()
+                job.tokens += 1
+                if self.on_token is not None:
+                    self.on_token(job, t)
+                job.last_token = t
+                if job.request.logprobs:  # the stream's log-probabilities go with the text they belong to
+                    job.emit("tokens", job.tokens)
+            if piece:
+                job.emit("piece", piece)
+            if seq.finished:
+                self._end(job)
 
-    async def events(self, job: Job, queue: asyncio.Queue) -> AsyncIterator[tuple[str, Any]]:
-        """("piece", text) and, with logprobs, ("tokens", count so far)... then ("done", Completion) or ("error",
-        exception); leaving early cancels the job."""
-        try:
-            while True:
-                kind, value = await queue.get()
-                yield kind, value
-                if kind in ("done", "error"):
-                    return
-        finally:
-            job.cancel()  # client gone or stream over: the scheduler frees the row within one step
+    def _ended(self, job: Job, how: str) -> None:
+        if self.on_end is not None:
+            self.on_end(job, how)
 
-    async def complete(self, request: Request) -> Completion:
-        job, queue = await self.start(request)
-        async for kind, value in self.events(job, queue):
-            if kind == "done":
-                return value
-            if kind == "error":
-                raise value
-        raise RuntimeError("generation ended without a result")
-
-    async def call(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on the model's thread between steps (scoring)."""
-        self.admit()
-        return await asyncio.wrap_future(self.scheduler.call(fn))
-
-    def health(self) -> dict:
-        running, waiting = self.scheduler.counts
-        args = self.predictor.model.args
-        return {
-            "status": "ok",
-            "model": self.model_name,
-            "max_seq_len": args.max_seq_len,
-            "running": running,
-            "waiting": waiting,
-            "max_batch": self.limits.max_batch,
-            "max_queue": self.limits.max_queue,
-        }
+    def _end(self, job: Job, tail: str = "", error: Exception | None = None) -> None:
+        self.running.pop(job.seq, None)
+        self._unqueue(job)
+        self._ended(job, "error" if error is not None else job.seq.completion.finish_reason or "error")
+        if error is not None:
+            self.batch.cancel(job.seq, "error")  # returns its blocks, whether it was running or waiting
+            job.emit("error", error)
+            return
+        if tail:
+            job.emit("piece", tail)
+        job.emit("done", job.seq.completion)

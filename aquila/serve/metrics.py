@@ -38,7 +38,7 @@ class ServeMetrics:
         )
 
     def token(self, job, now: float) -> None:
-        """Scheduler hook: a job generated a token at `now`."""
+        """Engine hook: a job generated a token at `now`."""
         self.tokens.inc()
         if job.last_token is None:
             self.ttft.observe(now - job.submitted)
@@ -46,7 +46,7 @@ class ServeMetrics:
             self.itl.observe(now - job.last_token)
 
     def ended(self, job, how: str) -> None:
-        """Scheduler hook: a job ended (finished, cancelled, expired in the queue or failed)."""
+        """Engine hook: a job ended (finished, cancelled, expired in the queue or failed)."""
         self.finished.labels(how).inc()
 
     def render(self, running: int, waiting: int) -> bytes:

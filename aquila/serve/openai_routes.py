@@ -15,8 +15,8 @@ from fastapi.responses import StreamingResponse
 
 from aquila.chat_template import STOP_STRINGS
 from aquila.inference.generate import Completion
-from aquila.serve.engine import Engine
 from aquila.serve.errors import ApiError, error_body
+from aquila.serve.frontend import Frontend
 from aquila.serve.logprobs import MAX_TOP_LOGPROBS, LogprobFormatter, prompt_logprobs
 from aquila.serve.parsing import field, message_text, parse_body, sampling_from, seed_from, stop_from
 from aquila.serve.schema import ERRORS, ChatCompletionRequest, CompletionRequest, request_body
@@ -94,7 +94,7 @@ def chat_messages_from(body: dict) -> list[dict]:
 
 
 async def stream_events(
-    engine: Engine,
+    frontend: Frontend,
     http: Request,
     generation,
     choice: Callable[[str, str | None], dict],
@@ -104,12 +104,12 @@ async def stream_events(
     logprobs: Callable[[list[int], list[float], list], dict] | None = None,
 ) -> StreamingResponse:
     """One SSE generator for completions and chat: a chunk per text piece, a final chunk with the finish reason.
-    The events one scheduler step handed over go out in one write (the last piece, the finish, usage, [DONE]).
+    The events one engine step handed over go out in one write (the last piece, the finish, usage, [DONE]).
 
     With `logprobs` (the request has `logprobs`), each chunk carries the log-probabilities of the tokens generated
-    since the previous chunk (the scheduler's "tokens" events say how many there are; a token whose text is held
+    since the previous chunk (the engine's "tokens" events say how many there are; a token whose text is held
     back goes with the chunk that brings its text, the rest with the finish)."""
-    job, queue = await engine.while_connected(http, engine.start(generation))
+    job, queue = await frontend.while_connected(http, frontend.start(generation))
     piece = PieceEvents(base, choice)
     sent = upto = 0
 
@@ -126,7 +126,7 @@ async def stream_events(
         if first is not None:
             yield sse({**base, "choices": [first]})
         out: list[str] = []
-        async for kind, value in engine.events(job, queue):
+        async for kind, value in frontend.events(job, queue):
             if kind == "tokens":
                 upto = value
             elif kind == "piece":
@@ -182,13 +182,13 @@ async def gather_all(coros: list) -> list:
         raise
 
 
-def add_openai_routes(app: FastAPI, engine: Engine) -> None:
-    predictor = engine.predictor
+def add_openai_routes(app: FastAPI, frontend: Frontend) -> None:
+    predictor = frontend.predictor
     formatter = LogprobFormatter(predictor.tokenizer)
 
     def common(body: dict, known: set[str]) -> tuple:
         check_fields(body, known)
-        engine.check_model(body)
+        frontend.check_model(body)
         if field(body, "n", int, 1) != 1:
             raise ApiError(400, "n must be 1 (one choice per prompt)", code="unsupported_parameter")
         options = field(body, "stream_options", dict, {})
@@ -200,7 +200,7 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
         return params, stop, seed_from(body), field(body, "stream", bool, False), include_usage
 
     async def read(request: Request) -> dict:
-        return parse_body(await engine.read_body(request), engine.limits.max_body_bytes)
+        return parse_body(await frontend.read_body(request), frontend.limits.max_body_bytes)
 
     def top_count(body: dict, name: str) -> int:
         value = field(body, name, int, 0)
@@ -210,23 +210,23 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "aquila"}
+        card = {"id": frontend.model_name, "object": "model", "created": 0, "owned_by": "aquila"}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest), responses=ERRORS)
     async def completions(request: Request):
         body = await read(request)
         params, stop, seed, stream, include_usage = common(body, COMPLETION_FIELDS)
-        prompts = [(engine.check_prompt(ids), text) for ids, text in prompts_from(body, predictor.encode_prompt, engine.limits.max_batch)]  # fmt: skip
+        prompts = [(frontend.check_prompt(ids), text) for ids, text in prompts_from(body, predictor.encode_prompt, frontend.limits.max_batch)]  # fmt: skip
         echo = field(body, "echo", bool, False)
         logprobs = None if body.get("logprobs") is None else top_count(body, "logprobs")
         # max_tokens 0 with echo: the prompt's log-probabilities only (lm-eval's loglikelihood requests)
         given = body.get("max_tokens")
-        max_tokens = engine.check_max_tokens(given, 16, minimum=0 if echo else 1)
+        max_tokens = frontend.check_max_tokens(given, 16, minimum=0 if echo else 1)
         for ids, _ in prompts:
             if given is None:  # OpenAI's default of 16, within the context
-                max_tokens = min(max_tokens, engine.max_len - len(ids))
-            engine.check_context(len(ids), max_tokens)
+                max_tokens = min(max_tokens, frontend.max_len - len(ids))
+            frontend.check_context(len(ids), max_tokens)
         if stream and (echo or len(prompts) > 1):
             name = "echo" if echo else "prompt"
             raise ApiError(400, f"{name}: streaming serves one prompt without echo; use stream false", param=name)
@@ -237,7 +237,7 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
             )  # fmt: skip
             for ids, _ in prompts
         ]
-        base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": engine.model_name}  # fmt: skip
+        base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": frontend.model_name}  # fmt: skip
 
         def choice(text: str, reason: str | None, index: int = 0, lp: dict | None = None) -> dict:
             return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
@@ -253,18 +253,18 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
                     at += sum(len(t) for t in out["tokens"])
                     return out
 
-            return await stream_events(engine, request, reqs[0], choice, base, include_usage, logprobs=lp_chunk)
+            return await stream_events(frontend, request, reqs[0], choice, base, include_usage, logprobs=lp_chunk)
         scored: list = [None] * len(prompts)
         if echo and logprobs is not None:  # the prompts' own log-probabilities, on the model's thread between steps
 
             def score() -> list:
                 return [prompt_logprobs(predictor.model, ids, logprobs) for ids, _ in prompts]
 
-            scored = await engine.while_connected(request, engine.call(score))
+            scored = await frontend.while_connected(request, frontend.call(score))
         if max_tokens == 0:
             completions = [Completion(finish_reason="length", prompt_tokens=len(ids), logprobs=[], top_logprobs=[]) for ids, _ in prompts]  # fmt: skip
         else:
-            completions = await engine.while_connected(request, gather_all([engine.complete(r) for r in reqs]))
+            completions = await frontend.while_connected(request, gather_all([frontend.complete(r) for r in reqs]))
         choices = []
         for i, ((ids, text), c, prompt_lps) in enumerate(zip(prompts, completions, scored)):
             out_text = c.text
@@ -289,14 +289,14 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
         top = top_count(body, "top_logprobs")
         if top and not logprobs:
             raise ApiError(400, "top_logprobs needs logprobs true")
-        ids = engine.check_prompt(predictor.encode_chat(messages))
-        room = engine.max_len - len(ids)
+        ids = frontend.check_prompt(predictor.encode_chat(messages))
+        room = frontend.max_len - len(ids)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_tokens = engine.check_max_tokens(limit, min(engine.limits.max_new_tokens, room))
-        engine.check_context(len(ids), max_tokens)
+        max_tokens = frontend.check_max_tokens(limit, min(frontend.limits.max_new_tokens, room))
+        frontend.check_context(len(ids), max_tokens)
         req = predictor.request(ids, max_tokens, params, seed, STOP_STRINGS + stop, strip=True, logprobs=logprobs)
         req = replace(req, top_logprobs=top)
-        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": engine.model_name}  # fmt: skip
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": frontend.model_name}  # fmt: skip
 
         def delta(text: str, reason: str | None, lp: dict | None = None) -> dict:
             return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": reason}
@@ -305,8 +305,8 @@ def add_openai_routes(app: FastAPI, engine: Engine) -> None:
             first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             chunk = {**base, "object": "chat.completion.chunk"}
             lp_chunk = formatter.chat if logprobs else None
-            return await stream_events(engine, request, req, delta, chunk, include_usage, first, lp_chunk)
-        c = await engine.while_connected(request, engine.complete(req))
+            return await stream_events(frontend, request, req, delta, chunk, include_usage, first, lp_chunk)
+        c = await frontend.while_connected(request, frontend.complete(req))
         message = {"role": "assistant", "content": c.text}
         lp = None
         if logprobs:
