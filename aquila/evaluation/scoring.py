@@ -25,7 +25,7 @@ from aquila.inference.generate import DecodeBatch, forward_rows, prefill
 from aquila.inference.kv_cache import BlockPool, BlockTable
 from aquila.inference.sampling import SamplingParams
 from aquila.inference.sequence import Request as GenerationRequest
-from aquila.inference.sequence import SequenceState
+from aquila.inference.sequence import SequenceState, cache_length
 from aquila.model import AquilaModel
 
 
@@ -82,6 +82,7 @@ class ChoiceScorer:
         self.device = model.device
         self.prefix_cache = prefix_cache
         self._batch: DecodeBatch | None = None  # its pool is kept across requests and calls (prefix reuse)
+        self._hits_before = 0  # prefix hits of pools replaced by a bigger one
 
     @property
     def pool(self) -> BlockPool | None:
@@ -90,16 +91,20 @@ class ChoiceScorer:
     @property
     def prefix_hits(self) -> int:
         """Blocks prompts took from the pool instead of reading them."""
-        return self.pool.prefix_hits if self.pool is not None else 0
+        return self._hits_before + (self.pool.prefix_hits if self.pool is not None else 0)
 
     def _batch_for(self, need: int, rows: int, tail: int) -> DecodeBatch:
         """The kept decode batch, rebuilt (and its cached prefixes dropped) only when it cannot hold a request:
         twice the prompt (one being scored, one cached), and for each choice row and the greedy row its copied
-        partial block and the blocks it writes."""
+        partial block and the blocks it writes. Lengths are rounded up (`cache_length`) so that the next subset's
+        slightly longer prompts still fit."""
         bs = BlockPool.BLOCK_SIZE
+        need = cache_length(need, self.model.args.max_seq_len)
         blocks = 2 * -(-need // bs) + (rows + 1) * (-(-tail // bs) + 2)
         b = self._batch
         if b is None or b.max_len < need or b.pool.blocks < blocks:
+            if b is not None:
+                self._hits_before += b.pool.prefix_hits
             pool = BlockPool.for_model(self.model, blocks * bs, prefix_cache=self.prefix_cache)
             self._batch = DecodeBatch(self.model, 1, max(need, b.max_len if b else 0), pool=pool)
         return self._batch
