@@ -1,15 +1,17 @@
 """KV cache and prefix reuse (issue 22): chats per cache budget, TTFT after a shared system prompt, eval 5-shot.
 
-    .venv/bin/python bench/kv_cache.py                 # all three parts (~5 minutes on 2 cores)
+    .venv/bin/python bench/kv_cache.py                 # all three parts (15 minutes on 2 shared cores)
     .venv/bin/python bench/kv_cache.py --parts memory  # memory, ttft, eval: comma-separated
+    .venv/bin/python bench/kv_cache.py --shape medium  # ttft and eval on the medium shape instead of the ~1B
 
 1. memory: at a fixed budget (the bytes of today's whole-row cache: --rows rows of max_seq_len 2,048, the medium
    shape's 32 KiB a position), how many concurrent 300-token chats fit. The block pool's count is real allocation:
    a `BlockPool` of that many bytes (scratch block included) is made and 300-position block tables are reserved in
    it until one no longer fits; also with a 200-token system prompt every chat shares (forked tables). Today's
    rows = budget // (2,048 positions); each held one chat whatever its length.
-2. ttft: `aquila serve` of the medium shape (dim 512, 8 layers, vocab 100,008, fp32 random weights, max_seq_len
-   2,048), prefix cache on and `--no-prefix-cache` (today: every prompt read whole). Per round a fresh 1,000-id
+2. ttft: `aquila serve` of the ~1B shape (aquila-1b's dim 2048, 16 layers, with the demo tokenizer's vocabulary
+   of 16,008 as in bench/laptop.py; fp32 random weights, max_seq_len 2,048), prefix cache on and
+   `--no-prefix-cache` (today: every prompt read whole). Per round a fresh 1,000-id
    system prompt: request A (system + 20 user ids, streamed, max_tokens 2) is sent alone, then request B (the same
    system prompt, other user ids); TTFT = request sent -> first text chunk. Median of --rounds rounds.
 3. eval: the MMLU example files (examples/eval_data/mmlu, 7 items in 2 subjects; dev has 2-3 items a subject, so
@@ -17,9 +19,10 @@
    `ChoiceScorer` per run, model loading excluded), prefix cache on and off, alternated --rounds times; best time
    per mode; the scores must be identical.
 
-The medium shape is the one bench/serve.py and bench/generate.py use, so its serving figures sit beside theirs, and
-it runs in seconds on 2 shared cores; prefix reuse saves prompt reading, whose share of the work grows with the
-model (a larger model's fixed per-step costs weigh less), so a larger shape should gain at least as much.
+Why the ~1B shape and not the medium one of bench/serve.py: what prefix reuse cannot save is one forward of the
+remaining tokens, which reads every weight once, and the medium shape's weights are two thirds output layer (vocab
+100,008 x dim 512), so that one read weighs as much as reading 200 prompt tokens there; in the ~1B shape (and
+in Aquila-7B) the output layer is a small part, as in real models. `--shape medium` runs the medium shape.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from aquila.checkpoint import build_model, save_model_dir  # noqa: E402
 from aquila.config import ModelArgs  # noqa: E402
 from aquila.inference.kv_cache import BlockPool, BlockTable  # noqa: E402
 
-SHAPE = ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=100008, max_seq_len=2048)
+SHAPE = ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=100008, max_seq_len=2048)  # medium, 2k context
+SHAPES = {"medium": SHAPE, "1b": ModelArgs(**{**ModelArgs.from_name("aquila-1b").to_dict(), "vocab_size": 16008})}
 EXAMPLES = ROOT / "examples" / "eval_data"
 
 
@@ -93,13 +97,14 @@ def memory(rows: int, chat: int = 300, system: int = 200) -> None:
     print(f"| block pool, a {system}-token system prompt shared | {n_shared} | {n_shared / old_rows:.1f}x |")
 
 
-def write_model(root: Path) -> Path:
-    model = build_model(SHAPE, seed=0)
+def write_model(root: Path, shape: str) -> Path:
+    model = build_model(SHAPES[shape], seed=0)
     with torch.no_grad():  # only ids the demo tokenizer decodes, never EOS (16007), BOS (16006) or unk (0)
         model.output.weight[16006:] = 0
         model.output.weight[0] = 0
-    out = root / "medium2k"
+    out = root / shape
     save_model_dir(model, out, formats=("safetensors",), tokenizer_from=DEMO_TOKENIZER)
+    del model
     return out
 
 
@@ -142,7 +147,7 @@ def ttft(model_dir: Path, rounds: int) -> None:
         first = statistics.median(a for a, _ in pairs)
         second = statistics.median(b for _, b in pairs)
         rows.append((label, first, second, [f"{a * 1e3:.0f}/{b * 1e3:.0f}" for a, b in pairs]))
-    print(f"\n## ttft: 1,000-id system prompt + 20 user ids, medium shape, median of {rounds} rounds")
+    print(f"\n## ttft: 1,000-id system prompt + 20 user ids, {model_dir.name} shape, median of {rounds} rounds")
     print("| server | TTFT first request | TTFT second (same system prompt) | second / first | rounds (ms) |")
     print("|---|---:|---:|---:|---|")
     for label, first, second, raw in rows:
@@ -170,7 +175,8 @@ def evaluation(model_dir: Path, rounds: int, shots: int = 5) -> None:
             hits[sharing] = scorer.prefix_hits
     same = results[True] == results[False]
     n = results[True]["n"]
-    print(f"\n## eval: aquila eval's scoring, mmlu example files ({n} items), {shots}-shot, best of {rounds}")
+    print(f"\n## eval: aquila eval's scoring, mmlu example files ({n} items), {shots}-shot, {model_dir.name} shape,"
+          f" best of {rounds}")  # fmt: skip
     print("| scorer | time | prefix hit blocks | acc | em |\n|---|---:|---:|---:|---:|")
     for sharing in (True, False):
         r = results[sharing]
@@ -185,6 +191,7 @@ def main() -> int:
     parser.add_argument("--parts", default="memory,ttft,eval")
     parser.add_argument("--rows", type=int, default=16, help="whole rows of today's cache that set the budget")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--shape", default="1b", choices=sorted(SHAPES), help="model for ttft and eval")
     a = parser.parse_args()
     parts = a.parts.split(",")
     print(f"# {cpu_name()}, {cores()} cores, torch {torch.__version__}, {load_average()}")
@@ -192,7 +199,7 @@ def main() -> int:
         memory(a.rows)
     if "ttft" in parts or "eval" in parts:
         with tempfile.TemporaryDirectory() as tmp:
-            model_dir = write_model(Path(tmp))
+            model_dir = write_model(Path(tmp), a.shape)
             if "ttft" in parts:
                 ttft(model_dir, a.rounds)
             if "eval" in parts:
