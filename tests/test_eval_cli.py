@@ -145,3 +145,14 @@ def test_cli_errors_exit_2_with_one_line(model_root, tmp_path, capsys):
     assert "indexed dataset file not found" in err
     err = _run_error(base + ["--perplexity", str(tmp_path / "nothing"), "--window", "8", "--stride", "8"], capsys)
     assert "1 <= stride < window" in err
+
+
+def test_mmlu_5_shot_scores_the_same_with_and_without_the_prefix_cache(model_root, tmp_path, capsys):
+    base = ["eval", "--model-dir", str(model_root), "--model-name", "tiny", "--data-dir", str(EXAMPLES)]
+    base += ["--tasks", "mmlu", "--shots", "5", "--device", "cpu", "--output"]
+    assert main([*base, str(tmp_path / "shared.json")]) == 0
+    assert main([*base, str(tmp_path / "whole.json"), "--no-prefix-cache"]) == 0
+    shared, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("shared", "whole"))
+    assert shared["tasks"] == whole["tasks"]
+    assert shared["prefix_cache"]["enabled"] and shared["prefix_cache"]["hit_blocks"] > 0
+    assert whole["prefix_cache"] == {"enabled": False, "hit_blocks": 0}

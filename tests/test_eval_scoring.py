@@ -11,7 +11,7 @@ import torch
 from aquila.checkpoint import build_model
 from aquila.evaluation.perplexity import perplexity, read_stream, sliding_windows
 from aquila.evaluation.runner import evaluate_subset, greedy_answer
-from aquila.evaluation.scoring import ChoiceScorer, Request
+from aquila.evaluation.scoring import ChoiceRequest, ChoiceScorer
 from aquila.evaluation.tasks import Item, Subset
 from aquila.tokenizer import ENDOFTEXT, Tokenizer, bytes_to_unicode
 from tests.conftest import tiny_args
@@ -81,7 +81,7 @@ def test_choice_logprob_is_sum_of_token_logprobs_from_a_full_forward(batch_size,
     model = build_model(tiny_args(), seed=0).eval()
     contexts = [[5, 17, 42, 8, 99], [7], [3, 3, 250, 11, 12, 13, 14]]
     conts = [[12], [40, 41, 42], [7, 8], [200, 3, 4, 5, 6], [9]]
-    requests = [Request(c, conts, max_new_tokens=4) for c in contexts]
+    requests = [ChoiceRequest(c, conts, max_new_tokens=4) for c in contexts]
     scored = ChoiceScorer(model, batch_size).score(requests)
     for req, res in zip(requests, scored):
         expected = [full_forward_logprob(model, req.context, c) for c in conts]
@@ -94,12 +94,12 @@ def test_greedy_stops_at_stop_tokens():
     tok = byte_tokenizer()
     model = bigram_model(tok, {":": " ", " ": "Y"})  # "Y" is unlisted -> <|endoftext|> (id 0)
     ctx = [tok.token_start_id, *tok.encode("Answer:")]
-    (res,) = ChoiceScorer(model, stop_ids={0}).score([Request(ctx, [tok.encode(" Y")], max_new_tokens=6)])
+    (res,) = ChoiceScorer(model, stop_ids={0}).score([ChoiceRequest(ctx, [tok.encode(" Y")], max_new_tokens=6)])
     assert tok.decode(res.generated) == " Y"
     assert res.generated == full_forward_greedy(model, ctx, 6, {0})
     scorer = ChoiceScorer(model, stop_ids={0})
-    (early,) = scorer.score([Request(ctx, [[5]], max_new_tokens=6)], done=lambda toks: len(toks) == 1)
-    (none,) = scorer.score([Request(ctx, [[5]], max_new_tokens=0)])
+    (early,) = scorer.score([ChoiceRequest(ctx, [[5]], max_new_tokens=6)], done=lambda toks: len(toks) == 1)
+    (none,) = scorer.score([ChoiceRequest(ctx, [[5]], max_new_tokens=0)])
     assert tok.decode(early.generated) == " " and none.generated == []
 
 
@@ -114,7 +114,8 @@ def test_constructed_model_picks_the_known_label_and_answers_it_greedily():
     no = Item("Passage: grass is red\nQuestion: Is it?\nAnswer:", (" No", " Yes"), 0, "no:1")
     scorer = ChoiceScorer(model, batch_size=2, stop_ids={0, tok.token_end_id})
     requests = [
-        Request([tok.token_start_id, *tok.encode(i.query)], [tok.encode(c) for c in i.choices], 6) for i in (yes, no)
+        ChoiceRequest([tok.token_start_id, *tok.encode(i.query)], [tok.encode(c) for c in i.choices], 6)
+        for i in (yes, no)
     ]
     for res in scorer.score(requests):
         assert res.best == 1
@@ -190,3 +191,25 @@ def test_read_stream_concatenates_sequences(tmp_path):
         builder.add_document([4, 5])
     assert read_stream(tmp_path / "d").tolist() == [1, 2, 3, 4, 5]
     assert read_stream(tmp_path / "d", max_tokens=4).tolist() == [1, 2, 3, 4]
+
+
+def test_prompts_with_a_shared_prefix_reuse_the_kept_pool_and_score_the_same():
+    torch.manual_seed(0)
+    model = build_model(tiny_args(), seed=0).eval()
+    shots = list(range(10, 50))  # 40 ids of "few-shot examples": two full blocks shared by every prompt
+    requests = [ChoiceRequest([1, *shots, 60 + i, 61], [[12], [40, 41], [7, 8, 9]], 3) for i in range(4)]
+    shared, whole = ChoiceScorer(model, 2), ChoiceScorer(model, 2, prefix_cache=False)
+    a, b = shared.score(requests[:2]), shared.score(requests[2:])  # one pool kept across calls
+    c = whole.score(requests)
+    assert shared.prefix_hits == 3 * 2 and whole.prefix_hits == 0  # every prompt after the first: 2 blocks
+    for x, y in zip([*a, *b], c):
+        assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5) and x.generated == y.generated
+        assert x.best == y.best
+    assert shared.pool.used_blocks == 0 and shared.pool.cached_blocks >= 2
+
+
+def test_scoring_request_is_choice_request_under_its_old_name_too():
+    import aquila.evaluation.scoring as scoring
+
+    with pytest.warns(DeprecationWarning, match="ChoiceRequest"):
+        assert scoring.Request is ChoiceRequest

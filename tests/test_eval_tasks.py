@@ -107,6 +107,10 @@ def test_few_shot_draws_are_seeded_and_never_the_item_itself():
     dup = Subset("t", "s", "", items[:1], [Item("q0:", (" a", " b"), 1, "dev:1"), items[1]], "dev", "label")
     assert select_shots(dup, 0, 5, 0) == [items[1]]  # the same question in the dev split is skipped
     assert render(subset, items[0], [items[1]]) == "H\n\nq1: b\n\nq0:"
+    dev = Subset("t", "s", "", items, [Item(f"d{i}:", (" a",), 0, f"dev:{i}") for i in range(8)], "dev", "label")
+    assert all(select_shots(dev, i, 5, 7) == select_shots(dev, 0, 5, 7) for i in range(6))  # one prefix a subset
+    shots = [select_shots(subset, i, 3, 3) for i in range(6)]  # leave-one-out: the same but for the item itself
+    assert max(shots.count(s) for s in shots) == 3  # the 3 items outside the first 3 of the order
 
 
 def test_fit_context_drops_shots_then_keeps_the_end():

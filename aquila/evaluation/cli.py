@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="fixes the few-shot draws and TruthfulQA's choice order")
     p.add_argument("--batch-size", type=int, default=16, help="choices (or perplexity windows) per forward")
     p.add_argument("--limit", type=int, default=None, help="score at most N items of each subject/sub-task")
+    p.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="read every prompt whole (by default the KV blocks of a prefix an earlier prompt read are reused)",
+    )
     p.add_argument("--output", help="write the results as JSON here")
     p.add_argument("--perplexity", metavar="PREFIX", help="perplexity of <PREFIX>.bin/.idx instead of the tasks")
     p.add_argument(
@@ -121,7 +126,7 @@ def main(argv: list[str]) -> int:
     model, get_tokenizer = load_model(resolve_model_dir(opts.model_dir, opts.model_name), device, dtype)
     tokenizer = get_tokenizer()
     stop_ids = {tokenizer.token_end_id, getattr(tokenizer, "token_pad_id", tokenizer.token_end_id)}
-    scorer = ChoiceScorer(model, opts.batch_size, stop_ids)
+    scorer = ChoiceScorer(model, opts.batch_size, stop_ids, prefix_cache=not opts.no_prefix_cache)
     total = sum(len(s.items[: opts.limit] if opts.limit else s.items) for subsets in data.values() for s in subsets)
     with tqdm(total=total, unit="item", desc="eval", disable=None, file=sys.stderr) as bar:  # shown on a terminal
         log = functools.partial(bar.write, file=sys.stderr)
@@ -141,6 +146,7 @@ def main(argv: list[str]) -> int:
             "card": {column: results[t]["em"] for column, t in CARD_COLUMNS if t in results},
             "loglik_acc": {t: results[t]["acc"] for _, t in CARD_COLUMNS if t in results},
             "tasks": results,
+            "prefix_cache": {"enabled": scorer.prefix_cache, "hit_blocks": scorer.prefix_hits},
         }
         write_text_atomic(opts.output, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         print(f"wrote {opts.output}")

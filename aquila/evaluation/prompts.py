@@ -11,19 +11,19 @@ SHOT_SEPARATOR = "\n\n"
 
 
 def select_shots(subset: Subset, index: int, k: int, seed: int) -> list[Item]:
-    """k pool examples for item `index`, drawn with a generator fixed by (seed, task, subset, index).
+    """k pool examples for item `index`: the first k of one order of the pool, shuffled by a generator fixed by
+    (seed, task, subset). Every item of a subset gets the same examples, so its prompts share their leading tokens
+    and the scorer's prefix cache reads them once per subset.
 
-    The item itself is never among them: with a leave-one-out pool its own position is excluded, and any pool
-    entry with the same question text (a duplicate across splits) is skipped too.
+    The item itself is never among them (the next examples of the order take its place): with a leave-one-out pool
+    its own position is excluded, and any pool entry with the same question text (a duplicate across splits) is
+    skipped too.
     """
     item = subset.items[index]
-    candidates = [
-        j
-        for j, shot in enumerate(subset.pool)
-        if not (subset.leave_one_out and j == index) and shot.query != item.query
-    ]
-    rng = random.Random(f"{seed}/{subset.task}/{subset.name}/{index}")
-    return [subset.pool[j] for j in rng.sample(candidates, min(k, len(candidates)))]
+    order = list(range(len(subset.pool)))
+    random.Random(f"{seed}/{subset.task}/{subset.name}").shuffle(order)
+    chosen = [j for j in order if not (subset.leave_one_out and j == index) and subset.pool[j].query != item.query]
+    return [subset.pool[j] for j in chosen[:k]]
 
 
 def render(subset: Subset, item: Item, shots: list[Item]) -> str:

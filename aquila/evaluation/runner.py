@@ -8,7 +8,7 @@ from statistics import mean
 from typing import Any
 
 from aquila.evaluation.prompts import fit_context, select_shots
-from aquila.evaluation.scoring import ChoiceScorer, Request
+from aquila.evaluation.scoring import ChoiceRequest, ChoiceScorer
 from aquila.evaluation.tasks import ALL_TASKS, Item, Subset
 from aquila.tokenizer.base import BaseTokenizer
 
@@ -42,7 +42,7 @@ def evaluate_subset(
     for i, choices in enumerate(choice_ids):
         chosen = select_shots(subset, i, shots, seed)
         context, k, cut = fit_context(tokenizer.encode, tokenizer.token_start_id, subset, i, chosen, budget)
-        requests.append(Request(context, choices, max_new))
+        requests.append(ChoiceRequest(context, choices, max_new))
         used.append(k)
         truncated += cut
     # A letter answer is complete at the first non-blank token: no need to decode further.

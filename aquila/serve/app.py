@@ -8,6 +8,7 @@ Requests are checked and queued by the front (`frontend.Frontend`) and decoded t
 owns the model (continuous batching, `engine.Engine`, each step planned by the decode scheduler and run as one
 forward): up to `--max-batch` run at once and `--max-queue` wait; beyond that 429 with Retry-After, and a request
 that waits longer than `--queue-timeout` gets 503. Every error body has OpenAI's shape, and the server keeps serving.
+The KV block pool is sized by `--kv-cache-gb` or `kv_budget`'s default; `--no-prefix-cache` turns sharing off.
 """
 
 from __future__ import annotations
@@ -125,11 +126,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--max-connections", type=int, default=d.max_connections, help="open connections (kept below the file limit)"
     )
+    parser.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=None,
+        help="GiB of KV cache blocks (default: --max-batch full-length rows, at most half of the memory available"
+        " after loading the model)",
+    )
+    parser.add_argument(
+        "--no-prefix-cache", action="store_true", help="never share KV blocks between prompts with the same prefix"
+    )
     args = parser.parse_args(argv)
     positive = ("max_prompt_tokens", "max_new_tokens", "max_batch", "queue_timeout", "max_time", "prefill_tokens")
     for name in (*positive, "read_timeout", "max_connections"):
         if getattr(args, name) <= 0:
             raise AquilaError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.kv_cache_gb is not None and not args.kv_cache_gb > 0:
+        raise AquilaError(f"--kv-cache-gb must be positive, got {args.kv_cache_gb:g}")
     if args.max_queue < 0:
         raise AquilaError(f"--max-queue must be >= 0, got {args.max_queue}")
     if not 0 <= args.port <= 65535:
@@ -144,6 +157,8 @@ def main(argv: list[str]) -> int:
         prefill_tokens=args.prefill_tokens,
         read_timeout_s=args.read_timeout,
         max_connections=args.max_connections,
+        kv_cache_gb=args.kv_cache_gb,
+        prefix_cache=not args.no_prefix_cache,
     )
     import uvicorn
 
@@ -151,10 +166,7 @@ def main(argv: list[str]) -> int:
         load_predictor(args, rows=args.max_batch), limits, model_name=args.served_model_name or args.model_name
     )
     frontend = app.state.frontend
-    print(
-        f"KV cache: {limits.max_batch} rows x {frontend.max_len} positions = {frontend.cache_bytes() / 2**30:.2f} GiB"
-        " (lower --max-batch or --max-prompt-tokens/--max-new-tokens to use less)"
-    )
+    print(frontend.kv_budget.describe() + ("" if limits.prefix_cache else "; prefix cache off"), flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}: reachable from other machines, without authentication")
     # Everything loaded so far (torch, the model, FastAPI: ~200k objects) lives until exit. Left to the cyclic

@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 
 from aquila.inference.generate import Completion, DecodeBatch, Request
+from aquila.inference.kv_budget import kv_budget
 from aquila.inference.predictor import Predictor
 from aquila.serve.engine import Emit, Engine, Job, QueueTimeout
 from aquila.serve.errors import ApiError
@@ -38,6 +39,8 @@ class ServerLimits:
     prefill_tokens: int = 256  # prompt tokens read per step: a long prompt is read in chunks between decode steps
     read_timeout_s: float = 15.0  # for a request's head (from connect or the previous response), and for its body
     max_connections: int = 512  # open connections; also kept below the open-file limit (connections.connection_cap)
+    kv_cache_gb: float | None = None  # the KV block pool's GiB; None: kv_budget's default (full rows or half RAM)
+    prefix_cache: bool = True  # prompts share the pool's blocks of an identical prefix
 
 
 Event = tuple[str, Any]
@@ -100,6 +103,8 @@ class Frontend:
         self.predictor, self.limits, self.model_name = predictor, limits, model_name
         args = predictor.model.args
         self.max_len = min(args.max_seq_len, limits.max_prompt_tokens + limits.max_new_tokens)
+        # sized after the weights are loaded: the default reads MemAvailable now
+        self.kv_budget = kv_budget(predictor.model, limits.max_batch, self.max_len, limits.kv_cache_gb)
         batch = DecodeBatch(
             predictor.model,
             limits.max_batch,
@@ -109,6 +114,7 @@ class Frontend:
             predictor.compile,
             queue_timeout_s=limits.queue_timeout_s,
             max_waiting=limits.max_queue,
+            pool=self.kv_budget.pool(predictor.model, limits.prefix_cache),
         )
         self.metrics = ServeMetrics()
         self.metrics.pool = batch.pool
@@ -121,7 +127,7 @@ class Frontend:
         )
 
     def cache_bytes(self) -> int:
-        """Memory of the KV block pool (--max-batch x min(max_seq_len, prompt + new) positions, in blocks)."""
+        """Memory of the KV block pool (`kv_budget`: --kv-cache-gb, or --max-batch full rows or half of RAM)."""
         return self.engine.batch.pool.nbytes()
 
     def close(self) -> None:
@@ -266,4 +272,5 @@ class Frontend:
             "waiting": waiting,
             "max_batch": self.limits.max_batch,
             "max_queue": self.limits.max_queue,
+            "kv_cache": self.kv_budget.health(),
         }
