@@ -7,7 +7,9 @@ Formats (`ModelDir.format`):
 - "hf": a `LlamaForCausalLM` directory (config.json has `model_type`; weights possibly sharded under an index);
 - "int8": written by `aquila quantize` (FlagAI config + `quantization.json`; built by aquila.inference.quantize).
 State dicts are always under FlagAI's names. Loading never holds two copies of the weights: the model is built
-on the meta device and takes the loaded (memory-mapped) tensors directly.
+on the meta device and takes the loaded (memory-mapped) tensors directly. A converter that writes tensor by tensor
+(`convert --to gguf`) streams instead (`ModelDir.state_shapes` + `iter_state`): one tensor is held at a time, so a
+model larger than the memory converts.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -91,6 +93,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise AquilaError(f"{path}: expected a state dict of tensors")
     return dict(data)
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+
+
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AquilaError(f"{path}: not a valid safetensors file ({e})") from None
 
 
 def _summarise(names: list[str], limit: int = 6) -> str:
@@ -216,6 +230,45 @@ class ModelDir:
         for path in [Path(weights)] if weights else hf_weight_files(self.path):
             state.update(read_state_dict(path))
         return from_hf_state_dict(state, self.args)
+
+    def _safetensors_files(self) -> list[Path] | None:
+        """The safetensors files holding the weights, or None when they are not all safetensors."""
+        files = hf_weight_files(self.path) if self.format == "hf" else [find_weights(self.path)]
+        return files if all(f.suffix == ".safetensors" and f.is_file() for f in files) else None
+
+    def state_shapes(self) -> dict[str, torch.Tensor]:
+        """The weights of `read_state` as meta tensors (names, shapes and dtypes, in its order), read from the
+        safetensors headers only; for `check_state_dict` before a streamed write."""
+        files = self._safetensors_files()
+        if files is None:
+            return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in self.read_state().items()}
+        state: dict[str, torch.Tensor] = {}
+        for path in files:
+            with _open_safetensors(path) as f:
+                for key in f.keys():
+                    s = f.get_slice(key)
+                    state[key] = torch.empty(s.get_shape(), dtype=_SAFETENSORS_DTYPES[s.get_dtype()], device="meta")
+        return from_hf_state_dict(state, self.args) if self.format == "hf" else state
+
+    def iter_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The weights of `read_state` one at a time, same names, order and values. Each safetensors tensor is
+        mapped from a handle of its own, so its pages leave the process when the caller drops it (one handle for
+        the whole file would keep every page read resident). Other formats are read as `read_state` reads them."""
+        files = self._safetensors_files()
+        if files is None:
+            yield from self.read_state().items()
+            return
+        for path in files:
+            with _open_safetensors(path) as f:
+                keys = list(f.keys())
+            for key in keys:
+                with _open_safetensors(path) as f:
+                    tensor = f.get_tensor(key)
+                if self.format == "hf":
+                    yield from from_hf_state_dict({key: tensor}, self.args).items()
+                else:
+                    yield key, tensor
+                del tensor
 
     def load(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, weights=None) -> AquilaModel:
         """The full-precision model, strictly loaded with one copy of the weights in memory."""
