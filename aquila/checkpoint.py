@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -100,11 +100,44 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
 
 
-def _open_safetensors(path: Path):
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AquilaError(f"{path}: not a valid safetensors file ({e})") from None
+def safetensors_index(path: Path) -> dict[str, tuple[torch.dtype, list[int], int]]:
+    """{name: (dtype, shape, absolute data offset)} of a safetensors file, in safetensors' own key order (sorted, as
+    `load_file` returns them), from its header only. Not `safe_open`: it maps the whole file privately, which fails
+    with "Cannot allocate memory" for a file larger than the memory (a 29 GB fp32 7B model in 23 GB)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        size = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        try:
+            if not 0 <= size <= os.fstat(f.fileno()).st_size - 8:
+                raise ValueError(f"header length {size} does not fit the file")
+            header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            index = {}
+            for name in sorted(header):
+                info = header[name]
+                dtype, shape, (begin, end) = (
+                    _SAFETENSORS_DTYPES[info["dtype"]],
+                    list(info["shape"]),
+                    info["data_offsets"],
+                )
+                if end - begin != torch.Size(shape).numel() * dtype.itemsize:
+                    raise ValueError(f"tensor {name!r}: {end - begin} bytes for shape {shape} {info['dtype']}")
+                index[name] = (dtype, shape, 8 + size + begin)
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise AquilaError(f"{path}: not a valid safetensors file ({e})") from None
+    return index
+
+
+def read_safetensors_tensor(path: Path, name: str, entry: tuple[torch.dtype, list[int], int]) -> torch.Tensor:
+    """One tensor of `safetensors_index(path)`, read into fresh memory (nothing of the file stays mapped)."""
+    dtype, shape, offset = entry
+    tensor = torch.empty(shape, dtype=dtype)
+    if tensor.numel():
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != tensor.nbytes:
+                raise AquilaError(f"{path}: tensor {name!r}: the file ends inside its data")
+    return tensor
 
 
 def _summarise(names: list[str], limit: int = 6) -> str:
@@ -244,26 +277,21 @@ class ModelDir:
             return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in self.read_state().items()}
         state: dict[str, torch.Tensor] = {}
         for path in files:
-            with _open_safetensors(path) as f:
-                for key in f.keys():
-                    s = f.get_slice(key)
-                    state[key] = torch.empty(s.get_shape(), dtype=_SAFETENSORS_DTYPES[s.get_dtype()], device="meta")
+            for key, (dtype, shape, _) in safetensors_index(path).items():
+                state[key] = torch.empty(shape, dtype=dtype, device="meta")
         return from_hf_state_dict(state, self.args) if self.format == "hf" else state
 
     def iter_state(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The weights of `read_state` one at a time, same names, order and values. Each safetensors tensor is
-        mapped from a handle of its own, so its pages leave the process when the caller drops it (one handle for
-        the whole file would keep every page read resident). Other formats are read as `read_state` reads them."""
+        """The weights of `read_state` one at a time, same names, order and values, each safetensors tensor read
+        into fresh memory when reached (so it leaves the process when the caller drops it). Other formats are read
+        as `read_state` reads them."""
         files = self._safetensors_files()
         if files is None:
             yield from self.read_state().items()
             return
         for path in files:
-            with _open_safetensors(path) as f:
-                keys = list(f.keys())
-            for key in keys:
-                with _open_safetensors(path) as f:
-                    tensor = f.get_tensor(key)
+            for key, entry in safetensors_index(path).items():
+                tensor = read_safetensors_tensor(path, key, entry)
                 if self.format == "hf":
                     yield from from_hf_state_dict({key: tensor}, self.args).items()
                 else:
