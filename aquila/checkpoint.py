@@ -7,7 +7,9 @@ Formats (`ModelDir.format`):
 - "hf": a `LlamaForCausalLM` directory (config.json has `model_type`; weights possibly sharded under an index);
 - "int8": written by `aquila quantize` (FlagAI config + `quantization.json`; built by aquila.inference.quantize).
 State dicts are always under FlagAI's names. Loading never holds two copies of the weights: the model is built
-on the meta device and takes the loaded (memory-mapped) tensors directly.
+on the meta device and takes the loaded (memory-mapped) tensors directly. A converter that writes tensor by tensor
+(`convert --to gguf`) streams instead (`ModelDir.state_shapes` + `iter_state`): one tensor is held at a time, so a
+model larger than the memory converts.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +93,51 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise AquilaError(f"{path}: expected a state dict of tensors")
     return dict(data)
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+
+
+def safetensors_index(path: Path) -> dict[str, tuple[torch.dtype, list[int], int]]:
+    """{name: (dtype, shape, absolute data offset)} of a safetensors file, in safetensors' own key order (sorted, as
+    `load_file` returns them), from its header only. Not `safe_open`: it maps the whole file privately, which fails
+    with "Cannot allocate memory" for a file larger than the memory (a 29 GB fp32 7B model in 23 GB)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        size = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        try:
+            if not 0 <= size <= os.fstat(f.fileno()).st_size - 8:
+                raise ValueError(f"header length {size} does not fit the file")
+            header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            index = {}
+            for name in sorted(header):
+                info = header[name]
+                dtype, shape, (begin, end) = (
+                    _SAFETENSORS_DTYPES[info["dtype"]],
+                    list(info["shape"]),
+                    info["data_offsets"],
+                )
+                if end - begin != torch.Size(shape).numel() * dtype.itemsize:
+                    raise ValueError(f"tensor {name!r}: {end - begin} bytes for shape {shape} {info['dtype']}")
+                index[name] = (dtype, shape, 8 + size + begin)
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise AquilaError(f"{path}: not a valid safetensors file ({e})") from None
+    return index
+
+
+def read_safetensors_tensor(path: Path, name: str, entry: tuple[torch.dtype, list[int], int]) -> torch.Tensor:
+    """One tensor of `safetensors_index(path)`, read into fresh memory (nothing of the file stays mapped)."""
+    dtype, shape, offset = entry
+    tensor = torch.empty(shape, dtype=dtype)
+    if tensor.numel():
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != tensor.nbytes:
+                raise AquilaError(f"{path}: tensor {name!r}: the file ends inside its data")
+    return tensor
 
 
 def _summarise(names: list[str], limit: int = 6) -> str:
@@ -216,6 +263,40 @@ class ModelDir:
         for path in [Path(weights)] if weights else hf_weight_files(self.path):
             state.update(read_state_dict(path))
         return from_hf_state_dict(state, self.args)
+
+    def _safetensors_files(self) -> list[Path] | None:
+        """The safetensors files holding the weights, or None when they are not all safetensors."""
+        files = hf_weight_files(self.path) if self.format == "hf" else [find_weights(self.path)]
+        return files if all(f.suffix == ".safetensors" and f.is_file() for f in files) else None
+
+    def state_shapes(self) -> dict[str, torch.Tensor]:
+        """The weights of `read_state` as meta tensors (names, shapes and dtypes, in its order), read from the
+        safetensors headers only; for `check_state_dict` before a streamed write."""
+        files = self._safetensors_files()
+        if files is None:
+            return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in self.read_state().items()}
+        state: dict[str, torch.Tensor] = {}
+        for path in files:
+            for key, (dtype, shape, _) in safetensors_index(path).items():
+                state[key] = torch.empty(shape, dtype=dtype, device="meta")
+        return from_hf_state_dict(state, self.args) if self.format == "hf" else state
+
+    def iter_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The weights of `read_state` one at a time, same names, order and values, each safetensors tensor read
+        into fresh memory when reached (so it leaves the process when the caller drops it). Other formats are read
+        as `read_state` reads them."""
+        files = self._safetensors_files()
+        if files is None:
+            yield from self.read_state().items()
+            return
+        for path in files:
+            for key, entry in safetensors_index(path).items():
+                tensor = read_safetensors_tensor(path, key, entry)
+                if self.format == "hf":
+                    yield from from_hf_state_dict({key: tensor}, self.args).items()
+                else:
+                    yield key, tensor
+                del tensor
 
     def load(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, weights=None) -> AquilaModel:
         """The full-precision model, strictly loaded with one copy of the weights in memory."""

@@ -4,9 +4,11 @@ format.
 The source format is detected (aquila.checkpoint.ModelDir). A directory output is self-contained: weights, config
 and the tokenizer files; a Hugging Face export also gets tokenizer.json + tokenizer_config.json (with the chat
 template) for `AutoTokenizer` (BOS prepended as aquila does). `--to gguf` writes one file DST (aquila.gguf_export:
-weights in `--outtype`, tokenizer and chat template included) for llama.cpp. DST must be new or empty unless
-`--overwrite`, and never the source, inside it or around it; it is written under a temporary name and renamed, so it
-is never a mix of old and new files.
+weights in `--outtype`, tokenizer and chat template included) for llama.cpp, streamed: the safetensors weights are
+read, converted and written one tensor at a time (ModelDir.iter_state), so a model larger than the memory converts
+(FlagAI's pytorch_model.bin and sharded training steps are read whole, memory-mapped). DST must be new or empty
+unless `--overwrite`, and never the source, inside it or around it; it is written under a temporary name and
+renamed, so it is never a mix of old and new files.
 """
 
 from __future__ import annotations
@@ -41,13 +43,15 @@ def convert(
     md = ModelDir.open(src)
     if md.format == "int8":
         raise AquilaError(f"{src}: an int8 directory cannot be converted; convert its full-precision source instead")
-    state = md.read_state()
-    check_state_dict(meta_model(md.args), state, str(src))  # strict, before anything is written
-    if to == "gguf":
+    if to == "gguf":  # streamed: header from the shapes, then tensor by tensor (the model may exceed the memory)
         from aquila.gguf_export import write_gguf
 
-        write_gguf(dst, md.args, state, src, outtype, name=Path(src).resolve().name)
+        shapes = md.state_shapes()
+        check_state_dict(meta_model(md.args), shapes, str(src))  # strict, before anything is written
+        write_gguf(dst, md.args, shapes, md.iter_state(), src, outtype, name=Path(src).resolve().name)
         return
+    state = md.read_state()
+    check_state_dict(meta_model(md.args), state, str(src))  # strict, before anything is written
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     write_model_dir(dst, md.args, state, "hf" if to == "hf" else "aquila", tokenizer_from=src)

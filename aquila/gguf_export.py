@@ -14,13 +14,16 @@ unused `[PAD<id>]` tokens.
 
 Out types: f32; f16 (matrices f16, norms f32); q8_0 / q4_0 (matrices quantized by gguf.quants, blocks of 32 along
 each row; a matrix whose rows are not a multiple of 32 falls back to f16, as llama.cpp's converter does). The file
-is written tensor by tensor (one converted tensor in memory at a time) under a temporary name, then renamed.
+is written tensor by tensor under a temporary name, then renamed: the header from the tensors' shapes, then each
+tensor read from the source, converted and written before the next is read (a 29 GB fp32 7B model converts in a
+few GB).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -124,12 +127,15 @@ def _add_hparams(writer, args: ModelArgs, name: str, file_type: int) -> None:
 def write_gguf(
     path: str | os.PathLike,
     args: ModelArgs,
-    state: dict[str, torch.Tensor],
+    shapes: Mapping[str, torch.Tensor],
+    tensors: Iterable[tuple[str, torch.Tensor]],
     tokenizer_dir: str | os.PathLike,
     outtype: str = "f32",
     name: str = "aquila",
 ) -> None:
-    """Write `state` (FlagAI names, checked against `args`) and the tokenizer of `tokenizer_dir` as one GGUF file."""
+    """Write the weights and the tokenizer of `tokenizer_dir` as one GGUF file. `shapes` (FlagAI names, checked
+    against `args`; tensors or meta tensors) fixes the header; `tensors` then yields the same names in the same
+    order, each encoded and written before the next is read, so only one tensor is held at a time."""
     gguf = require("gguf", "aquila convert --to gguf")
     if outtype not in OUTTYPES:
         raise AquilaError(f"--outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
@@ -139,16 +145,16 @@ def write_gguf(
     wanted, file_type = _types(gguf)[outtype]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, args.n_layers)
 
-    plan = []  # (gguf name, tensor, ggml type), in state order
+    plan = []  # (FlagAI name, gguf name, shape, ggml type), in the order of `shapes`
     fallback = []
-    for key, tensor in state.items():
+    for key, tensor in shapes.items():
         gguf_name = names.get_name(hf_name(key), try_suffixes=(".weight",))
         if gguf_name is None:
             raise AquilaError(f"{key}: no GGUF name for this tensor (llama architecture)")
         qtype = tensor_type(gguf, tuple(tensor.shape), wanted)
         if qtype != wanted and tensor.dim() > 1:
             fallback.append(gguf_name)
-        plan.append((gguf_name, tensor, qtype))
+        plan.append((key, gguf_name, tuple(tensor.shape), qtype))
     if fallback:
         print(
             f"{outtype}: rows not a multiple of the block size, written as f16: {', '.join(fallback)}", file=sys.stderr
@@ -159,19 +165,24 @@ def write_gguf(
         try:
             _add_hparams(writer, args, name, file_type)
             _add_tokenizer(writer, gguf, tokenizer, args.vocab_size, str(tokenizer_dir))
-            for gguf_name, tensor, qtype in plan:
-                byte_shape = gguf.quant_shape_to_byte_shape(tuple(tensor.shape), qtype)
+            for _, gguf_name, shape, qtype in plan:
+                byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
                 nbytes = int(np.prod(byte_shape))
                 if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                     dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
-                    writer.add_tensor_info(gguf_name, tuple(tensor.shape), np.dtype(dtype), nbytes)
+                    writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), nbytes)
                 else:
                     writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for _, tensor, qtype in plan:  # one converted tensor at a time
+            stream = iter(tensors)
+            for key, _, shape, qtype in plan:  # one read and converted tensor at a time
+                got, tensor = next(stream, (None, None))
+                if got != key or tuple(tensor.shape) != shape:
+                    raise AquilaError(f"{key}: the weights stream gave {got!r} here (expected {key} {list(shape)})")
                 writer.write_tensor_data(_encoded(gguf, tensor, qtype))
+                del tensor
         finally:
             writer.close()
 

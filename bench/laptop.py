@@ -11,6 +11,8 @@ Decode tokens/s at batch 1 = (N - 1) / (t(N) - t(1)) for ours (`DecodeBatch`, gr
 after the prompt) for llama.cpp; the better of the rounds is printed, with the ratio ours / llama.cpp and "% of
 read limit": rate x weight bytes / the read bandwidth measured in the same process just before (all threads
 summing 512 MiB). Threads: --threads (2) for both sides. Peak RSS is the process's ru_maxrss after load and decode.
+llama.cpp is loaded without its extra buffer types (no AMX repacking: it crashed with SIGSEGV at the tiny test shape
+and at the 7B shape on an AMX Xeon); `--llama-repack` restores its default, and a crashed row prints its exit code.
 """
 
 from __future__ import annotations
@@ -146,9 +148,25 @@ def child_ours(path: str, quantize: str, batch: int, tokens: int, threads: int) 
     }
 
 
-def child_llama(path: str, batch: int, tokens: int, threads: int) -> dict:
+def plain_buffers(llama_cpp) -> None:
+    """Load llama.cpp without its extra buffer types (weights repacked for AMX or AVX-512 tiles), as
+    tests/test_gguf_llama_cpp.py does: on an AMX Xeon, llama-cpp-python 0.3.36's AMX repacking of q8_0/q4_0 crashed
+    a test process at its first forward (dim 64). `--llama-repack` keeps llama.cpp's default."""
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+
+
+def child_llama(path: str, batch: int, tokens: int, threads: int, repack: bool = False) -> dict:
     import llama_cpp
 
+    if not repack:
+        plain_buffers(llama_cpp)
     t = time.perf_counter()
     llm = llama_cpp.Llama(model_path=path, n_ctx=32 + tokens, n_threads=threads, n_batch=64, verbose=False)
     load_s = time.perf_counter() - t
@@ -171,14 +189,16 @@ def child_llama(path: str, batch: int, tokens: int, threads: int) -> dict:
         "peak_rss": peak,
         "load_rss": load_rss,
         "load_s": load_s,
+        "repack": repack,
     }
 
 
 def run_child(*argv: str) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    if proc.returncode or not lines:  # a crash (e.g. a signal) is a row's result, not the bench's end
+        why = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return {"error": f"exit {proc.returncode}: {why}"}
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
@@ -209,14 +229,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch8", action="store_true", help="also ours at batch 8")
     parser.add_argument("--only", default="", help="comma-separated row names to run (fp32,int8,int4)")
+    parser.add_argument("--llama-repack", action="store_true", help="llama.cpp with its extra buffer types (AMX)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, path, quant, batch, tokens, threads = args.child
+        kind, path, quant, batch, tokens, threads, repack = args.child
         if kind == "ours":
             out = child_ours(path, quant, int(batch), int(tokens), int(threads))
         else:
-            out = child_llama(path, int(batch), int(tokens), int(threads))
+            out = child_llama(path, int(batch), int(tokens), int(threads), repack == "1")
         print("RESULT " + json.dumps(out))
         return
     shape = args.shape
@@ -236,6 +257,7 @@ def main() -> None:
     print(f"\n{shape}, random weights, batch 1, {args.threads} threads, {args.tokens} new tokens; {cpu_name()}")
     print(f"CPU features: {cpu_features()}")
     print(f"load before: {os.getloadavg()}")
+    repack = "1" if args.llama_repack else "0"
     results: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.rounds):
         for label, kind, name, _extra in rows:
@@ -244,7 +266,7 @@ def main() -> None:
                 path = work / name
             else:
                 path = work / name
-            out = run_child(kind, str(path), quant, "1", str(args.tokens), str(args.threads))
+            out = run_child(kind, str(path), quant, "1", str(args.tokens), str(args.threads), repack)
             results.setdefault((label, kind), []).append(out)
             print(f"  {label:>5} {kind:<6} {json.dumps(out)}", flush=True)
     print(f"load after: {os.getloadavg()}")
@@ -272,7 +294,7 @@ def main() -> None:
     if args.batch8:
         for label, ours_dir, *_ in pairs:
             out = run_child("ours", str(work / ours_dir), {"fp32": "", "int8": "int8", "int4": "int4"}[label], "8",
-                            str(args.tokens), str(args.threads))  # fmt: skip
+                            str(args.tokens), str(args.threads), repack)  # fmt: skip
             print(f"batch 8 ours {label}: {json.dumps(out)}")
 
 

@@ -59,3 +59,22 @@ def test_half_a_bpe_tokenizer_is_refused_before_anything_is_written(source, tmp_
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert not dst.exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b[:4], "not a valid safetensors file"),  # shorter than its header length
+        (lambda b: b[:8] + b"x" + b[9:], "not a valid safetensors file"),  # header is not JSON
+        (lambda b: b[: len(b) - 100], "the file ends inside its data"),  # truncated data
+    ],
+)
+def test_damaged_safetensors_is_one_error_line_and_no_gguf(source, tmp_path, damage, message, capsys):
+    """The streamed GGUF export reads the safetensors file itself (header, then each tensor)."""
+    weights = source / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    dst = tmp_path / "m.gguf"
+    assert main(["convert", str(source), str(dst), "--to", "gguf"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not dst.exists() and not list(tmp_path.glob(".m.gguf*"))

@@ -163,6 +163,26 @@ def test_read_state_is_under_flagai_names_for_every_format(base, tmp_path):
         assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
 
 
+def test_streamed_state_is_read_state_in_its_order_for_every_format(base, tmp_path):
+    """iter_state (one tensor at a time) and state_shapes (headers only) give read_state's names, order, shapes,
+    dtypes and values: ours, HF (q/k rows permuted back per tensor) and FlagAI's pytorch_model.bin."""
+    from aquila.checkpoint import ModelDir
+
+    assert cli_main(["convert", str(base), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert cli_main(["convert", str(base), str(tmp_path / "flagai"), "--to", "flagai"]) == 0
+    (tmp_path / "flagai" / "model.safetensors").unlink()
+    for path in (base, tmp_path / "hf", tmp_path / "flagai"):
+        md = ModelDir.open(path)
+        expected = md.read_state()
+        streamed = list(md.iter_state())
+        assert [k for k, _ in streamed] == list(expected) == list(md.state_shapes()), path.name
+        assert all(torch.equal(t, expected[k]) for k, t in streamed), path.name
+        shapes = md.state_shapes()
+        assert all(
+            v.is_meta and v.shape == expected[k].shape and v.dtype == expected[k].dtype for k, v in shapes.items()
+        )
+
+
 def test_int8_dir_is_refused_where_full_precision_is_needed(base, tmp_path, capsys):
     from aquila.checkpoint import load_model_dir
 
