@@ -31,6 +31,7 @@ from aquila.config import ModelArgs
 from aquila.constants import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, WEIGHT_NAMES
 from aquila.errors import AquilaError
 from aquila.hf import args_from_hf_config, from_hf_state_dict, hf_config, to_hf_state_dict, write_hf_tokenizer
+from aquila.inference.tensor_file import iter_safetensors, safetensors_index
 from aquila.io_utils import atomic_dir, atomic_path, read_json
 from aquila.manifest import verify_manifest
 from aquila.model import AquilaModel
@@ -93,51 +94,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise AquilaError(f"{path}: expected a state dict of tensors")
     return dict(data)
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
-
-
-def safetensors_index(path: Path) -> dict[str, tuple[torch.dtype, list[int], int]]:
-    """{name: (dtype, shape, absolute data offset)} of a safetensors file, in safetensors' own key order (sorted, as
-    `load_file` returns them), from its header only. Not `safe_open`: it maps the whole file privately, which fails
-    with "Cannot allocate memory" for a file larger than the memory (a 29 GB fp32 7B model in 23 GB)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        size = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-        try:
-            if not 0 <= size <= os.fstat(f.fileno()).st_size - 8:
-                raise ValueError(f"header length {size} does not fit the file")
-            header = json.loads(f.read(size))
-            header.pop("__metadata__", None)
-            index = {}
-            for name in sorted(header):
-                info = header[name]
-                dtype, shape, (begin, end) = (
-                    _SAFETENSORS_DTYPES[info["dtype"]],
-                    list(info["shape"]),
-                    info["data_offsets"],
-                )
-                if end - begin != torch.Size(shape).numel() * dtype.itemsize:
-                    raise ValueError(f"tensor {name!r}: {end - begin} bytes for shape {shape} {info['dtype']}")
-                index[name] = (dtype, shape, 8 + size + begin)
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            raise AquilaError(f"{path}: not a valid safetensors file ({e})") from None
-    return index
-
-
-def read_safetensors_tensor(path: Path, name: str, entry: tuple[torch.dtype, list[int], int]) -> torch.Tensor:
-    """One tensor of `safetensors_index(path)`, read into fresh memory (nothing of the file stays mapped)."""
-    dtype, shape, offset = entry
-    tensor = torch.empty(shape, dtype=dtype)
-    if tensor.numel():
-        with open(path, "rb") as f:
-            f.seek(offset)
-            if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != tensor.nbytes:
-                raise AquilaError(f"{path}: tensor {name!r}: the file ends inside its data")
-    return tensor
 
 
 def _summarise(names: list[str], limit: int = 6) -> str:
@@ -290,8 +246,7 @@ class ModelDir:
             yield from self.read_state().items()
             return
         for path in files:
-            for key, entry in safetensors_index(path).items():
-                tensor = read_safetensors_tensor(path, key, entry)
+            for key, tensor in iter_safetensors(path, by_name=True):
                 if self.format == "hf":
                     yield from from_hf_state_dict({key: tensor}, self.args).items()
                 else:

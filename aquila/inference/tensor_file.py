@@ -62,29 +62,45 @@ def tensor_count(path: str | os.PathLike) -> int:
         return len(_header(f, str(path))[0])
 
 
-def iter_safetensors(
-    path: str | os.PathLike, convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) in file order, each freshly allocated and read; `convert(name, t)` applied before the next."""
+def safetensors_index(path: str | os.PathLike) -> dict[str, tuple[torch.dtype, list[int], int]]:
+    """{name: (dtype, shape, absolute data offset)} from the header only, in name order (safetensors' `load_file`
+    order). Not `safe_open`: it maps the whole file privately, which fails with "Cannot allocate memory" for a file
+    larger than the memory (a 29 GB fp32 7B model in 23 GB)."""
     path = str(path)
     with open(path, "rb") as f:
         header, base = _header(f, path)
-        entries = []
-        for name, info in header.items():
-            try:
-                dtype, shape, (begin, end) = SAFETENSORS_CODES[info["dtype"]], list(info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise AquilaError(f"{path}: tensor {name!r}: unsupported or malformed header entry {info!r}") from None
-            if end - begin != math.prod(shape) * dtype.itemsize:
-                raise AquilaError(f"{path}: tensor {name!r}: {end - begin} bytes for shape {shape} {info['dtype']}")
-            entries.append((begin, name, dtype, shape))
-        for begin, name, dtype, shape in sorted(entries):
+    index = {}
+    for name in sorted(header):
+        info = header[name]
+        try:
+            dtype, shape, (begin, end) = SAFETENSORS_CODES[info["dtype"]], list(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise AquilaError(f"{path}: tensor {name!r}: unsupported or malformed header entry {info!r}") from None
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise AquilaError(f"{path}: tensor {name!r}: {end - begin} bytes for shape {shape} {info['dtype']}")
+        index[name] = (dtype, shape, base + begin)
+    return index
+
+
+def iter_safetensors(
+    path: str | os.PathLike,
+    convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    by_name: bool = False,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) in file order (in name order with `by_name`), each freshly allocated and read;
+    `convert(name, t)` applied before the next."""
+    index = safetensors_index(path)
+    order = index if by_name else sorted(index, key=lambda name: index[name][2])
+    with open(path, "rb") as f:
+        for name in order:
+            dtype, shape, offset = index[name]
             tensor = torch.empty(shape, dtype=dtype)
             if tensor.numel():
-                f.seek(base + begin)
+                f.seek(offset)
                 if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != tensor.nbytes:
                     raise AquilaError(f"{path}: tensor {name!r}: the file ends inside its data")
             yield name, convert(name, tensor) if convert else tensor
+            del tensor  # the caller may drop its reference before the next is allocated
 
 
 def read_safetensors(
