@@ -12,6 +12,7 @@ from aquila.checkpoint import build_model, save_model_dir
 from aquila.cli import main as cli_main
 from aquila.config import ModelArgs
 from aquila.errors import AquilaError
+from aquila.inference import int4
 from aquila.inference.int4 import Int4Linear, dequantize_int4, prepare_int4, quantize_weight_int4
 from aquila.inference.quantize import Int8Embedding, quantize_model, weight_bytes
 from tests.test_inference import DEMO_TOKENIZER, single_thread
@@ -57,6 +58,14 @@ def test_prepared_kernel_matches_the_dequantized_weight(rows):
         got = layer(x)
     assert layer.prepared and got.shape == (3, rows)
     assert rms_rel(got, ref) < 2**-6  # bf16 activations and scales (see KERNEL_RMS)
+
+
+@pytest.mark.parametrize("rows", [16, 48, 64, 112, 1040])  # short blocks of 16/48 rows, full ones, both
+def test_load_time_packing_gives_the_kernels_own_bytes(rows):
+    codes = torch.randint(0, 16, (rows, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
+    assert torch.equal(int4.kernel_packer()(codes), int4._pack_by_kernel(codes))
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":  # where the fast packing applies, it is the one used
+        assert int4.kernel_packer() is int4._pack_avx512
 
 
 def test_int4_model_logits_and_bytes():
