@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Ours calls tiktoken's core directly (a text with lone surrogates fails its UTF-8 conversion and is cleaned "
         "and encoded again; no scan of every text) plus two Python calls; the rest of the gap between the two rows "
-        "varies from run to run on this shared machine. `encode_arrays` also takes tiktoken's uint32 buffer (no "
+        "varies from run to run. `encode_arrays` also takes tiktoken's uint32 buffer (no "
         "Python int per token).",
         "",
         f"`Tokenizer.encode_batch` on all {n_cores()} cores (tiktoken threads; wall-clock, so it shows the load): "
