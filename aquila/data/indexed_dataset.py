@@ -23,8 +23,8 @@ import contextlib
 import json
 import os
 import struct
+import tempfile
 import zlib
-from array import array
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -108,17 +108,7 @@ def dtype_code(dtype: np.dtype | type | str) -> int:
     return _CODE_OF[dt]
 
 
-def encode_index(sizes: np.ndarray, doc_idx: np.ndarray, dtype: np.dtype) -> bytes:
-    """The `.idx` bytes for `sizes` (tokens per sequence) and `doc_idx`."""
-    sizes = np.asarray(sizes, dtype=np.int32)
-    doc_idx = np.asarray(doc_idx, dtype=np.int64)
-    itemsize = np.dtype(dtype).itemsize
-    pointers = np.zeros(len(sizes), dtype=np.int64)
-    if len(sizes) > 1:
-        np.cumsum(sizes[:-1], dtype=np.int64, out=pointers[1:])
-    pointers *= itemsize
-    header = MAGIC + struct.pack("<QBQQ", VERSION, dtype_code(dtype), len(sizes), len(doc_idx))
-    return header + sizes.astype("<i4").tobytes() + pointers.astype("<i8").tobytes() + doc_idx.astype("<i8").tobytes()
+_INDEX_CHUNK = 1 << 18  # index entries a builder reads or writes at a time
 
 
 class _Aborted(Exception):
@@ -149,8 +139,18 @@ class MMapIndexedDatasetBuilder:
         self._idx_stack = contextlib.ExitStack()
         self._idx_tmp = self._idx_stack.enter_context(atomic_path(index_file_path(prefix)))
         self._bin = open(self._bin_tmp, "wb")  # noqa: SIM115 - closed by finalize/abort
-        self._sizes = array("i")
-        self._doc_idx = array("q", [0])
+        # The index's sizes and document starts go to two unnamed temporary files beside the output as they come
+        # (gone with the process, however it ends), and are streamed into the .idx by finalize(): memory stays
+        # flat however many documents (an in-memory index took ~60 bytes a document at finalize: 30 GB for 1 TB).
+        with disk_errors_name(index_file_path(prefix)):
+            self._sizes = tempfile.TemporaryFile(dir=self._idx_tmp.parent, prefix=".sizes.")
+            self._doc_idx = tempfile.TemporaryFile(dir=self._idx_tmp.parent, prefix=".docs.")
+        self._stack.callback(self._sizes.close)
+        self._stack.callback(self._doc_idx.close)
+        self._n = 0  # sequences so far
+        self._docs = 1  # entries of doc_idx so far (its leading 0)
+        self._last_doc = 0  # doc_idx's last entry
+        self._put_doc_idx(np.zeros(1, np.int64))
         self._done = False
 
     # -- writing ---------------------------------------------------------------------------------
@@ -172,7 +172,19 @@ class MMapIndexedDatasetBuilder:
         """Append one sequence (part of the current document)."""
         arr = self._check(tokens)
         self._write(arr.tobytes(order="C"))
-        self._sizes.append(arr.size)
+        self._put_sizes(np.asarray([arr.size]))
+
+    def _put_sizes(self, sizes: np.ndarray) -> None:
+        with disk_errors_name(index_file_path(self.prefix)):
+            self._sizes.write(sizes.astype("<i4").tobytes())
+        self._n += len(sizes)
+
+    def _put_doc_idx(self, starts: np.ndarray) -> None:
+        """Append document starts (sequence numbers), absolute."""
+        with disk_errors_name(index_file_path(self.prefix)):
+            self._doc_idx.write(starts.astype("<i8").tobytes())
+        if len(starts):
+            self._last_doc = int(starts[-1])
 
     def _write(self, data: bytes) -> None:
         with disk_errors_name(data_file_path(self.prefix)):
@@ -182,7 +194,8 @@ class MMapIndexedDatasetBuilder:
 
     def end_document(self) -> None:
         """Close the current document: the next item starts a new one."""
-        self._doc_idx.append(len(self._sizes))
+        self._put_doc_idx(np.asarray([self._n]))
+        self._docs += 1
 
     def add_document(self, tokens: Sequence[int] | np.ndarray) -> None:
         """Append a one-sequence document."""
@@ -196,9 +209,10 @@ class MMapIndexedDatasetBuilder:
         if int(lengths.sum()) != arr.size:
             raise AquilaError(f"indexed dataset {self.prefix}: lengths sum to {int(lengths.sum())}, not {arr.size}")
         self._write(memoryview(np.ascontiguousarray(arr)).cast("B"))  # no bytes copy of the tokens
-        start = len(self._sizes)
-        self._sizes.frombytes(lengths.astype(self._sizes.typecode).tobytes())  # array("i"): native int32
-        self._doc_idx.frombytes(np.arange(start + 1, start + len(lengths) + 1, dtype=self._doc_idx.typecode).tobytes())
+        start = self._n
+        self._put_sizes(lengths)
+        self._put_doc_idx(np.arange(start + 1, start + len(lengths) + 1, dtype=np.int64))
+        self._docs += len(lengths)
 
     def add_index(self, prefix: str | os.PathLike) -> None:
         """Append every sequence and document of an existing dataset (same dtype)."""
@@ -207,9 +221,12 @@ class MMapIndexedDatasetBuilder:
             raise AquilaError(f"{index_file_path(prefix)}: dtype {other.dtype} differs from the output's {self.dtype}")
         if self._done:
             raise AquilaError(f"indexed dataset {self.prefix}: builder already finalized")
-        offset = len(self._sizes)
-        self._sizes.extend(other.sizes.astype(np.int32).tolist())
-        self._doc_idx.extend((other.doc_idx[1:] + offset).tolist())
+        offset = self._n
+        for i in range(0, len(other.sizes), _INDEX_CHUNK):
+            self._put_sizes(other.sizes[i : i + _INDEX_CHUNK])
+        for i in range(1, len(other.doc_idx), _INDEX_CHUNK):
+            self._put_doc_idx(other.doc_idx[i : i + _INDEX_CHUNK] + offset)
+        self._docs += len(other.doc_idx) - 1
         with open(data_file_path(prefix), "rb") as src:
             while chunk := src.read(16 << 20):
                 self._write(chunk)
@@ -220,13 +237,15 @@ class MMapIndexedDatasetBuilder:
         """Write the index and give both files their final names (`.bin` first, `.idx` last)."""
         if self._done:
             return
-        if self._doc_idx[-1] != len(self._sizes):
+        if self._last_doc != self._n:
             self.end_document()  # a trailing add_item without end_document closes its document
-        index = encode_index(np.frombuffer(self._sizes, np.int32), np.frombuffer(self._doc_idx, np.int64), self.dtype)
         with disk_errors_name(data_file_path(self.prefix)):
             self._bin.close()
+        idx_bytes, idx_crc = 0, 0
         with disk_errors_name(index_file_path(self.prefix)), open(self._idx_tmp, "wb") as f:
-            f.write(index)
+            for part in self._index_parts():
+                f.write(part)
+                idx_bytes, idx_crc = idx_bytes + len(part), zlib.crc32(part, idx_crc)
         self._done = True
         sidecar = checksum_file_path(self.prefix)
         sidecar.unlink(missing_ok=True)  # an older dataset's checksums must not outlive it
@@ -238,10 +257,33 @@ class MMapIndexedDatasetBuilder:
                 "chunk_bytes": self._crc.chunk,
                 "bin_bytes": self._crc.nbytes,
                 "bin_crc32": self._crc.digest(),
-                "idx_bytes": len(index),
-                "idx_crc32": zlib.crc32(index),
+                "idx_bytes": idx_bytes,
+                "idx_crc32": idx_crc,
             }
             write_text_atomic(sidecar, json.dumps(record) + "\n")
+
+    def _index_parts(self) -> Iterable[bytes]:
+        """The .idx bytes in pieces of at most `_INDEX_CHUNK` entries: header, sizes, pointers, doc_idx."""
+        yield MAGIC + struct.pack("<QBQQ", VERSION, dtype_code(self.dtype), self._n, self._docs)
+        self._sizes.flush()
+        self._doc_idx.flush()
+        self._sizes.seek(0)
+        while chunk := self._sizes.read(4 * _INDEX_CHUNK):
+            yield chunk
+        self._sizes.seek(0)
+        start = 0  # tokens before this chunk's first sequence
+        while chunk := self._sizes.read(4 * _INDEX_CHUNK):
+            sizes = np.frombuffer(chunk, "<i4").astype(np.int64)
+            pointers = np.cumsum(sizes)
+            end = start + int(pointers[-1])
+            pointers -= sizes
+            pointers += start
+            pointers *= self.dtype.itemsize
+            yield pointers.astype("<i8", copy=False).tobytes()
+            start = end
+        self._doc_idx.seek(0)
+        while chunk := self._doc_idx.read(8 * _INDEX_CHUNK):
+            yield chunk
 
     def abort(self) -> None:
         """Discard the temporary files; nothing with a final name is written."""
@@ -254,7 +296,7 @@ class MMapIndexedDatasetBuilder:
 
     @property
     def num_sequences(self) -> int:
-        return len(self._sizes)
+        return self._n
 
     def __enter__(self) -> MMapIndexedDatasetBuilder:
         return self
