@@ -20,6 +20,7 @@ setup(
         "sentencepiece>=0.1.99",
         "pyyaml>=6.0",
         "tqdm>=4.60",
+        "ninja>=1.11",  # torch's C++ extension loader builds the int8 decode kernel with it (int8_kernel.py)
     ],
     extras_require={
         "test": [
