@@ -22,8 +22,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -59,8 +61,18 @@ def cpu_features() -> str:
     return f"torch {torch.backends.cpu.get_cpu_capability()}; " + " ".join(f for f in wanted if f in flags)
 
 
+def reset_peak_rss() -> None:
+    """Start this process's high-water mark afresh: ru_maxrss after exec keeps the parent's peak from before it
+    (a parent that has just quantized a 7B model would show its 6.9 GB in every row)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def read_bandwidth() -> float:
@@ -233,6 +245,7 @@ def main() -> None:
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        reset_peak_rss()
         kind, path, quant, batch, tokens, threads, repack = args.child
         if kind == "ours":
             out = child_ours(path, quant, int(batch), int(tokens), int(threads))
