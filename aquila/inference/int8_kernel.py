@@ -36,7 +36,8 @@ static inline __m512 widen16(const int8_t* p) {
 }
 
 // Dot products of x with four consecutive rows of r (row length K): four weight streams in flight, each
-// activation load used four times.
+// activation load used four times, and the next four rows prefetched at the same columns (from DRAM, 1.2 GB of
+// weights, this read 20-29 GB/s against 16-25 without it; a prefetch past the last row does not fault).
 static inline void dot4(const float* x, const int8_t* r, int64_t K, float* out) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
   int64_t k = 0;
@@ -45,6 +46,7 @@ static inline void dot4(const float* x, const int8_t* r, int64_t K, float* out) 
     _mm_prefetch((const char*)(r + K + k + 512), _MM_HINT_T0);
     _mm_prefetch((const char*)(r + 2 * K + k + 512), _MM_HINT_T0);
     _mm_prefetch((const char*)(r + 3 * K + k + 512), _MM_HINT_T0);
+    for (int j = 4; j < 8; ++j) _mm_prefetch((const char*)(r + j * K + k), _MM_HINT_T0);  // the next 4 rows
     const __m512 xv = _mm512_loadu_ps(x + k);
     a0 = _mm512_fmadd_ps(xv, widen16(r + k), a0);
     a1 = _mm512_fmadd_ps(xv, widen16(r + K + k), a1);
