@@ -148,7 +148,7 @@ class MMapIndexedDatasetBuilder:
         self._stack.callback(self._sizes.close)
         self._stack.callback(self._doc_idx.close)
         self._n = 0  # sequences so far
-        self._docs = 1  # entries of doc_idx so far (its leading 0)
+        self._docs = 0  # entries of doc_idx so far (the first is its leading 0)
         self._last_doc = 0  # doc_idx's last entry
         self._put_doc_idx(np.zeros(1, np.int64))
         self._done = False
@@ -183,6 +183,7 @@ class MMapIndexedDatasetBuilder:
         """Append document starts (sequence numbers), absolute."""
         with disk_errors_name(index_file_path(self.prefix)):
             self._doc_idx.write(starts.astype("<i8").tobytes())
+        self._docs += len(starts)
         if len(starts):
             self._last_doc = int(starts[-1])
 
@@ -195,7 +196,6 @@ class MMapIndexedDatasetBuilder:
     def end_document(self) -> None:
         """Close the current document: the next item starts a new one."""
         self._put_doc_idx(np.asarray([self._n]))
-        self._docs += 1
 
     def add_document(self, tokens: Sequence[int] | np.ndarray) -> None:
         """Append a one-sequence document."""
@@ -212,7 +212,6 @@ class MMapIndexedDatasetBuilder:
         start = self._n
         self._put_sizes(lengths)
         self._put_doc_idx(np.arange(start + 1, start + len(lengths) + 1, dtype=np.int64))
-        self._docs += len(lengths)
 
     def add_index(self, prefix: str | os.PathLike) -> None:
         """Append every sequence and document of an existing dataset (same dtype)."""
@@ -226,7 +225,6 @@ class MMapIndexedDatasetBuilder:
             self._put_sizes(other.sizes[i : i + _INDEX_CHUNK])
         for i in range(1, len(other.doc_idx), _INDEX_CHUNK):
             self._put_doc_idx(other.doc_idx[i : i + _INDEX_CHUNK] + offset)
-        self._docs += len(other.doc_idx) - 1
         with open(data_file_path(prefix), "rb") as src:
             while chunk := src.read(16 << 20):
                 self._write(chunk)
