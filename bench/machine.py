@@ -21,3 +21,15 @@ def cores() -> int:
 def load_average() -> str:
     """The 1-minute load average, or '' where the OS has none (other jobs skew CPU timings)."""
     return f"load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+
+
+def status_kb(pid: int | str, field: str) -> int:
+    """A kB field of /proc/PID/status (VmRSS, VmHWM, ...; pid may be "self"), 0 where there is none."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0

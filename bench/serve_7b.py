@@ -36,7 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from machine import cores, cpu_name, load_average  # noqa: E402
+from machine import cores, cpu_name, load_average, status_kb  # noqa: E402
 from serve import DEMO_TOKENIZER, Server, percentile  # noqa: E402
 
 SYSTEM, USER, NEW = 272, 12, 16
@@ -83,13 +83,6 @@ def write_random_int8_dir(out: Path, seed: int = 0, args=None) -> None:
         (tmp / QUANT_CONFIG).write_text(json.dumps(qcfg) + "\n")
         for name in DEMO_TOKENIZER.iterdir():
             shutil.copy(name, tmp / name.name)
-
-
-def status_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def mem_available_gb() -> float:
