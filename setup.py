@@ -25,6 +25,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=7",
+            "pytest-timeout>=2.1",  # a test that hangs fails alone (with its stacks) instead of stalling CI
             "hypothesis>=6",
             "transformers>=4.40",
             "ruff>=0.5",

@@ -28,6 +28,8 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -363,14 +365,24 @@ def preprocess(
                 # A forked worker gets the loaded tokenizer as it is (fork does not pickle initargs); others load it.
                 inherited = tokenizer if ctx.get_start_method() == "fork" else None
                 initargs = (inherited, os.fspath(tokenizer_dir))
-                with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
-                    pending: deque = deque()
+                # concurrent.futures, not multiprocessing.Pool: Pool.terminate() with chunks still queued (an error
+                # in the middle of the input) could deadlock in CPython's task handler; the executor lets the
+                # chunks in flight finish, drops the queued ones, and notices a worker that died.
+                pool = ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=initargs)
+                pending: deque = deque()
+                try:
                     for task in tasks():  # at most 2 chunks per worker in flight: memory stays bounded
-                        pending.append(pool.apply_async(_encode_task, (task,)))
+                        pending.append(pool.submit(_encode_task, task))
                         if len(pending) >= 2 * workers:
-                            consume(pending.popleft().get())
+                            consume(pending.popleft().result())
                     while pending:
-                        consume(pending.popleft().get())
+                        consume(pending.popleft().result())
+                except BrokenProcessPool:
+                    raise AquilaError(
+                        "preprocess: a worker process died (killed, or out of memory?); nothing was written"
+                    ) from None
+                finally:
+                    pool.shutdown(wait=True, cancel_futures=True)
         finally:
             if bar is not None:
                 bar.close()
