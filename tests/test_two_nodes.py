@@ -156,7 +156,14 @@ def test_dist_stop_stops_both_nodes_sigterm_first_and_nothing_else(cluster, proj
             assert "got signal: 15" not in logs  # torchrun was left alone (it would SIGKILL a saving worker)
             exits = [save_dir / "launch" / f"node{rank}.exit" for rank in (0, 1)]
             # A node script's EXIT trap writes its status as it ends; on a loaded machine that can trail the stop.
-            wait_for(lambda: all(p.is_file() for p in exits), 30, "both node scripts to record their exit status")
+            try:
+                wait_for(lambda: all(p.is_file() for p in exits), 30, "both node scripts to record their exit status")
+            except AssertionError as e:  # (seen once in a full run, never alone: say what the nodes left behind)
+                left = sorted(p.name for p in (save_dir / "launch").iterdir())
+                tails = "\n".join(logs.splitlines()[-30:])
+                raise AssertionError(
+                    f"{e}; launch/ has {left}; stop printed {r.stdout!r}; logs end:\n{tails}"
+                ) from None
             assert [p.read_text().strip() for p in exits] == ["143", "143"]
         assert bystander.poll() is None
     finally:
