@@ -20,7 +20,7 @@ setup(
         "sentencepiece>=0.1.99",
         "pyyaml>=6.0",
         "tqdm>=4.60",
-        "ninja>=1.11",  # torch's C++ extension loader builds the int8 decode kernel with it (int8_kernel.py)
+        "ninja>=1.11",  # torch's C++ extension loader builds the int8/int4 decode kernels with it (cpu_kernels.py)
     ],
     extras_require={
         "test": [

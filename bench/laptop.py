@@ -17,20 +17,17 @@ and at the 7B shape on an AMX Xeon); `--llama-repack` restores its default, and 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import math
 import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -267,6 +264,10 @@ def main() -> None:
 
     print(f"\n{shape}, random weights, batch 1, {args.threads} threads, {args.tokens} new tokens; {cpu_name()}")
     print(f"CPU features: {cpu_features()}")
+    # Ours runs with the OpenMP wait policy a user gets (libgomp's default unless set): PASSIVE, which benches on
+    # shared machines set, made our 1B int8 decode 76 ms a token against 53 (threads put to sleep between the
+    # ~110 matmuls of a token); llama.cpp's own thread pool does not read it.
+    print(f"OMP_WAIT_POLICY: {os.environ.get('OMP_WAIT_POLICY', '(unset: the OpenMP default)')}")
     print(f"load before: {os.getloadavg()}")
     repack = "1" if args.llama_repack else "0"
     results: dict[tuple[str, str], list[dict]] = {}

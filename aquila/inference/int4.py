@@ -1,4 +1,4 @@
-"""int4 weight-only linear layers: group-wise asymmetric 4-bit weights, run by torch's CPU int4 kernel.
+"""int4 weight-only linear layers: group-wise asymmetric 4-bit weights, run by our AVX-512 kernel or torch's.
 
 Each group of `group_size` consecutive input weights of an output row has a scale and a zero point (bf16), and
     w ~= (q - 8) * scale + zero,  q in 0..15,
@@ -8,8 +8,9 @@ weight, the same bytes as llama.cpp's q4_0 (which has a scale but no zero point 
 On disk (`aquila quantize --bits 4`) a layer is `*.weight` uint8 [out, in / 2], two weights a byte in plain row
 order (low nibble first), and `*.scales` bf16 [out, in / group, 2] holding (scale, zero). That layout is portable;
 the kernel's own packing is blocked for the CPU it runs on, so it is made at load time (`prepare_for_cpu`), in
-row blocks, replacing the plain tensors (the layer then costs its own bytes once). A prepared layer is for
-inference only: its buffers are in the kernel's layout, not the file's.
+row blocks, replacing the plain tensors (the layer then costs its own bytes once). Where our AVX-512 kernel
+(`cpu_kernels.int4_rows_mm`, about 1.4x faster at batch 1) built, it reads the file layout itself and nothing is
+repacked. A prepared layer is for inference only: its buffers may be in the kernel's layout, not the file's.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aquila.errors import AquilaError
+from aquila.inference.cpu_kernels import int4_rows_kernel
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the CPU kernel accepts
 DEFAULT_GROUP_SIZE = 64
@@ -129,6 +131,16 @@ def _(x: torch.Tensor, w: torch.Tensor, group: int, sz: torch.Tensor, out_featur
     return x.new_empty(x.shape[0], out_features)
 
 
+@torch.library.custom_op("aquila::int4_rows_mm", mutates_args=())
+def int4_rows_mm_op(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    return int4_rows_kernel()(x, w, sz, group)
+
+
+@int4_rows_mm_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
 class Int4Linear(nn.Module):
     """y = x @ W^T with W in group-wise int4 (see the module docstring for the two layouts)."""
 
@@ -142,7 +154,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         check_group_size(in_features, group_size)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.prepared = False
+        self.prepared = self.own_kernel = False
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         groups = in_features // group_size
         self.register_buffer("scales", torch.empty(out_features, groups, 2, dtype=torch.bfloat16, device=device))
@@ -163,6 +175,10 @@ class Int4Linear(nn.Module):
             return
         if self.weight.device.type != "cpu":
             raise AquilaError(f"the int4 CPU kernel needs CPU weights, got {self.weight.device}")
+        if int4_rows_kernel() is not None:  # ours reads the file layout; the pairs as int32 survive .half() too
+            self.scales = self.scales.contiguous().view(torch.int32).squeeze(-1)
+            self.prepared = self.own_kernel = True
+            return
         rows = -(-self.out_features // _ROW_ALIGN) * _ROW_ALIGN
         # The kernel's layout keeps rows in their blocks, so block by block it can overwrite the file layout in
         # place (no second copy of the layer); a padded matrix (the output) needs a new, slightly larger tensor.
@@ -185,7 +201,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.prepared and x.device.type == "cpu":
+        if self.own_kernel and x.device.type == "cpu":
+            mm = int4_rows_mm_op if torch.compiler.is_compiling() else int4_rows_kernel()
+            y = mm(rows.float().contiguous(), self.weight, self.scales, self.group_size).to(x.dtype)
+        elif self.prepared and x.device.type == "cpu":
             mm = int4_mm_op if torch.compiler.is_compiling() else _int4_mm
             y = mm(rows, self.weight, self.group_size, self.scales.view(torch.bfloat16), self.out_features)
         elif self.prepared:

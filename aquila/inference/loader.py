@@ -83,7 +83,7 @@ def load_model(
     if bits is not None and quantize is not None and QUANT_MODES[quantize] != bits:
         raise AquilaError(f"{path} is an int{bits} directory; quantize={quantize!r} needs a full-precision one")
     if quantize == "int4" and dev.type != "cpu":
-        raise AquilaError("int4 runs on CPU only (torch's CPU int4 kernel); use quantize='int8' on CUDA")
+        raise AquilaError("int4 runs on CPU only (its kernels are CPU kernels); use quantize='int8' on CUDA")
     if bits is not None or (quantize and adapter_dir is None and (quantize == "int4" or not _use_bminf(dev))):
         # an unquantized directory is quantized tensor by tensor
         return load_quantized(md, dtype, bits=bits or QUANT_MODES[quantize], device=dev).eval()

@@ -2,12 +2,12 @@
 
 Every `nn.Linear` becomes an `Int8Linear` (int8 weight [out, in] + one fp32 scale per output channel, symmetric,
 scale = max|row| / 127) and, optionally, the token embedding an `Int8Embedding` (one scale per row). Norms stay
-in floating point. On CPU the matmul is our AVX-512 kernel for decode steps (`int8_kernel.py`, built on first
+in floating point. On CPU the matmul is our AVX-512 kernel for decode steps (`cpu_kernels.py`, built on first
 use) and `torch._weight_int8pack_mm` with bf16 activations otherwise; elsewhere the weight is dequantized on the
 fly.
 
-int4 (`--bits 4`, `int4.py`) makes every `nn.Linear` an `Int4Linear` (group-wise scale and zero point, torch's
-`_weight_int4pack_mm_for_cpu`); the embedding, read one row a token, stays int8 (`Int8Embedding`).
+int4 (`--bits 4`, `int4.py`) makes every `nn.Linear` an `Int4Linear` (group-wise scale and zero point; our AVX-512
+kernel in `cpu_kernels.py`, else torch's `_weight_int4pack_mm_for_cpu`); the embedding, read one row a token, stays int8 (`Int8Embedding`).
 
 A quantized directory holds config.json, `model.safetensors` (int8 `*.weight` + fp32 `*.scales`, or int4 packed
 `*.weight` + bf16 `*.scales`), the tokenizer files, and `quantization.json` ({"format": "aquila-int8" or
@@ -41,8 +41,8 @@ from aquila.checkpoint import (
 )
 from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
+from aquila.inference.cpu_kernels import MAX_ROWS, int8_rows_kernel
 from aquila.inference.int4 import DEFAULT_GROUP_SIZE, Int4Linear, check_group_size, prepare_int4, quantize_weight_int4
-from aquila.inference.int8_kernel import MAX_ROWS, int8_rows_kernel
 from aquila.inference.tensor_file import iter_safetensors, release_freed_memory, tensor_count
 from aquila.io_utils import read_json
 
@@ -68,7 +68,7 @@ def quantize_weight(w: torch.Tensor, block_rows: int = 4096) -> tuple[torch.Tens
 
 def _int8_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [m, k] (any float) @ int8 w [n, k] with per-row scales -> [m, n] in x's dtype: up to MAX_ROWS rows
-    (decode) our AVX-512 kernel where it built (fp32 activations, `int8_kernel.py`), else torch's (bf16 inputs)."""
+    (decode) our AVX-512 kernel where it built (fp32 activations, `cpu_kernels.py`), else torch's (bf16 inputs)."""
     if x.shape[0] <= MAX_ROWS and (kernel := int8_rows_kernel()) is not None:
         return kernel(x.float().contiguous(), w, scales.float().contiguous()).to(x.dtype)
     return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), w, scales.to(torch.bfloat16)).to(x.dtype)

@@ -1,0 +1,369 @@
+"""Batch-1 int8 and int4 weight-only matrix products for AVX-512 CPUs, compiled on first use; torch's elsewhere.
+
+Why our own: at one to four rows of activations, torch's `_weight_int8pack_mm` (bf16 activations) reads int8
+weights at 11-25 GB/s on a 2-core AVX-512 Xeon where MKL's fp32 GEMV reads 28-39 GB/s, and `torch.compile` of the
+dequantizing product reaches 9-11; its int4 kernel (`_weight_int4pack_mm_for_cpu`) reads about 9 GB/s in a decode
+(bench/README.md, "Laptop decode"). Both kernels here stream four weight rows at a time, widen the codes to fp32 in
+registers, use fp32 activations and sums, prefetch the next four rows, and run in parallel over rows on torch's own
+threads (`at::parallel_for`):
+
+- `int8_rows_mm`: int8 [n, k] with one scale per row (torch's int8 layout).
+- `int4_rows_mm`: int4 in the file layout of `aquila quantize --bits 4` (two codes a byte, low nibble first, a bf16
+  (scale, zero) pair per group). A byte's low and high nibbles meet x's even and odd columns (split once per call);
+  a code becomes (code - 8) in fp32 by one permute from a 16-entry table, each group's sum is scaled once, and
+  the zero points add `zero * sum(x over the group)`.
+
+They are more exact than torch's bf16-activation kernels, so outputs change in the last bits.
+
+They are built together with torch's C++ extension loader (`ninja` and a C++ compiler; ~20 s once, then cached
+under torch's extensions directory) the first time one is needed on a CPU where torch dispatches AVX-512, and each
+is checked against a float64 product before use. Without a compiler, elsewhere, or with AQUILA_INT8_KERNEL=0 /
+AQUILA_INT4_KERNEL=0, torch's kernels run, with one log line saying why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 4  # activation rows up to which these kernels run (decode steps); prompts take another path
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cstring>
+
+static inline __m512 widen16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+
+// Dot products of x with four consecutive rows of r (row length K): four weight streams in flight, each
+// activation load used four times, and the next four rows prefetched at the same columns (from DRAM, 1.2 GB of
+// weights, this read 20-29 GB/s against 16-25 without it; a prefetch past the last row does not fault).
+static inline void dot4(const float* x, const int8_t* r, int64_t K, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    _mm_prefetch((const char*)(r + k + 512), _MM_HINT_T0);
+    _mm_prefetch((const char*)(r + K + k + 512), _MM_HINT_T0);
+    _mm_prefetch((const char*)(r + 2 * K + k + 512), _MM_HINT_T0);
+    _mm_prefetch((const char*)(r + 3 * K + k + 512), _MM_HINT_T0);
+    for (int j = 4; j < 8; ++j) _mm_prefetch((const char*)(r + j * K + k), _MM_HINT_T0);  // the next 4 rows
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    a0 = _mm512_fmadd_ps(xv, widen16(r + k), a0);
+    a1 = _mm512_fmadd_ps(xv, widen16(r + K + k), a1);
+    a2 = _mm512_fmadd_ps(xv, widen16(r + 2 * K + k), a2);
+    a3 = _mm512_fmadd_ps(xv, widen16(r + 3 * K + k), a3);
+  }
+  out[0] = _mm512_reduce_add_ps(a0);
+  out[1] = _mm512_reduce_add_ps(a1);
+  out[2] = _mm512_reduce_add_ps(a2);
+  out[3] = _mm512_reduce_add_ps(a3);
+  for (; k < K; ++k)
+    for (int j = 0; j < 4; ++j) out[j] += x[k] * (float)r[j * K + k];
+}
+
+static inline float dot1(const float* x, const int8_t* r, int64_t K) {
+  float s = 0.f;
+  for (int64_t k = 0; k < K; ++k) s += x[k] * (float)r[k];
+  return s;
+}
+
+// y [M, N] = x [M, K] (fp32) @ (w [N, K] int8 * scales [N])^T
+torch::Tensor int8_rows_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scales) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kInt8 && scales.dtype() == torch::kFloat32);
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && scales.is_contiguous());
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && scales.numel() == w.size(0));
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t begin, int64_t end) {
+    float t[4];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = 4 * b;
+      for (int64_t m = 0; m < M; ++m) {
+        if (n0 + 4 <= N) {
+          dot4(xp + m * K, wp + n0 * K, K, t);
+          for (int j = 0; j < 4; ++j) yp[m * N + n0 + j] = t[j] * sp[n0 + j];
+        } else {
+          for (int64_t n = n0; n < N; ++n) yp[m * N + n] = dot1(xp + m * K, wp + n * K, K) * sp[n];
+        }
+      }
+    }
+  });
+  return y;
+}
+
+static inline float bf16_to_float(uint32_t bits) {
+  const uint32_t u = bits << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+static const float kCodeValues[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
+
+// Dot products of x with R consecutive int4 rows (rb bytes each; byte c holds columns 2c (low nibble) and 2c+1),
+// given x's even columns xe, odd columns xo and per-group sums xg. sz: the rows' (scale, zero) bf16 pairs as
+// uint32 (scale in the low half), `groups` per row, gb bytes per group (a multiple of 16).
+template <int R>
+static inline void int4_dot(const float* xe, const float* xo, const float* xg, const uint8_t* r, int64_t rb,
+                            const uint32_t* sz, int64_t groups, int64_t gb, float* out) {
+  const __m512 table = _mm512_loadu_ps(kCodeValues);
+  __m512 tot[R];
+  float zsum[R];
+  for (int j = 0; j < R; ++j) tot[j] = _mm512_setzero_ps(), zsum[j] = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[R];
+    for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t c = g * gb; c < (g + 1) * gb; c += 16) {
+      if ((c & 63) == 0) {
+        for (int j = 0; j < R; ++j) _mm_prefetch((const char*)(r + j * rb + c + 512), _MM_HINT_T0);
+        for (int j = R; j < 2 * R; ++j) _mm_prefetch((const char*)(r + j * rb + c), _MM_HINT_T0);  // next rows
+      }
+      const __m512 ve = _mm512_loadu_ps(xe + c), vo = _mm512_loadu_ps(xo + c);
+      for (int j = 0; j < R; ++j) {
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(r + j * rb + c)));
+        // vpermps reads the low 4 bits of each lane: the low nibble as it is, the high one after a shift
+        acc[j] = _mm512_fmadd_ps(ve, _mm512_permutexvar_ps(q, table), acc[j]);
+        acc[j] = _mm512_fmadd_ps(vo, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table), acc[j]);
+      }
+    }
+    for (int j = 0; j < R; ++j) {
+      const uint32_t pair = sz[j * groups + g];
+      tot[j] = _mm512_fmadd_ps(acc[j], _mm512_set1_ps(bf16_to_float(pair & 0xFFFFu)), tot[j]);
+      zsum[j] += bf16_to_float(pair >> 16) * xg[g];
+    }
+  }
+  for (int j = 0; j < R; ++j) out[j] = _mm512_reduce_add_ps(tot[j]) + zsum[j];
+}
+
+// R int4 rows against MB activation rows at once (several sequences decoding together, or a prompt four rows at a
+// time): each row's codes are dequantized in registers, (code - 8) * scale + zero, and used for all MB rows. x's
+// rows are xs floats apart in xe/xo; out [MB][R].
+template <int R, int MB>
+static inline void int4_dot_rows(const float* xe, const float* xo, int64_t xs, const uint8_t* r, int64_t rb,
+                                 const uint32_t* sz, int64_t groups, int64_t gb, float* out) {
+  const __m512 table = _mm512_loadu_ps(kCodeValues);
+  __m512 acc[R][MB];
+  for (int j = 0; j < R; ++j)
+    for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    float scale[R], zero[R];
+    for (int j = 0; j < R; ++j) {
+      const uint32_t pair = sz[j * groups + g];
+      scale[j] = bf16_to_float(pair & 0xFFFFu), zero[j] = bf16_to_float(pair >> 16);
+    }
+    for (int64_t c = g * gb; c < (g + 1) * gb; c += 16) {
+      if ((c & 63) == 0)
+        for (int j = 0; j < R; ++j) _mm_prefetch((const char*)(r + j * rb + c + 512), _MM_HINT_T0);
+      __m512 e[MB], o[MB];
+      for (int m = 0; m < MB; ++m) e[m] = _mm512_loadu_ps(xe + m * xs + c), o[m] = _mm512_loadu_ps(xo + m * xs + c);
+      for (int j = 0; j < R; ++j) {
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(r + j * rb + c)));
+        const __m512 s = _mm512_set1_ps(scale[j]), z = _mm512_set1_ps(zero[j]);
+        const __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, table), s, z);
+        const __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table), s, z);
+        for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_fmadd_ps(o[m], hi, _mm512_fmadd_ps(e[m], lo, acc[j][m]));
+      }
+    }
+  }
+  for (int j = 0; j < R; ++j)
+    for (int m = 0; m < MB; ++m) out[m * R + j] = _mm512_reduce_add_ps(acc[j][m]);
+}
+
+// y [M, N] = x [M, K] (fp32) @ W^T, W int4: w [N, K/2] uint8 (file layout), sz [N, K/group] int32 (bf16 pairs).
+torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kUInt8 && sz.dtype() == torch::kInt32);
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && sz.is_contiguous());
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && group % 32 == 0 && K % group == 0 && w.size(1) * 2 == K);
+  TORCH_CHECK(sz.dim() == 2 && sz.size(0) == N && sz.size(1) == K / group);
+  const int64_t groups = K / group, half = K / 2;
+  const int64_t Mp = M == 1 ? 1 : (M + 3) / 4 * 4;  // several rows go four at a time (zero rows pad the last four)
+  auto xe = torch::zeros({Mp, half}, x.options()), xo = torch::zeros({Mp, half}, x.options());
+  auto xg = torch::empty({M, groups}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float *ep = xe.data_ptr<float>(), *op = xo.data_ptr<float>(), *gp = xg.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t c = 0; c < half; ++c) ep[m * half + c] = xp[m * K + 2 * c], op[m * half + c] = xp[m * K + 2 * c + 1];
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += xp[m * K + k];
+      gp[m * groups + g] = s;
+    }
+  }
+  auto y = torch::empty({M, N}, x.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint32_t* sp = reinterpret_cast<const uint32_t*>(sz.data_ptr<int32_t>());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t begin, int64_t end) {
+    float t[16];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = 4 * b, rows = std::min<int64_t>(4, N - n0);
+      if (M == 1) {  // one sequence decoding: scale each group's sum once, zero points through x's group sums
+        if (rows == 4) {
+          int4_dot<4>(ep, op, gp, wp + n0 * half, half, sp + n0 * groups, groups, group / 2, t);
+        } else {
+          for (int64_t j = 0; j < rows; ++j)
+            int4_dot<1>(ep, op, gp, wp + (n0 + j) * half, half, sp + (n0 + j) * groups, groups, group / 2, t + j);
+        }
+        for (int64_t j = 0; j < rows; ++j) yp[n0 + j] = t[j];
+        continue;
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const float *e = ep + m0 * half, *o = op + m0 * half;
+        const int64_t mb = std::min<int64_t>(4, M - m0);
+        if (rows == 4) {
+          int4_dot_rows<4, 4>(e, o, half, wp + n0 * half, half, sp + n0 * groups, groups, group / 2, t);
+          for (int64_t m = 0; m < mb; ++m)
+            for (int64_t j = 0; j < 4; ++j) yp[(m0 + m) * N + n0 + j] = t[m * 4 + j];
+        } else {
+          for (int64_t j = 0; j < rows; ++j) {
+            int4_dot_rows<1, 4>(e, o, half, wp + (n0 + j) * half, half, sp + (n0 + j) * groups, groups, group / 2, t);
+            for (int64_t m = 0; m < mb; ++m) yp[(m0 + m) * N + n0 + j] = t[m];
+          }
+        }
+      }
+    }
+  });
+  return y;
+}
+"""
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch's loader runs `ninja` from PATH; a venv used without activating it has ninja beside its python."""
+    if shutil.which("ninja"):
+        yield
+        return
+    try:
+        import ninja
+
+        where = ninja.BIN_DIR
+    except (ImportError, AttributeError):
+        where = None
+    old = os.environ.get("PATH", "")
+    if where:
+        os.environ["PATH"] = where + os.pathsep + old
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def _why_not_build() -> str | None:
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return f"torch dispatches {torch.backends.cpu.get_cpu_capability()} here, the kernels are for AVX-512"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler (c++ or $CXX) on PATH"
+    return None
+
+
+def _why_not(bits: int) -> str | None:
+    """Why the int`bits` kernel is not to be used here (None: it may be built and used)."""
+    var = f"AQUILA_INT{bits}_KERNEL"
+    return f"{var}=0" if os.environ.get(var, "1") == "0" else _why_not_build()
+
+
+_module = None  # the compiled extension, once built
+_build_error: str | None = None
+
+
+def _built():
+    """The compiled extension (both kernels), built or loaded from torch's cache on the first call; else None."""
+    global _module, _build_error
+    if _module is None and _build_error is None:
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            log.info("int8/int4 CPU decode kernels: building them (~20 s, once) or loading them from torch's cache")
+            with _ninja_on_path():
+                _module = load_inline(
+                    "aquila_cpu_kernels",
+                    cpp_sources=_SOURCE,
+                    functions=["int8_rows_mm", "int4_rows_mm"],
+                    extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                )
+        except Exception as e:  # noqa: BLE001 - any build failure means: use torch's kernels
+            _build_error = (
+                f"it did not build ({str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__})"
+            )
+    return _module
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    return bool((got - ref.float()).abs().max() <= 1e-5 * ref.abs().max())  # fp32 sums: ~1e-7 of the largest
+
+
+def _int8_matches_reference(fn: Callable) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    for m, n, k in ((1, 70, 200), (3, 64, 128)):  # row and column tails, several rows of activations
+        x = torch.randn(m, k, generator=gen)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+        s = torch.rand(n, generator=gen)
+        if not _close(fn(x, w, s), x.double() @ (w.double() * s.double()[:, None]).t()):
+            return False
+    return True
+
+
+def _int4_matches_reference(fn: Callable) -> bool:
+    from aquila.inference.int4 import dequantize_int4
+
+    gen = torch.Generator().manual_seed(0)
+    for m, n, k, group in ((1, 70, 256, 64), (3, 64, 128, 32), (6, 9, 512, 256), (1, 3, 64, 32)):  # tails, groups
+        x = torch.randn(m, k, generator=gen)
+        w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+        sz = (torch.rand(n, k // group, 2, generator=gen) - 0.5).bfloat16()
+        ref = x.double() @ dequantize_int4(w, sz).double().t()
+        if not _close(fn(x, w, sz.view(torch.int32).squeeze(-1), group), ref):
+            return False
+    return True
+
+
+_CHECKS = {8: ("int8_rows_mm", _int8_matches_reference), 4: ("int4_rows_mm", _int4_matches_reference)}
+_kernels: dict[int, Callable | None] = {}
+
+
+def _kernel_for(bits: int) -> Callable | None:
+    if bits in _kernels:
+        return _kernels[bits]
+    why, fn = _why_not(bits), None
+    if why is None:
+        module = _built()
+        name, check = _CHECKS[bits]
+        if module is None:
+            why = _build_error
+        elif check(getattr(module, name)):
+            fn = getattr(module, name)
+        else:
+            why = "its result differs from a float64 product"
+    if fn is None:
+        log.info("int%d decode uses torch's kernel: %s", bits, why)
+    _kernels[bits] = fn
+    return fn
+
+
+def int8_rows_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The compiled `int8_rows_mm(x fp32 [m, k], w int8 [n, k], scales fp32 [n])`, or None (torch's kernel then)."""
+    return _kernel_for(8)
+
+
+def int4_rows_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
+    """The compiled `int4_rows_mm(x fp32 [m, k], w uint8 [n, k/2], sz int32 [n, k/group], group)` over the file
+    layout (`int4.py`; sz holds the bf16 (scale, zero) pairs), or None (torch's int4 kernel then)."""
+    return _kernel_for(4)

@@ -1,0 +1,116 @@
+"""The AVX-512 int8 and int4 kernels (aquila/inference/cpu_kernels.py): exact against float64 where they build, used
+by Int8Linear for decode-sized inputs and by Int4Linear for all inputs, and torch's kernels with one log line where
+they are switched off."""
+
+import logging
+
+import pytest
+import torch
+
+from aquila.inference import cpu_kernels
+from aquila.inference.int4 import Int4Linear, dequantize_int4
+from aquila.inference.quantize import Int8Linear
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def available(bits: int):
+    fn = cpu_kernels.int8_rows_kernel() if bits == 8 else cpu_kernels.int4_rows_kernel()
+    if fn is None:
+        why = cpu_kernels._why_not(bits) or cpu_kernels._build_error or "it differs from float64 (see the log line)"
+        print(f"SKIPPED: the int{bits} kernel is not available here: {why}")
+        pytest.skip(f"the int{bits} kernel is not available here: {why}")
+    return fn
+
+
+@pytest.fixture
+def kernel():
+    return available(8)
+
+
+@pytest.fixture
+def kernel4():
+    return available(4)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 2048, 2048), (1, 70, 200), (2, 5, 33), (4, 16008 // 8, 256), (3, 7, 16)])
+def test_kernel_equals_a_float64_product(kernel, m, n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    s = torch.rand(n, generator=gen) / 100
+    ref = x.double() @ (w.double() * s.double()[:, None]).t()
+    got = kernel(x, w, s)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert rel_err(got, ref) < 1e-6
+
+
+def test_int8_linear_uses_it_for_decode_rows_only(kernel, monkeypatch):
+    layer = Int8Linear.from_weight(torch.randn(96, 64, generator=torch.Generator().manual_seed(0)))
+    calls = []
+    monkeypatch.setitem(cpu_kernels._kernels, 8, lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dequantized = x @ (layer.weight.float() * layer.scales[:, None]).t()
+        small, large = layer(x[:4]), layer(x)
+    assert calls == [4]  # 8 rows (a prompt) went to torch's kernel
+    assert rel_err(small, dequantized[:4]) < 1e-6  # fp32 activations: exact to fp32
+    assert rel_err(large, dequantized) < 1e-2  # torch's kernel: bf16 activations
+
+
+def test_switched_off_it_says_so_and_torch_kernel_runs(monkeypatch, caplog):
+    monkeypatch.setenv("AQUILA_INT8_KERNEL", "0")
+    monkeypatch.setattr(cpu_kernels, "_kernels", {})
+    with caplog.at_level(logging.INFO, logger="aquila.inference.cpu_kernels"):
+        assert cpu_kernels.int8_rows_kernel() is None
+    assert [r.getMessage() for r in caplog.records] == ["int8 decode uses torch's kernel: AQUILA_INT8_KERNEL=0"]
+    layer = Int8Linear.from_weight(torch.randn(8, 32, generator=torch.Generator().manual_seed(2)))
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        expected = x @ (layer.weight.float() * layer.scales[:, None]).t()
+        assert rel_err(layer(x), expected) < 1e-2
+
+
+@pytest.mark.parametrize(
+    "m,n,k,group",
+    [(1, 2048, 2048, 64), (1, 70, 256, 32), (1, 3, 512, 256), (2, 5, 128, 64), (4, 66, 384, 128), (9, 7, 64, 32)],
+)
+def test_int4_kernel_equals_a_float64_product(kernel4, m, n, k, group):
+    """One row (the decode path) and several (four at a time, padded), row tails, every group size."""
+    gen = torch.Generator().manual_seed(n + k + m)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    pairs = (torch.randn(n, k // group, 2, generator=gen) / 50).bfloat16()
+    ref = x.double() @ dequantize_int4(w, pairs).double().t()
+    got = kernel4(x, w, pairs.view(torch.int32).squeeze(-1), group)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert rel_err(got, ref) < 1e-6
+
+
+def test_int4_linear_runs_on_it_in_the_file_layout(kernel4):
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(3))
+    layer = Int4Linear.from_weight(w, 64)
+    packed, dequantized = layer.weight.clone(), dequantize_int4(layer.weight, layer.scales)
+    layer.prepare_for_cpu()
+    assert layer.own_kernel and torch.equal(layer.weight, packed)  # nothing repacked
+    x = torch.randn(2, 5, 256, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = x.double() @ dequantized.double().t()
+        assert rel_err(layer(x), ref) < 1e-6 and rel_err(layer(x[:, :1]), ref[:, :1]) < 1e-6
+        assert layer.half()(x.half()).dtype == torch.float16  # the pairs are int32: .half() leaves them alone
+
+
+def test_int4_switched_off_uses_torch_kernel_and_says_so(monkeypatch, caplog):
+    monkeypatch.setenv("AQUILA_INT4_KERNEL", "0")
+    monkeypatch.setattr(cpu_kernels, "_kernels", {})
+    with caplog.at_level(logging.INFO, logger="aquila.inference.cpu_kernels"):
+        layer = Int4Linear.from_weight(torch.randn(32, 128, generator=torch.Generator().manual_seed(5)), 32)
+        dequantized = dequantize_int4(layer.weight, layer.scales)
+        layer.prepare_for_cpu()
+    assert [r.getMessage() for r in caplog.records] == ["int4 decode uses torch's kernel: AQUILA_INT4_KERNEL=0"]
+    assert layer.prepared and not layer.own_kernel
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert rel_err(layer(x), x @ dequantized.t()) < 1e-2  # torch's kernel: bf16 activations
