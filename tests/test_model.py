@@ -176,3 +176,25 @@ def test_rotary_eager_complex_path_matches_real_arithmetic(monkeypatch):
     torch.testing.assert_close(eager.unflatten(-1, (-1, 2)).norm(dim=-1), x.unflatten(-1, (-1, 2)).norm(dim=-1))
     cos0, sin0 = rotary_tables(torch.zeros(2, 5, dtype=torch.long), 8, 10000.0)
     torch.testing.assert_close(apply_rotary(x, cos0, sin0), x)
+
+
+def test_a_row_in_consecutive_blocks_reads_them_as_a_view_with_the_gathers_logits():
+    """A lone row whose blocks follow each other is read as a slice of the cache (no gather per layer); the same
+    tokens in scattered blocks, read through the gather, give the same logits as a plain forward."""
+    from aquila.inference.kv_cache import BlockPool
+    from aquila.model import CachedRows
+    from aquila.model.aquila_model import _consecutive_blocks
+
+    model = build_model(tiny_args(), seed=0).eval()
+    pool = BlockPool.for_model(model, 64, block_size=4)  # 64 positions: blocks 0..15
+    ids = torch.randint(1, 300, (1, 10), generator=torch.Generator().manual_seed(2))
+    positions = torch.arange(10)[None]
+    with torch.no_grad():
+        full = model(ids)["logits"][0]
+        for blocks, first in (([2, 3, 4, 9], 2), ([7, 1, 5, 3], None)):  # a table may hold more blocks than used
+            tables = torch.tensor([blocks])
+            assert _consecutive_blocks(tables, 1, 10, pool) == first
+            slots = tables[0, positions // 4] * 4 + positions % 4
+            got = model.cached_forward([CachedRows(ids, positions, slots, tables, 10)], pool, list(range(10)))
+            torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+    assert _consecutive_blocks(torch.tensor([[2, 3], [4, 5]]), 2, 8, pool) is None  # several rows: the gather

@@ -78,6 +78,16 @@ class _AttendRows(NamedTuple):
     tables: torch.Tensor  # [rows, n]
     kv_len: int
     mask: torch.Tensor  # bool [rows, 1, width, kv_len]
+    first_block: int | None = None  # one row whose blocks are consecutive from this one: read as a view, no gather
+
+
+def _consecutive_blocks(tables: torch.Tensor, rows: int, kv_len: int, cache) -> int | None:
+    """The first block of a single row whose first kv_len positions lie in consecutive blocks (a lone sequence's
+    usual layout), else None. Checked once per step, it spares every layer a gather of the row's whole cache."""
+    if rows != 1:
+        return None
+    used = tables[0, : -(-kv_len // cache.block_size)].tolist()
+    return used[0] if used == list(range(used[0], used[0] + len(used))) else None
 
 
 class Attention(nn.Module):
@@ -114,6 +124,9 @@ class Attention(nn.Module):
         qr = q[span].view(g.rows, g.width, *q.shape[1:]).transpose(1, 2)
 
         def gather(c: torch.Tensor) -> torch.Tensor:  # [rows, kv_heads, kv_len, d] through the block tables
+            if g.first_block is not None:
+                start = g.first_block * block_size
+                return c[start : start + g.kv_len][None].transpose(1, 2)
             blocks = c.view(-1, block_size, *c.shape[1:])[g.tables]  # [rows, n, block_size, kv_heads, d]
             return blocks.flatten(1, 2)[:, : g.kv_len].transpose(1, 2)
 
@@ -191,7 +204,8 @@ class AquilaModel(nn.Module):
                 raise ValueError(f"positions up to {g.kv_len} exceed the rows' block tables")
             slots = torch.arange(g.kv_len, device=g.ids.device)
             mask = (slots[None, None, :] <= g.positions[:, :, None]).unsqueeze(1)  # [rows, 1, width, kv_len]
-            attend.append(_AttendRows(offset, rows, width, g.slots.reshape(-1), g.tables, g.kv_len, mask))
+            first = None if torch.compiler.is_compiling() else _consecutive_blocks(g.tables, rows, g.kv_len, cache)
+            attend.append(_AttendRows(offset, rows, width, g.slots.reshape(-1), g.tables, g.kv_len, mask, first))
             offset += rows * width
         ids = torch.cat([g.ids.reshape(-1) for g in groups])[None]
         positions = torch.cat([g.positions.reshape(-1) for g in groups])[None]
