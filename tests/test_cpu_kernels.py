@@ -75,18 +75,42 @@ def test_switched_off_it_says_so_and_torch_kernel_runs(monkeypatch, caplog):
 
 @pytest.mark.parametrize(
     "m,n,k,group",
-    [(1, 2048, 2048, 64), (1, 70, 256, 32), (1, 3, 512, 256), (2, 5, 128, 64), (4, 66, 384, 128), (9, 7, 64, 32)],
-)
-def test_int4_kernel_equals_a_float64_product(kernel4, m, n, k, group):
-    """One row (the decode path) and several (four at a time, padded), row tails, every group size."""
+    [(1, 2048, 2048, 64), (1, 70, 256, 32), (1, 3, 512, 256), (1, 5, 384, 128), (1, 6, 192, 64), (2, 5, 128, 64),
+     (4, 66, 384, 128), (9, 7, 64, 32)],
+)  # fmt: skip
+@pytest.mark.parametrize("int8_x", [False, True])
+def test_int4_kernel_equals_a_float64_product(kernel4, m, n, k, group, int8_x):
+    """One row (the decode path; with int8_x and k a multiple of 128, int8 activations through VNNI) and several
+    (four at a time, padded), row tails, every group size; exact to fp32 against `int4_reference`."""
     gen = torch.Generator().manual_seed(n + k + m)
     x = torch.randn(m, k, generator=gen)
     w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
     pairs = (torch.randn(n, k // group, 2, generator=gen) / 50).bfloat16()
-    ref = x.double() @ dequantize_int4(w, pairs).double().t()
-    got = kernel4(x, w, pairs.view(torch.int32).squeeze(-1), group)
+    got = kernel4(x, w, pairs.view(torch.int32).squeeze(-1), group, int8_x)
     assert got.dtype == torch.float32 and got.shape == (m, n)
-    assert rel_err(got, ref) < 1e-6
+    assert rel_err(got, cpu_kernels.int4_reference(x, w, pairs, int8_x)) < 1e-5  # fp32 sums
+    exact = x.double() @ dequantize_int4(w, pairs).double().t()
+    # int8 activations: x off by up to half a step (max|x| / 254 per group), as llama.cpp's q8_0; a few-term sum of
+    # random codes (k = 512, groups of 256 here) is where that shows most
+    assert rel_err(got, exact) < (5e-2 if int8_x else 1e-5)
+
+
+def test_int8_activations_are_what_the_reference_rounds(kernel4):
+    """The int8 path really rounds x (not a silent fp32 fallback where VNNI is present) and the reference knows it."""
+    from aquila.inference.cpu_kernels import rounded_activations
+
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(7))
+    w = torch.randint(0, 256, (8, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(8))
+    pairs = torch.tensor([1.0, 0.0]).bfloat16().expand(8, 4, 2).contiguous()
+    sz = pairs.view(torch.int32).squeeze(-1)
+    fp32, int8 = kernel4(x, w, sz, 64, False), kernel4(x, w, sz, 64, True)
+    xr = rounded_activations(x, 64)
+    assert 0 < (xr - x).abs().max() <= x.abs().max() / 254 + 1e-6
+    rounded = kernel4(xr, w, sz, 64, False)  # the rounded x, multiplied in fp32
+    if cpu_kernels._built().has_vnni():
+        assert rel_err(int8, rounded) < 1e-5 and rel_err(int8, fp32) > 1e-4
+    else:
+        assert torch.equal(int8, fp32)
 
 
 def test_int4_linear_runs_on_it_in_the_file_layout(kernel4):

@@ -11,9 +11,11 @@ threads (`at::parallel_for`):
 - `int4_rows_mm`: int4 in the file layout of `aquila quantize --bits 4` (two codes a byte, low nibble first, a bf16
   (scale, zero) pair per group). A byte's low and high nibbles meet x's even and odd columns (split once per call);
   a code becomes (code - 8) in fp32 by one permute from a 16-entry table, each group's sum is scaled once, and
-  the zero points add `zero * sum(x over the group)`.
+  the zero points add `zero * sum(x over the group)`. One row of activations (batch-1 decode) is instead rounded
+  to int8 per weight group, as llama.cpp's q4_0 x q8_0 does, and multiplied with VNNI's vpdpbusd where the CPU has
+  it: about half the vector instructions (x is off by up to half a step, max|x| / 254; `int4_reference`).
 
-They are more exact than torch's bf16-activation kernels, so outputs change in the last bits.
+Otherwise they are more exact than torch's bf16-activation kernels, so outputs change in the last bits.
 
 They are built together with torch's C++ extension loader (`ninja` and a C++ compiler; ~20 s once, then cached
 under torch's extensions directory) the first time one is needed on a CPU where torch dispatches AVX-512, and each
@@ -40,7 +42,9 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 static inline __m512 widen16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
@@ -184,14 +188,108 @@ static inline void int4_dot_rows(const float* xe, const float* xo, int64_t xs, c
     for (int m = 0; m < MB; ++m) out[m * R + j] = _mm512_reduce_add_ps(acc[j][m]);
 }
 
+// One activation row with int8 activations (llama.cpp's q4_0 x q8_0 idea): x is rounded per weight group to int8
+// steps of max|x| / 127 (xqe/xqo: even/odd columns), and 64 bytes of codes (128 columns) meet them in two vpdpbusd.
+// Lane l of a 64-byte chunk holds columns 8l..8l+7 of it; per chunk, dxv/qxv/zxv give each lane its group's step,
+// -8 * step * (sum of the group's int8 x) and sum of the group's x, both shared out over the group's G / 8 lanes, so
+//   sum over lanes of  scale * (D * dx + qx) + zero * zx  =  sum over groups of  scale * sum((q - 8) * x') + zero * sum(x)
+// with x' the rounded activations. R rows of rb bytes; sz the rows' pairs, `groups` per row; idx/mask pick the
+// chunk's pairs (1, 2 or 4 groups per chunk).
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int4_dot_vnni(
+    const int8_t* xqe, const int8_t* xqo, const float* dxv, const float* qxv, const float* zxv, const uint8_t* r,
+    int64_t rb, const uint32_t* sz, int64_t groups, int64_t group, float* out) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), high16 = _mm512_set1_epi32((int)0xFFFF0000u);
+  const int per_chunk = group >= 128 ? 1 : (int)(128 / group);
+  const __mmask16 mask = (__mmask16)((1u << per_chunk) - 1);
+  alignas(64) int32_t lanes[16];
+  for (int l = 0; l < 16; ++l) lanes[l] = group >= 128 ? 0 : (int32_t)(8 * l / group);
+  const __m512i idx = _mm512_load_si512(lanes);
+  __m512 tot[R];
+  for (int j = 0; j < R; ++j) tot[j] = _mm512_setzero_ps();
+  for (int64_t c = 0, ch = 0; c < rb; c += 64, ++ch) {
+    for (int j = 0; j < R; ++j) _mm_prefetch((const char*)(r + j * rb + c + 1024), _MM_HINT_T0);
+    for (int j = R; j < 2 * R; ++j) _mm_prefetch((const char*)(r + j * rb + c), _MM_HINT_T0);  // the next rows
+    const __m512i ve = _mm512_loadu_si512(xqe + c), vo = _mm512_loadu_si512(xqo + c);
+    const __m512 dx = _mm512_loadu_ps(dxv + 16 * ch), qx = _mm512_loadu_ps(qxv + 16 * ch);
+    const __m512 zx = _mm512_loadu_ps(zxv + 16 * ch);
+    const int64_t first = 2 * c / group;  // the chunk's first group
+    for (int j = 0; j < R; ++j) {
+      const __m512i raw = _mm512_loadu_si512(r + j * rb + c);
+      const __m512i lo = _mm512_and_si512(raw, low4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+      const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, ve), hi, vo);
+      const __m512i pr = _mm512_permutexvar_epi32(idx, _mm512_maskz_loadu_epi32(mask, sz + j * groups + first));
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pr, 16));
+      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pr, high16));
+      tot[j] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(d), dx, qx), scale, tot[j]);
+      tot[j] = _mm512_fmadd_ps(zero, zx, tot[j]);
+    }
+  }
+  for (int j = 0; j < R; ++j) out[j] = _mm512_reduce_add_ps(tot[j]);
+}
+
+// x [1, K] as the int8-activation path uses it: xqe/xqo [K/2] int8, dxv/qxv/zxv [K/128 * 16] (see int4_dot_vnni).
+static void quantize_activations(const float* x, int64_t K, int64_t group, int8_t* xqe, int8_t* xqo, float* dxv,
+                                 float* qxv, float* zxv) {
+  const int64_t groups = K / group;
+  std::vector<float> dx(groups), qx(groups), zx(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    float amax = 0.f, sum = 0.f;
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) amax = std::max(amax, std::fabs(x[k])), sum += x[k];
+    const float step = amax / 127.f;
+    int32_t qsum = 0;
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+      const int32_t q = step > 0.f ? (int32_t)std::nearbyint(x[k] / step) : 0;
+      qsum += q;
+      (k % 2 ? xqo : xqe)[k / 2] = (int8_t)q;
+    }
+    const float share = 8.f / (float)group;  // a lane's share of its group (G / 8 lanes)
+    dx[g] = step, qx[g] = -8.f * step * (float)qsum * share, zx[g] = sum * share;
+  }
+  for (int64_t l = 0; l < K / 8; ++l) {  // lane l of the whole row: columns 8l..8l+7
+    const int64_t g = 8 * l / group;
+    dxv[l] = dx[g], qxv[l] = qx[g], zxv[l] = zx[g];
+  }
+}
+
+bool has_vnni() {
+  static const bool yes = __builtin_cpu_supports("avx512vnni");
+  return yes;
+}
+
 // y [M, N] = x [M, K] (fp32) @ W^T, W int4: w [N, K/2] uint8 (file layout), sz [N, K/group] int32 (bf16 pairs).
-torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group) {
+// int8_x: one activation row goes through int4_dot_vnni where the CPU has VNNI (and K is a multiple of 128).
+torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, bool int8_x) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kUInt8 && sz.dtype() == torch::kInt32);
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && sz.is_contiguous());
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && group % 32 == 0 && K % group == 0 && w.size(1) * 2 == K);
   TORCH_CHECK(sz.dim() == 2 && sz.size(0) == N && sz.size(1) == K / group);
   const int64_t groups = K / group, half = K / 2;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint32_t* sp = reinterpret_cast<const uint32_t*>(sz.data_ptr<int32_t>());
+  if (M == 1 && int8_x && K % 128 == 0 && has_vnni()) {
+    auto xq = torch::empty({K}, x.options().dtype(torch::kInt8));
+    auto lanes = torch::empty({3, K / 8}, x.options());
+    int8_t* qp = xq.data_ptr<int8_t>();
+    float* lp = lanes.data_ptr<float>();
+    quantize_activations(x.data_ptr<float>(), K, group, qp, qp + half, lp, lp + K / 8, lp + K / 4);
+    auto y = torch::empty({1, N}, x.options());
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t n0 = 4 * b;
+        if (n0 + 4 <= N)
+          int4_dot_vnni<4>(qp, qp + half, lp, lp + K / 8, lp + K / 4, wp + n0 * half, half, sp + n0 * groups, groups,
+                           group, yp + n0);
+        else
+          for (int64_t n = n0; n < N; ++n)
+            int4_dot_vnni<1>(qp, qp + half, lp, lp + K / 8, lp + K / 4, wp + n * half, half, sp + n * groups, groups,
+                             group, yp + n);
+      }
+    });
+    return y;
+  }
   const int64_t Mp = M == 1 ? 1 : (M + 3) / 4 * 4;  // several rows go four at a time (zero rows pad the last four)
   auto xe = torch::zeros({Mp, half}, x.options()), xo = torch::zeros({Mp, half}, x.options());
   auto xg = torch::empty({M, groups}, x.options());
@@ -206,8 +304,6 @@ torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, i
     }
   }
   auto y = torch::empty({M, N}, x.options());
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const uint32_t* sp = reinterpret_cast<const uint32_t*>(sz.data_ptr<int32_t>());
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t begin, int64_t end) {
     float t[16];
@@ -295,7 +391,7 @@ def _built():
                 _module = load_inline(
                     "aquila_cpu_kernels",
                     cpp_sources=_SOURCE,
-                    functions=["int8_rows_mm", "int4_rows_mm"],
+                    functions=["int8_rows_mm", "int4_rows_mm", "has_vnni"],
                     extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
                 )
@@ -321,17 +417,39 @@ def _int8_matches_reference(fn: Callable) -> bool:
     return True
 
 
-def _int4_matches_reference(fn: Callable) -> bool:
+def rounded_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [m, k] fp32 as the int8-activation int4 path uses it: each group of `group` columns rounded to steps of
+    max|x| / 127 (float32 arithmetic, as the kernel's)."""
+    g = x.float().reshape(x.shape[0], -1, group)
+    step = g.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(step > 0, torch.round(g / torch.where(step > 0, step, 1)), 0)
+    return (q * step).reshape(x.shape)
+
+
+def int4_reference(x: torch.Tensor, w: torch.Tensor, pairs: torch.Tensor, int8_x: bool) -> torch.Tensor:
+    """float64 result of `int4_rows_mm(x, w, pairs as int32, group, int8_x)`: the scaled codes meet x, rounded per
+    group where one row takes the int8-activation path; the zero points always meet x itself."""
     from aquila.inference.int4 import dequantize_int4
 
+    group = x.shape[1] // pairs.shape[1]
+    scales, zeros = pairs.clone(), pairs.clone()
+    scales[..., 1], zeros[..., 0] = 0, 0
+    rounds = int8_x and x.shape[0] == 1 and x.shape[1] % 128 == 0 and _built() is not None and _built().has_vnni()
+    xs = rounded_activations(x, group) if rounds else x
+    return xs.double() @ dequantize_int4(w, scales).double().t() + x.double() @ dequantize_int4(w, zeros).double().t()
+
+
+def _int4_matches_reference(fn: Callable) -> bool:
     gen = torch.Generator().manual_seed(0)
-    for m, n, k, group in ((1, 70, 256, 64), (3, 64, 128, 32), (6, 9, 512, 256), (1, 3, 64, 32)):  # tails, groups
+    for m, n, k, group in ((1, 70, 256, 64), (3, 64, 128, 32), (6, 9, 512, 256), (1, 3, 64, 32), (1, 9, 384, 32)):
         x = torch.randn(m, k, generator=gen)
         w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
-        sz = (torch.rand(n, k // group, 2, generator=gen) - 0.5).bfloat16()
-        ref = x.double() @ dequantize_int4(w, sz).double().t()
-        if not _close(fn(x, w, sz.view(torch.int32).squeeze(-1), group), ref):
-            return False
+        pairs = (torch.rand(n, k // group, 2, generator=gen) - 0.5).bfloat16()
+        for int8_x in (False, True):
+            if not _close(
+                fn(x, w, pairs.view(torch.int32).squeeze(-1), group, int8_x), int4_reference(x, w, pairs, int8_x)
+            ):
+                return False
     return True
 
 
@@ -363,7 +481,9 @@ def int8_rows_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], t
     return _kernel_for(8)
 
 
-def int4_rows_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
-    """The compiled `int4_rows_mm(x fp32 [m, k], w uint8 [n, k/2], sz int32 [n, k/group], group)` over the file
-    layout (`int4.py`; sz holds the bf16 (scale, zero) pairs), or None (torch's int4 kernel then)."""
+def int4_rows_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, bool], torch.Tensor] | None:
+    """The compiled `int4_rows_mm(x fp32 [m, k], w uint8 [n, k/2], sz int32 [n, k/group], group, int8_x)` over the
+    file layout (`int4.py`; sz holds the bf16 (scale, zero) pairs), or None (torch's int4 kernel then). With
+    `int8_x`, one row of x is rounded to int8 per group and multiplied by VNNI instructions where the CPU has them
+    (`int4_reference` says exactly what is computed)."""
     return _kernel_for(4)

@@ -132,12 +132,12 @@ def _(x: torch.Tensor, w: torch.Tensor, group: int, sz: torch.Tensor, out_featur
 
 
 @torch.library.custom_op("aquila::int4_rows_mm", mutates_args=())
-def int4_rows_mm_op(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
-    return int4_rows_kernel()(x, w, sz, group)
+def int4_rows_mm_op(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int, int8_x: bool) -> torch.Tensor:
+    return int4_rows_kernel()(x, w, sz, group, int8_x)
 
 
 @int4_rows_mm_op.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+def _(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int, int8_x: bool) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
 
@@ -203,7 +203,7 @@ class Int4Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self.own_kernel and x.device.type == "cpu":
             mm = int4_rows_mm_op if torch.compiler.is_compiling() else int4_rows_kernel()
-            y = mm(rows.float().contiguous(), self.weight, self.scales, self.group_size).to(x.dtype)
+            y = mm(rows.float().contiguous(), self.weight, self.scales, self.group_size, True).to(x.dtype)
         elif self.prepared and x.device.type == "cpu":
             mm = int4_mm_op if torch.compiler.is_compiling() else _int4_mm
             y = mm(rows, self.weight, self.group_size, self.scales.view(torch.bfloat16), self.out_features)
