@@ -35,7 +35,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 4  # activation rows up to which these kernels run (decode steps); prompts take another path
+MAX_ROWS = 4  # activation rows up to which the int8 kernel runs (decode steps); int8 prompts use torch's
 
 _SOURCE = r"""
 #include <torch/extension.h>

@@ -9,8 +9,8 @@ On disk (`aquila quantize --bits 4`) a layer is `*.weight` uint8 [out, in / 2], 
 order (low nibble first), and `*.scales` bf16 [out, in / group, 2] holding (scale, zero). That layout is portable;
 the kernel's own packing is blocked for the CPU it runs on, so it is made at load time (`prepare_for_cpu`), in
 row blocks, replacing the plain tensors (the layer then costs its own bytes once). Where our AVX-512 kernel
-(`cpu_kernels.int4_rows_mm`, about 1.4x faster at batch 1) built, it reads the file layout itself and nothing is
-repacked. A prepared layer is for inference only: its buffers may be in the kernel's layout, not the file's.
+(`cpu_kernels.int4_rows_mm`; a ~1B model decodes 1.6x faster on it than on torch's) built, it reads the file layout
+itself and nothing is repacked. A prepared layer is for inference only: its buffers may be in the kernel's layout.
 """
 
 from __future__ import annotations
