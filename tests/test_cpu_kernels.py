@@ -138,3 +138,13 @@ def test_int4_switched_off_uses_torch_kernel_and_says_so(monkeypatch, caplog):
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert rel_err(layer(x), x @ dequantized.t()) < 1e-2  # torch's kernel: bf16 activations
+
+
+def test_the_kernels_build_wherever_they_can():
+    """Where torch dispatches AVX-512 and a compiler is on PATH, a source that does not compile is a failure here,
+    not a silent fallback to torch's kernels (the kernel tests above would only skip)."""
+    why = cpu_kernels._why_not_build()
+    if why is not None:
+        print(f"SKIPPED: the kernels are not built here: {why}")
+        pytest.skip(f"the kernels are not built here: {why}")
+    assert cpu_kernels._built() is not None, cpu_kernels._build_error

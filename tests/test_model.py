@@ -193,8 +193,8 @@ def test_a_row_in_consecutive_blocks_reads_them_as_a_view_with_the_gathers_logit
         full = model(ids)["logits"][0]
         for blocks, first in (([2, 3, 4, 9], 2), ([7, 1, 5, 3], None)):  # a table may hold more blocks than used
             tables = torch.tensor([blocks])
-            assert _consecutive_blocks(tables, 1, 10, pool) == first
+            assert _consecutive_blocks(tables, 1, 10, pool.block_size) == first
             slots = tables[0, positions // 4] * 4 + positions % 4
             got = model.cached_forward([CachedRows(ids, positions, slots, tables, 10)], pool, list(range(10)))
             torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
-    assert _consecutive_blocks(torch.tensor([[2, 3], [4, 5]]), 2, 8, pool) is None  # several rows: the gather
+    assert _consecutive_blocks(torch.tensor([[2, 3], [4, 5]]), 2, 8, 4) is None  # several rows: the gather

@@ -160,7 +160,8 @@ def test_dist_stop_stops_both_nodes_sigterm_first_and_nothing_else(cluster, proj
                 wait_for(lambda: all(p.is_file() for p in exits), 30, "both node scripts to record their exit status")
             except AssertionError as e:  # (seen once in a full run, never alone: say what the nodes left behind)
                 left = sorted(p.name for p in (save_dir / "launch").iterdir())
-                tails = "\n".join(logs.splitlines()[-30:])
+                now = (save_dir / "cfg.yaml.log.txt").read_text() + (save_dir / "launch" / "node1.log.txt").read_text()
+                tails = "\n".join(now.splitlines()[-30:])
                 raise AssertionError(
                     f"{e}; launch/ has {left}; stop printed {r.stdout!r}; logs end:\n{tails}"
                 ) from None

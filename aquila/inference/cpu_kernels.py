@@ -193,18 +193,14 @@ static inline void int4_dot_rows(const float* xe, const float* xo, int64_t xs, c
 // Lane l of a 64-byte chunk holds columns 8l..8l+7 of it; per chunk, dxv/qxv/zxv give each lane its group's step,
 // -8 * step * (sum of the group's int8 x) and sum of the group's x, both shared out over the group's G / 8 lanes, so
 //   sum over lanes of  scale * (D * dx + qx) + zero * zx  =  sum over groups of  scale * sum((q - 8) * x') + zero * sum(x)
-// with x' the rounded activations. R rows of rb bytes; sz the rows' pairs, `groups` per row; idx/mask pick the
-// chunk's pairs (1, 2 or 4 groups per chunk).
+// with x' the rounded activations. R rows of rb bytes; sz the rows' pairs, `groups` per row; `lane_group` (each lane's
+// group within its chunk) and `mask` (the chunk's 1, 2 or 4 groups) pick the pairs (see int4_rows_mm).
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int4_dot_vnni(
     const int8_t* xqe, const int8_t* xqo, const float* dxv, const float* qxv, const float* zxv, const uint8_t* r,
-    int64_t rb, const uint32_t* sz, int64_t groups, int64_t group, float* out) {
+    int64_t rb, const uint32_t* sz, int64_t groups, int64_t group, const int32_t* lane_group, __mmask16 mask, float* out) {
   const __m512i low4 = _mm512_set1_epi8(0x0F), high16 = _mm512_set1_epi32((int)0xFFFF0000u);
-  const int per_chunk = group >= 128 ? 1 : (int)(128 / group);
-  const __mmask16 mask = (__mmask16)((1u << per_chunk) - 1);
-  alignas(64) int32_t lanes[16];
-  for (int l = 0; l < 16; ++l) lanes[l] = group >= 128 ? 0 : (int32_t)(8 * l / group);
-  const __m512i idx = _mm512_load_si512(lanes);
+  const __m512i idx = _mm512_loadu_si512(lane_group);
   __m512 tot[R];
   for (int j = 0; j < R; ++j) tot[j] = _mm512_setzero_ps();
   for (int64_t c = 0, ch = 0; c < rb; c += 64, ++ch) {
@@ -274,6 +270,9 @@ torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, i
     int8_t* qp = xq.data_ptr<int8_t>();
     float* lp = lanes.data_ptr<float>();
     quantize_activations(x.data_ptr<float>(), K, group, qp, qp + half, lp, lp + K / 8, lp + K / 4);
+    int32_t lane_group[16];  // the group of each lane of a 64-byte chunk (128 columns), counted from the chunk's first
+    for (int l = 0; l < 16; ++l) lane_group[l] = group >= 128 ? 0 : (int32_t)(8 * l / group);
+    const __mmask16 mask = (__mmask16)((1u << (group >= 128 ? 1 : 128 / group)) - 1);
     auto y = torch::empty({1, N}, x.options());
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t begin, int64_t end) {
@@ -281,26 +280,27 @@ torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, i
         const int64_t n0 = 4 * b;
         if (n0 + 4 <= N)
           int4_dot_vnni<4>(qp, qp + half, lp, lp + K / 8, lp + K / 4, wp + n0 * half, half, sp + n0 * groups, groups,
-                           group, yp + n0);
+                           group, lane_group, mask, yp + n0);
         else
           for (int64_t n = n0; n < N; ++n)
             int4_dot_vnni<1>(qp, qp + half, lp, lp + K / 8, lp + K / 4, wp + n * half, half, sp + n * groups, groups,
-                             group, yp + n);
+                             group, lane_group, mask, yp + n);
       }
     });
     return y;
   }
   const int64_t Mp = M == 1 ? 1 : (M + 3) / 4 * 4;  // several rows go four at a time (zero rows pad the last four)
   auto xe = torch::zeros({Mp, half}, x.options()), xo = torch::zeros({Mp, half}, x.options());
-  auto xg = torch::empty({M, groups}, x.options());
+  auto xg = torch::empty({groups}, x.options());  // x's group sums: one row only (several add zeros per row)
   const float* xp = x.data_ptr<float>();
   float *ep = xe.data_ptr<float>(), *op = xo.data_ptr<float>(), *gp = xg.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < half; ++c) ep[m * half + c] = xp[m * K + 2 * c], op[m * half + c] = xp[m * K + 2 * c + 1];
+  if (M == 1) {
     for (int64_t g = 0; g < groups; ++g) {
       float s = 0.f;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += xp[m * K + k];
-      gp[m * groups + g] = s;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += xp[k];
+      gp[g] = s;
     }
   }
   auto y = torch::empty({M, N}, x.options());

@@ -7,7 +7,8 @@ use) and `torch._weight_int8pack_mm` with bf16 activations otherwise; elsewhere 
 fly.
 
 int4 (`--bits 4`, `int4.py`) makes every `nn.Linear` an `Int4Linear` (group-wise scale and zero point; our AVX-512
-kernel in `cpu_kernels.py`, else torch's `_weight_int4pack_mm_for_cpu`); the embedding, read one row a token, stays int8 (`Int8Embedding`).
+kernel in `cpu_kernels.py`, else torch's `_weight_int4pack_mm_for_cpu`); the embedding, read one row a token, stays
+int8 (`Int8Embedding`).
 
 A quantized directory holds config.json, `model.safetensors` (int8 `*.weight` + fp32 `*.scales`, or int4 packed
 `*.weight` + bf16 `*.scales`), the tokenizer files, and `quantization.json` ({"format": "aquila-int8" or

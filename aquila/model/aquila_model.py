@@ -81,12 +81,12 @@ class _AttendRows(NamedTuple):
     first_block: int | None = None  # one row whose blocks are consecutive from this one: read as a view, no gather
 
 
-def _consecutive_blocks(tables: torch.Tensor, rows: int, kv_len: int, cache) -> int | None:
+def _consecutive_blocks(tables: torch.Tensor, rows: int, kv_len: int, block_size: int) -> int | None:
     """The first block of a single row whose first kv_len positions lie in consecutive blocks (a lone sequence's
     usual layout), else None. Checked once per step, it spares every layer a gather of the row's whole cache."""
     if rows != 1:
         return None
-    used = tables[0, : -(-kv_len // cache.block_size)].tolist()
+    used = tables[0, : -(-kv_len // block_size)].tolist()
     return used[0] if used == list(range(used[0], used[0] + len(used))) else None
 
 
@@ -204,7 +204,11 @@ class AquilaModel(nn.Module):
                 raise ValueError(f"positions up to {g.kv_len} exceed the rows' block tables")
             slots = torch.arange(g.kv_len, device=g.ids.device)
             mask = (slots[None, None, :] <= g.positions[:, :, None]).unsqueeze(1)  # [rows, 1, width, kv_len]
-            first = None if torch.compiler.is_compiling() else _consecutive_blocks(g.tables, rows, g.kv_len, cache)
+            first = (
+                None
+                if torch.compiler.is_compiling()
+                else _consecutive_blocks(g.tables, rows, g.kv_len, cache.block_size)
+            )
             attend.append(_AttendRows(offset, rows, width, g.slots.reshape(-1), g.tables, g.kv_len, mask, first))
             offset += rows * width
         ids = torch.cat([g.ids.reshape(-1) for g in groups])[None]
