@@ -14,8 +14,8 @@
    `--no-prefix-cache` (today: every prompt read whole). Per round a fresh 1,000-id
    system prompt: request A (system + 20 user ids, streamed, max_tokens 2) is sent alone, then request B (the same
    system prompt, other user ids); TTFT = request sent -> first text chunk. Median of --rounds rounds.
-3. eval: the MMLU example files (examples/eval_data/mmlu, 7 items in 2 subjects; dev has 2-3 items a subject, so
-   "5-shot" uses all 2-3), scored in-process with the functions `aquila eval` runs (`evaluate_task`, a fresh
+3. eval: the MMLU example files (examples/eval_data/mmlu, 7 items in 2 subjects; dev has 5 items a subject, as in
+   MMLU, so "5-shot" uses them all), scored in-process with the functions `aquila eval` runs (`evaluate_task`, a fresh
    `ChoiceScorer` per run, model loading excluded), prefix cache on and off, alternated --rounds times; best time
    per mode; the scores must be identical.
 

@@ -11,6 +11,8 @@ Decode tokens/s at batch 1 = (N - 1) / (t(N) - t(1)) for ours (`DecodeBatch`, gr
 after the prompt) for llama.cpp; the better of the rounds is printed, with the ratio ours / llama.cpp and "% of
 read limit": rate x weight bytes / the read bandwidth measured in the same process just before (all threads
 summing 512 MiB). Threads: --threads (2) for both sides. Peak RSS is the process's ru_maxrss after load and decode.
+`--batch8` adds batch 8 for each format: ours (`DecodeBatch` of 8 prompts) against llama.cpp stepping 8 sequences
+through its own `llama_batch` API, both 8 x N tokens / the time of N steps after the prompts.
 llama.cpp is loaded without its extra buffer types (no AMX repacking: it crashed with SIGSEGV at the tiny test shape
 and at the 7B shape on an AMX Xeon); `--llama-repack` restores its default, and a crashed row prints its exit code.
 """
@@ -178,6 +180,10 @@ def child_llama(path: str, batch: int, tokens: int, threads: int, repack: bool =
     llm = llama_cpp.Llama(model_path=path, n_ctx=32 + tokens, n_threads=threads, n_batch=64, verbose=False)
     load_s = time.perf_counter() - t
     load_rss = peak_rss()
+    if batch > 1:
+        bw = read_bandwidth()
+        rate = llama_batched_rate(llm, llama_cpp, batch, tokens, threads)
+        return {"rate": rate, "bw": bw, "weight_bytes": os.path.getsize(path), "peak_rss": peak_rss()}
     prompt = [16006, *range(100, 108)]
     llm.eval(prompt)
     llm.eval([5])
@@ -198,6 +204,40 @@ def child_llama(path: str, batch: int, tokens: int, threads: int, repack: bool =
         "load_s": load_s,
         "repack": repack,
     }
+
+
+def llama_batched_rate(llm, llama_cpp, batch: int, tokens: int, threads: int) -> float:
+    """Decode tokens/s of `batch` sequences stepping together through llama.cpp's own batch API (`llama_batch`
+    with one sequence id a row, as its `llama-batched-bench` runs): a context of `batch` sequences on the loaded
+    model, each prompt read, then `tokens` steps of one token a sequence, logits for every row."""
+    lc = llama_cpp.llama_cpp
+    params = lc.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = batch * (32 + tokens), 512, 512
+    params.n_seq_max, params.n_threads, params.n_threads_batch = batch, threads, threads
+    ctx = lc.llama_init_from_model(llm._model.model, params)
+    if not ctx:
+        raise RuntimeError("llama_init_from_model failed")
+    b = lc.llama_batch_init(512, 0, 1)
+
+    def decode(rows: list[tuple[int, int, int]]) -> None:  # (token, position, sequence)
+        b.n_tokens = len(rows)
+        for i, (tok, pos, seq) in enumerate(rows):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, 1
+            b.seq_id[i][0] = seq
+        if lc.llama_decode(ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    try:
+        prompt = [16006, *range(100, 108)]
+        decode([(tok, p, s) for s in range(batch) for p, tok in enumerate(prompt)])
+        decode([(5, len(prompt), s) for s in range(batch)])
+        t = time.perf_counter()
+        for i in range(tokens):
+            decode([(200 + i, len(prompt) + 1 + i, s) for s in range(batch)])
+        return batch * tokens / (time.perf_counter() - t)
+    finally:
+        lc.llama_batch_free(b)
+        lc.llama_free(ctx)
 
 
 def run_child(*argv: str) -> dict:
@@ -234,7 +274,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch8", action="store_true", help="also ours at batch 8")
+    parser.add_argument("--batch8", action="store_true", help="also batch 8, ours and llama.cpp's batch API")
     parser.add_argument("--only", default="", help="comma-separated row names to run (fp32,int8,int4)")
     parser.add_argument("--llama-repack", action="store_true", help="llama.cpp with its extra buffer types (AMX)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -274,11 +314,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for label, kind, name, _extra in rows:
             quant = {"fp32": "", "int8": "int8", "int4": "int4"}[label] if kind == "ours" else ""
-            if kind == "ours" and label != "fp32":
-                path = work / name
-            else:
-                path = work / name
-            out = run_child(kind, str(path), quant, "1", str(args.tokens), str(args.threads), repack)
+            out = run_child(kind, str(work / name), quant, "1", str(args.tokens), str(args.threads), repack)
             results.setdefault((label, kind), []).append(out)
             print(f"  {label:>5} {kind:<6} {json.dumps(out)}", flush=True)
     print(f"load after: {os.getloadavg()}")
@@ -304,10 +340,14 @@ def main() -> None:
             f"| {pct(o)} | {pct(ll)} | {mem(o)} | {mem(ll)} |"
         )
     if args.batch8:
-        for label, ours_dir, *_ in pairs:
-            out = run_child("ours", str(work / ours_dir), {"fp32": "", "int8": "int8", "int4": "int4"}[label], "8",
-                            str(args.tokens), str(args.threads), repack)  # fmt: skip
-            print(f"batch 8 ours {label}: {json.dumps(out)}")
+        print("\n| batch 8 | ours tok/s | llama.cpp tok/s | ratio |\n|---|---:|---:|---:|")
+        for label, ours_dir, _bits, gguf, _outtype in pairs:
+            quant = {"fp32": "", "int8": "int8", "int4": "int4"}[label]
+            o = run_child("ours", str(work / ours_dir), quant, "8", str(args.tokens), str(args.threads), repack)
+            ll = run_child("llama", str(work / gguf), "", "8", str(args.tokens), str(args.threads), repack)
+            print(f"  {json.dumps(o)}\n  {json.dumps(ll)}", flush=True)
+            ratio = f"{o['rate'] / ll['rate']:.2f}x" if "rate" in o and "rate" in ll else "-"
+            print(f"| {label} | {o.get('rate', float('nan')):.1f} | {ll.get('rate', float('nan')):.1f} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The AVX-512 int8 and int4 kernels (aquila/inference/cpu_kernels.py): exact against float64 where they build, used
-by Int8Linear for decode-sized inputs and by Int4Linear for all inputs, and torch's kernels with one log line where
-they are switched off."""
+by Int8Linear (packed at load; up to MAX_ROWS rows, longer prompts through unpacked blocks) and by Int4Linear for all
+inputs, and torch's kernels with one log line where they are switched off."""
 
 import logging
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from aquila.inference import cpu_kernels
+from aquila.inference.cpu_kernels import pack_pairs, pack_rows, unpack_rows
 from aquila.inference.int4 import Int4Linear, dequantize_int4
 from aquila.inference.quantize import Int8Linear
 
@@ -17,7 +18,7 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def available(bits: int):
-    fn = cpu_kernels.int8_rows_kernel() if bits == 8 else cpu_kernels.int4_rows_kernel()
+    fn = cpu_kernels.int8_packed_kernel() if bits == 8 else cpu_kernels.int4_rows_kernel()
     if fn is None:
         why = cpu_kernels._why_not(bits) or cpu_kernels._build_error or "it differs from float64 (see the log line)"
         print(f"SKIPPED: the int{bits} kernel is not available here: {why}")
@@ -35,39 +36,66 @@ def kernel4():
     return available(4)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 2048, 2048), (1, 70, 200), (2, 5, 33), (4, 16008 // 8, 256), (3, 7, 16)])
+def test_packing_keeps_every_row_and_pads_with_zeros():
+    w = torch.randint(-127, 128, (7, 128), dtype=torch.int8, generator=torch.Generator().manual_seed(9))
+    packed = pack_rows(w)
+    assert packed.shape == (2, 2, 4, 64) and torch.equal(packed[1, 0, 2], w[6, :64])  # row 6, columns 0..63
+    assert torch.equal(unpack_rows(packed, 7), w) and not packed[1, :, 3].any()  # a zero padding row
+    assert torch.equal(unpack_rows(packed[1:], 3), w[4:])  # a slice of blocks: its own rows
+    narrow = pack_rows(w[:, :100])  # zero bytes after the last column
+    assert narrow.shape == (2, 2, 4, 64) and not narrow[:, 1, :, 36:].any()
+    assert torch.equal(unpack_rows(narrow, 7, 100), w[:, :100])
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 2048, 2048), (1, 70, 192), (2, 5, 64), (4, 16008 // 8, 256), (7, 9, 128)])
 def test_kernel_equals_a_float64_product(kernel, m, n, k):
+    """One row (decode), several (batched decode, a short prompt; 4 at a time and a tail), row tails (padding)."""
     gen = torch.Generator().manual_seed(n + k)
     x = torch.randn(m, k, generator=gen)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
     s = torch.rand(n, generator=gen) / 100
     ref = x.double() @ (w.double() * s.double()[:, None]).t()
-    got = kernel(x, w, s)
+    got = kernel(x, pack_rows(w), s, n)
     assert got.dtype == torch.float32 and got.shape == (m, n)
     assert rel_err(got, ref) < 1e-6
 
 
-def test_int8_linear_uses_it_for_decode_rows_only(kernel, monkeypatch):
-    layer = Int8Linear.from_weight(torch.randn(96, 64, generator=torch.Generator().manual_seed(0)))
+def test_int8_linear_packs_at_prepare_and_is_exact_for_every_row_count(kernel, monkeypatch):
+    layer = Int8Linear.from_weight(torch.randn(1030, 128, generator=torch.Generator().manual_seed(0)))
+    dequantized_w = layer.weight.float() * layer.scales[:, None]
+    layer.prepare_for_cpu()
+    assert (
+        layer.packed
+        and layer.weight.shape == (258, 2, 4, 64)
+        and (layer.in_features, layer.out_features) == (128, 1030)
+    )
     calls = []
     monkeypatch.setitem(cpu_kernels._kernels, 8, lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
-    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 50, 128, generator=torch.Generator().manual_seed(1))  # 100 rows: a prompt past MAX_ROWS
     with torch.no_grad():
-        dequantized = x @ (layer.weight.float() * layer.scales[:, None]).t()
-        small, large = layer(x[:4]), layer(x)
-    assert calls == [4]  # 8 rows (a prompt) went to torch's kernel
-    assert rel_err(small, dequantized[:4]) < 1e-6  # fp32 activations: exact to fp32
-    assert rel_err(large, dequantized) < 1e-2  # torch's kernel: bf16 activations
+        ref = x.double() @ dequantized_w.double().t()
+        one, prompt = layer(x[:1, :1]), layer(x)
+    assert calls == [1]  # the 100-row prompt went through unpacked blocks (1030 rows: 5 blocks, the last short)
+    assert rel_err(one, ref[:1, :1]) < 1e-6 and rel_err(prompt, ref) < 1e-6  # fp32 both ways
+    assert prompt.shape == (2, 50, 1030)
+
+
+def test_int8_linear_of_other_widths_keeps_torch_kernel(kernel):
+    layer = Int8Linear.from_weight(torch.randn(16, 96, generator=torch.Generator().manual_seed(0)))
+    layer.prepare_for_cpu()
+    assert not layer.packed and layer.weight.shape == (16, 96)
 
 
 def test_switched_off_it_says_so_and_torch_kernel_runs(monkeypatch, caplog):
     monkeypatch.setenv("AQUILA_INT8_KERNEL", "0")
     monkeypatch.setattr(cpu_kernels, "_kernels", {})
     with caplog.at_level(logging.INFO, logger="aquila.inference.cpu_kernels"):
-        assert cpu_kernels.int8_rows_kernel() is None
+        assert cpu_kernels.int8_packed_kernel() is None
     assert [r.getMessage() for r in caplog.records] == ["int8 decode uses torch's kernel: AQUILA_INT8_KERNEL=0"]
-    layer = Int8Linear.from_weight(torch.randn(8, 32, generator=torch.Generator().manual_seed(2)))
-    x = torch.randn(1, 32)
+    layer = Int8Linear.from_weight(torch.randn(8, 64, generator=torch.Generator().manual_seed(2)))
+    layer.prepare_for_cpu()
+    assert not layer.packed
+    x = torch.randn(1, 64)
     with torch.no_grad():
         expected = x @ (layer.weight.float() * layer.scales[:, None]).t()
         assert rel_err(layer(x), expected) < 1e-2
@@ -80,13 +108,14 @@ def test_switched_off_it_says_so_and_torch_kernel_runs(monkeypatch, caplog):
 )  # fmt: skip
 @pytest.mark.parametrize("int8_x", [False, True])
 def test_int4_kernel_equals_a_float64_product(kernel4, m, n, k, group, int8_x):
-    """One row (the decode path; with int8_x and k a multiple of 128, int8 activations through VNNI) and several
-    (four at a time, padded), row tails, every group size; exact to fp32 against `int4_reference`."""
+    """One row (the decode path; with int8_x, int8 activations through VNNI) and several (four at a time, padded),
+    row tails (padding rows of the packed layout), widths that pad the last 64 bytes, every group size; exact to fp32
+    against `int4_reference`."""
     gen = torch.Generator().manual_seed(n + k + m)
     x = torch.randn(m, k, generator=gen)
     w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
     pairs = (torch.randn(n, k // group, 2, generator=gen) / 50).bfloat16()
-    got = kernel4(x, w, pairs.view(torch.int32).squeeze(-1), group, int8_x)
+    got = kernel4(x, pack_rows(w), pack_pairs(pairs.view(torch.int32).squeeze(-1)), group, n, int8_x)
     assert got.dtype == torch.float32 and got.shape == (m, n)
     assert rel_err(got, cpu_kernels.int4_reference(x, w, pairs, int8_x)) < 1e-5  # fp32 sums
     exact = x.double() @ dequantize_int4(w, pairs).double().t()
@@ -102,23 +131,24 @@ def test_int8_activations_are_what_the_reference_rounds(kernel4):
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(7))
     w = torch.randint(0, 256, (8, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(8))
     pairs = torch.tensor([1.0, 0.0]).bfloat16().expand(8, 4, 2).contiguous()
-    sz = pairs.view(torch.int32).squeeze(-1)
-    fp32, int8 = kernel4(x, w, sz, 64, False), kernel4(x, w, sz, 64, True)
+    w, sz = pack_rows(w), pairs.view(torch.int32).squeeze(-1)
+    fp32, int8 = kernel4(x, w, sz, 64, 8, False), kernel4(x, w, sz, 64, 8, True)
     xr = rounded_activations(x, 64)
     assert 0 < (xr - x).abs().max() <= x.abs().max() / 254 + 1e-6
-    rounded = kernel4(xr, w, sz, 64, False)  # the rounded x, multiplied in fp32
+    rounded = kernel4(xr, w, sz, 64, 8, False)  # the rounded x, multiplied in fp32
     if cpu_kernels._built().has_vnni():
         assert rel_err(int8, rounded) < 1e-5 and rel_err(int8, fp32) > 1e-4
     else:
         assert torch.equal(int8, fp32)
 
 
-def test_int4_linear_runs_on_it_in_the_file_layout(kernel4):
-    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(3))
+def test_int4_linear_runs_on_it_with_the_file_codes_packed(kernel4):
+    w = torch.randn(46, 256, generator=torch.Generator().manual_seed(3))
     layer = Int4Linear.from_weight(w, 64)
-    packed, dequantized = layer.weight.clone(), dequantize_int4(layer.weight, layer.scales)
+    codes, dequantized = layer.weight.clone(), dequantize_int4(layer.weight, layer.scales)
     layer.prepare_for_cpu()
-    assert layer.own_kernel and torch.equal(layer.weight, packed)  # nothing repacked
+    assert layer.own_kernel and torch.equal(unpack_rows(layer.weight, 46), codes)  # the same bytes, packed
+    assert layer.scales.shape == (48, 4)  # the pairs as int32, two zero rows to the packed blocks' 48
     x = torch.randn(2, 5, 256, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref = x.double() @ dequantized.double().t()

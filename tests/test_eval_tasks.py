@@ -28,7 +28,7 @@ def test_every_shipped_task_parses(task):
 
 def test_mmlu_items_and_header():
     (arith, geo) = load_task("mmlu", EXAMPLES)
-    assert (arith.name, len(arith.items), len(arith.pool)) == ("elementary_arithmetic", 4, 3)
+    assert (arith.name, len(arith.items), len(arith.pool)) == ("elementary_arithmetic", 4, 5)
     assert arith.header.startswith("The following are multiple choice questions (with answers) about elementary")
     first = arith.items[0]
     assert first.query == "What is 15 - 6?\nA. 8\nB. 9\nC. 10\nD. 7\nAnswer:"

@@ -11,7 +11,14 @@ from aquila.checkpoint import build_model, save_model_dir
 from aquila.cli import main as cli_main
 from aquila.config import ModelArgs
 from aquila.errors import AquilaError
-from aquila.inference.quantize import Int8Embedding, Int8Linear, quantize_model, quantize_weight, weight_bytes
+from aquila.inference.quantize import (
+    Int8Embedding,
+    Int8Linear,
+    prepare_for_cpu,
+    quantize_model,
+    quantize_weight,
+    weight_bytes,
+)
 from tests.test_inference import ARGS, DEMO_TOKENIZER, single_thread
 
 # Stated tolerance: int8 weights (one scale per output channel) with bf16 activations on CPU keep the logits
@@ -62,7 +69,7 @@ def test_quantize_verb_and_autoloader_agree(tmp_path):
 
     ids = torch.tensor([[16006, 5, 6, 7, 8]])
     with torch.no_grad():
-        expected = quantize_model(build_model(ARGS, seed=0).eval())(ids)["logits"]
+        expected = prepare_for_cpu(quantize_model(build_model(ARGS, seed=0).eval()))(ids)["logits"]
         from_dir = aquila.AutoLoader(model_dir=tmp_path, model_name="int8").get_model()
         on_load = aquila.AutoLoader(model_dir=tmp_path, model_name="fp32", quantize="int8").get_model()
         assert torch.equal(from_dir(ids)["logits"], expected)

@@ -35,7 +35,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 4  # activation rows up to which the int8 kernel runs (decode steps); int8 prompts use torch's
+MAX_ROWS = 64  # activation rows up to which the int8 kernel runs; longer prompts unpack blocks for MKL's GEMM
+PACK_COLS = 64  # the int8 kernel's layout: 64-byte pieces of four rows side by side (pack_rows)
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -50,60 +51,60 @@ static inline __m512 widen16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 
-// Dot products of x with four consecutive rows of r (row length K): four weight streams in flight, each
-// activation load used four times, and the next four rows prefetched at the same columns (from DRAM, 1.2 GB of
-// weights, this read 20-29 GB/s against 16-25 without it; a prefetch past the last row does not fault).
-static inline void dot4(const float* x, const int8_t* r, int64_t K, float* out) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    _mm_prefetch((const char*)(r + k + 512), _MM_HINT_T0);
-    _mm_prefetch((const char*)(r + K + k + 512), _MM_HINT_T0);
-    _mm_prefetch((const char*)(r + 2 * K + k + 512), _MM_HINT_T0);
-    _mm_prefetch((const char*)(r + 3 * K + k + 512), _MM_HINT_T0);
-    for (int j = 4; j < 8; ++j) _mm_prefetch((const char*)(r + j * K + k), _MM_HINT_T0);  // the next 4 rows
-    const __m512 xv = _mm512_loadu_ps(x + k);
-    a0 = _mm512_fmadd_ps(xv, widen16(r + k), a0);
-    a1 = _mm512_fmadd_ps(xv, widen16(r + K + k), a1);
-    a2 = _mm512_fmadd_ps(xv, widen16(r + 2 * K + k), a2);
-    a3 = _mm512_fmadd_ps(xv, widen16(r + 3 * K + k), a3);
+// The int8 kernel reads weights packed four rows at a time: [N/4][K/64][4][64], the 64 bytes of columns
+// 64c..64c+63 of rows 4b..4b+3 side by side (`pack_rows`). A thread's share is then one sequential stream, which the
+// hardware prefetcher follows: on a 2-core EPYC this read 30 GB/s of a 33 GB/s read probe, against 21-25 GB/s for
+// four rows read side by side from [N, K] (with or without software prefetch).
+
+// MB activation rows (xs floats apart) against one packed block of 4 weight rows: each 16 codes are widened to
+// fp32 once and used for every activation row (a block of 4 x K bytes stays in L1/L2 over several calls). out [MB][4]
+template <int MB>
+static inline void int8_block_f32(const float* x, int64_t xs, const int8_t* blk, int64_t K, float* out) {
+  __m512 acc[4][MB];
+  for (int j = 0; j < 4; ++j)
+    for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < K; c += 64) {
+    const int8_t* p = blk + 4 * c;
+    for (int q = 0; q < 64; q += 16) {
+      __m512 xv[MB];
+      for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(x + m * xs + c + q);
+      for (int j = 0; j < 4; ++j) {
+        const __m512 wv = widen16(p + 64 * j + q);
+        for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_fmadd_ps(xv[m], wv, acc[j][m]);
+      }
+    }
   }
-  out[0] = _mm512_reduce_add_ps(a0);
-  out[1] = _mm512_reduce_add_ps(a1);
-  out[2] = _mm512_reduce_add_ps(a2);
-  out[3] = _mm512_reduce_add_ps(a3);
-  for (; k < K; ++k)
-    for (int j = 0; j < 4; ++j) out[j] += x[k] * (float)r[j * K + k];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j) out[m * 4 + j] = _mm512_reduce_add_ps(acc[j][m]);
 }
 
-static inline float dot1(const float* x, const int8_t* r, int64_t K) {
-  float s = 0.f;
-  for (int64_t k = 0; k < K; ++k) s += x[k] * (float)r[k];
-  return s;
-}
-
-// y [M, N] = x [M, K] (fp32) @ (w [N, K] int8 * scales [N])^T
-torch::Tensor int8_rows_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scales) {
+// y [M, N] = x [M, K] (fp32) @ (W * scales [>= N])^T, W int8 packed (w [ceil(N/4), K/64, 4, 64], zero rows past N),
+// activations four rows at a time. (Rounding one row of x to int8 for VNNI, as the int4 kernel does, read 2-3%
+// faster here: the packed read is at memory speed either way, so x stays fp32 and the result exact to fp32.)
+torch::Tensor int8_packed_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, int64_t N) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kInt8 && scales.dtype() == torch::kFloat32);
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && scales.is_contiguous());
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && scales.numel() == w.size(0));
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t M = x.size(0), K = x.size(1), blocks = (N + 3) / 4;
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 4 && w.size(0) == blocks && w.size(1) * 64 == K && w.size(2) == 4);
+  TORCH_CHECK(w.size(3) == 64 && scales.numel() >= N);
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t begin, int64_t end) {
-    float t[4];
+  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
+    float t[16];
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = 4 * b;
-      for (int64_t m = 0; m < M; ++m) {
-        if (n0 + 4 <= N) {
-          dot4(xp + m * K, wp + n0 * K, K, t);
-          for (int j = 0; j < 4; ++j) yp[m * N + n0 + j] = t[j] * sp[n0 + j];
-        } else {
-          for (int64_t n = n0; n < N; ++n) yp[m * N + n] = dot1(xp + m * K, wp + n * K, K) * sp[n];
-        }
+      const int8_t* blk = wp + b * 4 * K;
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t mb = std::min<int64_t>(4, M - m0);
+        const float* xm = xp + m0 * K;
+        if (mb == 4) int8_block_f32<4>(xm, K, blk, K, t);
+        else if (mb == 3) int8_block_f32<3>(xm, K, blk, K, t);
+        else if (mb == 2) int8_block_f32<2>(xm, K, blk, K, t);
+        else int8_block_f32<1>(xm, K, blk, K, t);
+        for (int64_t m = 0; m < mb; ++m)
+          for (int64_t j = 0; j < 4 && 4 * b + j < N; ++j) yp[(m0 + m) * N + 4 * b + j] = t[m * 4 + j] * sp[4 * b + j];
       }
     }
   });
@@ -119,12 +120,16 @@ static inline float bf16_to_float(uint32_t bits) {
 
 static const float kCodeValues[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
 
-// Dot products of x with R consecutive int4 rows (rb bytes each; byte c holds columns 2c (low nibble) and 2c+1),
+// The int4 kernels read the codes packed as the int8 one reads its weights (`pack_rows` of the [N, K/2] bytes):
+// four rows' 64-byte pieces side by side, one sequential stream a thread (1B shape on a 2-core EPYC: x GB/s
+// against y from the file's [N, K/2] rows). piece(r, j, c): byte c of row j of the packed block at r.
+static inline const uint8_t* piece(const uint8_t* r, int j, int64_t c) { return r + 4 * (c & ~63) + 64 * j + (c & 63); }
+
+// Dot products of x with the R = 4 int4 rows of a packed block at r (byte c of a row holds columns 2c (low nibble) and 2c+1),
 // given x's even columns xe, odd columns xo and per-group sums xg. sz: the rows' (scale, zero) bf16 pairs as
 // uint32 (scale in the low half), `groups` per row, gb bytes per group (a multiple of 16).
 template <int R>
-static inline void int4_dot(const float* xe, const float* xo, const float* xg, const uint8_t* r, int64_t rb,
-                            const uint32_t* sz, int64_t groups, int64_t gb, float* out) {
+static inline void int4_dot(const float* xe, const float* xo, const float* xg, const uint8_t* r, const uint32_t* sz, int64_t groups, int64_t gb, float* out) {
   const __m512 table = _mm512_loadu_ps(kCodeValues);
   __m512 tot[R];
   float zsum[R];
@@ -133,13 +138,9 @@ static inline void int4_dot(const float* xe, const float* xo, const float* xg, c
     __m512 acc[R];
     for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
     for (int64_t c = g * gb; c < (g + 1) * gb; c += 16) {
-      if ((c & 63) == 0) {
-        for (int j = 0; j < R; ++j) _mm_prefetch((const char*)(r + j * rb + c + 512), _MM_HINT_T0);
-        for (int j = R; j < 2 * R; ++j) _mm_prefetch((const char*)(r + j * rb + c), _MM_HINT_T0);  // next rows
-      }
       const __m512 ve = _mm512_loadu_ps(xe + c), vo = _mm512_loadu_ps(xo + c);
       for (int j = 0; j < R; ++j) {
-        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(r + j * rb + c)));
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)piece(r, j, c)));
         // vpermps reads the low 4 bits of each lane: the low nibble as it is, the high one after a shift
         acc[j] = _mm512_fmadd_ps(ve, _mm512_permutexvar_ps(q, table), acc[j]);
         acc[j] = _mm512_fmadd_ps(vo, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table), acc[j]);
@@ -154,12 +155,11 @@ static inline void int4_dot(const float* xe, const float* xo, const float* xg, c
   for (int j = 0; j < R; ++j) out[j] = _mm512_reduce_add_ps(tot[j]) + zsum[j];
 }
 
-// R int4 rows against MB activation rows at once (several sequences decoding together, or a prompt four rows at a
+// A packed block's R = 4 int4 rows against MB activation rows at once (several sequences decoding together, or a prompt four rows at a
 // time): each row's codes are dequantized in registers, (code - 8) * scale + zero, and used for all MB rows. x's
 // rows are xs floats apart in xe/xo; out [MB][R].
 template <int R, int MB>
-static inline void int4_dot_rows(const float* xe, const float* xo, int64_t xs, const uint8_t* r, int64_t rb,
-                                 const uint32_t* sz, int64_t groups, int64_t gb, float* out) {
+static inline void int4_dot_rows(const float* xe, const float* xo, int64_t xs, const uint8_t* r, const uint32_t* sz, int64_t groups, int64_t gb, float* out) {
   const __m512 table = _mm512_loadu_ps(kCodeValues);
   __m512 acc[R][MB];
   for (int j = 0; j < R; ++j)
@@ -171,12 +171,10 @@ static inline void int4_dot_rows(const float* xe, const float* xo, int64_t xs, c
       scale[j] = bf16_to_float(pair & 0xFFFFu), zero[j] = bf16_to_float(pair >> 16);
     }
     for (int64_t c = g * gb; c < (g + 1) * gb; c += 16) {
-      if ((c & 63) == 0)
-        for (int j = 0; j < R; ++j) _mm_prefetch((const char*)(r + j * rb + c + 512), _MM_HINT_T0);
       __m512 e[MB], o[MB];
       for (int m = 0; m < MB; ++m) e[m] = _mm512_loadu_ps(xe + m * xs + c), o[m] = _mm512_loadu_ps(xo + m * xs + c);
       for (int j = 0; j < R; ++j) {
-        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(r + j * rb + c)));
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)piece(r, j, c)));
         const __m512 s = _mm512_set1_ps(scale[j]), z = _mm512_set1_ps(zero[j]);
         const __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, table), s, z);
         const __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table), s, z);
@@ -193,7 +191,7 @@ static inline void int4_dot_rows(const float* xe, const float* xo, int64_t xs, c
 // Lane l of a 64-byte chunk holds columns 8l..8l+7 of it; per chunk, dxv/qxv/zxv give each lane its group's step,
 // -8 * step * (sum of the group's int8 x) and sum of the group's x, both shared out over the group's G / 8 lanes, so
 //   sum over lanes of  scale * (D * dx + qx) + zero * zx  =  sum over groups of  scale * sum((q - 8) * x') + zero * sum(x)
-// with x' the rounded activations. R rows of rb bytes; sz the rows' pairs, `groups` per row; `lane_group` (each lane's
+// with x' the rounded activations. The R = 4 rows of the packed block at r, rb bytes each; sz the rows' pairs, `groups` per row; `lane_group` (each lane's
 // group within its chunk) and `mask` (the chunk's 1, 2 or 4 groups) pick the pairs (see int4_rows_mm).
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int4_dot_vnni(
@@ -204,14 +202,12 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int4_dot_vnni
   __m512 tot[R];
   for (int j = 0; j < R; ++j) tot[j] = _mm512_setzero_ps();
   for (int64_t c = 0, ch = 0; c < rb; c += 64, ++ch) {
-    for (int j = 0; j < R; ++j) _mm_prefetch((const char*)(r + j * rb + c + 1024), _MM_HINT_T0);
-    for (int j = R; j < 2 * R; ++j) _mm_prefetch((const char*)(r + j * rb + c), _MM_HINT_T0);  // the next rows
     const __m512i ve = _mm512_loadu_si512(xqe + c), vo = _mm512_loadu_si512(xqo + c);
     const __m512 dx = _mm512_loadu_ps(dxv + 16 * ch), qx = _mm512_loadu_ps(qxv + 16 * ch);
     const __m512 zx = _mm512_loadu_ps(zxv + 16 * ch);
     const int64_t first = 2 * c / group;  // the chunk's first group
     for (int j = 0; j < R; ++j) {
-      const __m512i raw = _mm512_loadu_si512(r + j * rb + c);
+      const __m512i raw = _mm512_loadu_si512(piece(r, j, c));
       const __m512i lo = _mm512_and_si512(raw, low4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
       const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, ve), hi, vo);
       const __m512i pr = _mm512_permutexvar_epi32(idx, _mm512_maskz_loadu_epi32(mask, sz + j * groups + first));
@@ -253,17 +249,22 @@ bool has_vnni() {
   return yes;
 }
 
-// y [M, N] = x [M, K] (fp32) @ W^T, W int4: w [N, K/2] uint8 (file layout), sz [N, K/group] int32 (bf16 pairs).
-// int8_x: one activation row goes through int4_dot_vnni where the CPU has VNNI (and K is a multiple of 128).
-torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, bool int8_x) {
+// y [M, N] = x [M, K] (fp32) @ W^T, W int4: w the [N, K/2] code bytes of the file layout packed (`pack_rows`:
+// [ceil(N/4), ceil(K/128), 4, 64], zero rows past N and zero bytes past K/2), sz [4 * ceil(N/4), K/group] int32
+// (bf16 pairs, zero rows past N). int8_x: one activation row goes through int4_dot_vnni where the CPU has VNNI (and
+// K is a multiple of 128: no padding bytes).
+torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t group, int64_t N, bool int8_x) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kUInt8 && sz.dtype() == torch::kInt32);
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && sz.is_contiguous());
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && group % 32 == 0 && K % group == 0 && w.size(1) * 2 == K);
-  TORCH_CHECK(sz.dim() == 2 && sz.size(0) == N && sz.size(1) == K / group);
-  const int64_t groups = K / group, half = K / 2;
+  const int64_t M = x.size(0), K = x.size(1), blocks = (N + 3) / 4;
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 4 && group % 32 == 0 && K % group == 0);
+  TORCH_CHECK(w.size(0) == blocks && w.size(1) == (K + 127) / 128 && w.size(2) == 4 && w.size(3) == 64);
+  TORCH_CHECK(sz.dim() == 2 && sz.size(0) == 4 * blocks && sz.size(1) == K / group);
+  const int64_t groups = K / group, half = K / 2, padded = w.size(1) * 64;  // a packed row's bytes
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint32_t* sp = reinterpret_cast<const uint32_t*>(sz.data_ptr<int32_t>());
+  auto y = torch::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
   if (M == 1 && int8_x && K % 128 == 0 && has_vnni()) {
     auto xq = torch::empty({K}, x.options().dtype(torch::kInt8));
     auto lanes = torch::empty({3, K / 8}, x.options());
@@ -273,18 +274,12 @@ torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, i
     int32_t lane_group[16];  // the group of each lane of a 64-byte chunk (128 columns), counted from the chunk's first
     for (int l = 0; l < 16; ++l) lane_group[l] = group >= 128 ? 0 : (int32_t)(8 * l / group);
     const __mmask16 mask = (__mmask16)((1u << (group >= 128 ? 1 : 128 / group)) - 1);
-    auto y = torch::empty({1, N}, x.options());
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
+      float t[4];
       for (int64_t b = begin; b < end; ++b) {
-        const int64_t n0 = 4 * b;
-        if (n0 + 4 <= N)
-          int4_dot_vnni<4>(qp, qp + half, lp, lp + K / 8, lp + K / 4, wp + n0 * half, half, sp + n0 * groups, groups,
-                           group, lane_group, mask, yp + n0);
-        else
-          for (int64_t n = n0; n < N; ++n)
-            int4_dot_vnni<1>(qp, qp + half, lp, lp + K / 8, lp + K / 4, wp + n * half, half, sp + n * groups, groups,
-                             group, lane_group, mask, yp + n);
+        int4_dot_vnni<4>(qp, qp + half, lp, lp + K / 8, lp + K / 4, wp + 4 * b * half, half, sp + 4 * b * groups,
+                         groups, group, lane_group, mask, t);
+        for (int64_t j = 0; j < 4 && 4 * b + j < N; ++j) yp[4 * b + j] = t[j];
       }
     });
     return y;
@@ -303,35 +298,21 @@ torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, i
       gp[g] = s;
     }
   }
-  auto y = torch::empty({M, N}, x.options());
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
     float t[16];
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = 4 * b, rows = std::min<int64_t>(4, N - n0);
+      const uint8_t* blk = wp + n0 * padded;
+      const uint32_t* pairs = sp + n0 * groups;
       if (M == 1) {  // one sequence decoding: scale each group's sum once, zero points through x's group sums
-        if (rows == 4) {
-          int4_dot<4>(ep, op, gp, wp + n0 * half, half, sp + n0 * groups, groups, group / 2, t);
-        } else {
-          for (int64_t j = 0; j < rows; ++j)
-            int4_dot<1>(ep, op, gp, wp + (n0 + j) * half, half, sp + (n0 + j) * groups, groups, group / 2, t + j);
-        }
+        int4_dot<4>(ep, op, gp, blk, pairs, groups, group / 2, t);
         for (int64_t j = 0; j < rows; ++j) yp[n0 + j] = t[j];
         continue;
       }
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const float *e = ep + m0 * half, *o = op + m0 * half;
-        const int64_t mb = std::min<int64_t>(4, M - m0);
-        if (rows == 4) {
-          int4_dot_rows<4, 4>(e, o, half, wp + n0 * half, half, sp + n0 * groups, groups, group / 2, t);
-          for (int64_t m = 0; m < mb; ++m)
-            for (int64_t j = 0; j < 4; ++j) yp[(m0 + m) * N + n0 + j] = t[m * 4 + j];
-        } else {
-          for (int64_t j = 0; j < rows; ++j) {
-            int4_dot_rows<1, 4>(e, o, half, wp + (n0 + j) * half, half, sp + (n0 + j) * groups, groups, group / 2, t);
-            for (int64_t m = 0; m < mb; ++m) yp[(m0 + m) * N + n0 + j] = t[m];
-          }
-        }
+        int4_dot_rows<4, 4>(ep + m0 * half, op + m0 * half, half, blk, pairs, groups, group / 2, t);
+        for (int64_t m = 0; m < std::min<int64_t>(4, M - m0); ++m)
+          for (int64_t j = 0; j < rows; ++j) yp[(m0 + m) * N + n0 + j] = t[m * 4 + j];
       }
     }
   });
@@ -391,7 +372,7 @@ def _built():
                 _module = load_inline(
                     "aquila_cpu_kernels",
                     cpp_sources=_SOURCE,
-                    functions=["int8_rows_mm", "int4_rows_mm", "has_vnni"],
+                    functions=["int8_packed_mm", "int4_rows_mm", "has_vnni"],
                     extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
                 )
@@ -406,13 +387,29 @@ def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
     return bool((got - ref.float()).abs().max() <= 1e-5 * ref.abs().max())  # fp32 sums: ~1e-7 of the largest
 
 
+def pack_rows(w: torch.Tensor) -> torch.Tensor:
+    """A byte matrix w [n, k] (int8 weights, or int4's code bytes) in the kernels' layout [ceil(n/4), ceil(k/64), 4,
+    64]: four rows' 64-byte pieces side by side, zero rows after the last and zero bytes after column k (the int8
+    kernel takes k a multiple of 64 only; the int4 one any)."""
+    n, k = w.shape
+    rows, cols = -(-n // 4) * 4, -(-k // PACK_COLS) * PACK_COLS
+    padded = w if (rows, cols) == (n, k) else torch.nn.functional.pad(w, (0, cols - k, 0, rows - n))
+    return padded.view(rows // 4, 4, cols // PACK_COLS, PACK_COLS).transpose(1, 2).contiguous()
+
+
+def unpack_rows(packed: torch.Tensor, n: int, k: int | None = None) -> torch.Tensor:
+    """The [n, k] matrix of `pack_rows`'s layout (the rows of those blocks if `packed` is a slice of blocks)."""
+    blocks, pieces = packed.shape[:2]
+    return packed.transpose(1, 2).reshape(blocks * 4, pieces * PACK_COLS)[:n, :k]
+
+
 def _int8_matches_reference(fn: Callable) -> bool:
     gen = torch.Generator().manual_seed(0)
-    for m, n, k in ((1, 70, 200), (3, 64, 128)):  # row and column tails, several rows of activations
+    for m, n, k in ((1, 70, 256), (3, 64, 128), (6, 9, 320)):  # a row tail, one, several, more than 4 rows
         x = torch.randn(m, k, generator=gen)
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
         s = torch.rand(n, generator=gen)
-        if not _close(fn(x, w, s), x.double() @ (w.double() * s.double()[:, None]).t()):
+        if not _close(fn(x, pack_rows(w), s, n), x.double() @ (w.double() * s.double()[:, None]).t()):
             return False
     return True
 
@@ -439,21 +436,26 @@ def int4_reference(x: torch.Tensor, w: torch.Tensor, pairs: torch.Tensor, int8_x
     return xs.double() @ dequantize_int4(w, scales).double().t() + x.double() @ dequantize_int4(w, zeros).double().t()
 
 
+def pack_pairs(sz: torch.Tensor) -> torch.Tensor:
+    """int4's (scale, zero) pairs as int32 [n, groups] with zero rows up to `pack_rows`' padded row count."""
+    rows = -(-sz.shape[0] // 4) * 4
+    return sz if rows == sz.shape[0] else torch.cat([sz, sz.new_zeros(rows - sz.shape[0], sz.shape[1])])
+
+
 def _int4_matches_reference(fn: Callable) -> bool:
     gen = torch.Generator().manual_seed(0)
     for m, n, k, group in ((1, 70, 256, 64), (3, 64, 128, 32), (6, 9, 512, 256), (1, 3, 64, 32), (1, 9, 384, 32)):
         x = torch.randn(m, k, generator=gen)
         w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
         pairs = (torch.rand(n, k // group, 2, generator=gen) - 0.5).bfloat16()
+        sz = pack_pairs(pairs.view(torch.int32).squeeze(-1))
         for int8_x in (False, True):
-            if not _close(
-                fn(x, w, pairs.view(torch.int32).squeeze(-1), group, int8_x), int4_reference(x, w, pairs, int8_x)
-            ):
+            if not _close(fn(x, pack_rows(w), sz, group, n, int8_x), int4_reference(x, w, pairs, int8_x)):
                 return False
     return True
 
 
-_CHECKS = {8: ("int8_rows_mm", _int8_matches_reference), 4: ("int4_rows_mm", _int4_matches_reference)}
+_CHECKS = {8: ("int8_packed_mm", _int8_matches_reference), 4: ("int4_rows_mm", _int4_matches_reference)}
 _kernels: dict[int, Callable | None] = {}
 
 
@@ -476,14 +478,16 @@ def _kernel_for(bits: int) -> Callable | None:
     return fn
 
 
-def int8_rows_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """The compiled `int8_rows_mm(x fp32 [m, k], w int8 [n, k], scales fp32 [n])`, or None (torch's kernel then)."""
+def int8_packed_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
+    """The compiled `int8_packed_mm(x fp32 [m, k], pack_rows(w) [ceil(n/4), k/64, 4, 64], scales fp32 [n], n)`, or
+    None (torch's kernel then)."""
     return _kernel_for(8)
 
 
-def int4_rows_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, bool], torch.Tensor] | None:
-    """The compiled `int4_rows_mm(x fp32 [m, k], w uint8 [n, k/2], sz int32 [n, k/group], group, int8_x)` over the
-    file layout (`int4.py`; sz holds the bf16 (scale, zero) pairs), or None (torch's int4 kernel then). With
+def int4_rows_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, bool], torch.Tensor] | None:
+    """The compiled `int4_rows_mm(x fp32 [m, k], pack_rows(w uint8 [n, k/2]), pack_pairs(sz int32 [n, k/group]),
+    group, n, int8_x)` over the file layout's codes and bf16 (scale, zero) pairs (`int4.py`), or None (torch's int4
+    kernel then). With
     `int8_x`, one row of x is rounded to int8 per group and multiplied by VNNI instructions where the CPU has them
     (`int4_reference` says exactly what is computed)."""
     return _kernel_for(4)

@@ -9,8 +9,9 @@ On disk (`aquila quantize --bits 4`) a layer is `*.weight` uint8 [out, in / 2], 
 order (low nibble first), and `*.scales` bf16 [out, in / group, 2] holding (scale, zero). That layout is portable;
 the kernel's own packing is blocked for the CPU it runs on, so it is made at load time (`prepare_for_cpu`), in
 row blocks, replacing the plain tensors (the layer then costs its own bytes once). Where our AVX-512 kernel
-(`cpu_kernels.int4_rows_mm`; a ~1B model decodes 1.6x faster on it than on torch's) built, it reads the file layout
-itself and nothing is repacked. A prepared layer is for inference only: its buffers may be in the kernel's layout.
+(`cpu_kernels.int4_rows_mm`; a ~1B model decodes 1.6x faster on it than on torch's) built, the file's code bytes are
+packed four rows at a time (`cpu_kernels.pack_rows`, as int8's) and the pairs kept as int32. A prepared layer is for
+inference only: its buffers are in the kernel's layout.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aquila.errors import AquilaError
-from aquila.inference.cpu_kernels import int4_rows_kernel
+from aquila.inference.cpu_kernels import int4_rows_kernel, pack_pairs, pack_rows
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the CPU kernel accepts
 DEFAULT_GROUP_SIZE = 64
@@ -132,13 +133,15 @@ def _(x: torch.Tensor, w: torch.Tensor, group: int, sz: torch.Tensor, out_featur
 
 
 @torch.library.custom_op("aquila::int4_rows_mm", mutates_args=())
-def int4_rows_mm_op(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int, int8_x: bool) -> torch.Tensor:
-    return int4_rows_kernel()(x, w, sz, group, int8_x)
+def int4_rows_mm_op(
+    x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int, n: int, int8_x: bool
+) -> torch.Tensor:
+    return int4_rows_kernel()(x, w, sz, group, n, int8_x)
 
 
 @int4_rows_mm_op.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int, int8_x: bool) -> torch.Tensor:
-    return x.new_empty(x.shape[0], w.shape[0])
+def _(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int, n: int, int8_x: bool) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n)
 
 
 class Int4Linear(nn.Module):
@@ -175,8 +178,9 @@ class Int4Linear(nn.Module):
             return
         if self.weight.device.type != "cpu":
             raise AquilaError(f"the int4 CPU kernel needs CPU weights, got {self.weight.device}")
-        if int4_rows_kernel() is not None:  # ours reads the file layout; the pairs as int32 survive .half() too
-            self.scales = self.scales.contiguous().view(torch.int32).squeeze(-1)
+        if int4_rows_kernel() is not None:  # the pairs as int32 survive a later .half()
+            self.weight = pack_rows(self.weight)
+            self.scales = pack_pairs(self.scales.contiguous().view(torch.int32).squeeze(-1))
             self.prepared = self.own_kernel = True
             return
         rows = -(-self.out_features // _ROW_ALIGN) * _ROW_ALIGN
@@ -203,7 +207,8 @@ class Int4Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self.own_kernel and x.device.type == "cpu":
             mm = int4_rows_mm_op if torch.compiler.is_compiling() else int4_rows_kernel()
-            y = mm(rows.float().contiguous(), self.weight, self.scales, self.group_size, True).to(x.dtype)
+            y = mm(rows.float().contiguous(), self.weight, self.scales, self.group_size, self.out_features, True)
+            y = y.to(x.dtype)
         elif self.prepared and x.device.type == "cpu":
             mm = int4_mm_op if torch.compiler.is_compiling() else _int4_mm
             y = mm(rows, self.weight, self.group_size, self.scales.view(torch.bfloat16), self.out_features)

@@ -29,8 +29,7 @@ from aquila.checkpoint import ModelDir, load_into, meta_model
 from aquila.constants import CONFIG_NAME, SAFETENSORS_NAME
 from aquila.dtypes import parse_dtype
 from aquila.errors import AquilaError
-from aquila.inference.int4 import prepare_int4
-from aquila.inference.quantize import load_quantized, quantize_model, quantized_bits
+from aquila.inference.quantize import load_quantized, prepare_for_cpu, quantize_model, quantized_bits
 from aquila.inference.tensor_file import iter_safetensors, release_freed_memory
 from aquila.lora import merge_adapter
 from aquila.model import AquilaModel
@@ -121,12 +120,12 @@ def _use_bminf(device: torch.device) -> bool:
 
 def _quantize_loaded(model: AquilaModel, device: torch.device, quantize: str) -> AquilaModel:
     if quantize == "int4":
-        return prepare_int4(quantize_model(model, bits=4))
+        return prepare_for_cpu(quantize_model(model, bits=4))
     if _use_bminf(device):
         import bminf
 
         return bminf.wrapper(model.to(device).half(), quantization=True)
-    return quantize_model(model)
+    return prepare_for_cpu(quantize_model(model)) if device.type == "cpu" else quantize_model(model)
 
 
 def _warn_ignored(args: dict) -> None:

@@ -42,7 +42,7 @@ from aquila.checkpoint import (
 )
 from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
-from aquila.inference.cpu_kernels import MAX_ROWS, int8_rows_kernel
+from aquila.inference.cpu_kernels import MAX_ROWS, PACK_COLS, int8_packed_kernel, pack_rows, unpack_rows
 from aquila.inference.int4 import DEFAULT_GROUP_SIZE, Int4Linear, check_group_size, prepare_int4, quantize_weight_int4
 from aquila.inference.tensor_file import iter_safetensors, release_freed_memory, tensor_count
 from aquila.io_utils import read_json
@@ -67,15 +67,30 @@ def quantize_weight(w: torch.Tensor, block_rows: int = 4096) -> tuple[torch.Tens
     return q, scales
 
 
+_UNPACK_BLOCKS = 64  # 4-row blocks unpacked to fp32 at a time for a long prompt's GEMM (256 rows: ~2-6 MB)
+
+
 def _int8_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [m, k] (any float) @ int8 w [n, k] with per-row scales -> [m, n] in x's dtype: up to MAX_ROWS rows
-    (decode) our AVX-512 kernel where it built (fp32 activations, `cpu_kernels.py`), else torch's (bf16 inputs)."""
-    if x.shape[0] <= MAX_ROWS and (kernel := int8_rows_kernel()) is not None:
-        return kernel(x.float().contiguous(), w, scales.float().contiguous()).to(x.dtype)
+    """x [m, k] (any float) @ int8 w [n, k] with per-row scales -> [m, n] in x's dtype, by torch's kernel (bf16
+    inputs): where ours is not built, or the layer's width is not a multiple of its 64-byte pieces."""
     return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), w, scales.to(torch.bfloat16)).to(x.dtype)
 
 
-# Under torch.compile the kernel is called as an opaque op: inductor's own lowering of _weight_int8pack_mm fails
+def _int8_packed_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
+    """x [m, k] @ the packed int8 w (`pack_rows`) with per-row scales -> [m, n], exact to fp32: up to MAX_ROWS rows
+    our kernel; a longer prompt unpacks blocks of rows to fp32 for MKL's GEMM (faster there from ~64 rows)."""
+    xf, sf = x.float().contiguous(), scales.float().contiguous()
+    if x.shape[0] <= MAX_ROWS:
+        return int8_packed_kernel()(xf, w, sf, n).to(x.dtype)
+    out = torch.empty(x.shape[0], n)
+    for b in range(0, w.shape[0], _UNPACK_BLOCKS):
+        start, stop = 4 * b, min(n, 4 * (b + _UNPACK_BLOCKS))
+        rows = unpack_rows(w[b : b + _UNPACK_BLOCKS], stop - start).float().mul_(sf[start:stop, None])
+        out[:, start:stop] = xf @ rows.t()
+    return out.to(x.dtype)
+
+
+# Under torch.compile the kernels are called as opaque ops: inductor's own lowering of _weight_int8pack_mm fails
 # when its input is a fused pointwise result (LoweringException in torch 2.13).
 @torch.library.custom_op("aquila::int8_mm", mutates_args=())
 def int8_mm_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -85,6 +100,16 @@ def int8_mm_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.
 @int8_mm_op.register_fake
 def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("aquila::int8_packed_mm", mutates_args=())
+def int8_packed_mm_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
+    return _int8_packed_mm(x, w, scales, n)
+
+
+@int8_packed_mm_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n)
 
 
 class Int8Rows(nn.Module):
@@ -107,17 +132,36 @@ class Int8Rows(nn.Module):
 
 
 class Int8Linear(Int8Rows):
-    """y = x @ (q * scales)^T; `weight` [out, in] must be 64-byte aligned on CPU (`align_weights` after a load)."""
+    """y = x @ (q * scales)^T. `weight` is [out, in] as in the file until `prepare_for_cpu` (after a CPU load)
+    packs it into our kernel's layout (`pack_rows`; `packed` then)."""
 
-    in_features = property(lambda self: self.weight.shape[1])
-    out_features = property(lambda self: self.weight.shape[0])
+    def __init__(self, rows: int, cols: int, device: torch.device | str | None = None) -> None:
+        super().__init__(rows, cols, device)
+        self.out_features, self.in_features, self.packed = rows, cols, False
+
+    def prepare_for_cpu(self) -> None:
+        """Pack the weight for our kernel where it is built (and the width is a multiple of its 64-byte pieces),
+        else give torch's kernel a 64-byte aligned copy if it is not (e.g. taken straight from a safetensors file).
+        The packed copy replaces the file's: the mapped pages are released with it."""
+        if self.packed or self.weight.device.type != "cpu":
+            return
+        if self.in_features % PACK_COLS == 0 and int8_packed_kernel() is not None:
+            self.weight, self.packed = pack_rows(self.weight), True
+        elif self.weight.data_ptr() % 64:
+            self.weight = self.weight.clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            mm = int8_mm_op if torch.compiler.is_compiling() else _int8_mm
-            out = mm(x.reshape(-1, self.in_features), self.weight, self.scales)
-            return out.reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        rows = x.reshape(-1, self.in_features)
+        if x.device.type != "cpu" and self.packed:
+            raise AquilaError("this int8 layer is in the CPU kernel's layout; load the model again for another device")
+        if x.device.type != "cpu":
+            return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        if self.packed:
+            mm = int8_packed_mm_op if torch.compiler.is_compiling() else _int8_packed_mm
+            out = mm(rows, self.weight, self.scales, self.out_features)
+        else:
+            out = (int8_mm_op if torch.compiler.is_compiling() else _int8_mm)(rows, self.weight, self.scales)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
 
 class Int8Embedding(Int8Rows):
@@ -177,13 +221,12 @@ def check_bits(bits: int) -> None:
         raise AquilaError(f"quantization bits must be 8 or 4, got {bits!r}")
 
 
-def align_weights(model: nn.Module) -> nn.Module:
-    """Copy int8 weights that are not 64-byte aligned (e.g. taken straight from a safetensors file): the CPU
-    kernel reads them with aligned vector loads. Done once, after a load."""
+def prepare_for_cpu(model: nn.Module) -> nn.Module:
+    """Put every int8 and int4 linear of a CPU model into its kernel's layout (once, after loading)."""
     for module in model.modules():
-        if isinstance(module, Int8Linear) and module.weight.data_ptr() % 64:
-            module.weight = module.weight.clone()
-    return model
+        if isinstance(module, Int8Linear):
+            module.prepare_for_cpu()
+    return prepare_int4(model)
 
 
 def _quantizer(keys: set[str], int4_keys: set[str], group_size: int):
@@ -284,7 +327,7 @@ def load_quantized(
     del state
     model = model.to(device)
     if torch.device(device).type == "cpu":
-        prepare_int4(align_weights(model))
+        prepare_for_cpu(model)
     release_freed_memory()
     return model
 
