@@ -7,8 +7,9 @@ The script writes an fp32 model directory of random weights (tensor by tensor: t
 quantizes it with `aquila quantize --bits 8/4`, exports it with `aquila convert --to gguf --outtype f32/q8_0/q4_0`
 (llama.cpp's side, run by llama-cpp-python), then measures the rows in rounds, interleaved (ours fp32, llama.cpp
 f32, ours int8, q8_0, ours int4, q4_0, then again), each in its own process so that each has its own peak RSS.
-Decode tokens/s at batch 1 = (N - 1) / (t(N) - t(1)) for ours (`DecodeBatch`, greedy) and N / t(N decode evals
-after the prompt) for llama.cpp; the better of the rounds is printed, with the ratio ours / llama.cpp and "% of
+Ours loads as `aquila chat` does (fp32 linears packed where `should_pack` says so: for our AVX-512 kernel at any
+batch, for oneDNN at batch 8). Decode tokens/s at batch 1 = (N - 1) / (t(N) - t(1)) for ours (`DecodeBatch`,
+greedy) and N / t(N decode evals after the prompt) for llama.cpp; the better of the rounds is printed, with the ratio ours / llama.cpp and "% of
 read limit": rate x weight bytes / the read bandwidth measured in the same process just before (all threads
 summing 512 MiB). Threads: --threads (2) for both sides. Peak RSS is the process's ru_maxrss after load and decode.
 `--batch8` adds batch 8 for each format: ours (`DecodeBatch` of 8 prompts) against llama.cpp stepping 8 sequences
@@ -123,12 +124,16 @@ def child_ours(path: str, quantize: str, batch: int, tokens: int, threads: int) 
     torch.set_num_threads(threads)
     import aquila
     from aquila.inference.generate import DecodeBatch, Request, run
+    from aquila.inference.packing import pack_linears, should_pack
     from aquila.inference.quantize import weight_bytes
     from aquila.inference.sampling import SamplingParams
 
     t = time.perf_counter()
     model = aquila.AutoLoader(model_dir=Path(path).parent, model_name=Path(path).name, quantize=quantize or None)
     model = model.get_model()
+    weights = weight_bytes(model)  # before packing: fp32's packed tensors are not in the state dict
+    if should_pack(model, batch):  # as `aquila chat/generate/serve` load (options.load_predictor)
+        pack_linears(model)
     load_s = time.perf_counter() - t
     load_rss = peak_rss()
     prompts = [tuple([16006, *range(100 + 7 * r, 108 + 7 * r)]) for r in range(batch)]
@@ -149,7 +154,7 @@ def child_ours(path: str, quantize: str, batch: int, tokens: int, threads: int) 
     return {
         "rate": batch * (tokens - 1) / (tn - t1),
         "bw": bw,
-        "weight_bytes": weight_bytes(model),
+        "weight_bytes": weights,
         "peak_rss": peak,
         "load_rss": load_rss,
         "load_s": load_s,

@@ -47,9 +47,12 @@ def test_packing_keeps_every_row_and_pads_with_zeros():
     assert torch.equal(unpack_rows(narrow, 7, 100), w[:, :100])
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 2048, 2048), (1, 70, 192), (2, 5, 64), (4, 16008 // 8, 256), (7, 9, 128)])
+@pytest.mark.parametrize(
+    "m,n,k", [(1, 2048, 2048), (1, 70, 192), (2, 5, 64), (4, 16008 // 8, 256), (7, 9, 128), (8, 6, 64), (13, 7, 128)]
+)
 def test_kernel_equals_a_float64_product(kernel, m, n, k):
-    """One row (decode), several (batched decode, a short prompt; 4 at a time and a tail), row tails (padding)."""
+    """One row (decode), several (batched decode, a short prompt: 1-4 rows 4 weight rows at a time, 5-8 two at a
+    time, then the next 8), row tails (padding); each row the same bits alone as in its batch."""
     gen = torch.Generator().manual_seed(n + k)
     x = torch.randn(m, k, generator=gen)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
@@ -58,6 +61,24 @@ def test_kernel_equals_a_float64_product(kernel, m, n, k):
     got = kernel(x, pack_rows(w), s, n)
     assert got.dtype == torch.float32 and got.shape == (m, n)
     assert rel_err(got, ref) < 1e-6
+    assert all(torch.equal(kernel(x[i : i + 1], pack_rows(w), s, n), got[i : i + 1]) for i in (0, m - 1))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 2048, 2048), (1, 70, 16), (5, 9, 160), (64, 33, 64)])
+def test_fp32_kernel_equals_a_float64_product(m, n, k):
+    kernel = cpu_kernels.f32_packed_kernel()
+    if kernel is None:
+        why = cpu_kernels._why_not(32) or cpu_kernels._build_error or "it differs from float64 (see the log line)"
+        print(f"SKIPPED: the fp32 kernel is not available here: {why}")
+        pytest.skip(f"the fp32 kernel is not available here: {why}")
+    gen = torch.Generator().manual_seed(m + n + k)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    packed = pack_rows(w)
+    assert packed.shape == (-(-n // 4), k // 16, 4, 16)
+    ref = x.double() @ w.double().t()
+    assert rel_err(kernel(x, packed, n), ref) < 1e-6
+    assert rel_err(cpu_kernels.gemm_by_blocks(x, packed, n), ref) < 1e-6  # the long-prompt path, same layout
+    assert torch.equal(kernel(x[-1:], packed, n), kernel(x, packed, n)[-1:])  # a row does not depend on its batch
 
 
 def test_int8_linear_packs_at_prepare_and_is_exact_for_every_row_count(kernel, monkeypatch):

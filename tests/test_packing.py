@@ -1,4 +1,5 @@
-"""oneDNN-packed linear layers: same results as nn.Linear, rows independent of their batch, CLI default."""
+"""Packed linear layers (our AVX-512 kernel where it builds, else oneDNN): same results as nn.Linear, rows
+independent of their batch, CLI default."""
 
 import argparse
 
@@ -11,7 +12,7 @@ from aquila.config import ModelArgs
 from aquila.errors import AquilaError
 from aquila.inference.generate import DecodeBatch, Request, run
 from aquila.inference.options import add_model_args, load_predictor
-from aquila.inference.packing import PackedLinear, can_pack, pack_linears, packing_available
+from aquila.inference.packing import PackedLinear, can_pack, own_packing, pack_linears, packing_available
 from aquila.inference.sampling import SamplingParams
 from tests.test_inference import single_thread, write_checkpoint
 
@@ -31,7 +32,7 @@ def test_packed_linear_matches_nn_linear(bias):
     torch.manual_seed(0)
     linear = nn.Linear(96, 200, bias=bias)
     packed = PackedLinear(linear)
-    for shape in [(1, 96), (3, 1, 96), (2, 7, 96), (17, 96)]:
+    for shape in [(1, 96), (3, 1, 96), (2, 7, 96), (17, 96), (70, 96)]:  # 70 rows: past our kernel's MAX_ROWS
         x = torch.randn(shape)
         torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
     assert "in_features=96, out_features=200" in repr(packed)
@@ -99,12 +100,43 @@ def test_cli_loading_packs_for_several_rows_and_no_pack_keeps_linears(tmp_path):
     ckpt = write_checkpoint(tmp_path)
     packed = load_predictor(_cli_args(ckpt), rows=4)
     plain = load_predictor(_cli_args(ckpt, "--no-pack"), rows=4)
-    one_row = load_predictor(_cli_args(ckpt))  # a single stream (chat) decodes faster unpacked
+    one_row = load_predictor(_cli_args(ckpt))  # a single stream (chat): packed for our kernel only (oneDNN is slower)
     assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
-    assert not any(isinstance(m, PackedLinear) for m in [*plain.model.modules(), *one_row.model.modules()])
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    assert any(isinstance(m, PackedLinear) for m in one_row.model.modules()) == own_packing(64)
     half = load_predictor(_cli_args(ckpt, "--dtype", "float16"), rows=4)  # not fp32: left as it is
     assert not any(isinstance(m, PackedLinear) for m in half.model.modules())
     kwargs = dict(out_max_length=12, temperature=0)
     assert packed.predict_generate_randomsample("The city", **kwargs) == plain.predict_generate_randomsample(
         "The city", **kwargs
     )
+
+
+def test_own_kernel_packs_where_it_builds_and_onednn_elsewhere():
+    linear = nn.Linear(64, 40)
+    ours, other = PackedLinear(linear), PackedLinear(nn.Linear(72, 40))  # 72: not whole 64-byte pieces
+    assert ours.own_kernel == own_packing(64) and not other.own_kernel
+    if ours.own_kernel:
+        assert ours.packed.shape == (10, 4, 4, 16)  # 40 rows in blocks of 4, 64 columns in pieces of 16
+
+
+def test_pack_linears_releases_each_fp32_weight_as_it_goes(monkeypatch):
+    """Memory stays at about one copy of the weights: a layer's fp32 weight is gone once it is packed (a list of
+    the modules held them all until the end: a 1B model's load peaked at twice its weights)."""
+    import gc
+    import weakref
+
+    from aquila.inference import packing
+
+    model = build_model(ARGS, seed=0).eval()
+    refs = [weakref.ref(m) for m in model.modules() if type(m) is nn.Linear]
+    alive, real = [], packing.PackedLinear
+
+    def counting(linear: nn.Linear) -> PackedLinear:
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))
+        return real(linear)
+
+    monkeypatch.setattr(packing, "PackedLinear", counting)
+    assert pack_linears(model) == len(refs)
+    assert alive == list(range(len(refs), 0, -1))

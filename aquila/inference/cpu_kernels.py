@@ -3,24 +3,28 @@
 Why our own: at one to four rows of activations, torch's `_weight_int8pack_mm` (bf16 activations) reads int8
 weights at 11-25 GB/s on a 2-core AVX-512 Xeon where MKL's fp32 GEMV reads 28-39 GB/s, and `torch.compile` of the
 dequantizing product reaches 9-11; its int4 kernel (`_weight_int4pack_mm_for_cpu`) reads about 9 GB/s in a decode
-(bench/README.md, "Laptop decode"). Both kernels here stream four weight rows at a time, widen the codes to fp32 in
-registers, use fp32 activations and sums, prefetch the next four rows, and run in parallel over rows on torch's own
-threads (`at::parallel_for`):
+(bench/README.md, "Laptop decode"). Both kernels here read weights packed at load four rows at a time
+(`pack_rows`: the 64-byte pieces of four rows side by side, so that a thread's share is one sequential stream the
+hardware prefetcher follows), widen the codes to fp32 in registers, use fp32 activations and sums, and run in
+parallel over blocks of rows on torch's own threads (`at::parallel_for`):
 
-- `int8_rows_mm`: int8 [n, k] with one scale per row (torch's int8 layout).
-- `int4_rows_mm`: int4 in the file layout of `aquila quantize --bits 4` (two codes a byte, low nibble first, a bf16
-  (scale, zero) pair per group). A byte's low and high nibbles meet x's even and odd columns (split once per call);
-  a code becomes (code - 8) in fp32 by one permute from a 16-entry table, each group's sum is scaled once, and
-  the zero points add `zero * sum(x over the group)`. One row of activations (batch-1 decode) is instead rounded
-  to int8 per weight group, as llama.cpp's q4_0 x q8_0 does, and multiplied with VNNI's vpdpbusd where the CPU has
-  it: about half the vector instructions (x is off by up to half a step, max|x| / 254; `int4_reference`).
+- `int8_packed_mm`: int8 with one scale per row (torch's int8 layout, packed), one to four activation rows a pass.
+- `int4_rows_mm`: int4 of the file layout of `aquila quantize --bits 4` (two codes a byte, low nibble first, a bf16
+  (scale, zero) pair per group), its code bytes packed. A byte's low and high nibbles meet x's even and odd columns
+  (split once per call); a code becomes (code - 8) in fp32 by one permute from a 16-entry table, each group's sum
+  is scaled once, and the zero points add `zero * sum(x over the group)`. One row of activations (batch-1 decode)
+  is instead rounded to int8 per weight group, as llama.cpp's q4_0 x q8_0 does, and multiplied with VNNI's vpdpbusd
+  where the CPU has it: about half the vector instructions (x is off by up to half a step, max|x| / 254;
+  `int4_reference`).
 
 Otherwise they are more exact than torch's bf16-activation kernels, so outputs change in the last bits.
 
 They are built together with torch's C++ extension loader (`ninja` and a C++ compiler; ~20 s once, then cached
 under torch's extensions directory) the first time one is needed on a CPU where torch dispatches AVX-512, and each
 is checked against a float64 product before use. Without a compiler, elsewhere, or with AQUILA_INT8_KERNEL=0 /
-AQUILA_INT4_KERNEL=0, torch's kernels run, with one log line saying why.
+AQUILA_INT4_KERNEL=0 / AQUILA_FP32_KERNEL=0, torch's kernels run (oneDNN or MKL for fp32), with one log line saying
+why. `f32_packed_mm` is the int8 kernel's loop over fp32 weights: MKL's matrix-vector product reads fp32 at 15 GB/s
+on a 2-core AMD EPYC (83% of the read probe on an Intel Xeon), the packed loop at memory speed on both.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 64  # activation rows up to which the int8 kernel runs; longer prompts unpack blocks for MKL's GEMM
-PACK_COLS = 64  # the int8 kernel's layout: 64-byte pieces of four rows side by side (pack_rows)
+MAX_ROWS = 64  # activation rows up to which the int8 and fp32 kernels run; longer prompts: gemm_by_blocks
+PACK_BYTES = 64  # the packed layout's pieces: 64 bytes of each of four rows side by side (pack_rows)
+_GEMM_BLOCKS = 64  # 4-row blocks unpacked at a time by gemm_by_blocks (256 rows: 2-6 MB of fp32 at 2048-5632 wide)
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -47,67 +52,107 @@ _SOURCE = r"""
 #include <cstring>
 #include <vector>
 
-static inline __m512 widen16(const int8_t* p) {
+static inline __m512 load16(const int8_t* p) {  // 16 int8 weights widened to fp32
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 
-// The int8 kernel reads weights packed four rows at a time: [N/4][K/64][4][64], the 64 bytes of columns
-// 64c..64c+63 of rows 4b..4b+3 side by side (`pack_rows`). A thread's share is then one sequential stream, which the
-// hardware prefetcher follows: on a 2-core EPYC this read 30 GB/s of a 33 GB/s read probe, against 21-25 GB/s for
-// four rows read side by side from [N, K] (with or without software prefetch).
+// The int8 and fp32 kernels read weights packed four rows at a time: [N/4][K/P][4][P], the 64-byte pieces of
+// columns Pc..Pc+P-1 of rows 4b..4b+3 side by side (`pack_rows`; P = 64 int8 or 16 fp32 weights). A thread's share
+// is then one sequential stream, which the hardware prefetcher follows: on a 2-core EPYC int8 read 30 GB/s of a
+// 33 GB/s read probe, against 21-25 GB/s for four rows read side by side from [N, K] (with or without software
+// prefetch), and MKL's fp32 matrix-vector product read 15 GB/s there.
 
-// MB activation rows (xs floats apart) against one packed block of 4 weight rows: each 16 codes are widened to
-// fp32 once and used for every activation row (a block of 4 x K bytes stays in L1/L2 over several calls). out [MB][4]
-template <int MB>
-static inline void int8_block_f32(const float* x, int64_t xs, const int8_t* blk, int64_t K, float* out) {
-  __m512 acc[4][MB];
-  for (int j = 0; j < 4; ++j)
+// MB activation rows (xs floats apart) against J weight rows (j0.., of the 4) of one packed block: each 16 weights
+// are loaded (int8: widened to fp32) once and used for every activation row (a block of 4 x K weights stays in L1/L2
+// over the passes). J = 4 up to 4 rows, J = 2 for 5 to 8 (8 x 2 sums in registers: half the loads and widenings of
+// two passes of 4 x 4). Each output's sum runs in the same order whatever J and MB: a row's result does not depend
+// on its batch. out [MB][J]
+template <typename W, int J, int MB>
+static inline void block_dot(const float* x, int64_t xs, const W* blk, int j0, int64_t K, float* out) {
+  constexpr int P = 64 / sizeof(W);
+  __m512 acc[J][MB];
+  for (int j = 0; j < J; ++j)
     for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < K; c += 64) {
-    const int8_t* p = blk + 4 * c;
-    for (int q = 0; q < 64; q += 16) {
+  for (int64_t c = 0; c < K; c += P) {
+    const W* p = blk + 4 * c + P * j0;
+    for (int q = 0; q < P; q += 16) {
       __m512 xv[MB];
       for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(x + m * xs + c + q);
-      for (int j = 0; j < 4; ++j) {
-        const __m512 wv = widen16(p + 64 * j + q);
+      for (int j = 0; j < J; ++j) {
+        const __m512 wv = load16(p + P * j + q);
         for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_fmadd_ps(xv[m], wv, acc[j][m]);
       }
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < 4; ++j) out[m * 4 + j] = _mm512_reduce_add_ps(acc[j][m]);
+    for (int j = 0; j < J; ++j) out[m * J + j] = _mm512_reduce_add_ps(acc[j][m]);
 }
 
-// y [M, N] = x [M, K] (fp32) @ (W * scales [>= N])^T, W int8 packed (w [ceil(N/4), K/64, 4, 64], zero rows past N),
-// activations four rows at a time. (Rounding one row of x to int8 for VNNI, as the int4 kernel does, read 2-3%
-// faster here: the packed read is at memory speed either way, so x stays fp32 and the result exact to fp32.)
-torch::Tensor int8_packed_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, int64_t N) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kInt8 && scales.dtype() == torch::kFloat32);
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && scales.is_contiguous());
-  const int64_t M = x.size(0), K = x.size(1), blocks = (N + 3) / 4;
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 4 && w.size(0) == blocks && w.size(1) * 64 == K && w.size(2) == 4);
-  TORCH_CHECK(w.size(3) == 64 && scales.numel() >= N);
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
-    float t[16];
+// One block's 4 weight rows against activation rows m0..m0+mb-1 (1 <= mb <= 8) -> t [mb][4].
+template <typename W>
+static inline void block_rows(const float* x, int64_t K, const W* blk, int64_t mb, float* t) {
+  float h[16];
+  switch (mb) {
+    case 1: block_dot<W, 4, 1>(x, K, blk, 0, K, t); return;
+    case 2: block_dot<W, 4, 2>(x, K, blk, 0, K, t); return;
+    case 3: block_dot<W, 4, 3>(x, K, blk, 0, K, t); return;
+    case 4: block_dot<W, 4, 4>(x, K, blk, 0, K, t); return;
+  }
+  for (int j0 = 0; j0 < 4; j0 += 2) {
+    switch (mb) {
+      case 5: block_dot<W, 2, 5>(x, K, blk, j0, K, h); break;
+      case 6: block_dot<W, 2, 6>(x, K, blk, j0, K, h); break;
+      case 7: block_dot<W, 2, 7>(x, K, blk, j0, K, h); break;
+      default: block_dot<W, 2, 8>(x, K, blk, j0, K, h); break;
+    }
+    for (int64_t m = 0; m < mb; ++m) t[m * 4 + j0] = h[m * 2], t[m * 4 + j0 + 1] = h[m * 2 + 1];
+  }
+}
+
+// y [M, N] = x [M, K] (fp32) @ (W * scales)^T for W packed ([ceil(N/4), K/P, 4, P], zero rows past N; scales [>= N]
+// or null for none), activations up to eight rows at a time.
+template <typename W>
+static void packed_mm(const float* xp, int64_t M, int64_t K, const W* wp, const float* sp, int64_t N, float* yp) {
+  at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t begin, int64_t end) {
+    float t[32];
     for (int64_t b = begin; b < end; ++b) {
-      const int8_t* blk = wp + b * 4 * K;
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t mb = std::min<int64_t>(4, M - m0);
-        const float* xm = xp + m0 * K;
-        if (mb == 4) int8_block_f32<4>(xm, K, blk, K, t);
-        else if (mb == 3) int8_block_f32<3>(xm, K, blk, K, t);
-        else if (mb == 2) int8_block_f32<2>(xm, K, blk, K, t);
-        else int8_block_f32<1>(xm, K, blk, K, t);
+      const W* blk = wp + b * 4 * K;
+      for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        const int64_t mb = std::min<int64_t>(8, M - m0);
+        block_rows(xp + m0 * K, K, blk, mb, t);
         for (int64_t m = 0; m < mb; ++m)
-          for (int64_t j = 0; j < 4 && 4 * b + j < N; ++j) yp[(m0 + m) * N + 4 * b + j] = t[m * 4 + j] * sp[4 * b + j];
+          for (int64_t j = 0; j < 4 && 4 * b + j < N; ++j)
+            yp[(m0 + m) * N + 4 * b + j] = sp ? t[m * 4 + j] * sp[4 * b + j] : t[m * 4 + j];
       }
     }
   });
+}
+
+static void check_packed(const torch::Tensor& x, const torch::Tensor& w, int64_t N, int64_t P) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && w.is_contiguous() && x.dim() == 2);
+  TORCH_CHECK(w.dim() == 4 && w.size(0) == (N + 3) / 4 && w.size(1) * P == x.size(1) && w.size(2) == 4);
+  TORCH_CHECK(w.size(3) == P);
+}
+
+// int8 weights with one scale per row. (Rounding one row of x to int8 for VNNI, as the int4 kernel does, read 2-3%
+// faster here: the packed read is at memory speed either way, so x stays fp32 and the result exact to fp32.)
+torch::Tensor int8_packed_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, int64_t N) {
+  check_packed(x, w, N, 64);
+  TORCH_CHECK(w.dtype() == torch::kInt8 && scales.dtype() == torch::kFloat32 && scales.is_contiguous());
+  TORCH_CHECK(scales.numel() >= N);
+  auto y = torch::empty({x.size(0), N}, x.options());
+  packed_mm(x.data_ptr<float>(), x.size(0), x.size(1), w.data_ptr<int8_t>(), scales.data_ptr<float>(), N,
+            y.data_ptr<float>());
+  return y;
+}
+
+// fp32 weights (decode and short prompts of fp32 models on CPU, `packing.py`).
+torch::Tensor f32_packed_mm(torch::Tensor x, torch::Tensor w, int64_t N) {
+  check_packed(x, w, N, 16);
+  TORCH_CHECK(w.dtype() == torch::kFloat32);
+  auto y = torch::empty({x.size(0), N}, x.options());
+  packed_mm<float>(x.data_ptr<float>(), x.size(0), x.size(1), w.data_ptr<float>(), nullptr, N, y.data_ptr<float>());
   return y;
 }
 
@@ -121,15 +166,16 @@ static inline float bf16_to_float(uint32_t bits) {
 static const float kCodeValues[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
 
 // The int4 kernels read the codes packed as the int8 one reads its weights (`pack_rows` of the [N, K/2] bytes):
-// four rows' 64-byte pieces side by side, one sequential stream a thread (1B shape on a 2-core EPYC: x GB/s
-// against y from the file's [N, K/2] rows). piece(r, j, c): byte c of row j of the packed block at r.
+// four rows' 64-byte pieces side by side, one sequential stream a thread (over the 1B shape's matrices on a 2-core
+// EPYC the VNNI path reads 22-25 GB/s of a 33-35 GB/s probe). piece(r, j, c): byte c of row j of the block at r.
 static inline const uint8_t* piece(const uint8_t* r, int j, int64_t c) { return r + 4 * (c & ~63) + 64 * j + (c & 63); }
 
-// Dot products of x with the R = 4 int4 rows of a packed block at r (byte c of a row holds columns 2c (low nibble) and 2c+1),
-// given x's even columns xe, odd columns xo and per-group sums xg. sz: the rows' (scale, zero) bf16 pairs as
-// uint32 (scale in the low half), `groups` per row, gb bytes per group (a multiple of 16).
+// Dot products of x with the R = 4 int4 rows of a packed block at r (byte c of a row holds columns 2c (low nibble)
+// and 2c+1), given x's even columns xe, odd columns xo and per-group sums xg. sz: the rows' (scale, zero) bf16
+// pairs as uint32 (scale in the low half), `groups` per row, gb bytes per group (a multiple of 16).
 template <int R>
-static inline void int4_dot(const float* xe, const float* xo, const float* xg, const uint8_t* r, const uint32_t* sz, int64_t groups, int64_t gb, float* out) {
+static inline void int4_dot(const float* xe, const float* xo, const float* xg, const uint8_t* r, const uint32_t* sz,
+                            int64_t groups, int64_t gb, float* out) {
   const __m512 table = _mm512_loadu_ps(kCodeValues);
   __m512 tot[R];
   float zsum[R];
@@ -155,11 +201,12 @@ static inline void int4_dot(const float* xe, const float* xo, const float* xg, c
   for (int j = 0; j < R; ++j) out[j] = _mm512_reduce_add_ps(tot[j]) + zsum[j];
 }
 
-// A packed block's R = 4 int4 rows against MB activation rows at once (several sequences decoding together, or a prompt four rows at a
-// time): each row's codes are dequantized in registers, (code - 8) * scale + zero, and used for all MB rows. x's
-// rows are xs floats apart in xe/xo; out [MB][R].
+// A packed block's R = 4 int4 rows against MB activation rows at once (several sequences decoding together, or a
+// prompt four rows at a time): each row's codes are dequantized in registers, (code - 8) * scale + zero, and used
+// for all MB rows. x's rows are xs floats apart in xe/xo; out [MB][R].
 template <int R, int MB>
-static inline void int4_dot_rows(const float* xe, const float* xo, int64_t xs, const uint8_t* r, const uint32_t* sz, int64_t groups, int64_t gb, float* out) {
+static inline void int4_dot_rows(const float* xe, const float* xo, int64_t xs, const uint8_t* r, const uint32_t* sz,
+                                 int64_t groups, int64_t gb, float* out) {
   const __m512 table = _mm512_loadu_ps(kCodeValues);
   __m512 acc[R][MB];
   for (int j = 0; j < R; ++j)
@@ -191,8 +238,9 @@ static inline void int4_dot_rows(const float* xe, const float* xo, int64_t xs, c
 // Lane l of a 64-byte chunk holds columns 8l..8l+7 of it; per chunk, dxv/qxv/zxv give each lane its group's step,
 // -8 * step * (sum of the group's int8 x) and sum of the group's x, both shared out over the group's G / 8 lanes, so
 //   sum over lanes of  scale * (D * dx + qx) + zero * zx  =  sum over groups of  scale * sum((q - 8) * x') + zero * sum(x)
-// with x' the rounded activations. The R = 4 rows of the packed block at r, rb bytes each; sz the rows' pairs, `groups` per row; `lane_group` (each lane's
-// group within its chunk) and `mask` (the chunk's 1, 2 or 4 groups) pick the pairs (see int4_rows_mm).
+// with x' the rounded activations. The R = 4 rows of the packed block at r, rb bytes each; sz the rows' pairs,
+// `groups` per row; `lane_group` (each lane's group within its chunk) and `mask` (the chunk's 1, 2 or 4 groups) pick
+// the pairs (see int4_rows_mm).
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int4_dot_vnni(
     const int8_t* xqe, const int8_t* xqo, const float* dxv, const float* qxv, const float* zxv, const uint8_t* r,
@@ -277,7 +325,7 @@ torch::Tensor int4_rows_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, i
     at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
       float t[4];
       for (int64_t b = begin; b < end; ++b) {
-        int4_dot_vnni<4>(qp, qp + half, lp, lp + K / 8, lp + K / 4, wp + 4 * b * half, half, sp + 4 * b * groups,
+        int4_dot_vnni<4>(qp, qp + half, lp, lp + K / 8, lp + K / 4, wp + 4 * b * padded, half, sp + 4 * b * groups,
                          groups, group, lane_group, mask, t);
         for (int64_t j = 0; j < 4 && 4 * b + j < N; ++j) yp[4 * b + j] = t[j];
       }
@@ -351,9 +399,13 @@ def _why_not_build() -> str | None:
 
 
 def _why_not(bits: int) -> str | None:
-    """Why the int`bits` kernel is not to be used here (None: it may be built and used)."""
-    var = f"AQUILA_INT{bits}_KERNEL"
+    """Why the kernel for `bits`-bit weights (32: fp32) is not to be used here (None: it may be built and used)."""
+    var = f"AQUILA_{_label(bits).upper()}_KERNEL"
     return f"{var}=0" if os.environ.get(var, "1") == "0" else _why_not_build()
+
+
+def _label(bits: int) -> str:
+    return "fp32" if bits == 32 else f"int{bits}"
 
 
 _module = None  # the compiled extension, once built
@@ -372,7 +424,7 @@ def _built():
                 _module = load_inline(
                     "aquila_cpu_kernels",
                     cpp_sources=_SOURCE,
-                    functions=["int8_packed_mm", "int4_rows_mm", "has_vnni"],
+                    functions=["int8_packed_mm", "f32_packed_mm", "int4_rows_mm", "has_vnni"],
                     extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
                 )
@@ -388,19 +440,33 @@ def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 def pack_rows(w: torch.Tensor) -> torch.Tensor:
-    """A byte matrix w [n, k] (int8 weights, or int4's code bytes) in the kernels' layout [ceil(n/4), ceil(k/64), 4,
-    64]: four rows' 64-byte pieces side by side, zero rows after the last and zero bytes after column k (the int8
-    kernel takes k a multiple of 64 only; the int4 one any)."""
+    """A matrix w [n, k] (int8 or fp32 weights, or int4's code bytes) in the kernels' layout [ceil(n/4), ceil(k/P),
+    4, P] with P = 64 bytes' worth of elements: four rows' 64-byte pieces side by side, zero rows after the last and
+    zeros after column k (the int8 and fp32 kernels take k a multiple of P only; the int4 one any)."""
     n, k = w.shape
-    rows, cols = -(-n // 4) * 4, -(-k // PACK_COLS) * PACK_COLS
+    piece = PACK_BYTES // w.element_size()
+    rows, cols = -(-n // 4) * 4, -(-k // piece) * piece
     padded = w if (rows, cols) == (n, k) else torch.nn.functional.pad(w, (0, cols - k, 0, rows - n))
-    return padded.view(rows // 4, 4, cols // PACK_COLS, PACK_COLS).transpose(1, 2).contiguous()
+    return padded.view(rows // 4, 4, cols // piece, piece).transpose(1, 2).contiguous()
 
 
 def unpack_rows(packed: torch.Tensor, n: int, k: int | None = None) -> torch.Tensor:
     """The [n, k] matrix of `pack_rows`'s layout (the rows of those blocks if `packed` is a slice of blocks)."""
-    blocks, pieces = packed.shape[:2]
-    return packed.transpose(1, 2).reshape(blocks * 4, pieces * PACK_COLS)[:n, :k]
+    blocks, pieces, _, piece = packed.shape
+    return packed.transpose(1, 2).reshape(blocks * 4, pieces * piece)[:n, :k]
+
+
+def gemm_by_blocks(x: torch.Tensor, packed: torch.Tensor, n: int, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x [m, k] fp32 @ (the packed matrix (* scales per row))^T -> [m, n] by MKL's GEMM, 256 rows unpacked to fp32 at
+    a time: for prompts longer than MAX_ROWS, where our kernels' loop runs at matrix-vector speed and MKL's does not."""
+    out = torch.empty(x.shape[0], n)
+    for b in range(0, packed.shape[0], _GEMM_BLOCKS):
+        start, stop = 4 * b, min(n, 4 * (b + _GEMM_BLOCKS))
+        rows = unpack_rows(packed[b : b + _GEMM_BLOCKS], stop - start).float()
+        if scales is not None:
+            rows.mul_(scales[start:stop, None])
+        out[:, start:stop] = x @ rows.t()
+    return out
 
 
 def _int8_matches_reference(fn: Callable) -> bool:
@@ -455,7 +521,20 @@ def _int4_matches_reference(fn: Callable) -> bool:
     return True
 
 
-_CHECKS = {8: ("int8_packed_mm", _int8_matches_reference), 4: ("int4_rows_mm", _int4_matches_reference)}
+def _f32_matches_reference(fn: Callable) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    for m, n, k in ((1, 70, 64), (6, 9, 160)):  # a row tail; one, more than 4 rows
+        x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+        if not _close(fn(x, pack_rows(w), n), x.double() @ w.double().t()):
+            return False
+    return True
+
+
+_CHECKS = {
+    8: ("int8_packed_mm", _int8_matches_reference),
+    4: ("int4_rows_mm", _int4_matches_reference),
+    32: ("f32_packed_mm", _f32_matches_reference),
+}
 _kernels: dict[int, Callable | None] = {}
 
 
@@ -473,7 +552,7 @@ def _kernel_for(bits: int) -> Callable | None:
         else:
             why = "its result differs from a float64 product"
     if fn is None:
-        log.info("int%d decode uses torch's kernel: %s", bits, why)
+        log.info("%s decode uses torch's kernel: %s", _label(bits), why)
     _kernels[bits] = fn
     return fn
 
@@ -484,10 +563,14 @@ def int8_packed_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, 
     return _kernel_for(8)
 
 
+def f32_packed_kernel() -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
+    """The compiled `f32_packed_mm(x fp32 [m, k], pack_rows(w fp32 [n, k]) [ceil(n/4), k/16, 4, 16], n)`, or None."""
+    return _kernel_for(32)
+
+
 def int4_rows_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, bool], torch.Tensor] | None:
     """The compiled `int4_rows_mm(x fp32 [m, k], pack_rows(w uint8 [n, k/2]), pack_pairs(sz int32 [n, k/group]),
     group, n, int8_x)` over the file layout's codes and bf16 (scale, zero) pairs (`int4.py`), or None (torch's int4
-    kernel then). With
-    `int8_x`, one row of x is rounded to int8 per group and multiplied by VNNI instructions where the CPU has them
-    (`int4_reference` says exactly what is computed)."""
+    kernel then). With `int8_x`, one row of x is rounded to int8 per group and multiplied by VNNI instructions where
+    the CPU has them (`int4_reference` says exactly what is computed)."""
     return _kernel_for(4)

@@ -23,9 +23,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-pack",
         action="store_true",
-        help="keep plain nn.Linear weights. Where several rows decode together (serve with --max-batch > 1, "
-        "generate with several prompts or beams) fp32 CPU weights are packed once for oneDNN, so a step of many "
-        "rows reads each weight once; one row decodes faster unpacked. Never with --compile",
+        help="keep plain nn.Linear weights. fp32 CPU weights are otherwise packed once at load: for aquila's "
+        "AVX-512 kernel where it builds (any row count: it reads weights at memory speed), else for oneDNN where "
+        "several rows decode together (serve with --max-batch > 1, generate with several prompts or beams), so a "
+        "step of many rows reads each weight once. Never with --compile",
     )
 
 
@@ -39,9 +40,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, temperature: float = 1.0,
 
 
 def load_predictor(args: argparse.Namespace, rows: int = 1):
-    """The Predictor for these flags; `rows` = how many sequences will decode together (packing pays from 2)."""
+    """The Predictor for these flags; `rows` = how many sequences will decode together (see `should_pack`)."""
     from aquila.inference.loader import AutoLoader
-    from aquila.inference.packing import can_pack, pack_linears
+    from aquila.inference.packing import pack_linears, should_pack
     from aquila.inference.predictor import Predictor
 
     loader = AutoLoader(
@@ -54,7 +55,7 @@ def load_predictor(args: argparse.Namespace, rows: int = 1):
         quantize="int8" if args.int8 else "int4" if getattr(args, "int4", False) else None,
     )
     model = loader.get_model()
-    if rows > 1 and not (args.compile or args.no_pack) and can_pack(model):
+    if not (args.compile or args.no_pack) and should_pack(model, rows):
         pack_linears(model)
     return Predictor(model, loader.get_tokenizer(), compile=args.compile)
 

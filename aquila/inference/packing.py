@@ -1,12 +1,17 @@
-"""Linear weights packed once into oneDNN's blocked layout, for fp32 decoding on CPU.
+"""Linear weights packed once for fp32 decoding on CPU: for our AVX-512 kernel, else into oneDNN's blocked layout.
+
+Where our kernel built (`cpu_kernels.f32_packed_mm`: four rows' 64-byte pieces side by side, one sequential stream
+a thread), a layer whose width is a multiple of 16 is packed for it, whatever the row count: it reads the weights
+at memory speed for 1 to 64 rows (MKL's matrix-vector product read them at 15 GB/s on a 2-core AMD EPYC, the
+packed loop at 29-31 of a 33 GB/s probe), and a longer prompt unpacks blocks for MKL's GEMM. Elsewhere oneDNN:
 
 A plain `nn.Linear` on CPU hands its [out, in] weight to a GEMM that repacks it into the kernel's blocked layout
 on every call. For the few rows of a decode step that repack is an extra read and write of every weight: on the
 medium model (dim 512, vocab 100,008) a 4-row step costs about 2x a 1-row step and a 16-row step about 3x, although
 all of them read the same weights once. Packing at load time (what inductor's "freezing" does for compiled
 graphs) leaves one read per step: 16 rows then cost about 1.6x one row, which is what continuous batching needs.
-A single row (a matrix-vector product, which never repacked) runs 10-20% slower packed, so the CLI packs only
-where several rows decode together (`options.load_predictor`).
+A single row (a matrix-vector product, which never repacked) runs 10-20% slower packed by oneDNN, so without our
+kernel the CLI packs only where several rows decode together (`options.load_predictor`, `should_pack`).
 
 A packed layer's output for a row does not depend on the other rows of its batch (tested), which a plain GEMM does
 not promise; it differs from `nn.Linear`'s in the last bits (another summation order).
@@ -21,6 +26,7 @@ import torch
 from torch import nn
 
 from aquila.errors import AquilaError
+from aquila.inference.cpu_kernels import MAX_ROWS, f32_packed_kernel, gemm_by_blocks, pack_rows
 
 # The row count oneDNN picks its blocking for; any other count works (1-row steps run as fast as unpacked).
 BATCH_HINT = 16
@@ -39,18 +45,44 @@ class PackedLinear(nn.Module):
         if weight.device.type != "cpu" or weight.dtype != torch.float32:
             raise AquilaError(f"PackedLinear needs a float32 CPU weight, got {weight.dtype} on {weight.device}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
+        self.own_kernel = own_packing(self.in_features)
+        if self.own_kernel:
+            self.packed = pack_rows(weight)
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
             raise AquilaError(f"packed linear layers compute in float32; got {x.dtype} input (pack after .half())")
         rows = x.reshape(-1, self.in_features)
-        y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        if not self.own_kernel:
+            y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+            return y.view(*x.shape[:-1], self.out_features)
+        rows = rows.contiguous()
+        if rows.shape[0] <= MAX_ROWS:
+            y = f32_packed_kernel()(rows, self.packed, self.out_features)
+        else:
+            y = gemm_by_blocks(rows, self.packed, self.out_features)
+        if self.bias is not None:
+            y += self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def own_packing(in_features: int) -> bool:
+    """Whether a layer this wide is packed for our kernel (built here, a width of whole 64-byte pieces)."""
+    return in_features % 16 == 0 and f32_packed_kernel() is not None
+
+
+def should_pack(model: nn.Module, rows: int) -> bool:
+    """What the CLI does for `rows` sequences decoding together: pack where our kernel serves (any rows), or where
+    oneDNN's packing pays (several rows)."""
+    if not can_pack(model):
+        return False
+    return rows > 1 or all(own_packing(m.in_features) for m in model.modules() if type(m) is nn.Linear)
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -71,10 +103,9 @@ def pack_linears(model: nn.Module) -> int:
     """
     if not packing_available():
         raise AquilaError("this torch build has no oneDNN (mkldnn): linear layers cannot be packed")
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear(child))
-                count += 1
-    return count
+    # (parent, name) only: a list of the modules themselves would keep every fp32 weight alive until the end
+    # (a 1B model's load peaked at twice its weights)
+    targets = [(p, name) for p in model.modules() for name, child in p.named_children() if type(child) is nn.Linear]
+    for parent, name in targets:
+        setattr(parent, name, PackedLinear(getattr(parent, name)))
+    return len(targets)

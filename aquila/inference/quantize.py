@@ -42,7 +42,7 @@ from aquila.checkpoint import (
 )
 from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
-from aquila.inference.cpu_kernels import MAX_ROWS, PACK_COLS, int8_packed_kernel, pack_rows, unpack_rows
+from aquila.inference.cpu_kernels import MAX_ROWS, PACK_BYTES, gemm_by_blocks, int8_packed_kernel, pack_rows
 from aquila.inference.int4 import DEFAULT_GROUP_SIZE, Int4Linear, check_group_size, prepare_int4, quantize_weight_int4
 from aquila.inference.tensor_file import iter_safetensors, release_freed_memory, tensor_count
 from aquila.io_utils import read_json
@@ -67,9 +67,6 @@ def quantize_weight(w: torch.Tensor, block_rows: int = 4096) -> tuple[torch.Tens
     return q, scales
 
 
-_UNPACK_BLOCKS = 64  # 4-row blocks unpacked to fp32 at a time for a long prompt's GEMM (256 rows: ~2-6 MB)
-
-
 def _int8_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [m, k] (any float) @ int8 w [n, k] with per-row scales -> [m, n] in x's dtype, by torch's kernel (bf16
     inputs): where ours is not built, or the layer's width is not a multiple of its 64-byte pieces."""
@@ -80,14 +77,8 @@ def _int8_packed_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, n: i
     """x [m, k] @ the packed int8 w (`pack_rows`) with per-row scales -> [m, n], exact to fp32: up to MAX_ROWS rows
     our kernel; a longer prompt unpacks blocks of rows to fp32 for MKL's GEMM (faster there from ~64 rows)."""
     xf, sf = x.float().contiguous(), scales.float().contiguous()
-    if x.shape[0] <= MAX_ROWS:
-        return int8_packed_kernel()(xf, w, sf, n).to(x.dtype)
-    out = torch.empty(x.shape[0], n)
-    for b in range(0, w.shape[0], _UNPACK_BLOCKS):
-        start, stop = 4 * b, min(n, 4 * (b + _UNPACK_BLOCKS))
-        rows = unpack_rows(w[b : b + _UNPACK_BLOCKS], stop - start).float().mul_(sf[start:stop, None])
-        out[:, start:stop] = xf @ rows.t()
-    return out.to(x.dtype)
+    y = int8_packed_kernel()(xf, w, sf, n) if x.shape[0] <= MAX_ROWS else gemm_by_blocks(xf, w, n, sf)
+    return y.to(x.dtype)
 
 
 # Under torch.compile the kernels are called as opaque ops: inductor's own lowering of _weight_int8pack_mm fails
@@ -145,7 +136,7 @@ class Int8Linear(Int8Rows):
         The packed copy replaces the file's: the mapped pages are released with it."""
         if self.packed or self.weight.device.type != "cpu":
             return
-        if self.in_features % PACK_COLS == 0 and int8_packed_kernel() is not None:
+        if self.in_features % PACK_BYTES == 0 and int8_packed_kernel() is not None:
             self.weight, self.packed = pack_rows(self.weight), True
         elif self.weight.data_ptr() % 64:
             self.weight = self.weight.clone()
