@@ -326,7 +326,7 @@ def main() -> None:
     print("\n| format | ours tok/s | llama.cpp tok/s | ratio | ours % of read limit | llama.cpp % | ours peak RSS / "
           "weights | llama.cpp peak RSS / file |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for label, *_ in pairs:
+    for label, *_ in pairs if args.rounds else []:  # --rounds 0: batch 8 only
         best = {}
         for kind in ("ours", "llama"):
             good = [r for r in results[(label, kind)] if "rate" in r]

