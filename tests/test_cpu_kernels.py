@@ -101,6 +101,17 @@ def test_int8_linear_packs_at_prepare_and_is_exact_for_every_row_count(kernel, m
     assert prompt.shape == (2, 50, 1030)
 
 
+def test_a_packed_int8_linear_still_runs_off_cpu(kernel):
+    """A CPU-loaded model moved elsewhere (the model card's .cuda()) reads the packed rows back; on CPU that path is
+    the meta device's: shapes only."""
+    layer = Int8Linear.from_weight(torch.randn(6, 64, generator=torch.Generator().manual_seed(0)))
+    plain = layer.weight.clone()
+    layer.prepare_for_cpu()
+    layer.scales = layer.scales.to("meta")
+    assert layer(torch.empty(3, 64, device="meta")).shape == (3, 6)
+    assert torch.equal(unpack_rows(layer.weight, 6), plain)
+
+
 def test_int8_linear_of_other_widths_keeps_torch_kernel(kernel):
     layer = Int8Linear.from_weight(torch.randn(16, 96, generator=torch.Generator().manual_seed(0)))
     layer.prepare_for_cpu()

@@ -42,7 +42,14 @@ from aquila.checkpoint import (
 )
 from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
-from aquila.inference.cpu_kernels import MAX_ROWS, PACK_BYTES, gemm_by_blocks, int8_packed_kernel, pack_rows
+from aquila.inference.cpu_kernels import (
+    MAX_ROWS,
+    PACK_BYTES,
+    gemm_by_blocks,
+    int8_packed_kernel,
+    pack_rows,
+    unpack_rows,
+)
 from aquila.inference.int4 import DEFAULT_GROUP_SIZE, Int4Linear, check_group_size, prepare_int4, quantize_weight_int4
 from aquila.inference.tensor_file import iter_safetensors, release_freed_memory, tensor_count
 from aquila.io_utils import read_json
@@ -143,10 +150,9 @@ class Int8Linear(Int8Rows):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if x.device.type != "cpu" and self.packed:
-            raise AquilaError("this int8 layer is in the CPU kernel's layout; load the model again for another device")
-        if x.device.type != "cpu":
-            return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        if x.device.type != "cpu":  # e.g. a CPU-loaded model moved by .cuda(): the packed rows read back in place
+            w = unpack_rows(self.weight, self.out_features) if self.packed else self.weight
+            return F.linear(x, w.to(x.dtype)) * self.scales.to(x.dtype)
         if self.packed:
             mm = int8_packed_mm_op if torch.compiler.is_compiling() else _int8_packed_mm
             out = mm(rows, self.weight, self.scales, self.out_features)
