@@ -1,14 +1,15 @@
-"""Batch-1 int8 and int4 weight-only matrix products for AVX-512 CPUs, compiled on first use; torch's elsewhere.
+"""Decode-sized int8, int4 and fp32 matrix products for AVX-512 CPUs, compiled on first use; torch's elsewhere.
 
 Why our own: at one to four rows of activations, torch's `_weight_int8pack_mm` (bf16 activations) reads int8
 weights at 11-25 GB/s on a 2-core AVX-512 Xeon where MKL's fp32 GEMV reads 28-39 GB/s, and `torch.compile` of the
 dequantizing product reaches 9-11; its int4 kernel (`_weight_int4pack_mm_for_cpu`) reads about 9 GB/s in a decode
-(bench/README.md, "Laptop decode"). Both kernels here read weights packed at load four rows at a time
+(bench/README.md, "Laptop decode"). The kernels here read weights packed at load four rows at a time
 (`pack_rows`: the 64-byte pieces of four rows side by side, so that a thread's share is one sequential stream the
 hardware prefetcher follows), widen the codes to fp32 in registers, use fp32 activations and sums, and run in
 parallel over blocks of rows on torch's own threads (`at::parallel_for`):
 
-- `int8_packed_mm`: int8 with one scale per row (torch's int8 layout, packed), one to four activation rows a pass.
+- `int8_packed_mm`: int8 with one scale per row (torch's int8 layout, packed); up to MAX_ROWS activation rows, 1-4
+  against four weight rows a pass, 5-8 against two. `f32_packed_mm`: the same loop over fp32 weights.
 - `int4_rows_mm`: int4 of the file layout of `aquila quantize --bits 4` (two codes a byte, low nibble first, a bf16
   (scale, zero) pair per group), its code bytes packed. A byte's low and high nibbles meet x's even and odd columns
   (split once per call); a code becomes (code - 8) in fp32 by one permute from a 16-entry table, each group's sum
