@@ -9,9 +9,10 @@ quantizes it with `aquila quantize --bits 8/4`, exports it with `aquila convert 
 f32, ours int8, q8_0, ours int4, q4_0, then again), each in its own process so that each has its own peak RSS.
 Ours loads as `aquila chat` does (fp32 linears packed where `should_pack` says so: for our AVX-512 kernel at any
 batch, for oneDNN at batch 8). Decode tokens/s at batch 1 = (N - 1) / (t(N) - t(1)) for ours (`DecodeBatch`,
-greedy) and N / t(N decode evals after the prompt) for llama.cpp; the better of the rounds is printed, with the ratio ours / llama.cpp and "% of
-read limit": rate x weight bytes / the read bandwidth measured in the same process just before (all threads
-summing 512 MiB). Threads: --threads (2) for both sides. Peak RSS is the process's ru_maxrss after load and decode.
+greedy) and N / t(N decode evals after the prompt) for llama.cpp; the better of the rounds is printed, with the
+ratio ours / llama.cpp and "% of read limit": rate x weight bytes / the read bandwidth measured in the same process
+just before (all threads summing 512 MiB). Threads: --threads (2) for both sides. Peak RSS is the process's
+ru_maxrss after load and decode.
 `--batch8` adds batch 8 for each format: ours (`DecodeBatch` of 8 prompts) against llama.cpp stepping 8 sequences
 through its own `llama_batch` API, both 8 x N tokens / the time of N steps after the prompts.
 llama.cpp is loaded without its extra buffer types (no AMX repacking: it crashed with SIGSEGV at the tiny test shape
