@@ -18,11 +18,12 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def available(bits: int):
-    fn = cpu_kernels.int8_packed_kernel() if bits == 8 else cpu_kernels.int4_rows_kernel()
+    getters = {8: cpu_kernels.int8_packed_kernel, 4: cpu_kernels.int4_rows_kernel, 32: cpu_kernels.f32_packed_kernel}
+    fn, name = getters[bits](), cpu_kernels._label(bits)
     if fn is None:
         why = cpu_kernels._why_not(bits) or cpu_kernels._build_error or "it differs from float64 (see the log line)"
-        print(f"SKIPPED: the int{bits} kernel is not available here: {why}")
-        pytest.skip(f"the int{bits} kernel is not available here: {why}")
+        print(f"SKIPPED: the {name} kernel is not available here: {why}")
+        pytest.skip(f"the {name} kernel is not available here: {why}")
     return fn
 
 
@@ -66,11 +67,7 @@ def test_kernel_equals_a_float64_product(kernel, m, n, k):
 
 @pytest.mark.parametrize("m,n,k", [(1, 2048, 2048), (1, 70, 16), (5, 9, 160), (64, 33, 64)])
 def test_fp32_kernel_equals_a_float64_product(m, n, k):
-    kernel = cpu_kernels.f32_packed_kernel()
-    if kernel is None:
-        why = cpu_kernels._why_not(32) or cpu_kernels._build_error or "it differs from float64 (see the log line)"
-        print(f"SKIPPED: the fp32 kernel is not available here: {why}")
-        pytest.skip(f"the fp32 kernel is not available here: {why}")
+    kernel = available(32)
     gen = torch.Generator().manual_seed(m + n + k)
     x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
     packed = pack_rows(w)

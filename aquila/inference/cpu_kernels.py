@@ -457,6 +457,14 @@ def unpack_rows(packed: torch.Tensor, n: int, k: int | None = None) -> torch.Ten
     return packed.transpose(1, 2).reshape(blocks * 4, pieces * piece)[:n, :k]
 
 
+def packed_mm(x: torch.Tensor, packed: torch.Tensor, n: int, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x [m, k] fp32 (contiguous) @ (the packed matrix (* scales per row))^T -> [m, n], exact to fp32: int8 weights
+    (with their scales) or fp32 ones, up to MAX_ROWS rows by our kernel, longer prompts by `gemm_by_blocks`."""
+    if x.shape[0] > MAX_ROWS:
+        return gemm_by_blocks(x, packed, n, scales)
+    return f32_packed_kernel()(x, packed, n) if scales is None else int8_packed_kernel()(x, packed, scales, n)
+
+
 def gemm_by_blocks(x: torch.Tensor, packed: torch.Tensor, n: int, scales: torch.Tensor | None = None) -> torch.Tensor:
     """x [m, k] fp32 @ (the packed matrix (* scales per row))^T -> [m, n] by MKL's GEMM, 256 rows unpacked to fp32 at
     a time: for prompts longer than MAX_ROWS, where our kernels' loop runs at matrix-vector speed and MKL's does not."""
@@ -505,8 +513,7 @@ def int4_reference(x: torch.Tensor, w: torch.Tensor, pairs: torch.Tensor, int8_x
 
 def pack_pairs(sz: torch.Tensor) -> torch.Tensor:
     """int4's (scale, zero) pairs as int32 [n, groups] with zero rows up to `pack_rows`' padded row count."""
-    rows = -(-sz.shape[0] // 4) * 4
-    return sz if rows == sz.shape[0] else torch.cat([sz, sz.new_zeros(rows - sz.shape[0], sz.shape[1])])
+    return torch.nn.functional.pad(sz, (0, 0, 0, -sz.shape[0] % 4))
 
 
 def _int4_matches_reference(fn: Callable) -> bool:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from aquila.errors import AquilaError
-from aquila.inference.cpu_kernels import MAX_ROWS, f32_packed_kernel, gemm_by_blocks, pack_rows
+from aquila.inference.cpu_kernels import PACK_BYTES, f32_packed_kernel, pack_rows, packed_mm
 
 # The row count oneDNN picks its blocking for; any other count works (1-row steps run as fast as unpacked).
 BATCH_HINT = 16
@@ -59,11 +59,7 @@ class PackedLinear(nn.Module):
         if not self.own_kernel:
             y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
             return y.view(*x.shape[:-1], self.out_features)
-        rows = rows.contiguous()
-        if rows.shape[0] <= MAX_ROWS:
-            y = f32_packed_kernel()(rows, self.packed, self.out_features)
-        else:
-            y = gemm_by_blocks(rows, self.packed, self.out_features)
+        y = packed_mm(rows.contiguous(), self.packed, self.out_features)
         if self.bias is not None:
             y += self.bias
         return y.view(*x.shape[:-1], self.out_features)
@@ -74,7 +70,7 @@ class PackedLinear(nn.Module):
 
 def own_packing(in_features: int) -> bool:
     """Whether a layer this wide is packed for our kernel (built here, a width of whole 64-byte pieces)."""
-    return in_features % 16 == 0 and f32_packed_kernel() is not None
+    return in_features % (PACK_BYTES // 4) == 0 and f32_packed_kernel() is not None
 
 
 def should_pack(model: nn.Module, rows: int) -> bool:

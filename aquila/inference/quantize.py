@@ -42,14 +42,7 @@ from aquila.checkpoint import (
 )
 from aquila.cli_help import HelpFormatter
 from aquila.errors import AquilaError
-from aquila.inference.cpu_kernels import (
-    MAX_ROWS,
-    PACK_BYTES,
-    gemm_by_blocks,
-    int8_packed_kernel,
-    pack_rows,
-    unpack_rows,
-)
+from aquila.inference.cpu_kernels import PACK_BYTES, int8_packed_kernel, pack_rows, packed_mm, unpack_rows
 from aquila.inference.int4 import DEFAULT_GROUP_SIZE, Int4Linear, check_group_size, prepare_int4, quantize_weight_int4
 from aquila.inference.tensor_file import iter_safetensors, release_freed_memory, tensor_count
 from aquila.io_utils import read_json
@@ -83,9 +76,7 @@ def _int8_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Te
 def _int8_packed_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
     """x [m, k] @ the packed int8 w (`pack_rows`) with per-row scales -> [m, n], exact to fp32: up to MAX_ROWS rows
     our kernel; a longer prompt unpacks blocks of rows to fp32 for MKL's GEMM (faster there from ~64 rows)."""
-    xf, sf = x.float().contiguous(), scales.float().contiguous()
-    y = int8_packed_kernel()(xf, w, sf, n) if x.shape[0] <= MAX_ROWS else gemm_by_blocks(xf, w, n, sf)
-    return y.to(x.dtype)
+    return packed_mm(x.float().contiguous(), w, n, scales.float().contiguous()).to(x.dtype)
 
 
 # Under torch.compile the kernels are called as opaque ops: inductor's own lowering of _weight_int8pack_mm fails

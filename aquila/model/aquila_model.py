@@ -75,7 +75,7 @@ class _AttendRows(NamedTuple):
     rows: int
     width: int
     slots: torch.Tensor  # [rows * width]
-    tables: torch.Tensor  # [rows, n]
+    blocks: torch.Tensor  # [rows * used] the rows' blocks holding their first kv_len positions, row after row
     kv_len: int
     mask: torch.Tensor  # bool [rows, 1, width, kv_len]
     first_block: int | None = None  # one row whose blocks are consecutive from this one: read as a view, no gather
@@ -129,9 +129,8 @@ class Attention(nn.Module):
                 return c[start : start + g.kv_len][None].transpose(1, 2)
             # the used blocks only, copied whole by index_select (2-3x faster than advanced indexing, which
             # copied 8 rows' blocks at 7.5 GB/s and took a third of a batch-8 int8 decode step on the 1B shape)
-            used = -(-g.kv_len // block_size)
-            flat = c.view(-1, block_size * c.shape[1] * c.shape[2]).index_select(0, g.tables[:, :used].reshape(-1))
-            return flat.view(g.rows, used * block_size, *c.shape[1:])[:, : g.kv_len].transpose(1, 2)
+            flat = c.view(-1, block_size * c.shape[1] * c.shape[2]).index_select(0, g.blocks)
+            return flat.view(g.rows, -1, *c.shape[1:])[:, : g.kv_len].transpose(1, 2)
 
         return attention(qr, gather(kc), gather(vc), g.mask, False).flatten(0, 1)
 
@@ -212,7 +211,8 @@ class AquilaModel(nn.Module):
                 if torch.compiler.is_compiling()
                 else _consecutive_blocks(g.tables, rows, g.kv_len, cache.block_size)
             )
-            attend.append(_AttendRows(offset, rows, width, g.slots.reshape(-1), g.tables, g.kv_len, mask, first))
+            blocks = g.tables[:, : -(-g.kv_len // cache.block_size)].reshape(-1)  # once a step, not per layer
+            attend.append(_AttendRows(offset, rows, width, g.slots.reshape(-1), blocks, g.kv_len, mask, first))
             offset += rows * width
         ids = torch.cat([g.ids.reshape(-1) for g in groups])[None]
         positions = torch.cat([g.positions.reshape(-1) for g in groups])[None]
